@@ -1,0 +1,291 @@
+"""toolq clients: open a trajectory, submit calls, wait for results, close.
+
+``Client`` is synchronous, ``AsyncClient`` is the asyncio twin; both speak the
+protocol in PROTOCOL.md and need only Redis (no docker, rq or prometheus).
+
+    with Client("redis://localhost:6379") as c:
+        c.open("t1")
+        r = c.call("t1", "bash", {"command": "echo hi"})
+        print(r.output)
+        c.close("t1")
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from toolq.schemas import Keys, Result, TrajectoryRecord, TrajectorySpec
+
+from . import _protocol as p
+from .config import resolve_redis_url
+
+
+# Waits block in XREAD for as long as the caller asked: no socket read timeout
+# (redis-py >= 8 defaults to 5 s), and RESP2 replies, which the parsing expects.
+CONNECT_KW: dict[str, Any] = {"socket_timeout": None, "protocol": 2}
+
+
+class ToolqError(Exception):
+    """Base of the errors toolq clients raise."""
+
+
+class WaitTimeout(ToolqError, TimeoutError):
+    """No result arrived within the wait timeout (the call may still finish later)."""
+
+
+class TrajectoryEnded(ToolqError):
+    """The trajectory has already reached a final state."""
+
+
+def _wait_timeout(timeout_s: float | None) -> float:
+    return 60.0 if timeout_s is None else timeout_s
+
+
+def _call_wait_s(timeout_s: float | None) -> float:
+    # Leave room past the call's own timeout for queueing and slot start.
+    return (timeout_s or 60.0) + 60.0
+
+
+class Client:
+    """Synchronous toolq client."""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        namespace: str = "toolq",
+        redis_client: redis.Redis | None = None,
+    ) -> None:
+        self.redis = redis_client or redis.Redis.from_url(resolve_redis_url(redis_url), **CONNECT_KW)
+        self.keys = Keys(namespace)
+        self._open = self.redis.register_script(p.OPEN_LUA)
+        self._submit = self.redis.register_script(p.SUBMIT_LUA)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.redis.close()
+
+    def open(self, traj_id: str, spec: TrajectorySpec | dict[str, Any] | None = None) -> str:
+        """Request a trajectory; returns its status (``new`` when just created).
+
+        Opening an open trajectory again is a no-op; an ended one raises.
+        """
+        keys, args, entry = p.open_args(self.keys, traj_id, _spec(spec))
+        status = p.s(self._open(keys=keys, args=args))
+        if status == "new":
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(self.keys.runs, {traj_id: args[1]}, nx=True)
+            pipe.zadd(self.keys.pending, {traj_id: args[1]}, nx=True)
+            pipe.xadd(self.keys.open, entry)
+            pipe.execute()
+        elif status not in ("pending", "running"):
+            raise TrajectoryEnded(f"trajectory {traj_id} has ended ({status})")
+        return status
+
+    def submit(
+        self,
+        traj_id: str,
+        tool: str,
+        args: dict[str, Any] | None = None,
+        *,
+        call_id: str | None = None,
+        timeout_s: float | None = None,
+        idempotent: bool = False,
+    ) -> str:
+        """Append a tool call; returns its call id at once."""
+        entry = p.make_call(tool, args, call_id, timeout_s, idempotent)
+        keys, argv = p.submit_args(self.keys, traj_id, entry)
+        entry_id = p.s(self._submit(keys=keys, args=argv))
+        return call_id or entry_id
+
+    def result(self, traj_id: str, call_id: str, timeout_s: float | None = 60.0) -> Result:
+        """Wait up to ``timeout_s`` for a call's result; raises WaitTimeout."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xrevrange(self.keys.events(traj_id), count=1)
+        pipe.hgetall(self.keys.result(traj_id, call_id))
+        cursor_reply, fields = pipe.execute()
+        return self._wait(traj_id, call_id, p.last_event_id(cursor_reply), fields, timeout_s)
+
+    def call(
+        self,
+        traj_id: str,
+        tool: str,
+        args: dict[str, Any] | None = None,
+        *,
+        timeout_s: float | None = None,
+        wait_s: float | None = None,
+        call_id: str | None = None,
+        idempotent: bool = False,
+    ) -> Result:
+        """Submit a call and wait for its result."""
+        entry = p.make_call(tool, args, call_id, timeout_s, idempotent)
+        keys, argv = p.submit_args(self.keys, traj_id, entry)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xrevrange(self.keys.events(traj_id), count=1)
+        self._submit(keys=keys, args=argv, client=pipe)
+        cursor_reply, entry_id = pipe.execute()
+        cid = call_id or p.s(entry_id)
+        wait = wait_s if wait_s is not None else _call_wait_s(timeout_s)
+        return self._wait(traj_id, cid, p.last_event_id(cursor_reply), {}, wait)
+
+    def _wait(
+        self, traj_id: str, call_id: str, cursor: str, fields: Any, timeout_s: float | None
+    ) -> Result:
+        found = p.parse_result(fields)
+        deadline = time.monotonic() + _wait_timeout(timeout_s)
+        events = self.keys.events(traj_id)
+        while found is None:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                raise WaitTimeout(f"no result for call {call_id} of {traj_id} yet")
+            reply = self.redis.xread({events: cursor}, count=100, block=left_ms)
+            new_cursor, hit = p.scan_events(reply, call_id)
+            cursor = new_cursor or cursor
+            if hit or new_cursor is None:  # event seen, or timed out: look once more
+                found = p.parse_result(self.redis.hgetall(self.keys.result(traj_id, call_id)))
+        return found
+
+    def close(self, traj_id: str) -> str:
+        """Close after the calls already submitted; frees the slot. Returns the entry id."""
+        return self._control(traj_id, "close")
+
+    def cancel(self, traj_id: str) -> str:
+        """Cancel now: kill what runs, answer what waits with ``cancelled``."""
+        return self._control(traj_id, "cancel")
+
+    def _control(self, traj_id: str, kind: str) -> str:
+        keys, argv = p.submit_args(self.keys, traj_id, p.CallEntry(type=kind))  # type: ignore[arg-type]
+        return p.s(self._submit(keys=keys, args=argv))
+
+    def trajectory(self, traj_id: str) -> TrajectoryRecord | None:
+        """The trajectory record, or None if unknown (or expired)."""
+        fields = self.redis.hgetall(self.keys.traj(traj_id))
+        return TrajectoryRecord.from_fields(fields) if fields else None
+
+
+class AsyncClient:
+    """asyncio toolq client; same methods as ``Client``, awaitable."""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        namespace: str = "toolq",
+        redis_client: aioredis.Redis | None = None,
+    ) -> None:
+        self.redis = redis_client or aioredis.Redis.from_url(resolve_redis_url(redis_url), **CONNECT_KW)
+        self.keys = Keys(namespace)
+        self._open = self.redis.register_script(p.OPEN_LUA)
+        self._submit = self.redis.register_script(p.SUBMIT_LUA)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.redis.aclose()
+
+    async def open(
+        self, traj_id: str, spec: TrajectorySpec | dict[str, Any] | None = None
+    ) -> str:
+        """See ``Client.open``."""
+        keys, args, entry = p.open_args(self.keys, traj_id, _spec(spec))
+        status = p.s(await self._open(keys=keys, args=args))
+        if status == "new":
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(self.keys.runs, {traj_id: args[1]}, nx=True)
+            pipe.zadd(self.keys.pending, {traj_id: args[1]}, nx=True)
+            pipe.xadd(self.keys.open, entry)
+            await pipe.execute()
+        elif status not in ("pending", "running"):
+            raise TrajectoryEnded(f"trajectory {traj_id} has ended ({status})")
+        return status
+
+    async def submit(
+        self,
+        traj_id: str,
+        tool: str,
+        args: dict[str, Any] | None = None,
+        *,
+        call_id: str | None = None,
+        timeout_s: float | None = None,
+        idempotent: bool = False,
+    ) -> str:
+        """See ``Client.submit``."""
+        entry = p.make_call(tool, args, call_id, timeout_s, idempotent)
+        keys, argv = p.submit_args(self.keys, traj_id, entry)
+        return call_id or p.s(await self._submit(keys=keys, args=argv))
+
+    async def result(self, traj_id: str, call_id: str, timeout_s: float | None = 60.0) -> Result:
+        """See ``Client.result``."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xrevrange(self.keys.events(traj_id), count=1)
+        pipe.hgetall(self.keys.result(traj_id, call_id))
+        cursor_reply, fields = await pipe.execute()
+        return await self._wait(traj_id, call_id, p.last_event_id(cursor_reply), fields, timeout_s)
+
+    async def call(
+        self,
+        traj_id: str,
+        tool: str,
+        args: dict[str, Any] | None = None,
+        *,
+        timeout_s: float | None = None,
+        wait_s: float | None = None,
+        call_id: str | None = None,
+        idempotent: bool = False,
+    ) -> Result:
+        """See ``Client.call``."""
+        entry = p.make_call(tool, args, call_id, timeout_s, idempotent)
+        keys, argv = p.submit_args(self.keys, traj_id, entry)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xrevrange(self.keys.events(traj_id), count=1)
+        await self._submit(keys=keys, args=argv, client=pipe)
+        cursor_reply, entry_id = await pipe.execute()
+        cid = call_id or p.s(entry_id)
+        wait = wait_s if wait_s is not None else _call_wait_s(timeout_s)
+        return await self._wait(traj_id, cid, p.last_event_id(cursor_reply), {}, wait)
+
+    async def _wait(
+        self, traj_id: str, call_id: str, cursor: str, fields: Any, timeout_s: float | None
+    ) -> Result:
+        found = p.parse_result(fields)
+        deadline = time.monotonic() + _wait_timeout(timeout_s)
+        events = self.keys.events(traj_id)
+        while found is None:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                raise WaitTimeout(f"no result for call {call_id} of {traj_id} yet")
+            reply = await self.redis.xread({events: cursor}, count=100, block=left_ms)
+            new_cursor, hit = p.scan_events(reply, call_id)
+            cursor = new_cursor or cursor
+            if hit or new_cursor is None:
+                fields = await self.redis.hgetall(self.keys.result(traj_id, call_id))
+                found = p.parse_result(fields)
+        return found
+
+    async def close(self, traj_id: str) -> str:
+        """See ``Client.close``."""
+        return await self._control(traj_id, "close")
+
+    async def cancel(self, traj_id: str) -> str:
+        """See ``Client.cancel``."""
+        return await self._control(traj_id, "cancel")
+
+    async def _control(self, traj_id: str, kind: str) -> str:
+        keys, argv = p.submit_args(self.keys, traj_id, p.CallEntry(type=kind))  # type: ignore[arg-type]
+        return p.s(await self._submit(keys=keys, args=argv))
+
+    async def trajectory(self, traj_id: str) -> TrajectoryRecord | None:
+        """See ``Client.trajectory``."""
+        fields = await self.redis.hgetall(self.keys.traj(traj_id))
+        return TrajectoryRecord.from_fields(fields) if fields else None
+
+
+def _spec(spec: TrajectorySpec | dict[str, Any] | None) -> TrajectorySpec | None:
+    if spec is None or isinstance(spec, TrajectorySpec):
+        return spec
+    return TrajectorySpec.model_validate(spec)

@@ -1,0 +1,48 @@
+"""toolq wire protocol: the models and Redis keys shared by producers and workers.
+
+This package is the only code the producer and the worker share.
+"""
+
+from .keys import GROUP, TRAJ_ID_PATTERN, InvalidIdError, Keys, check_part, check_traj_id
+from .models import (
+    FINAL_STATUSES,
+    PROTOCOL_VERSION,
+    BgTask,
+    CallEntry,
+    ErrorCode,
+    Event,
+    Limits,
+    OpenRequest,
+    Result,
+    TrajectoryRecord,
+    TrajectorySpec,
+    TrajStatus,
+    WireModel,
+    WorkerInfo,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FINAL_STATUSES",
+    "GROUP",
+    "PROTOCOL_VERSION",
+    "TRAJ_ID_PATTERN",
+    "BgTask",
+    "CallEntry",
+    "ErrorCode",
+    "Event",
+    "InvalidIdError",
+    "Keys",
+    "Limits",
+    "OpenRequest",
+    "Result",
+    "TrajStatus",
+    "TrajectoryRecord",
+    "TrajectorySpec",
+    "WireModel",
+    "WorkerInfo",
+    "__version__",
+    "check_part",
+    "check_traj_id",
+]

@@ -1,0 +1,109 @@
+"""Every Redis key toolq uses, in one place.
+
+Keys of one trajectory carry the trajectory id inside a Redis Cluster hash tag
+(``{T}``), so all of a trajectory's keys live on one cluster slot and can be
+written atomically by one Lua script or MULTI.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+#: Consumer group every stream toolq reads with XREADGROUP uses.
+GROUP = "workers"
+
+TRAJ_ID_PATTERN = r"[A-Za-z0-9._:-]{1,128}"
+_TRAJ_ID_RE = re.compile(rf"\A{TRAJ_ID_PATTERN}\Z")
+_PART_RE = re.compile(r"\A[A-Za-z0-9._:-]{1,200}\Z")
+
+
+class InvalidIdError(ValueError):
+    """An id that would break key naming (or is simply not allowed)."""
+
+
+def check_traj_id(traj_id: str) -> str:
+    """Return ``traj_id`` if it matches ``[A-Za-z0-9._:-]{1,128}``, else raise."""
+    if not isinstance(traj_id, str) or not _TRAJ_ID_RE.match(traj_id):
+        raise InvalidIdError(
+            f"invalid trajectory id {traj_id!r}: must match {TRAJ_ID_PATTERN}"
+        )
+    return traj_id
+
+
+def check_part(value: str, what: str = "id") -> str:
+    """Check a call id, task id or worker id used inside a key."""
+    if not isinstance(value, str) or not _PART_RE.match(value):
+        raise InvalidIdError(f"invalid {what} {value!r}: must match [A-Za-z0-9._:-]{{1,200}}")
+    return value
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one namespace (default ``toolq``)."""
+
+    ns: str = "toolq"
+
+    # -- global keys ------------------------------------------------------
+    @property
+    def open(self) -> str:
+        """Stream (group ``workers``): requests to open trajectories."""
+        return f"{self.ns}:open"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set: worker id -> last heartbeat (unix ms)."""
+        return f"{self.ns}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        """Hash: one worker's capacity, usage, backend, version."""
+        return f"{self.ns}:worker:{worker_id}"
+
+    @property
+    def tools(self) -> str:
+        """Hash: tool name -> JSON document describing the tool."""
+        return f"{self.ns}:tools"
+
+    @property
+    def dead(self) -> str:
+        """Stream: entries that could not be processed, with the reason."""
+        return f"{self.ns}:dead"
+
+    @property
+    def runs(self) -> str:
+        """Sorted set: trajectory id -> created time (unix ms), for listing runs."""
+        return f"{self.ns}:runs"
+
+    @property
+    def pending(self) -> str:
+        """Sorted set: trajectory id -> open time (unix ms) while it waits for a slot."""
+        return f"{self.ns}:pending"
+
+    # -- per-trajectory keys (hash-tagged) ---------------------------------
+    def traj(self, traj_id: str) -> str:
+        """Hash: the trajectory record (status, owner, slot, times, counts, spec)."""
+        return f"{self.ns}:{{{traj_id}}}"
+
+    def calls(self, traj_id: str) -> str:
+        """Stream (group ``workers``): tool calls and control entries, in order."""
+        return f"{self.ns}:{{{traj_id}}}:calls"
+
+    def events(self, traj_id: str) -> str:
+        """Stream, capped: result and background-task notifications."""
+        return f"{self.ns}:{{{traj_id}}}:events"
+
+    def result(self, traj_id: str, call_id: str) -> str:
+        """Hash with TTL: one call's final result."""
+        return f"{self.ns}:{{{traj_id}}}:result:{call_id}"
+
+    def bg(self, traj_id: str, task_id: str) -> str:
+        """Hash: one background task's state and output tails."""
+        return f"{self.ns}:{{{traj_id}}}:bg:{task_id}"
+
+    def bg_index(self, traj_id: str) -> str:
+        """Sorted set: the trajectory's background task ids -> start time (ms)."""
+        return f"{self.ns}:{{{traj_id}}}:bg"
+
+    def traj_pattern(self) -> str:
+        """SCAN pattern that matches every trajectory record hash."""
+        return f"{self.ns}:{{*}}"

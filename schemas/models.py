@@ -1,0 +1,282 @@
+"""Pydantic models of every message on the wire.
+
+Entries are flat string fields so that ``redis-cli`` can speak the protocol;
+nested values (``spec``, ``args``, ``data``) are JSON strings. Every message
+carries ``v`` (protocol major version); unknown fields are ignored, so an old
+worker reads a newer client's messages.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .keys import TRAJ_ID_PATTERN
+
+PROTOCOL_VERSION = 1
+
+_M = TypeVar("_M", bound="WireModel")
+
+
+class ErrorCode(str, Enum):
+    """Every ``error_code`` a result can carry (documented in PROTOCOL.md)."""
+
+    BAD_REQUEST = "bad_request"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_TOOL = "unknown_tool"
+    INVALID_ARGS = "invalid_args"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    TOOL_BLOCKED = "tool_blocked"
+    PATH_OUTSIDE_WORKSPACE = "path_outside_workspace"
+    NOT_FOUND = "not_found"
+    IO_ERROR = "io_error"
+    EXIT_STATUS = "exit_status"
+    TIMEOUT = "timeout"
+    TOOL_ERROR = "tool_error"
+    CANCELLED = "cancelled"
+    TRAJECTORY_ENDED = "trajectory_ended"
+    LIMIT_EXCEEDED = "limit_exceeded"
+    SANDBOX_ERROR = "sandbox_error"
+    SANDBOX_LOST = "sandbox_lost"
+    WORKER_LOST = "worker_lost"
+    INTERNAL_ERROR = "internal_error"
+
+
+class TrajStatus(str, Enum):
+    """Trajectory lifecycle states; the last four are final."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        """True for states a trajectory never leaves."""
+        return self not in (TrajStatus.PENDING, TrajStatus.RUNNING)
+
+
+FINAL_STATUSES = frozenset(s.value for s in TrajStatus if s.final)
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, BaseModel):
+        return value.model_dump_json(exclude_none=True)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+class WireModel(BaseModel):
+    """Base of wire messages: ignores unknown fields, encodes to flat strings."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    def to_fields(self) -> dict[str, str]:
+        """Encode as flat string fields (``None`` omitted) for XADD / HSET."""
+        return {k: _to_str(v) for k, v in self.model_dump(exclude_none=True).items()}
+
+    @classmethod
+    def from_fields(cls: type[_M], fields: dict[Any, Any]) -> _M:
+        """Decode flat fields (bytes or str) as read from Redis."""
+        decoded = {_s(k): _s(v) for k, v in fields.items()}
+        return cls.model_validate(decoded)
+
+
+def _s(value: Any) -> Any:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _json_object(value: Any, what: str) -> Any:
+    """Parse a JSON-object field that may arrive as a string."""
+    if isinstance(value, BaseModel):
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{what} is not valid JSON: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object")
+    return value
+
+
+class Limits(BaseModel):
+    """Resource and time limits of one trajectory (the worker caps each one)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    call_timeout_s: float = Field(60.0, gt=0, description="Default per-call timeout.")
+    max_call_timeout_s: float = Field(600.0, gt=0, description="Largest timeout a call may ask.")
+    idle_timeout_s: float = Field(
+        900.0, gt=0, description="No call for this long: the trajectory times out."
+    )
+    deadline_s: float | None = Field(None, gt=0, description="Wall time since start.")
+    max_calls: int | None = Field(None, ge=1, description="Calls allowed in the trajectory.")
+    cpus: float | None = Field(1.0, gt=0, description="CPU cores (Docker backend).")
+    memory_mb: int | None = Field(1024, ge=16, description="Memory limit (Docker backend).")
+    pids: int | None = Field(256, ge=8, description="Process limit (Docker backend).")
+    network: bool = Field(False, description="Network access from the sandbox.")
+    max_output_bytes: int = Field(
+        65536, ge=256, description="Output kept per call (head and tail)."
+    )
+
+
+class TrajectorySpec(BaseModel):
+    """What a trajectory runs in: image, environment, limits, tool policy, labels."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image: str | None = Field(None, description="Sandbox image; worker default when absent.")
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = Field(None, description="Working directory inside the workspace.")
+    limits: Limits = Field(default_factory=Limits)  # type: ignore[arg-type]
+    allowed_tools: list[str] | None = Field(None, description="Only these tools, if set.")
+    blocked_tools: list[str] = Field(default_factory=list, description="Never these tools.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Free key/values.")
+
+
+class OpenRequest(WireModel):
+    """Entry on ``<ns>:open``: a request to open one trajectory."""
+
+    v: int = PROTOCOL_VERSION
+    traj: str = Field(pattern=rf"^{TRAJ_ID_PATTERN}$")
+    spec: TrajectorySpec = Field(default_factory=TrajectorySpec)
+
+    @field_validator("spec", mode="before")
+    @classmethod
+    def _parse_spec(cls, value: Any) -> Any:
+        return _json_object(value, "spec")
+
+
+CallType = Literal["call", "close", "cancel"]
+
+
+class CallEntry(WireModel):
+    """Entry on ``<ns>:{T}:calls``: a tool call or a control operation."""
+
+    v: int = PROTOCOL_VERSION
+    type: CallType = "call"
+    tool: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    call_id: str | None = Field(
+        None, description="Client id for idempotent resubmission; default: the entry id."
+    )
+    timeout_s: float | None = Field(None, gt=0)
+    idempotent: bool = Field(False, description="Safe to re-run if its worker dies mid-call.")
+
+    @field_validator("args", mode="before")
+    @classmethod
+    def _parse_args(cls, value: Any) -> Any:
+        return _json_object(value, "args")
+
+
+class Result(WireModel):
+    """Hash ``<ns>:{T}:result:<id>``: one call's final result."""
+
+    v: int = PROTOCOL_VERSION
+    call_id: str
+    traj: str
+    tool: str = ""
+    ok: bool
+    output: str = ""
+    exit_code: int | None = None
+    error_code: str | None = None
+    error: str | None = None
+    truncated: bool = False
+    output_bytes: int = 0
+    timed_out: bool = False
+    slot_reset: bool = False
+    queued_ms: float = 0.0
+    run_ms: float = 0.0
+    worker: str = ""
+    slot: str = ""
+    finished_ms: int = 0
+    data: dict[str, Any] | None = Field(None, description="Structured tool output.")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _parse_data(cls, value: Any) -> Any:
+        return None if value in (None, "") else _json_object(value, "data")
+
+
+EventType = Literal["result", "bg", "state"]
+
+
+class Event(WireModel):
+    """Entry on ``<ns>:{T}:events``: something finished or changed."""
+
+    v: int = PROTOCOL_VERSION
+    type: EventType
+    call_id: str | None = None
+    ok: bool | None = None
+    error_code: str | None = None
+    task_id: str | None = None
+    status: str | None = None
+
+
+class BgTask(WireModel):
+    """Hash ``<ns>:{T}:bg:<task>``: one background task."""
+
+    v: int = PROTOCOL_VERSION
+    task_id: str
+    traj: str
+    name: str = ""
+    command: str = ""
+    status: Literal["running", "completed", "failed", "stopped", "lost"] = "running"
+    pid: int | None = None
+    exit_code: int | None = None
+    started_ms: int = 0
+    ended_ms: int | None = None
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    truncated: bool = False
+
+
+class TrajectoryRecord(WireModel):
+    """Hash ``<ns>:{T}``: the trajectory record."""
+
+    v: int = PROTOCOL_VERSION
+    traj: str
+    status: TrajStatus = TrajStatus.PENDING
+    owner: str | None = None
+    slot: str | None = None
+    created_ms: int | None = None
+    started_ms: int | None = None
+    ended_ms: int | None = None
+    last_activity_ms: int | None = None
+    calls_total: int = 0
+    calls_failed: int = 0
+    reason: str | None = None
+    spec: TrajectorySpec | None = None
+
+    @field_validator("spec", mode="before")
+    @classmethod
+    def _parse_spec(cls, value: Any) -> Any:
+        return None if value in (None, "") else _json_object(value, "spec")
+
+
+class WorkerInfo(WireModel):
+    """Hash ``<ns>:worker:<W>``: a worker's heartbeat record."""
+
+    v: int = PROTOCOL_VERSION
+    worker: str
+    host: str = ""
+    pid: int = 0
+    backend: str = ""
+    version: str = ""
+    slots_total: int = 0
+    slots_used: int = 0
+    started_ms: int = 0
+    heartbeat_ms: int = 0

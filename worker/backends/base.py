@@ -1,0 +1,56 @@
+"""The backend interface: *where* tool calls run. *What* runs is the agent's job.
+
+A backend hands out slots. A slot is one workspace served by one in-sandbox
+agent (a container for Docker, a subprocess for local); several slots may share
+one agent when packing is on.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+from toolq.schemas import TrajectorySpec
+
+from ..channel import AgentChannel
+
+
+class SandboxError(RuntimeError):
+    """A slot could not be started (bad image, no python3, engine error)."""
+
+
+@dataclass
+class Slot:
+    """One trajectory's workspace and the agent that serves it."""
+
+    slot_id: str  # unique in the worker, shown in results (`slot`)
+    name: str  # the agent's name for the workspace
+    root: str  # workspace path as the agent sees it
+    channel: AgentChannel
+    sandbox_id: str = ""  # container id / process id
+    reset: bool = False  # True when this slot replaced one that was lost
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """Starts and stops sandboxes; the worker never looks inside one."""
+
+    name: str = "abstract"
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Prepare (e.g. remove sandboxes left by dead workers)."""
+
+    @abc.abstractmethod
+    async def acquire(self, traj_id: str, spec: TrajectorySpec) -> Slot:
+        """Start (or reuse) a sandbox and create the trajectory's workspace."""
+
+    @abc.abstractmethod
+    async def release(self, slot: Slot, *, keep: bool = False) -> None:
+        """Delete the workspace and stop the sandbox when no slot uses it.
+
+        ``keep=True`` hands the sandbox over (worker restart) instead.
+        """
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Stop everything this backend started."""

@@ -1,0 +1,103 @@
+"""Local backend: the agent runs as a subprocess on the worker's host.
+
+Not a security boundary (no network, memory or pids isolation): use it for
+development, trusted code and machines without a Docker engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import shutil
+import sys
+import tempfile
+
+from toolq.schemas import TrajectorySpec
+
+from ..channel import AgentChannel, EventHandler
+from .base import Backend, SandboxError, Slot
+
+AGENT_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "agent.py")
+_STREAM_LIMIT = 256 * 1024 * 1024
+
+
+class LocalBackend(Backend):
+    """One agent subprocess per slot; workspaces under ``base_dir``."""
+
+    name = "local"
+
+    def __init__(self, base_dir: str | None = None, on_event: EventHandler | None = None) -> None:
+        self.base_dir = base_dir or tempfile.mkdtemp(prefix="toolq-local-")
+        self.on_event = on_event
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._seq = itertools.count(1)
+
+    async def acquire(self, traj_id: str, spec: TrajectorySpec) -> Slot:
+        slot_id = f"local-{next(self._seq)}"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-u", AGENT_PATH,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=_STREAM_LIMIT,
+            start_new_session=True,  # a Ctrl-C to the worker must not hit tools
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        stdin = proc.stdin
+
+        async def write(data: bytes) -> None:
+            stdin.write(data)
+            await stdin.drain()
+
+        channel = AgentChannel(proc.stdout, write, self.on_event, name=slot_id)
+        self._procs[slot_id] = proc
+        root = os.path.join(self.base_dir, slot_id)
+        try:
+            await asyncio.wait_for(channel.ready, 30)
+            reply = await channel.request(
+                "init", slot=slot_id, root=root, env=spec.env, workdir=spec.workdir
+            )
+        except Exception as exc:
+            await self._stop(slot_id, channel)
+            raise SandboxError(f"local agent failed to start: {exc}") from exc
+        if not reply.get("ok"):
+            await self._stop(slot_id, channel)
+            raise SandboxError(str(reply.get("error")))
+        return Slot(slot_id, slot_id, reply["root"], channel, sandbox_id=str(proc.pid))
+
+    async def release(self, slot: Slot, *, keep: bool = False) -> None:
+        if slot.channel.alive:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(slot.channel.request("drop", slot=slot.name), 10)
+        await self._stop(slot.slot_id, slot.channel)
+        shutil.rmtree(slot.root, ignore_errors=True)
+
+    async def _stop(self, slot_id: str, channel: AgentChannel) -> None:
+        proc = self._procs.pop(slot_id, None)
+        await channel.close()
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    def kill_agent(self, slot: Slot) -> None:
+        """Kill a slot's agent (tests use it to simulate a lost sandbox)."""
+        proc = self._procs.get(slot.slot_id)
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+    async def shutdown(self) -> None:
+        for slot_id in list(self._procs):
+            proc = self._procs.pop(slot_id)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        shutil.rmtree(self.base_dir, ignore_errors=True)

@@ -1,0 +1,81 @@
+"""Running a worker process: pick the backend, connect Redis, handle signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import redis.asyncio as aioredis
+
+from .backends.base import Backend
+from .backends.local import LocalBackend
+from .embedded import EmbeddedRedis
+from .settings import WorkerSettings
+from .worker import Worker
+
+log = logging.getLogger("toolq.worker")
+
+
+def docker_available(docker_host: str | None = None) -> bool:
+    """True when a Docker engine answers a ping."""
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        client = docker.DockerClient(base_url=docker_host) if docker_host else docker.from_env()
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+def make_backend(settings: WorkerSettings) -> Backend:
+    """The backend the settings ask for (``auto``: Docker if an engine answers)."""
+    choice = settings.backend
+    if choice == "auto":
+        choice = "docker" if docker_available(settings.docker_host) else "local"
+    if choice == "local":
+        return LocalBackend(settings.workspace_dir)
+    if choice == "docker":
+        from .backends.docker import DockerBackend
+
+        return DockerBackend(settings)
+    raise ValueError(f"unknown backend {settings.backend!r} (auto, local or docker)")
+
+
+def connect(url: str) -> aioredis.Redis:
+    # No socket timeout: reads block for up to block_ms on purpose.
+    return aioredis.Redis.from_url(url, socket_timeout=None, protocol=2,
+                                   health_check_interval=30, socket_keepalive=True)
+
+
+async def serve(settings: WorkerSettings, backend: Backend | None = None) -> None:
+    """Run one worker until SIGTERM/SIGINT."""
+    assert settings.redis_url
+    redis = connect(settings.redis_url)
+    worker = Worker(settings, redis, backend or make_backend(settings))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run()
+    finally:
+        await redis.aclose()
+
+
+def run_worker(settings: WorkerSettings) -> None:
+    """Blocking entry point of ``toolq worker``; starts an embedded Redis if needed."""
+    embedded = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis()
+        embedded.announce()
+        settings.redis_url = embedded.url
+        log.info("no TOOLQ_REDIS_URL: embedded Redis at %s (pid %d)", embedded.url, os.getpid())
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        if embedded is not None:
+            embedded.stop()

@@ -1,0 +1,634 @@
+"""The toolq worker: claims trajectories, drains their call streams, runs calls.
+
+One asyncio process. A reader task does every Redis read (one XREADGROUP over
+the open stream, while a slot is free, and every owned call stream); each owned
+trajectory has a task that runs its calls in order in its slot; a writer task
+flushes finished results in one pipelined round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+from toolq.schemas import (
+    GROUP,
+    CallEntry,
+    ErrorCode,
+    InvalidIdError,
+    Keys,
+    OpenRequest,
+    Result,
+    TrajectorySpec,
+    TrajStatus,
+    WorkerInfo,
+    __version__,
+    check_part,
+)
+
+from . import scripts
+from .backends.base import Backend, SandboxError, Slot
+from .channel import ChannelClosedError
+from .settings import WorkerSettings
+from .tools import InvalidArgsError, Registry, builtin_registry
+
+log = logging.getLogger("toolq.worker")
+
+# The agent enforces call timeouts; this is how much longer the worker waits
+# before it declares the sandbox unresponsive.
+AGENT_GRACE_S = 15.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _s(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def traj_of_stream(stream: str) -> str:
+    """``<ns>:{T}:calls`` -> ``T``."""
+    return stream[stream.index("{") + 1 : stream.rindex("}")]
+
+
+def entry_ms(entry_id: str) -> int:
+    try:
+        return int(entry_id.split("-", 1)[0])
+    except ValueError:
+        return now_ms()
+
+
+@dataclass
+class Item:
+    """One entry read from a trajectory's call stream."""
+
+    entry_id: str
+    entry: CallEntry | None  # None when the entry could not be parsed
+    error: tuple[ErrorCode, str] | None = None
+
+    @property
+    def call_id(self) -> str:
+        return (self.entry.call_id if self.entry and self.entry.call_id else None) or self.entry_id
+
+    @property
+    def kind(self) -> str:
+        return self.entry.type if self.entry else "call"
+
+
+@dataclass
+class Traj:
+    """A trajectory this worker owns."""
+
+    traj_id: str
+    spec: TrajectorySpec
+    items: deque[Item] = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    slot: Slot | None = None
+    task: asyncio.Task[None] | None = None
+    ending: tuple[TrajStatus, str, str] | None = None  # status, reason, entry id to ack
+    busy: bool = False
+    slot_reset: bool = False
+    last_activity: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)
+    calls: int = 0
+    seen_call_ids: set[str] = field(default_factory=set)
+
+    def push(self, item: Item) -> None:
+        self.items.append(item)
+        self.wakeup.set()
+
+    def request_end(self, status: TrajStatus, reason: str, entry_id: str = "") -> None:
+        if self.ending is None:
+            self.ending = (status, reason, entry_id)
+        self.wakeup.set()
+
+
+@dataclass
+class Refusal:
+    """Why a call is answered with an error instead of being run."""
+
+    code: ErrorCode
+    message: str
+
+
+@dataclass
+class Pending:
+    """A result (or a bare ack) waiting for the writer."""
+
+    traj_id: str
+    entry_id: str
+    result: Result | None
+
+
+class Worker:
+    """Runs tool calls from Redis in backend slots. See module docstring."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        redis: aioredis.Redis,
+        backend: Backend,
+        registry: Registry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.backend = backend
+        self.registry = registry or builtin_registry()
+        self.keys = Keys(settings.namespace)
+        self.id = settings.worker_id
+        self.owned: dict[str, Traj] = {}
+        self.starting = 0  # trajectories claimed whose slot is not ready yet
+        self._out: asyncio.Queue[Pending] = asyncio.Queue()
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._finish = redis.register_script(scripts.FINISH_CALL)
+        self._claim = redis.register_script(scripts.CLAIM_TRAJ)
+        self._end = redis.register_script(scripts.END_TRAJ)
+        self._release = redis.register_script(scripts.RELEASE_TRAJ)
+        self.started_ms = now_ms()
+
+    # ------------------------------------------------------------------ run
+    async def run(self) -> None:
+        """Serve until ``stop()`` is called, then shut down gracefully."""
+        await self.startup()
+        self._tasks = [
+            asyncio.create_task(self._read_loop(), name="reader"),
+            asyncio.create_task(self._write_loop(), name="writer"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._reap_loop(), name="reaper"),
+        ]
+        await self._stopping.wait()
+        await self.shutdown()
+
+    def stop(self) -> None:
+        """Ask the worker to stop claiming and shut down (signal-safe)."""
+        self._stopping.set()
+
+    async def startup(self) -> None:
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+            await self.redis.xgroup_create(self.keys.open, GROUP, id="0", mkstream=True)
+        await self.backend.start()
+        await self._heartbeat()
+        log.info("worker %s up: backend=%s slots=%d", self.id, self.backend.name,
+                 self.settings.slots)
+
+    @property
+    def free_slots(self) -> int:
+        return self.settings.slots - len(self.owned)
+
+    # --------------------------------------------------------------- reader
+    async def _read_loop(self) -> None:
+        backoff_s = 0.1
+        while not self._stopping.is_set():
+            try:
+                await self._read_once()
+                backoff_s = 0.1
+            except (RedisError, OSError) as exc:
+                log.warning("read failed (%s); retrying in %.1fs", exc, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+            except Exception:  # a bug here must not stop the worker serving
+                log.exception("reader error; retrying in %.1fs", backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+
+    async def _read_once(self) -> None:
+        streams: dict[str, str] = {}
+        if self.free_slots > 0:
+            streams[self.keys.open] = ">"
+        streams.update({self.keys.calls(t): ">" for t in self.owned})
+        if not streams:  # full and nothing owned cannot happen with slots >= 1
+            await asyncio.sleep(0.1)
+            return
+        # COUNT applies to every stream: while claiming, never take more
+        # trajectories than free slots; calls beyond that come next read.
+        count = self.free_slots if self.keys.open in streams else self.settings.batch_max
+        resp = await self.redis.xreadgroup(
+            GROUP, self.id, streams, count=max(1, count), block=self.settings.block_ms
+        )
+        for stream, entries in resp or []:
+            name = _s(stream)
+            if name == self.keys.open:
+                for entry_id, fields in entries:
+                    await self._on_open(_s(entry_id), fields)
+            else:
+                self._on_calls(traj_of_stream(name), entries)
+
+    async def _on_open(self, entry_id: str, fields: dict[Any, Any]) -> None:
+        try:
+            req = OpenRequest.from_fields(fields)
+        except ValueError as exc:
+            await self._dead(self.keys.open, entry_id, fields, f"bad open request: {exc}")
+            await self.redis.xack(self.keys.open, GROUP, entry_id)
+            return
+        await self.claim(req.traj, req.spec)
+        await self.redis.xack(self.keys.open, GROUP, entry_id)
+
+    async def claim(self, traj_id: str, spec: TrajectorySpec, force: bool = False) -> bool:
+        """Take ownership of a trajectory and start serving it."""
+        if traj_id in self.owned:
+            return False
+        got = _s(await self._claim(
+            keys=[self.keys.traj(traj_id), self.keys.calls(traj_id)],
+            args=[self.id, now_ms(), spec.model_dump_json(exclude_none=True), traj_id, GROUP,
+                  "1" if force else "0"],
+        ))
+        if got != "ok":
+            log.info("not claiming %s: %s", traj_id, got)
+            return False
+        await self.redis.zrem(self.keys.pending, traj_id)
+        traj = Traj(traj_id, spec)
+        self.owned[traj_id] = traj
+        await self._adopt_pending_entries(traj)
+        traj.task = asyncio.create_task(self._serve(traj), name=f"traj-{traj_id}")
+        return True
+
+    async def _adopt_pending_entries(self, traj: Traj) -> None:
+        """Entries read by a previous owner but never answered run here first."""
+        stream = self.keys.calls(traj.traj_id)
+        start = "0-0"
+        while True:
+            resp = await self.redis.xautoclaim(stream, GROUP, self.id, 0, start, count=500)
+            start, entries = _s(resp[0]), resp[1]
+            self._on_calls(traj.traj_id, entries)
+            if start == "0-0" or not entries:
+                return
+
+    def _on_calls(self, traj_id: str, entries: Iterable[Any]) -> None:
+        traj = self.owned.get(traj_id)
+        for entry_id, fields in entries:
+            item = self._parse_item(_s(entry_id), fields)
+            if traj is None or traj.ending is not None:
+                self._refuse(traj_id, item, ErrorCode.TRAJECTORY_ENDED, "the trajectory has ended")
+            elif item.kind == "cancel":
+                self._cancel(traj, item)
+            else:
+                traj.push(item)
+
+    def _parse_item(self, entry_id: str, fields: dict[Any, Any] | None) -> Item:
+        if not fields:  # deleted entry (XDEL/XTRIM) still in the PEL
+            return Item(entry_id, None, (ErrorCode.BAD_REQUEST, "entry was deleted"))
+        size = sum(len(k) + len(v) for k, v in fields.items())
+        if size > self.settings.max_entry_bytes:
+            return Item(entry_id, None, (ErrorCode.PAYLOAD_TOO_LARGE,
+                        f"entry is {size} bytes; the limit is {self.settings.max_entry_bytes}"))
+        try:
+            entry = CallEntry.from_fields(fields)
+        except ValueError as exc:
+            return Item(entry_id, None, (ErrorCode.BAD_REQUEST, f"malformed call entry: {exc}"))
+        if entry.call_id is not None:
+            try:
+                check_part(entry.call_id, "call_id")
+            except InvalidIdError as exc:
+                return Item(entry_id, None, (ErrorCode.BAD_REQUEST, str(exc)))
+        if entry.v > 1:
+            return Item(entry_id, entry, (ErrorCode.UNSUPPORTED_VERSION,
+                        f"protocol version {entry.v} is newer than this worker's (1)"))
+        return Item(entry_id, entry)
+
+    def _cancel(self, traj: Traj, item: Item) -> None:
+        """Cancel at once: kill what runs, answer what waits, end the trajectory."""
+        for queued in traj.items:
+            self._refuse(traj.traj_id, queued, ErrorCode.CANCELLED, "trajectory cancelled")
+        traj.items.clear()
+        traj.request_end(TrajStatus.CANCELLED, "cancelled by client", item.entry_id)
+        if traj.slot is not None and traj.slot.channel.alive:
+            with contextlib.suppress(ChannelClosedError):
+                traj.slot.channel.submit("cancel", slot=traj.slot.name)
+
+    # ---------------------------------------------------------- trajectory
+    async def _serve(self, traj: Traj) -> None:
+        """Run one trajectory's calls in order until it ends."""
+        try:
+            await self._serve_calls(traj)
+        except Exception as exc:  # keep the worker alive; end this trajectory
+            log.exception("trajectory %s crashed", traj.traj_id)
+            traj.request_end(TrajStatus.FAILED, f"internal error: {exc}")
+        await self._end_traj(traj)
+
+    async def _serve_calls(self, traj: Traj) -> None:
+        # Start the slot at once: the sandbox boots while the client prepares its first call.
+        if not await self._ensure_slot(traj, None):
+            return
+        while traj.ending is None:
+            if not traj.items:
+                traj.wakeup.clear()
+                await traj.wakeup.wait()
+                continue
+            item = traj.items.popleft()
+            if item.kind == "close":
+                traj.request_end(TrajStatus.COMPLETED, "closed by client", item.entry_id)
+                return
+            traj.busy = True
+            try:
+                await self._run_item(traj, item)
+            finally:
+                traj.busy = False
+                traj.last_activity = time.monotonic()
+
+    async def _run_item(self, traj: Traj, item: Item) -> None:
+        received_ms = now_ms()
+        if item.error is not None or item.entry is None:
+            code, message = item.error or (ErrorCode.BAD_REQUEST, "malformed entry")
+            self._answer(traj.traj_id, item, code, message)
+            return
+        if await self._already_answered(traj, item):
+            self._ack(traj.traj_id, item.entry_id)
+            return
+        checked = self._check_call(traj, item.entry)
+        if isinstance(checked, Refusal):
+            self._answer(traj.traj_id, item, checked.code, checked.message)
+            return
+        tool_name, args, timeout_s = checked
+        needs_slot = traj.slot is None or not traj.slot.channel.alive
+        if needs_slot and not await self._ensure_slot(traj, item):
+            return
+        assert traj.slot is not None
+        traj.calls += 1
+        reply = await self._call_agent(traj, traj.slot, tool_name, args, timeout_s)
+        if traj.ending is not None and traj.ending[0] == TrajStatus.CANCELLED:
+            reply = {"ok": False, "error_code": "cancelled", "error": "trajectory cancelled",
+                     "output": reply.get("output", "")}
+        self._emit(traj, item, reply, tool_name, received_ms)
+
+    async def _already_answered(self, traj: Traj, item: Item) -> bool:
+        """A client call_id seen before (idempotent resubmission) is not run twice."""
+        assert item.entry is not None
+        if item.entry.call_id is None:
+            return False
+        if item.call_id in traj.seen_call_ids:
+            return True
+        traj.seen_call_ids.add(item.call_id)
+        return bool(await self.redis.exists(self.keys.result(traj.traj_id, item.call_id)))
+
+    def _check_call(
+        self, traj: Traj, entry: CallEntry
+    ) -> Refusal | tuple[str, dict[str, Any], float]:
+        """Validate a call: tool, policy, limits, arguments. Refusal or what to run."""
+        name = entry.tool or ""
+        tool = self.registry.resolve(name)
+        if not name:
+            return Refusal(ErrorCode.BAD_REQUEST, "call entry has no 'tool' field")
+        if tool is None:
+            return Refusal(ErrorCode.UNKNOWN_TOOL, f"unknown tool {name!r}")
+        spec = traj.spec
+        if name in spec.blocked_tools or tool.name in spec.blocked_tools:
+            return Refusal(ErrorCode.TOOL_BLOCKED, f"tool {name!r} is blocked by the trajectory's policy")
+        if spec.allowed_tools is not None and not {name, tool.name} & set(spec.allowed_tools):
+            return Refusal(ErrorCode.TOOL_BLOCKED, f"tool {name!r} is not in the allowed_tools policy")
+        limits = spec.limits
+        if limits.max_calls is not None and traj.calls >= limits.max_calls:
+            return Refusal(ErrorCode.LIMIT_EXCEEDED, f"max_calls limit ({limits.max_calls}) reached")
+        if limits.deadline_s is not None and time.monotonic() - traj.started > limits.deadline_s:
+            return Refusal(ErrorCode.LIMIT_EXCEEDED, f"deadline_s limit ({limits.deadline_s}s) passed")
+        try:
+            args = self.registry.validate(tool, entry.args)
+        except InvalidArgsError as exc:
+            return Refusal(ErrorCode.INVALID_ARGS, str(exc))
+        wanted = args.get("timeout_s") or entry.timeout_s or limits.call_timeout_s
+        cap = min(limits.max_call_timeout_s, self.settings.max_call_timeout_s)
+        return tool.name, args, min(float(wanted), cap)
+
+    async def _ensure_slot(self, traj: Traj, item: Item | None) -> bool:
+        """Start the trajectory's slot (again, after a loss); answer the call on failure."""
+        if traj.slot is not None:  # lost: replace it, and say so in the next result
+            await self._drop_slot(traj)
+            traj.slot_reset = True
+        try:
+            traj.slot = await self.backend.acquire(traj.traj_id, traj.spec)
+        except SandboxError as exc:
+            for waiting in ([item] if item else []) + list(traj.items):
+                self._refuse(traj.traj_id, waiting, ErrorCode.SANDBOX_ERROR, str(exc))
+            traj.items.clear()
+            traj.request_end(TrajStatus.FAILED, f"sandbox failed to start: {exc}")
+            return False
+        await self.redis.hset(self.keys.traj(traj.traj_id), "slot", traj.slot.slot_id)
+        return True
+
+    async def _call_agent(
+        self, traj: Traj, slot: Slot, tool: str, args: dict[str, Any], timeout_s: float
+    ) -> dict[str, Any]:
+        try:
+            fut = slot.channel.submit(
+                "call", slot=slot.name, tool=tool, args=args, timeout_s=timeout_s,
+                max_output_bytes=traj.spec.limits.max_output_bytes,
+            )
+            return await asyncio.wait_for(fut, timeout_s + AGENT_GRACE_S)
+        except (ChannelClosedError, asyncio.TimeoutError) as exc:
+            why = "sandbox stopped answering" if isinstance(exc, asyncio.TimeoutError) else exc
+            await self._drop_slot(traj)
+            return {"ok": False, "error_code": ErrorCode.SANDBOX_LOST.value,
+                    "error": f"the sandbox was lost during the call: {why}"}
+
+    def _emit(self, traj: Traj, item: Item, reply: dict[str, Any], tool: str,
+              received_ms: int) -> None:
+        run_ms = float(reply.get("run_ms") or 0.0)
+        reset, traj.slot_reset = traj.slot_reset, False
+        data = reply.get("data")
+        result = Result(
+            call_id=item.call_id, traj=traj.traj_id, tool=tool, ok=bool(reply.get("ok")),
+            output=str(reply.get("output", "")), exit_code=reply.get("exit_code"),
+            error_code=reply.get("error_code"), error=reply.get("error"),
+            truncated=bool(reply.get("truncated")),
+            output_bytes=int(reply.get("output_bytes") or len(str(reply.get("output", "")))),
+            timed_out=bool(reply.get("timed_out")), slot_reset=reset,
+            queued_ms=max(0.0, float(received_ms - entry_ms(item.entry_id))),
+            run_ms=run_ms, worker=self.id, slot=traj.slot.slot_id if traj.slot else "",
+            finished_ms=now_ms(), data=data if isinstance(data, dict) else None,
+        )
+        self._out.put_nowait(Pending(traj.traj_id, item.entry_id, result))
+
+    def _answer(self, traj_id: str, item: Item, code: ErrorCode, message: str) -> None:
+        """Give a call an error result without running it."""
+        result = Result(
+            call_id=item.call_id, traj=traj_id, tool=(item.entry.tool or "") if item.entry else "",
+            ok=False, error_code=code.value, error=message, worker=self.id,
+            queued_ms=max(0.0, float(now_ms() - entry_ms(item.entry_id))), finished_ms=now_ms(),
+        )
+        self._out.put_nowait(Pending(traj_id, item.entry_id, result))
+
+    def _refuse(self, traj_id: str, item: Item, code: ErrorCode, message: str) -> None:
+        """Answer a call with an error; a control entry is only acknowledged."""
+        if item.kind == "call":
+            self._answer(traj_id, item, code, message)
+        else:
+            self._ack(traj_id, item.entry_id)
+
+    def _ack(self, traj_id: str, entry_id: str) -> None:
+        self._out.put_nowait(Pending(traj_id, entry_id, None))
+
+    async def _drop_slot(self, traj: Traj, keep: bool = False) -> None:
+        slot, traj.slot = traj.slot, None
+        if slot is not None:
+            try:
+                await self.backend.release(slot, keep=keep)
+            except Exception:
+                log.exception("releasing slot %s failed", slot.slot_id)
+
+    async def _end_traj(self, traj: Traj) -> None:
+        """Free the slot, record the final state once, answer what is left."""
+        status, reason, entry_id = traj.ending or (TrajStatus.FAILED, "ended", "")
+        for item in traj.items:
+            self._refuse(traj.traj_id, item, ErrorCode.TRAJECTORY_ENDED,
+                         f"the trajectory has ended ({status.value})")
+        traj.items.clear()
+        await self._drop_slot(traj)
+        await self._retry(lambda: self._end(
+            keys=[self.keys.traj(traj.traj_id), self.keys.events(traj.traj_id),
+                  self.keys.calls(traj.traj_id)],
+            args=[status.value, now_ms(), reason, self.settings.retention_s * 1000,
+                  self.settings.events_maxlen, self.id],
+        ))
+        if entry_id:
+            self._ack(traj.traj_id, entry_id)
+        # Calls that reached the stream before the final state was recorded
+        # are answered here; later ones are refused by the producer's submit.
+        await self._retry(lambda: self._drain_stream(traj.traj_id))
+        self.owned.pop(traj.traj_id, None)
+        log.info("trajectory %s ended: %s (%s)", traj.traj_id, status.value, reason)
+
+    async def _drain_stream(self, traj_id: str) -> None:
+        stream = self.keys.calls(traj_id)
+        while True:
+            resp = await self.redis.xreadgroup(GROUP, self.id, {stream: ">"}, count=500)
+            entries = resp[0][1] if resp else []
+            if not entries:
+                return
+            for entry_id, fields in entries:
+                item = self._parse_item(_s(entry_id), fields)
+                self._refuse(traj_id, item, ErrorCode.TRAJECTORY_ENDED, "the trajectory has ended")
+
+    # --------------------------------------------------------------- writer
+    async def _write_loop(self) -> None:
+        """Flush every result that is ready in one pipelined round trip."""
+        while True:
+            batch = [await self._out.get()]
+            while not self._out.empty():
+                batch.append(self._out.get_nowait())
+            await self._retry(lambda batch=batch: self._flush(batch))  # type: ignore[misc]
+            for _ in batch:
+                self._out.task_done()
+
+    async def _flush(self, batch: list[Pending]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for p in batch:
+            calls = self.keys.calls(p.traj_id)
+            if p.result is None:
+                pipe.xack(calls, GROUP, p.entry_id)
+                continue
+            r = p.result
+            fields = [x for kv in r.to_fields().items() for x in kv]
+            await self._finish(
+                keys=[self.keys.result(p.traj_id, r.call_id), self.keys.events(p.traj_id),
+                      calls, self.keys.traj(p.traj_id)],
+                args=[GROUP, p.entry_id, self.settings.result_ttl_s * 1000,
+                      self.settings.events_maxlen, "1" if r.ok else "0", r.error_code or "",
+                      r.call_id, r.finished_ms, *fields],
+                client=pipe,
+            )
+        await pipe.execute()
+
+    async def _retry(self, fn: Any, attempts: int = 0) -> Any:
+        """Run a Redis operation until it succeeds: results are never dropped."""
+        delay_s = 0.05
+        while True:
+            try:
+                return await fn()
+            except RedisError as exc:
+                attempts += 1
+                log.warning("redis write failed (%s); retry %d in %.2fs", exc, attempts, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 5.0)
+
+    async def _dead(self, stream: str, entry_id: str, fields: dict[Any, Any], reason: str) -> None:
+        preview = {_s(k)[:100]: _s(v)[:1000] for k, v in list(fields.items())[:20]}
+        await self.redis.xadd(
+            self.keys.dead, {"stream": stream, "entry_id": entry_id, "reason": reason,
+                             "worker": self.id, "fields": str(preview)}, maxlen=10_000,
+        )
+
+    # ------------------------------------------------------ heartbeat, reap
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            with contextlib.suppress(RedisError):
+                await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
+        info = WorkerInfo(
+            worker=self.id, host=socket.gethostname(), pid=os.getpid(), backend=self.backend.name,
+            version=__version__, slots_total=self.settings.slots, slots_used=len(self.owned),
+            started_ms=self.started_ms, heartbeat_ms=now_ms(),
+        )
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.workers, {self.id: info.heartbeat_ms})
+        pipe.hset(self.keys.worker(self.id), mapping=info.to_fields())
+        pipe.pexpire(self.keys.worker(self.id), int(self.settings.dead_after_s * 4000))
+        await pipe.execute()
+
+    async def _reap_loop(self) -> None:
+        """End trajectories that went idle (abandoned rollouts) or passed their deadline."""
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for traj in list(self.owned.values()):
+                limits = traj.spec.limits
+                if traj.busy or traj.items or traj.ending is not None:
+                    continue
+                if now - traj.last_activity > limits.idle_timeout_s:
+                    traj.request_end(TrajStatus.TIMEOUT,
+                                     f"idle_timeout_s limit ({limits.idle_timeout_s}s) passed")
+                elif limits.deadline_s is not None and now - traj.started > limits.deadline_s:
+                    traj.request_end(TrajStatus.TIMEOUT,
+                                     f"deadline_s limit ({limits.deadline_s}s) passed")
+
+    # ------------------------------------------------------------- shutdown
+    async def shutdown(self) -> None:
+        """Stop reading, let running calls finish, hand back what is owned."""
+        log.info("worker %s shutting down", self.id)
+        reader = self._tasks[0] if self._tasks else None
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        running = [t for t in self.owned.values() if t.busy]
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        while any(t.busy for t in running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for traj in list(self.owned.values()):
+            await self._hand_back(traj)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._out.join(), 10)
+        for task in self._tasks[1:]:
+            task.cancel()
+        await self.backend.shutdown()
+        with contextlib.suppress(RedisError):
+            await self.redis.zrem(self.keys.workers, self.id)
+            await self.redis.delete(self.keys.worker(self.id))
+
+    async def _hand_back(self, traj: Traj) -> None:
+        """Give a trajectory back to the pool; its unanswered calls stay pending."""
+        if traj.task is not None:
+            traj.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await traj.task
+        if traj.ending is not None:  # it was ending anyway: finish that
+            await self._end_traj(traj)
+            return
+        await self._drop_slot(traj, keep=True)
+        released = await self._release(keys=[self.keys.traj(traj.traj_id)], args=[self.id])
+        if released:
+            req = OpenRequest(traj=traj.traj_id, spec=traj.spec)
+            await self.redis.xadd(self.keys.open, req.to_fields())
+        self.owned.pop(traj.traj_id, None)
