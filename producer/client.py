@@ -127,11 +127,13 @@ class Client:
         keys, argv = p.submit_args(self.keys, traj_id, entry)
         pipe = self.redis.pipeline(transaction=False)
         pipe.xrevrange(self.keys.events(traj_id), count=1)
+        # A resubmitted call_id may be answered already: then that is the result.
+        pipe.hgetall(self.keys.result(traj_id, call_id or "-"))
         self._submit(keys=keys, args=argv, client=pipe)
-        cursor_reply, entry_id = pipe.execute()
+        cursor_reply, existing, entry_id = pipe.execute()
         cid = call_id or p.s(entry_id)
         wait = wait_s if wait_s is not None else _call_wait_s(timeout_s)
-        return self._wait(traj_id, cid, p.last_event_id(cursor_reply), {}, wait)
+        return self._wait(traj_id, cid, p.last_event_id(cursor_reply), existing, wait)
 
     def _wait(
         self, traj_id: str, call_id: str, cursor: str, fields: Any, timeout_s: float | None
@@ -243,11 +245,13 @@ class AsyncClient:
         keys, argv = p.submit_args(self.keys, traj_id, entry)
         pipe = self.redis.pipeline(transaction=False)
         pipe.xrevrange(self.keys.events(traj_id), count=1)
+        # A resubmitted call_id may be answered already: then that is the result.
+        pipe.hgetall(self.keys.result(traj_id, call_id or "-"))
         await self._submit(keys=keys, args=argv, client=pipe)
-        cursor_reply, entry_id = await pipe.execute()
+        cursor_reply, existing, entry_id = await pipe.execute()
         cid = call_id or p.s(entry_id)
         wait = wait_s if wait_s is not None else _call_wait_s(timeout_s)
-        return await self._wait(traj_id, cid, p.last_event_id(cursor_reply), {}, wait)
+        return await self._wait(traj_id, cid, p.last_event_id(cursor_reply), existing, wait)
 
     async def _wait(
         self, traj_id: str, call_id: str, cursor: str, fields: Any, timeout_s: float | None

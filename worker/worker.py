@@ -151,6 +151,7 @@ class Worker:
         self.starting = 0  # trajectories claimed whose slot is not ready yet
         self._out: asyncio.Queue[Pending] = asyncio.Queue()
         self._stopping = asyncio.Event()
+        self.ready = asyncio.Event()  # set once the worker serves
         self._tasks: list[asyncio.Task[Any]] = []
         self._finish = redis.register_script(scripts.FINISH_CALL)
         self._claim = redis.register_script(scripts.CLAIM_TRAJ)
@@ -168,6 +169,7 @@ class Worker:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._reap_loop(), name="reaper"),
         ]
+        self.ready.set()
         await self._stopping.wait()
         await self.shutdown()
 

@@ -1,0 +1,154 @@
+"""Shared fixtures: a real redis-server, workers on real backends, clients.
+
+Nothing is mocked. Docker tests need an engine and the test image (built by
+``.ci/build-sandbox-image``); with ``TOOLQ_REQUIRE_DOCKER=1`` a missing engine
+fails the run instead of skipping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from toolq.producer import AsyncClient, Client
+from toolq.worker.embedded import EmbeddedRedis
+from toolq.worker.service import connect, docker_available, make_backend
+from toolq.worker.settings import WorkerSettings
+from toolq.worker.worker import Worker
+
+TEST_IMAGE = os.environ.get("TOOLQ_TEST_IMAGE", "toolq-sandbox:test")
+NOPYTHON_IMAGE = os.environ.get("TOOLQ_TEST_NOPYTHON_IMAGE", "toolq-nopython:test")
+REQUIRE_DOCKER = os.environ.get("TOOLQ_REQUIRE_DOCKER") == "1"
+
+
+def docker_ready() -> bool:
+    """True when an engine answers and the test image exists."""
+    if not docker_available():
+        return False
+    import docker
+
+    try:
+        docker.from_env().images.get(TEST_IMAGE)
+        return True
+    except Exception:
+        return False
+
+
+_DOCKER_READY: bool | None = None
+
+
+def require_docker() -> None:
+    """Skip (or, in CI, fail) a test that needs the Docker engine."""
+    global _DOCKER_READY
+    if _DOCKER_READY is None:
+        _DOCKER_READY = docker_ready()
+    if not _DOCKER_READY:
+        msg = f"no Docker engine or no image {TEST_IMAGE} (run .ci/start-docker, .ci/build-sandbox-image)"
+        if REQUIRE_DOCKER:
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    """One real redis-server for the session; tests isolate by namespace."""
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def ns() -> str:
+    """A fresh key namespace per test, so tests never see each other's keys."""
+    return f"tq{uuid.uuid4().hex[:10]}"
+
+
+class WorkerThread:
+    """A real worker running its own event loop in a thread."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.started = threading.Event()
+        self.error: BaseException | None = None
+        self.worker: Worker | None = None
+        self.thread = threading.Thread(target=self._run, name="worker", daemon=True)
+        self.thread.start()
+        if not self.started.wait(120):
+            raise RuntimeError("worker did not start")
+        if self.error:
+            raise self.error
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._main())
+        except BaseException as exc:
+            self.error = exc
+            self.started.set()
+
+    async def _main(self) -> None:
+        redis = connect(self.settings.redis_url or "")
+        self.worker = Worker(self.settings, redis, make_backend(self.settings))
+        task = asyncio.create_task(self.worker.run())
+        ready = asyncio.create_task(self.worker.ready.wait())
+        await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+        self.started.set()
+        await task
+        await redis.aclose()
+
+    def run(self, coro: Any, timeout_s: float = 60) -> Any:
+        """Run a coroutine on the worker's loop (e.g. to poke its backend)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def stop(self, timeout_s: float = 60) -> None:
+        if self.thread.is_alive() and self.worker is not None:
+            self.loop.call_soon_threadsafe(self.worker.stop)
+        self.thread.join(timeout_s)
+
+
+@pytest.fixture(params=["local", "docker"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Parametrise a test over both backends (Docker ones need the engine)."""
+    if request.param == "docker":
+        require_docker()
+    return str(request.param)
+
+
+@pytest.fixture
+def start_worker(redis_url: str, ns: str) -> Iterator[Callable[..., WorkerThread]]:
+    """Factory: ``start_worker(backend="local", slots=4, **settings)``."""
+    started: list[WorkerThread] = []
+
+    def start(backend: str = "local", **overrides: Any) -> WorkerThread:
+        settings = WorkerSettings(redis_url=redis_url, namespace=ns, backend=backend,
+                                  slots=overrides.pop("slots", 4), block_ms=200,
+                                  default_image=TEST_IMAGE, heartbeat_s=0.5, **overrides)
+        handle = WorkerThread(settings)
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        handle.stop()
+
+
+@pytest.fixture
+def client(redis_url: str, ns: str) -> Iterator[Client]:
+    with Client(redis_url, ns) as c:
+        yield c
+
+
+@pytest.fixture
+def aclient_factory(redis_url: str, ns: str) -> Callable[[], AsyncClient]:
+    return lambda: AsyncClient(redis_url, ns)
