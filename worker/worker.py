@@ -158,6 +158,18 @@ class Worker:
         self._end = redis.register_script(scripts.END_TRAJ)
         self._release = redis.register_script(scripts.RELEASE_TRAJ)
         self.started_ms = now_ms()
+        backend.on_event = self._on_agent_event
+
+    async def _on_agent_event(self, msg: dict[str, Any]) -> None:
+        """Unsolicited agent news (e.g. background tasks); ``msg["slot"]`` names the slot."""
+        log.debug("agent event: %s", msg.get("event"))
+
+    def traj_for_slot(self, slot_name: str) -> Traj | None:
+        """The owned trajectory served by the slot the agent calls ``slot_name``."""
+        for traj in self.owned.values():
+            if traj.slot is not None and traj.slot.name == slot_name:
+                return traj
+        return None
 
     # ------------------------------------------------------------------ run
     async def run(self) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from toolq.schemas import TrajectorySpec
 
-from ..channel import AgentChannel
+from ..channel import AgentChannel, EventHandler
 
 
 class SandboxError(RuntimeError):
@@ -24,7 +24,7 @@ class Slot:
     """One trajectory's workspace and the agent that serves it."""
 
     slot_id: str  # unique in the worker, shown in results (`slot`)
-    name: str  # the agent's name for the workspace
+    name: str  # the agent's name for the workspace; unique in the worker too
     root: str  # workspace path as the agent sees it
     channel: AgentChannel
     sandbox_id: str = ""  # container id / process id
@@ -36,6 +36,9 @@ class Backend(abc.ABC):
     """Starts and stops sandboxes; the worker never looks inside one."""
 
     name: str = "abstract"
+    #: Called with every unsolicited agent message (``{"event": ..., "slot": ...}``);
+    #: the worker sets it before ``start()``. Backends pass it to each AgentChannel.
+    on_event: EventHandler | None = None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepare (e.g. remove sandboxes left by dead workers)."""

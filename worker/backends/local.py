@@ -16,7 +16,7 @@ import tempfile
 
 from toolq.schemas import TrajectorySpec
 
-from ..channel import AgentChannel, EventHandler
+from ..channel import AgentChannel
 from .base import Backend, SandboxError, Slot
 
 AGENT_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "agent.py")
@@ -28,9 +28,8 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def __init__(self, base_dir: str | None = None, on_event: EventHandler | None = None) -> None:
+    def __init__(self, base_dir: str | None = None) -> None:
         self.base_dir = base_dir or tempfile.mkdtemp(prefix="toolq-local-")
-        self.on_event = on_event
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._seq = itertools.count(1)
 
