@@ -67,9 +67,9 @@ def s(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def open_args(keys: Keys, traj_id: str, spec: TrajectorySpec | None) -> tuple[
-    list[str], list[Any], dict[str, str]
-]:
+def open_args(
+    keys: Keys, traj_id: str, spec: TrajectorySpec | None
+) -> tuple[list[str], list[Any], dict[Any, Any]]:
     """Keys and args of OPEN_LUA, and the open-stream entry to add when new."""
     check_traj_id(traj_id)
     req = OpenRequest(traj=traj_id, spec=spec or TrajectorySpec())
@@ -77,9 +77,7 @@ def open_args(keys: Keys, traj_id: str, spec: TrajectorySpec | None) -> tuple[
     return [keys.traj(traj_id)], [traj_id, now_ms(), fields["spec"]], fields
 
 
-def submit_args(
-    keys: Keys, traj_id: str, entry: CallEntry
-) -> tuple[list[str], list[Any]]:
+def submit_args(keys: Keys, traj_id: str, entry: CallEntry) -> tuple[list[str], list[Any]]:
     """Keys and args of SUBMIT_LUA for one call or control entry."""
     check_traj_id(traj_id)
     if entry.call_id is not None:

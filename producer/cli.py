@@ -38,8 +38,13 @@ def _client(ctx: click.Context) -> Client:
 
 @click.group()
 @click.option("--redis-url", envvar="TOOLQ_REDIS_URL", help="Redis URL [env TOOLQ_REDIS_URL].")
-@click.option("--namespace", envvar="TOOLQ_NAMESPACE", default="toolq", show_default=True,
-              help="Key prefix [env TOOLQ_NAMESPACE].")
+@click.option(
+    "--namespace",
+    envvar="TOOLQ_NAMESPACE",
+    default="toolq",
+    show_default=True,
+    help="Key prefix [env TOOLQ_NAMESPACE].",
+)
 @click.version_option(package_name="toolq")
 @click.pass_context
 def main(ctx: click.Context, redis_url: str | None, namespace: str) -> None:
@@ -65,8 +70,14 @@ def open_cmd(ctx: click.Context, traj: str, spec_json: str | None) -> None:
 @click.option("--timeout", "timeout_s", type=float, default=None, help="Call timeout (s).")
 @click.option("--call-id", default=None, help="Client call id (idempotent resubmission).")
 @click.pass_context
-def call_cmd(ctx: click.Context, traj: str, tool: str, args: str, timeout_s: float | None,
-             call_id: str | None) -> None:
+def call_cmd(
+    ctx: click.Context,
+    traj: str,
+    tool: str,
+    args: str,
+    timeout_s: float | None,
+    call_id: str | None,
+) -> None:
     """Run TOOL with ARGS (JSON) in TRAJ and print the result as JSON.
 
     Opens TRAJ with the default spec if needed. Exit status: 0 when the tool

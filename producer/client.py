@@ -18,11 +18,10 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from toolq.schemas import Keys, Result, TrajectoryRecord, TrajectorySpec
+from toolq.schemas import CallEntry, Keys, Result, TrajectoryRecord, TrajectorySpec
 
 from . import _protocol as p
 from .config import resolve_redis_url
-
 
 # Waits block in XREAD for as long as the caller asked: no socket read timeout
 # (redis-py >= 8 defaults to 5 s), and RESP2 replies, which the parsing expects.
@@ -59,7 +58,9 @@ class Client:
         namespace: str = "toolq",
         redis_client: redis.Redis | None = None,
     ) -> None:
-        self.redis = redis_client or redis.Redis.from_url(resolve_redis_url(redis_url), **CONNECT_KW)
+        self.redis = redis_client or redis.Redis.from_url(
+            resolve_redis_url(redis_url), **CONNECT_KW
+        )
         self.keys = Keys(namespace)
         self._open = self.redis.register_script(p.OPEN_LUA)
         self._submit = self.redis.register_script(p.SUBMIT_LUA)
@@ -161,7 +162,7 @@ class Client:
         return self._control(traj_id, "cancel")
 
     def _control(self, traj_id: str, kind: str) -> str:
-        keys, argv = p.submit_args(self.keys, traj_id, p.CallEntry(type=kind))  # type: ignore[arg-type]
+        keys, argv = p.submit_args(self.keys, traj_id, CallEntry(type=kind))
         return p.s(self._submit(keys=keys, args=argv))
 
     def trajectory(self, traj_id: str) -> TrajectoryRecord | None:
@@ -179,7 +180,9 @@ class AsyncClient:
         namespace: str = "toolq",
         redis_client: aioredis.Redis | None = None,
     ) -> None:
-        self.redis = redis_client or aioredis.Redis.from_url(resolve_redis_url(redis_url), **CONNECT_KW)
+        self.redis = redis_client or aioredis.Redis.from_url(
+            resolve_redis_url(redis_url), **CONNECT_KW
+        )
         self.keys = Keys(namespace)
         self._open = self.redis.register_script(p.OPEN_LUA)
         self._submit = self.redis.register_script(p.SUBMIT_LUA)
@@ -190,9 +193,7 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.redis.aclose()
 
-    async def open(
-        self, traj_id: str, spec: TrajectorySpec | dict[str, Any] | None = None
-    ) -> str:
+    async def open(self, traj_id: str, spec: TrajectorySpec | dict[str, Any] | None = None) -> str:
         """See ``Client.open``."""
         keys, args, entry = p.open_args(self.keys, traj_id, _spec(spec))
         status = p.s(await self._open(keys=keys, args=args))
@@ -280,7 +281,7 @@ class AsyncClient:
         return await self._control(traj_id, "cancel")
 
     async def _control(self, traj_id: str, kind: str) -> str:
-        keys, argv = p.submit_args(self.keys, traj_id, p.CallEntry(type=kind))  # type: ignore[arg-type]
+        keys, argv = p.submit_args(self.keys, traj_id, CallEntry(type=kind))
         return p.s(await self._submit(keys=keys, args=argv))
 
     async def trajectory(self, traj_id: str) -> TrajectoryRecord | None:

@@ -25,9 +25,7 @@ class InvalidIdError(ValueError):
 def check_traj_id(traj_id: str) -> str:
     """Return ``traj_id`` if it matches ``[A-Za-z0-9._:-]{1,128}``, else raise."""
     if not isinstance(traj_id, str) or not _TRAJ_ID_RE.match(traj_id):
-        raise InvalidIdError(
-            f"invalid trajectory id {traj_id!r}: must match {TRAJ_ID_PATTERN}"
-        )
+        raise InvalidIdError(f"invalid trajectory id {traj_id!r}: must match {TRAJ_ID_PATTERN}")
     return traj_id
 
 

@@ -81,8 +81,12 @@ class WireModel(BaseModel):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
-    def to_fields(self) -> dict[str, str]:
-        """Encode as flat string fields (``None`` omitted) for XADD / HSET."""
+    def to_fields(self) -> dict[Any, Any]:
+        """Encode as flat string fields (``None`` omitted) for XADD / HSET.
+
+        Typed loosely on purpose: redis-py's invariant dict parameters reject
+        ``dict[str, str]`` even though every key and value is a ``str``.
+        """
         return {k: _to_str(v) for k, v in self.model_dump(exclude_none=True).items()}
 
     @classmethod
@@ -139,7 +143,7 @@ class TrajectorySpec(BaseModel):
     image: str | None = Field(None, description="Sandbox image; worker default when absent.")
     env: dict[str, str] = Field(default_factory=dict)
     workdir: str | None = Field(None, description="Working directory inside the workspace.")
-    limits: Limits = Field(default_factory=Limits)  # type: ignore[arg-type]
+    limits: Limits = Field(default_factory=Limits)
     allowed_tools: list[str] | None = Field(None, description="Only these tools, if set.")
     blocked_tools: list[str] = Field(default_factory=list, description="Never these tools.")
     labels: dict[str, str] = Field(default_factory=dict, description="Free key/values.")

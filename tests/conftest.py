@@ -49,7 +49,10 @@ def require_docker() -> None:
     if _DOCKER_READY is None:
         _DOCKER_READY = docker_ready()
     if not _DOCKER_READY:
-        msg = f"no Docker engine or no image {TEST_IMAGE} (run .ci/start-docker, .ci/build-sandbox-image)"
+        msg = (
+            f"no Docker engine or no image {TEST_IMAGE} "
+            "(run .ci/start-docker and .ci/build-sandbox-image)"
+        )
         if REQUIRE_DOCKER:
             pytest.fail(msg)
         pytest.skip(msg)
@@ -131,9 +134,16 @@ def start_worker(redis_url: str, ns: str) -> Iterator[Callable[..., WorkerThread
     started: list[WorkerThread] = []
 
     def start(backend: str = "local", **overrides: Any) -> WorkerThread:
-        settings = WorkerSettings(redis_url=redis_url, namespace=ns, backend=backend,
-                                  slots=overrides.pop("slots", 4), block_ms=200,
-                                  default_image=TEST_IMAGE, heartbeat_s=0.5, **overrides)
+        settings = WorkerSettings(
+            redis_url=redis_url,
+            namespace=ns,
+            backend=backend,
+            slots=overrides.pop("slots", 4),
+            block_ms=200,
+            default_image=TEST_IMAGE,
+            heartbeat_s=0.5,
+            **overrides,
+        )
         handle = WorkerThread(settings)
         started.append(handle)
         return handle

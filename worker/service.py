@@ -21,7 +21,7 @@ log = logging.getLogger("toolq.worker")
 def docker_available(docker_host: str | None = None) -> bool:
     """True when a Docker engine answers a ping."""
     try:
-        import docker  # type: ignore[import-untyped]
+        import docker
 
         client = docker.DockerClient(base_url=docker_host) if docker_host else docker.from_env()
         try:
@@ -42,14 +42,16 @@ def make_backend(settings: WorkerSettings) -> Backend:
     if choice == "docker":
         from .backends.docker import DockerBackend
 
-        return DockerBackend(settings)
+        backend: Backend = DockerBackend(settings)
+        return backend
     raise ValueError(f"unknown backend {settings.backend!r} (auto, local or docker)")
 
 
 def connect(url: str) -> aioredis.Redis:
     # No socket timeout: reads block for up to block_ms on purpose.
-    return aioredis.Redis.from_url(url, socket_timeout=None, protocol=2,
-                                   health_check_interval=30, socket_keepalive=True)
+    return aioredis.Redis.from_url(
+        url, socket_timeout=None, protocol=2, health_check_interval=30, socket_keepalive=True
+    )
 
 
 async def serve(settings: WorkerSettings, backend: Backend | None = None) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
+
 from toolq.schemas import (
     GROUP,
     CallEntry,
@@ -194,8 +195,9 @@ class Worker:
             await self.redis.xgroup_create(self.keys.open, GROUP, id="0", mkstream=True)
         await self.backend.start()
         await self._heartbeat()
-        log.info("worker %s up: backend=%s slots=%d", self.id, self.backend.name,
-                 self.settings.slots)
+        log.info(
+            "worker %s up: backend=%s slots=%d", self.id, self.backend.name, self.settings.slots
+        )
 
     @property
     def free_slots(self) -> int:
@@ -228,8 +230,12 @@ class Worker:
         # COUNT applies to every stream: while claiming, never take more
         # trajectories than free slots; calls beyond that come next read.
         count = self.free_slots if self.keys.open in streams else self.settings.batch_max
-        resp = await self.redis.xreadgroup(
-            GROUP, self.id, streams, count=max(1, count), block=self.settings.block_ms
+        resp: Any = await self.redis.xreadgroup(
+            GROUP,
+            self.id,
+            streams,  # type: ignore[arg-type]
+            count=max(1, count),
+            block=self.settings.block_ms,
         )
         for stream, entries in resp or []:
             name = _s(stream)
@@ -253,11 +259,19 @@ class Worker:
         """Take ownership of a trajectory and start serving it."""
         if traj_id in self.owned:
             return False
-        got = _s(await self._claim(
-            keys=[self.keys.traj(traj_id), self.keys.calls(traj_id)],
-            args=[self.id, now_ms(), spec.model_dump_json(exclude_none=True), traj_id, GROUP,
-                  "1" if force else "0"],
-        ))
+        got = _s(
+            await self._claim(
+                keys=[self.keys.traj(traj_id), self.keys.calls(traj_id)],
+                args=[
+                    self.id,
+                    now_ms(),
+                    spec.model_dump_json(exclude_none=True),
+                    traj_id,
+                    GROUP,
+                    "1" if force else "0",
+                ],
+            )
+        )
         if got != "ok":
             log.info("not claiming %s: %s", traj_id, got)
             return False
@@ -295,8 +309,14 @@ class Worker:
             return Item(entry_id, None, (ErrorCode.BAD_REQUEST, "entry was deleted"))
         size = sum(len(k) + len(v) for k, v in fields.items())
         if size > self.settings.max_entry_bytes:
-            return Item(entry_id, None, (ErrorCode.PAYLOAD_TOO_LARGE,
-                        f"entry is {size} bytes; the limit is {self.settings.max_entry_bytes}"))
+            return Item(
+                entry_id,
+                None,
+                (
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                    f"entry is {size} bytes; the limit is {self.settings.max_entry_bytes}",
+                ),
+            )
         try:
             entry = CallEntry.from_fields(fields)
         except ValueError as exc:
@@ -307,8 +327,14 @@ class Worker:
             except InvalidIdError as exc:
                 return Item(entry_id, None, (ErrorCode.BAD_REQUEST, str(exc)))
         if entry.v > 1:
-            return Item(entry_id, entry, (ErrorCode.UNSUPPORTED_VERSION,
-                        f"protocol version {entry.v} is newer than this worker's (1)"))
+            return Item(
+                entry_id,
+                entry,
+                (
+                    ErrorCode.UNSUPPORTED_VERSION,
+                    f"protocol version {entry.v} is newer than this worker's (1)",
+                ),
+            )
         return Item(entry_id, entry)
 
     def _cancel(self, traj: Traj, item: Item) -> None:
@@ -372,8 +398,12 @@ class Worker:
         traj.calls += 1
         reply = await self._call_agent(traj, traj.slot, tool_name, args, timeout_s)
         if traj.ending is not None and traj.ending[0] == TrajStatus.CANCELLED:
-            reply = {"ok": False, "error_code": "cancelled", "error": "trajectory cancelled",
-                     "output": reply.get("output", "")}
+            reply = {
+                "ok": False,
+                "error_code": "cancelled",
+                "error": "trajectory cancelled",
+                "output": reply.get("output", ""),
+            }
         self._emit(traj, item, reply, tool_name, received_ms)
 
     async def _already_answered(self, traj: Traj, item: Item) -> bool:
@@ -398,14 +428,22 @@ class Worker:
             return Refusal(ErrorCode.UNKNOWN_TOOL, f"unknown tool {name!r}")
         spec = traj.spec
         if name in spec.blocked_tools or tool.name in spec.blocked_tools:
-            return Refusal(ErrorCode.TOOL_BLOCKED, f"tool {name!r} is blocked by the trajectory's policy")
+            return Refusal(
+                ErrorCode.TOOL_BLOCKED, f"tool {name!r} is blocked by the trajectory's policy"
+            )
         if spec.allowed_tools is not None and not {name, tool.name} & set(spec.allowed_tools):
-            return Refusal(ErrorCode.TOOL_BLOCKED, f"tool {name!r} is not in the allowed_tools policy")
+            return Refusal(
+                ErrorCode.TOOL_BLOCKED, f"tool {name!r} is not in the allowed_tools policy"
+            )
         limits = spec.limits
         if limits.max_calls is not None and traj.calls >= limits.max_calls:
-            return Refusal(ErrorCode.LIMIT_EXCEEDED, f"max_calls limit ({limits.max_calls}) reached")
+            return Refusal(
+                ErrorCode.LIMIT_EXCEEDED, f"max_calls limit ({limits.max_calls}) reached"
+            )
         if limits.deadline_s is not None and time.monotonic() - traj.started > limits.deadline_s:
-            return Refusal(ErrorCode.LIMIT_EXCEEDED, f"deadline_s limit ({limits.deadline_s}s) passed")
+            return Refusal(
+                ErrorCode.LIMIT_EXCEEDED, f"deadline_s limit ({limits.deadline_s}s) passed"
+            )
         try:
             args = self.registry.validate(tool, entry.args)
         except InvalidArgsError as exc:
@@ -435,40 +473,63 @@ class Worker:
     ) -> dict[str, Any]:
         try:
             fut = slot.channel.submit(
-                "call", slot=slot.name, tool=tool, args=args, timeout_s=timeout_s,
+                "call",
+                slot=slot.name,
+                tool=tool,
+                args=args,
+                timeout_s=timeout_s,
                 max_output_bytes=traj.spec.limits.max_output_bytes,
             )
             return await asyncio.wait_for(fut, timeout_s + AGENT_GRACE_S)
         except (ChannelClosedError, asyncio.TimeoutError) as exc:
             why = "sandbox stopped answering" if isinstance(exc, asyncio.TimeoutError) else exc
             await self._drop_slot(traj)
-            return {"ok": False, "error_code": ErrorCode.SANDBOX_LOST.value,
-                    "error": f"the sandbox was lost during the call: {why}"}
+            return {
+                "ok": False,
+                "error_code": ErrorCode.SANDBOX_LOST.value,
+                "error": f"the sandbox was lost during the call: {why}",
+            }
 
-    def _emit(self, traj: Traj, item: Item, reply: dict[str, Any], tool: str,
-              received_ms: int) -> None:
+    def _emit(
+        self, traj: Traj, item: Item, reply: dict[str, Any], tool: str, received_ms: int
+    ) -> None:
         run_ms = float(reply.get("run_ms") or 0.0)
         reset, traj.slot_reset = traj.slot_reset, False
         data = reply.get("data")
         result = Result(
-            call_id=item.call_id, traj=traj.traj_id, tool=tool, ok=bool(reply.get("ok")),
-            output=str(reply.get("output", "")), exit_code=reply.get("exit_code"),
-            error_code=reply.get("error_code"), error=reply.get("error"),
+            call_id=item.call_id,
+            traj=traj.traj_id,
+            tool=tool,
+            ok=bool(reply.get("ok")),
+            output=str(reply.get("output", "")),
+            exit_code=reply.get("exit_code"),
+            error_code=reply.get("error_code"),
+            error=reply.get("error"),
             truncated=bool(reply.get("truncated")),
             output_bytes=int(reply.get("output_bytes") or len(str(reply.get("output", "")))),
-            timed_out=bool(reply.get("timed_out")), slot_reset=reset,
+            timed_out=bool(reply.get("timed_out")),
+            slot_reset=reset,
             queued_ms=max(0.0, float(received_ms - entry_ms(item.entry_id))),
-            run_ms=run_ms, worker=self.id, slot=traj.slot.slot_id if traj.slot else "",
-            finished_ms=now_ms(), data=data if isinstance(data, dict) else None,
+            run_ms=run_ms,
+            worker=self.id,
+            slot=traj.slot.slot_id if traj.slot else "",
+            finished_ms=now_ms(),
+            data=data if isinstance(data, dict) else None,
         )
         self._out.put_nowait(Pending(traj.traj_id, item.entry_id, result))
 
     def _answer(self, traj_id: str, item: Item, code: ErrorCode, message: str) -> None:
         """Give a call an error result without running it."""
         result = Result(
-            call_id=item.call_id, traj=traj_id, tool=(item.entry.tool or "") if item.entry else "",
-            ok=False, error_code=code.value, error=message, worker=self.id,
-            queued_ms=max(0.0, float(now_ms() - entry_ms(item.entry_id))), finished_ms=now_ms(),
+            call_id=item.call_id,
+            traj=traj_id,
+            tool=(item.entry.tool or "") if item.entry else "",
+            ok=False,
+            error_code=code.value,
+            error=message,
+            worker=self.id,
+            queued_ms=max(0.0, float(now_ms() - entry_ms(item.entry_id))),
+            finished_ms=now_ms(),
         )
         self._out.put_nowait(Pending(traj_id, item.entry_id, result))
 
@@ -494,16 +555,31 @@ class Worker:
         """Free the slot, record the final state once, answer what is left."""
         status, reason, entry_id = traj.ending or (TrajStatus.FAILED, "ended", "")
         for item in traj.items:
-            self._refuse(traj.traj_id, item, ErrorCode.TRAJECTORY_ENDED,
-                         f"the trajectory has ended ({status.value})")
+            self._refuse(
+                traj.traj_id,
+                item,
+                ErrorCode.TRAJECTORY_ENDED,
+                f"the trajectory has ended ({status.value})",
+            )
         traj.items.clear()
         await self._drop_slot(traj)
-        await self._retry(lambda: self._end(
-            keys=[self.keys.traj(traj.traj_id), self.keys.events(traj.traj_id),
-                  self.keys.calls(traj.traj_id)],
-            args=[status.value, now_ms(), reason, self.settings.retention_s * 1000,
-                  self.settings.events_maxlen, self.id],
-        ))
+        await self._retry(
+            lambda: self._end(
+                keys=[
+                    self.keys.traj(traj.traj_id),
+                    self.keys.events(traj.traj_id),
+                    self.keys.calls(traj.traj_id),
+                ],
+                args=[
+                    status.value,
+                    now_ms(),
+                    reason,
+                    self.settings.retention_s * 1000,
+                    self.settings.events_maxlen,
+                    self.id,
+                ],
+            )
+        )
         if entry_id:
             self._ack(traj.traj_id, entry_id)
         # Calls that reached the stream before the final state was recorded
@@ -515,7 +591,7 @@ class Worker:
     async def _drain_stream(self, traj_id: str) -> None:
         stream = self.keys.calls(traj_id)
         while True:
-            resp = await self.redis.xreadgroup(GROUP, self.id, {stream: ">"}, count=500)
+            resp: Any = await self.redis.xreadgroup(GROUP, self.id, {stream: ">"}, count=500)
             entries = resp[0][1] if resp else []
             if not entries:
                 return
@@ -530,7 +606,7 @@ class Worker:
             batch = [await self._out.get()]
             while not self._out.empty():
                 batch.append(self._out.get_nowait())
-            await self._retry(lambda batch=batch: self._flush(batch))  # type: ignore[misc]
+            await self._retry(lambda batch=batch: self._flush(batch))
             for _ in batch:
                 self._out.task_done()
 
@@ -544,11 +620,23 @@ class Worker:
             r = p.result
             fields = [x for kv in r.to_fields().items() for x in kv]
             await self._finish(
-                keys=[self.keys.result(p.traj_id, r.call_id), self.keys.events(p.traj_id),
-                      calls, self.keys.traj(p.traj_id)],
-                args=[GROUP, p.entry_id, self.settings.result_ttl_s * 1000,
-                      self.settings.events_maxlen, "1" if r.ok else "0", r.error_code or "",
-                      r.call_id, r.finished_ms, *fields],
+                keys=[
+                    self.keys.result(p.traj_id, r.call_id),
+                    self.keys.events(p.traj_id),
+                    calls,
+                    self.keys.traj(p.traj_id),
+                ],
+                args=[
+                    GROUP,
+                    p.entry_id,
+                    self.settings.result_ttl_s * 1000,
+                    self.settings.events_maxlen,
+                    "1" if r.ok else "0",
+                    r.error_code or "",
+                    r.call_id,
+                    r.finished_ms,
+                    *fields,
+                ],
                 client=pipe,
             )
         await pipe.execute()
@@ -568,8 +656,15 @@ class Worker:
     async def _dead(self, stream: str, entry_id: str, fields: dict[Any, Any], reason: str) -> None:
         preview = {_s(k)[:100]: _s(v)[:1000] for k, v in list(fields.items())[:20]}
         await self.redis.xadd(
-            self.keys.dead, {"stream": stream, "entry_id": entry_id, "reason": reason,
-                             "worker": self.id, "fields": str(preview)}, maxlen=10_000,
+            self.keys.dead,
+            {
+                "stream": stream,
+                "entry_id": entry_id,
+                "reason": reason,
+                "worker": self.id,
+                "fields": str(preview),
+            },
+            maxlen=10_000,
         )
 
     # ------------------------------------------------------ heartbeat, reap
@@ -581,9 +676,15 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         info = WorkerInfo(
-            worker=self.id, host=socket.gethostname(), pid=os.getpid(), backend=self.backend.name,
-            version=__version__, slots_total=self.settings.slots, slots_used=len(self.owned),
-            started_ms=self.started_ms, heartbeat_ms=now_ms(),
+            worker=self.id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            backend=self.backend.name,
+            version=__version__,
+            slots_total=self.settings.slots,
+            slots_used=len(self.owned),
+            started_ms=self.started_ms,
+            heartbeat_ms=now_ms(),
         )
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(self.keys.workers, {self.id: info.heartbeat_ms})
@@ -601,11 +702,14 @@ class Worker:
                 if traj.busy or traj.items or traj.ending is not None:
                     continue
                 if now - traj.last_activity > limits.idle_timeout_s:
-                    traj.request_end(TrajStatus.TIMEOUT,
-                                     f"idle_timeout_s limit ({limits.idle_timeout_s}s) passed")
+                    traj.request_end(
+                        TrajStatus.TIMEOUT,
+                        f"idle_timeout_s limit ({limits.idle_timeout_s}s) passed",
+                    )
                 elif limits.deadline_s is not None and now - traj.started > limits.deadline_s:
-                    traj.request_end(TrajStatus.TIMEOUT,
-                                     f"deadline_s limit ({limits.deadline_s}s) passed")
+                    traj.request_end(
+                        TrajStatus.TIMEOUT, f"deadline_s limit ({limits.deadline_s}s) passed"
+                    )
 
     # ------------------------------------------------------------- shutdown
     async def shutdown(self) -> None:

@@ -36,7 +36,9 @@ class LocalBackend(Backend):
     async def acquire(self, traj_id: str, spec: TrajectorySpec) -> Slot:
         slot_id = f"local-{next(self._seq)}"
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-u", AGENT_PATH,
+            sys.executable,
+            "-u",
+            AGENT_PATH,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=_STREAM_LIMIT,
