@@ -138,3 +138,7 @@ def _load_worker_commands() -> None:
 
 
 _load_worker_commands()
+
+
+if __name__ == "__main__":
+    main()
