@@ -45,7 +45,7 @@ def cli_env(redis_url: str, ns: str, tmp_path) -> dict[str, str]:
 @pytest.fixture
 def worker_proc(cli_env: dict[str, str], redis_url: str, ns: str) -> Iterator[subprocess.Popen]:
     proc = subprocess.Popen(
-        TOOLQ + ["worker", "--backend", "local", "--slots", "4"],
+        [*TOOLQ, "worker", "--backend", "local", "--slots", "4"],
         env=cli_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -98,7 +98,7 @@ def test_embedded_redis_is_found_by_clients(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TOOLQ_REDIS_URL",)}
     env["XDG_RUNTIME_DIR"] = str(tmp_path)
     proc = subprocess.Popen(
-        TOOLQ + ["worker", "--backend", "local"],
+        [*TOOLQ, "worker", "--backend", "local"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
