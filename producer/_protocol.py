@@ -15,7 +15,9 @@ from toolq.schemas import (
     Keys,
     OpenRequest,
     Result,
+    TrajectoryRecord,
     TrajectorySpec,
+    TrajStatus,
     check_part,
     check_traj_id,
 )
@@ -30,32 +32,86 @@ redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[1], 'status', 'pending',
 return 'new'
 """
 
+_FINAL_LUA = "local final = {completed=1, failed=1, timeout=1, cancelled=1}\n"
+
+# Writes a failed result for one call entry unless it has one; used by the
+# scripts below. ARGV[1] = result key prefix, ARGV[2] = result TTL (ms),
+# ARGV[3] = events maxlen, ARGV[4] = now (ms).
+_ANSWER_LUA = """
+local function answer(cid, code, message)
+  local rkey = ARGV[1] .. cid
+  if redis.call('EXISTS', rkey) == 1 then return end
+  redis.call('HSET', rkey, 'v', '1', 'call_id', cid, 'traj', redis.call('HGET', KEYS[1], 'traj'),
+             'ok', '0', 'error_code', code, 'error', message, 'finished_ms', ARGV[4])
+  redis.call('PEXPIRE', rkey, ARGV[2])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'result',
+             'call_id', cid, 'ok', '0', 'error_code', code)
+end
+local function field(flat, name)
+  for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
+  return nil
+end
+"""
+
 # KEYS: traj, calls, events   ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms,
 #                                   then the entry's field/value pairs
-# Appends the call; if the trajectory already ended, answers it at once with a
-# `trajectory_ended` result so that no call is ever left without one.
-SUBMIT_LUA = """
-local final = {completed=1, failed=1, timeout=1, cancelled=1}
+# Appends the entry. A call to a trajectory that already ended is answered at
+# once with `trajectory_ended`, so that no call is ever left without a result.
+SUBMIT_LUA = (
+    _FINAL_LUA
+    + _ANSWER_LUA
+    + """
 local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+local entry = {unpack(ARGV, 5)}
+local kind = field(entry, 'type') or 'call'
+if kind ~= 'call' then return id end
 local st = redis.call('HGET', KEYS[1], 'status')
 if st and final[st] then
-  local cid = id
-  for i = 5, #ARGV, 2 do if ARGV[i] == 'call_id' then cid = ARGV[i + 1] end end
-  local rkey = ARGV[1] .. cid
-  if redis.call('EXISTS', rkey) == 0 then
-    redis.call('HSET', rkey, 'v', '1', 'call_id', cid, 'traj', redis.call('HGET', KEYS[1], 'traj'),
-               'ok', '0', 'error_code', 'trajectory_ended',
-               'error', 'the trajectory has ended (' .. st .. ')', 'finished_ms', ARGV[4])
-    redis.call('PEXPIRE', rkey, ARGV[2])
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'result',
-               'call_id', cid, 'ok', '0', 'error_code', 'trajectory_ended')
-  end
+  local reason = redis.call('HGET', KEYS[1], 'reason') or st
+  answer(field(entry, 'call_id') or id, 'trajectory_ended',
+         'the trajectory has ended (' .. st .. ': ' .. reason .. ')')
+elseif st then
+  redis.call('HINCRBY', KEYS[1], 'calls_submitted', 1)
 end
 return id
 """
+)
+
+# KEYS: traj, calls, events   ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms,
+#                                   retention_ms, traj_id
+# Cancels a trajectory no worker owns (pending, or never opened) right here:
+# every call in its stream gets a `cancelled` result. An owned one gets a
+# cancel entry, which its worker acts on at once. Returns what happened.
+CANCEL_LUA = (
+    _FINAL_LUA
+    + _ANSWER_LUA
+    + """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st and final[st] then return 'ended' end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if st == 'running' or (owner and owner ~= '') then
+  redis.call('XADD', KEYS[2], '*', 'v', '1', 'type', 'cancel')
+  return 'requested'
+end
+redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[6], 'status', 'cancelled',
+           'ended_ms', ARGV[4], 'reason', 'cancelled by client before it started')
+redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[4])
+for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
+  if (field(e[2], 'type') or 'call') == 'call' then
+    answer(field(e[2], 'call_id') or e[1], 'cancelled', 'trajectory cancelled')
+  end
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'state',
+           'status', 'cancelled')
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+return 'cancelled'
+"""
+)
 
 RESULT_TTL_MS = 24 * 3600 * 1000
 EVENTS_MAXLEN = 10_000
+RETENTION_MS = 7 * 24 * 3600 * 1000
+RUNS_PAGE = 500
 
 
 def now_ms() -> int:
@@ -90,6 +146,15 @@ def submit_args(keys: Keys, traj_id: str, entry: CallEntry) -> tuple[list[str], 
     )
 
 
+def cancel_args(keys: Keys, traj_id: str) -> tuple[list[str], list[Any]]:
+    """Keys and args of CANCEL_LUA."""
+    check_traj_id(traj_id)
+    return (
+        [keys.traj(traj_id), keys.calls(traj_id), keys.events(traj_id)],
+        [keys.result(traj_id, ""), RESULT_TTL_MS, EVENTS_MAXLEN, now_ms(), RETENTION_MS, traj_id],
+    )
+
+
 def make_call(
     tool: str,
     args: dict[str, Any] | None,
@@ -117,6 +182,44 @@ def scan_events(reply: Any, call_id: str) -> tuple[str | None, bool]:
             if s(fields.get(b"call_id", b"")) == call_id and s(fields.get(b"type")) == "result":
                 found = True
     return cursor, found
+
+
+def parse_labels(labels: dict[str, str] | list[str] | tuple[str, ...] | None) -> dict[str, str]:
+    """``{"k": "v"}`` or ``["k=v", ...]`` -> dict; raises ValueError on a bad pair."""
+    if labels is None or isinstance(labels, dict):
+        return dict(labels or {})
+    out = {}
+    for pair in labels:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"label {pair!r} is not key=value")
+        out[key] = value
+    return out
+
+
+def select_runs(
+    ids: list[Any], records: list[Any], status: str | None, labels: dict[str, str]
+) -> tuple[list[TrajectoryRecord], list[str]]:
+    """Records matching status and labels, and the ids whose record has expired."""
+    found, expired = [], []
+    for traj_id, fields in zip(ids, records, strict=True):
+        if not fields:
+            expired.append(s(traj_id))
+            continue
+        rec = TrajectoryRecord.from_fields(fields)
+        if status and rec.status.value != status:
+            continue
+        spec_labels = rec.spec.labels if rec.spec else {}
+        if all(spec_labels.get(k) == v for k, v in labels.items()):
+            found.append(rec)
+    return found, expired
+
+
+def count_by_status(records: list[TrajectoryRecord]) -> dict[str, int]:
+    counts = {status.value: 0 for status in TrajStatus}
+    for rec in records:
+        counts[rec.status.value] += 1
+    return counts
 
 
 def parse_result(fields: dict[Any, Any]) -> Result | None:

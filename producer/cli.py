@@ -120,6 +120,13 @@ def _run(fn: Any) -> Any:
         raise click.ClickException(str(exc)) from None
 
 
+def _load_producer_commands() -> None:
+    from .cli_runs import runs, show
+
+    main.add_command(runs)
+    main.add_command(show)
+
+
 def _load_worker_commands() -> None:
     try:
         from toolq.worker.cli import demo, worker
@@ -137,6 +144,7 @@ def _load_worker_commands() -> None:
     main.add_command(demo)
 
 
+_load_producer_commands()
 _load_worker_commands()
 
 

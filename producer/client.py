@@ -64,6 +64,7 @@ class Client:
         self.keys = Keys(namespace)
         self._open = self.redis.register_script(p.OPEN_LUA)
         self._submit = self.redis.register_script(p.SUBMIT_LUA)
+        self._cancel = self.redis.register_script(p.CANCEL_LUA)
 
     def __enter__(self) -> Client:
         return self
@@ -158,8 +159,16 @@ class Client:
         return self._control(traj_id, "close")
 
     def cancel(self, traj_id: str) -> str:
-        """Cancel now: kill what runs, answer what waits with ``cancelled``."""
-        return self._control(traj_id, "cancel")
+        """Cancel now: kill what runs, answer what waits with ``cancelled``.
+
+        Returns ``requested`` (its worker acts within a second), ``cancelled``
+        (no worker owned it: done here) or ``ended`` (it had ended already).
+        """
+        keys, argv = p.cancel_args(self.keys, traj_id)
+        outcome = p.s(self._cancel(keys=keys, args=argv))
+        if outcome == "cancelled":
+            self.redis.zrem(self.keys.pending, traj_id)
+        return outcome
 
     def _control(self, traj_id: str, kind: str) -> str:
         keys, argv = p.submit_args(self.keys, traj_id, CallEntry(type=kind))
@@ -169,6 +178,34 @@ class Client:
         """The trajectory record, or None if unknown (or expired)."""
         fields = self.redis.hgetall(self.keys.traj(traj_id))
         return TrajectoryRecord.from_fields(fields) if fields else None
+
+    def runs(
+        self,
+        status: str | None = None,
+        label: dict[str, str] | list[str] | None = None,
+        limit: int = 100,
+    ) -> list[TrajectoryRecord]:
+        """Trajectories, newest first, filtered by status and labels (``k=v``)."""
+        labels = p.parse_labels(label)
+        found: list[TrajectoryRecord] = []
+        for start in range(0, 10**9, p.RUNS_PAGE):
+            ids = self.redis.zrevrange(self.keys.runs, start, start + p.RUNS_PAGE - 1)
+            if not ids:
+                break
+            pipe = self.redis.pipeline(transaction=False)
+            for traj_id in ids:
+                pipe.hgetall(self.keys.traj(p.s(traj_id)))
+            page, expired = p.select_runs(ids, pipe.execute(), status, labels)
+            found += page
+            if expired:  # records past their retention: forget them
+                self.redis.zrem(self.keys.runs, *expired)
+            if len(found) >= limit:
+                break
+        return found[:limit]
+
+    def run_counts(self, label: dict[str, str] | list[str] | None = None) -> dict[str, int]:
+        """How many trajectories are in each state (optionally with these labels)."""
+        return p.count_by_status(self.runs(label=label, limit=10**9))
 
 
 class AsyncClient:
@@ -186,6 +223,7 @@ class AsyncClient:
         self.keys = Keys(namespace)
         self._open = self.redis.register_script(p.OPEN_LUA)
         self._submit = self.redis.register_script(p.SUBMIT_LUA)
+        self._cancel = self.redis.register_script(p.CANCEL_LUA)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -278,7 +316,11 @@ class AsyncClient:
 
     async def cancel(self, traj_id: str) -> str:
         """See ``Client.cancel``."""
-        return await self._control(traj_id, "cancel")
+        keys, argv = p.cancel_args(self.keys, traj_id)
+        outcome = p.s(await self._cancel(keys=keys, args=argv))
+        if outcome == "cancelled":
+            await self.redis.zrem(self.keys.pending, traj_id)
+        return outcome
 
     async def _control(self, traj_id: str, kind: str) -> str:
         keys, argv = p.submit_args(self.keys, traj_id, CallEntry(type=kind))
@@ -288,6 +330,28 @@ class AsyncClient:
         """See ``Client.trajectory``."""
         fields = await self.redis.hgetall(self.keys.traj(traj_id))
         return TrajectoryRecord.from_fields(fields) if fields else None
+
+    async def runs(
+        self,
+        status: str | None = None,
+        label: dict[str, str] | list[str] | None = None,
+        limit: int = 100,
+    ) -> list[TrajectoryRecord]:
+        """See ``Client.runs``."""
+        labels = p.parse_labels(label)
+        found: list[TrajectoryRecord] = []
+        start = 0
+        while len(found) < limit:
+            ids = await self.redis.zrevrange(self.keys.runs, start, start + p.RUNS_PAGE - 1)
+            if not ids:
+                break
+            pipe = self.redis.pipeline(transaction=False)
+            for traj_id in ids:
+                pipe.hgetall(self.keys.traj(p.s(traj_id)))
+            page, _expired = p.select_runs(ids, await pipe.execute(), status, labels)
+            found += page
+            start += p.RUNS_PAGE
+        return found[:limit]
 
 
 def _spec(spec: TrajectorySpec | dict[str, Any] | None) -> TrajectorySpec | None:

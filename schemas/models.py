@@ -260,10 +260,17 @@ class TrajectoryRecord(WireModel):
     started_ms: int | None = None
     ended_ms: int | None = None
     last_activity_ms: int | None = None
-    calls_total: int = 0
-    calls_failed: int = 0
+    calls_total: int = Field(0, description="Calls answered (a final result written).")
+    calls_failed: int = Field(0, description="Calls answered with ok=0.")
+    calls_submitted: int = Field(0, description="Calls submitted while the trajectory was open.")
+    last_call_id: str | None = None
     reason: str | None = None
     spec: TrajectorySpec | None = None
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Calls submitted but not answered yet (queued or running)."""
+        return max(0, self.calls_submitted - self.calls_total)
 
     @field_validator("spec", mode="before")
     @classmethod

@@ -386,6 +386,7 @@ class Worker:
         if await self._already_answered(traj, item):
             self._ack(traj.traj_id, item.entry_id)
             return
+        traj.calls += 1  # refused calls count too
         checked = self._check_call(traj, item.entry)
         if isinstance(checked, Refusal):
             self._answer(traj.traj_id, item, checked.code, checked.message)
@@ -395,8 +396,9 @@ class Worker:
         if needs_slot and not await self._ensure_slot(traj, item):
             return
         assert traj.slot is not None
-        traj.calls += 1
         reply = await self._call_agent(traj, traj.slot, tool_name, args, timeout_s)
+        if reply.get("timed_out") and self._deadline_left_s(traj) <= 0.05:
+            reply["error"] = f"deadline_s limit ({traj.spec.limits.deadline_s}s) reached"
         if traj.ending is not None and traj.ending[0] == TrajStatus.CANCELLED:
             reply = {
                 "ok": False,
@@ -436,7 +438,7 @@ class Worker:
                 ErrorCode.TOOL_BLOCKED, f"tool {name!r} is not in the allowed_tools policy"
             )
         limits = spec.limits
-        if limits.max_calls is not None and traj.calls >= limits.max_calls:
+        if limits.max_calls is not None and traj.calls > limits.max_calls:
             return Refusal(
                 ErrorCode.LIMIT_EXCEEDED, f"max_calls limit ({limits.max_calls}) reached"
             )
@@ -450,7 +452,15 @@ class Worker:
             return Refusal(ErrorCode.INVALID_ARGS, str(exc))
         wanted = args.get("timeout_s") or entry.timeout_s or limits.call_timeout_s
         cap = min(limits.max_call_timeout_s, self.settings.max_call_timeout_s)
-        return tool.name, args, min(float(wanted), cap)
+        # A deadline is hard: a call may not run past it.
+        return tool.name, args, max(0.001, min(float(wanted), cap, self._deadline_left_s(traj)))
+
+    @staticmethod
+    def _deadline_left_s(traj: Traj) -> float:
+        deadline_s = traj.spec.limits.deadline_s
+        if deadline_s is None:
+            return float("inf")
+        return deadline_s - (time.monotonic() - traj.started)
 
     async def _ensure_slot(self, traj: Traj, item: Item | None) -> bool:
         """Start the trajectory's slot (again, after a loss); answer the call on failure."""
