@@ -14,6 +14,8 @@ import click
 
 from toolq.schemas import InvalidIdError, TrajectorySpec
 
+from . import cli_bg, cli_status
+from .cli_tools import tools_cmd
 from .client import Client, ToolqError
 from .config import NoRedisError
 
@@ -125,11 +127,13 @@ def _load_producer_commands() -> None:
 
     main.add_command(runs)
     main.add_command(show)
+    main.add_command(cli_status.status)
 
 
 def _load_worker_commands() -> None:
     try:
         from toolq.worker.cli import demo, worker
+        from toolq.worker.rq_worker import rq_worker
     except ImportError as exc:  # producer-only install
         missing = str(exc)
 
@@ -142,10 +146,13 @@ def _load_worker_commands() -> None:
         return
     main.add_command(worker)
     main.add_command(demo)
+    main.add_command(rq_worker)
 
 
 _load_producer_commands()
 _load_worker_commands()
+main.add_command(tools_cmd)
+main.add_command(cli_bg.bg)
 
 
 if __name__ == "__main__":

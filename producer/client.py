@@ -12,15 +12,27 @@ protocol in PROTOCOL.md and need only Redis (no docker, rq or prometheus).
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 
-from toolq.schemas import CallEntry, Keys, Result, TrajectoryRecord, TrajectorySpec
+from toolq.schemas import (
+    BgTask,
+    CallEntry,
+    Keys,
+    Result,
+    ToolInfo,
+    TrajectoryRecord,
+    TrajectorySpec,
+)
 
 from . import _protocol as p
+from . import bg
+from . import tools as tools_mod
 from .config import resolve_redis_url
 
 # Waits block in XREAD for as long as the caller asked: no socket read timeout
@@ -38,6 +50,15 @@ class WaitTimeout(ToolqError, TimeoutError):
 
 class TrajectoryEnded(ToolqError):
     """The trajectory has already reached a final state."""
+
+
+# Connection-level failures a client rides out (Redis restarting, failing over).
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+RETRIES = 20
+
+
+def _backoff_s(attempt: int) -> float:
+    return float(min(0.05 * 2**attempt, 2.0))
 
 
 def _wait_timeout(timeout_s: float | None) -> float:
@@ -124,15 +145,26 @@ class Client:
         call_id: str | None = None,
         idempotent: bool = False,
     ) -> Result:
-        """Submit a call and wait for its result."""
+        """Submit a call and wait for its result.
+
+        With a ``call_id`` the submission is retried across Redis restarts
+        (the worker runs a call id once); without one a lost connection raises.
+        """
         entry = p.make_call(tool, args, call_id, timeout_s, idempotent)
         keys, argv = p.submit_args(self.keys, traj_id, entry)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xrevrange(self.keys.events(traj_id), count=1)
-        # A resubmitted call_id may be answered already: then that is the result.
-        pipe.hgetall(self.keys.result(traj_id, call_id or "-"))
-        self._submit(keys=keys, args=argv, client=pipe)
-        cursor_reply, existing, entry_id = pipe.execute()
+        for attempt in range(RETRIES if call_id else 1):
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.xrevrange(self.keys.events(traj_id), count=1)
+                # A resubmitted call_id may be answered already: then that is the result.
+                pipe.hgetall(self.keys.result(traj_id, call_id or "-"))
+                self._submit(keys=keys, args=argv, client=pipe)
+                cursor_reply, existing, entry_id = pipe.execute()
+                break
+            except REDIS_DOWN:
+                if not call_id or attempt == RETRIES - 1:
+                    raise
+                time.sleep(_backoff_s(attempt))
         cid = call_id or p.s(entry_id)
         wait = wait_s if wait_s is not None else _call_wait_s(timeout_s)
         return self._wait(traj_id, cid, p.last_event_id(cursor_reply), existing, wait)
@@ -143,15 +175,20 @@ class Client:
         found = p.parse_result(fields)
         deadline = time.monotonic() + _wait_timeout(timeout_s)
         events = self.keys.events(traj_id)
+        errors = 0
         while found is None:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 raise WaitTimeout(f"no result for call {call_id} of {traj_id} yet")
-            reply = self.redis.xread({events: cursor}, count=100, block=left_ms)
-            new_cursor, hit = p.scan_events(reply, call_id)
-            cursor = new_cursor or cursor
-            if hit or new_cursor is None:  # event seen, or timed out: look once more
-                found = p.parse_result(self.redis.hgetall(self.keys.result(traj_id, call_id)))
+            try:
+                reply = self.redis.xread({events: cursor}, count=100, block=left_ms)
+                new_cursor, hit = p.scan_events(reply, call_id)
+                cursor = new_cursor or cursor
+                if hit or new_cursor is None:  # event seen, or timed out: look once more
+                    found = p.parse_result(self.redis.hgetall(self.keys.result(traj_id, call_id)))
+            except REDIS_DOWN:  # Redis restarting: wait, then look again
+                time.sleep(min(_backoff_s(errors), max(left_ms, 0) / 1000))
+                errors += 1
         return found
 
     def close(self, traj_id: str) -> str:
@@ -206,6 +243,31 @@ class Client:
     def run_counts(self, label: dict[str, str] | list[str] | None = None) -> dict[str, int]:
         """How many trajectories are in each state (optionally with these labels)."""
         return p.count_by_status(self.runs(label=label, limit=10**9))
+
+    def tools(self, names: Iterable[str] | None = None) -> list[ToolInfo]:
+        """The tools workers published (name, description, JSON Schema, external)."""
+        return tools_mod.select(tools_mod.parse_tools(self.redis.hgetall(self.keys.tools)), names)
+
+    def tool_specs(self, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """OpenAI function-calling specs of the published tools (optionally only ``names``)."""
+        return tools_mod.tool_specs(self.redis.hgetall(self.keys.tools), names)
+
+    def bg_list(self, traj_id: str) -> list[BgTask]:
+        """The trajectory's background tasks, oldest first (read from Redis)."""
+        return bg.list_tasks(self.redis, self.keys, traj_id)
+
+    def bg_get(self, traj_id: str, task_id: str) -> BgTask | None:
+        """One background task's state and output tails, or None if unknown."""
+        return bg.get_task(self.redis, self.keys, traj_id, task_id)
+
+    def bg_output(self, traj_id: str, task_id: str, *, wait_s: float = 0.0) -> BgTask | None:
+        """A task with its output tails (``stdout_tail``, ``stderr_tail``, byte counts),
+        after waiting up to ``wait_s`` for it to end; ``status`` says if it has."""
+        return bg.wait_task(self.redis, self.keys, traj_id, task_id, wait_s)
+
+    def bg_stop(self, traj_id: str, task_id: str, *, force: bool = False) -> Result:
+        """Stop a task (a ``bg_stop`` tool call): SIGTERM, SIGKILL after a grace period."""
+        return self.call(traj_id, "bg_stop", {"task_id": task_id, "force": force})
 
 
 class AsyncClient:
@@ -282,12 +344,18 @@ class AsyncClient:
         """See ``Client.call``."""
         entry = p.make_call(tool, args, call_id, timeout_s, idempotent)
         keys, argv = p.submit_args(self.keys, traj_id, entry)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xrevrange(self.keys.events(traj_id), count=1)
-        # A resubmitted call_id may be answered already: then that is the result.
-        pipe.hgetall(self.keys.result(traj_id, call_id or "-"))
-        await self._submit(keys=keys, args=argv, client=pipe)
-        cursor_reply, existing, entry_id = await pipe.execute()
+        for attempt in range(RETRIES if call_id else 1):
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.xrevrange(self.keys.events(traj_id), count=1)
+                pipe.hgetall(self.keys.result(traj_id, call_id or "-"))
+                await self._submit(keys=keys, args=argv, client=pipe)
+                cursor_reply, existing, entry_id = await pipe.execute()
+                break
+            except REDIS_DOWN:
+                if not call_id or attempt == RETRIES - 1:
+                    raise
+                await asyncio.sleep(_backoff_s(attempt))
         cid = call_id or p.s(entry_id)
         wait = wait_s if wait_s is not None else _call_wait_s(timeout_s)
         return await self._wait(traj_id, cid, p.last_event_id(cursor_reply), existing, wait)
@@ -298,16 +366,21 @@ class AsyncClient:
         found = p.parse_result(fields)
         deadline = time.monotonic() + _wait_timeout(timeout_s)
         events = self.keys.events(traj_id)
+        errors = 0
         while found is None:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 raise WaitTimeout(f"no result for call {call_id} of {traj_id} yet")
-            reply = await self.redis.xread({events: cursor}, count=100, block=left_ms)
-            new_cursor, hit = p.scan_events(reply, call_id)
-            cursor = new_cursor or cursor
-            if hit or new_cursor is None:
-                fields = await self.redis.hgetall(self.keys.result(traj_id, call_id))
-                found = p.parse_result(fields)
+            try:
+                reply = await self.redis.xread({events: cursor}, count=100, block=left_ms)
+                new_cursor, hit = p.scan_events(reply, call_id)
+                cursor = new_cursor or cursor
+                if hit or new_cursor is None:
+                    fields = await self.redis.hgetall(self.keys.result(traj_id, call_id))
+                    found = p.parse_result(fields)
+            except REDIS_DOWN:
+                await asyncio.sleep(min(_backoff_s(errors), max(left_ms, 0) / 1000))
+                errors += 1
         return found
 
     async def close(self, traj_id: str) -> str:
@@ -352,6 +425,31 @@ class AsyncClient:
             found += page
             start += p.RUNS_PAGE
         return found[:limit]
+
+    async def tools(self, names: Iterable[str] | None = None) -> list[ToolInfo]:
+        """See ``Client.tools``."""
+        raw = await self.redis.hgetall(self.keys.tools)
+        return tools_mod.select(tools_mod.parse_tools(raw), names)
+
+    async def tool_specs(self, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """See ``Client.tool_specs``."""
+        return tools_mod.tool_specs(await self.redis.hgetall(self.keys.tools), names)
+
+    async def bg_list(self, traj_id: str) -> list[BgTask]:
+        """See ``Client.bg_list``."""
+        return await bg.list_tasks_async(self.redis, self.keys, traj_id)
+
+    async def bg_get(self, traj_id: str, task_id: str) -> BgTask | None:
+        """See ``Client.bg_get``."""
+        return await bg.get_task_async(self.redis, self.keys, traj_id, task_id)
+
+    async def bg_output(self, traj_id: str, task_id: str, *, wait_s: float = 0.0) -> BgTask | None:
+        """See ``Client.bg_output``."""
+        return await bg.wait_task_async(self.redis, self.keys, traj_id, task_id, wait_s)
+
+    async def bg_stop(self, traj_id: str, task_id: str, *, force: bool = False) -> Result:
+        """See ``Client.bg_stop``."""
+        return await self.call(traj_id, "bg_stop", {"task_id": task_id, "force": force})
 
 
 def _spec(spec: TrajectorySpec | dict[str, Any] | None) -> TrajectorySpec | None:

@@ -57,10 +57,18 @@ class Keys:
         """Hash: one worker's capacity, usage, backend, version."""
         return f"{self.ns}:worker:{worker_id}"
 
+    def worker_trajs(self, worker_id: str) -> str:
+        """Set: trajectories a worker owns, so that a survivor can take them over."""
+        return f"{self.ns}:worker:{worker_id}:trajs"
+
     @property
     def tools(self) -> str:
         """Hash: tool name -> JSON document describing the tool."""
         return f"{self.ns}:tools"
+
+    def external_done(self, worker_id: str) -> str:
+        """List: completion notices of one worker's external (RQ) tool calls."""
+        return f"{self.ns}:xdone:{worker_id}"
 
     @property
     def dead(self) -> str:
@@ -76,6 +84,11 @@ class Keys:
     def pending(self) -> str:
         """Sorted set: trajectory id -> open time (unix ms) while it waits for a slot."""
         return f"{self.ns}:pending"
+
+    def minute_stats(self, minute: int) -> str:
+        """Hash, 2 h TTL: calls answered in one unix minute (``calls``, ``failed``,
+        ``error:<code>``), summed over workers; ``toolq status`` reads it."""
+        return f"{self.ns}:stats:{minute}"
 
     # -- per-trajectory keys (hash-tagged) ---------------------------------
     def traj(self, traj_id: str) -> str:

@@ -155,6 +155,12 @@ class OpenRequest(WireModel):
     v: int = PROTOCOL_VERSION
     traj: str = Field(pattern=rf"^{TRAJ_ID_PATTERN}$")
     spec: TrajectorySpec = Field(default_factory=TrajectorySpec)
+    previous_owner: str | None = Field(
+        None, description="Set by workers when re-queueing another worker's trajectory."
+    )
+    graceful: bool = Field(
+        False, description="The previous owner handed it back cleanly (nothing was running)."
+    )
 
     @field_validator("spec", mode="before")
     @classmethod
@@ -291,3 +297,20 @@ class WorkerInfo(WireModel):
     slots_used: int = 0
     started_ms: int = 0
     heartbeat_ms: int = 0
+
+
+class ToolInfo(BaseModel):
+    """Value of one field of hash ``<ns>:tools``: a tool as workers publish it (JSON).
+
+    ``parameters`` is the JSON Schema (Draft 2020-12) of the tool's arguments;
+    ``external`` tools run as RQ jobs, the others in the trajectory's sandbox.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    v: int = PROTOCOL_VERSION
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    external: bool = False
+    aliases: list[str] = Field(default_factory=list, description="Other names that run it.")

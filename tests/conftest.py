@@ -134,16 +134,14 @@ def start_worker(redis_url: str, ns: str) -> Iterator[Callable[..., WorkerThread
     started: list[WorkerThread] = []
 
     def start(backend: str = "local", **overrides: Any) -> WorkerThread:
-        settings = WorkerSettings(
-            redis_url=redis_url,
-            namespace=ns,
-            backend=backend,
-            slots=overrides.pop("slots", 4),
-            block_ms=200,
-            default_image=TEST_IMAGE,
-            heartbeat_s=0.5,
-            **overrides,
-        )
+        fields: dict[str, Any] = {
+            "slots": 4,
+            "block_ms": 200,
+            "default_image": TEST_IMAGE,
+            "heartbeat_s": 0.5,
+        }
+        fields.update(overrides)
+        settings = WorkerSettings(redis_url=redis_url, namespace=ns, backend=backend, **fields)
         handle = WorkerThread(settings)
         started.append(handle)
         return handle

@@ -18,15 +18,20 @@ Protocol (JSON lines on stdin/stdout):
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
+import io
 import json
 import os
 import queue
 import select
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 
@@ -120,6 +125,10 @@ class Slot:
         self.procs = set()
         self.lock = threading.Lock()
         self.generation = 0  # bumped by cancel: queued calls of older generations are dropped
+        self.shells = {}  # session name -> ShellSession
+        self.bg = {}  # task id -> BgTask, oldest first
+        self.bg_seq = 0
+        self.edit_history = {}  # path -> previous contents, for the editor's undo_edit
         self.thread = threading.Thread(target=self._run, name="slot-" + name, daemon=True)
         self.thread.start()
 
@@ -242,10 +251,6 @@ def op_drop(req):
     if req.get("delete", True):
         shutil.rmtree(slot.root, ignore_errors=True)
     return {"id": req.get("id"), "ok": True}
-
-
-def stop_slot_tasks(slot):
-    """Hook for background tasks (none in the core tool set)."""
 
 
 def run_call(slot, req):
@@ -396,10 +401,12 @@ def max_output_of(req):
 
 
 def tool_bash(slot, args, req):
-    """Run a command in a fresh shell in the workspace."""
+    """Run a command in a fresh shell in the workspace (``background``: as a bg task)."""
     command = args["command"]
     if not isinstance(command, str):
         raise TypeError("command must be a string")
+    if args.get("background"):
+        return start_bg(slot, command, None, req)
     code, capture, timed_out = run_process(
         slot, [SHELL, "-c", command], call_timeout(req, args), max_output_of(req)
     )
@@ -500,10 +507,1080 @@ def tool_write_file(slot, args, req):
     return {"output": "wrote %d bytes to %s" % (len(data), rel), "data": {"bytes": len(data)}}
 
 
+# --------------------------------------------------------------------------
+# process trees (Linux /proc): what a timeout or a stop must reach
+# --------------------------------------------------------------------------
+
+
+def proc_table():
+    """Every visible process: ``{pid: (ppid, pgid, state, start_ticks)}``; {} without /proc."""
+    table = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return table
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as fh:
+                raw = fh.read()
+            # The command name may hold spaces and parentheses: split after the last ')'.
+            fields = raw[raw.rfind(b")") + 2 :].split()
+            table[int(name)] = (
+                int(fields[1]),
+                int(fields[2]),
+                fields[0].decode("ascii", "replace"),
+                int(fields[19]),
+            )
+        except (OSError, IndexError, ValueError):
+            continue
+    return table
+
+
+def descendants(table, root_pid):
+    """Pids below ``root_pid`` in ``table`` (children, grandchildren, ...)."""
+    children = {}
+    for pid, info in table.items():
+        children.setdefault(info[0], []).append(pid)
+    found, todo = [], [root_pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def signal_pids(pids, sig):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def ignores_sigint(pid):
+    """True if ``pid`` ignores SIGINT (how bash starts ``cmd &`` without job control)."""
+    try:
+        with open("/proc/%d/status" % pid) as fh:
+            for line in fh:
+                if line.startswith("SigIgn:"):
+                    return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def now_ms():
+    return int(time.time() * 1000)
+
+
+# --------------------------------------------------------------------------
+# shell: persistent interactive bash sessions
+# --------------------------------------------------------------------------
+
+SHELL_START_S = 10.0
+# After SIGINT (then after SIGKILL of the stragglers), how long the session
+# gets to come back to its prompt before it is killed and replaced.
+INTERRUPT_GRACE_S = 1.0
+MAX_SHELL_SESSIONS = 8
+# Interactive (-i) so that SIGINT aborts the whole command line like Ctrl-C in a
+# terminal and the shell survives; no readline, history, prompts or mail checks.
+SHELL_SETUP = "unset HISTFILE MAILCHECK PROMPT_COMMAND; PS1=''; PS2=''; PS0=''; set +o history +H\n"
+
+
+def shell_session_argv():
+    if os.path.basename(SHELL) == "bash":
+        return [SHELL, "--noprofile", "--norc", "--noediting", "-i"]
+    return [SHELL, "-i"]
+
+
+class ShellSession:
+    """A persistent interactive shell over pipes: cwd, env, functions survive calls.
+
+    Each command is written to a file and sourced (``. file </dev/null``), so a
+    syntax error cannot desynchronise the session and commands cannot read the
+    session's own input; a marker line with ``$?`` ends its output.
+    """
+
+    def __init__(self, slot, name):
+        self.name = name
+        self.lock = threading.Lock()  # one command at a time; close waits for it
+        self.killed = False
+        self.dir = tempfile.mkdtemp(prefix="toolq-shell-")
+        self.script = os.path.join(self.dir, "command")
+        self.token = "__toolq_%s" % binascii.hexlify(os.urandom(8)).decode("ascii")
+        self.seq = 0
+        env = base_env(slot)
+        env.update(PS1="", PS2="")
+        try:
+            self.proc = subprocess.Popen(
+                shell_session_argv(),
+                cwd=slot.cwd,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        self.fd = self.proc.stdout.fileno()
+        # The shell's start-up chatter ("no job control in this shell") is discarded.
+        code, _capture, _timed_out = self.run(SHELL_SETUP, SHELL_START_S, 4096)
+        if code != 0:
+            self.close()
+            raise ToolError("tool_error", "the shell session did not start (status %s)" % code)
+
+    def alive(self):
+        return not self.killed and self.proc.poll() is None
+
+    def cwd(self):
+        try:
+            return os.readlink("/proc/%d/cwd" % self.proc.pid)
+        except OSError:
+            return None
+
+    def run(self, command, timeout_s, max_output):
+        """Run ``command``; returns (exit_code, capture, timed_out).
+
+        On timeout: SIGINT to the session's process group (the shell aborts the
+        command line, ``cmd &`` jobs ignore it), then SIGKILL of the shell's
+        descendants that do not ignore SIGINT, then the session is killed.
+        """
+        with self.lock:
+            capture = Capture(max_output)
+            self._discard_pending()
+            self.seq += 1
+            marker = "%s_%d" % (self.token, self.seq)
+            with open(self.script, "wb") as fh:
+                fh.write(command.encode("utf-8", "surrogateescape"))
+            line = ". %s </dev/null\nprintf '\\n%s %%d\\n' \"$?\"\n" % (
+                shlex.quote(self.script),
+                marker,
+            )
+            try:
+                self.proc.stdin.write(line.encode("utf-8", "surrogateescape"))
+                self.proc.stdin.flush()
+            except OSError:
+                self.kill()
+                return self._ended(capture, False)
+            reader = MarkerReader(self, marker, capture)
+            state = reader.read_until(time.monotonic() + timeout_s)
+            timed_out = state == "deadline"
+            if timed_out:
+                state = self._interrupt(reader)
+            if state == "marker":
+                return reader.code, capture, timed_out
+            self.kill()  # it exited, or it would not come back to its prompt
+            return self._ended(capture, timed_out)
+
+    def _ended(self, capture, timed_out):
+        try:
+            code = self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            code = -signal.SIGKILL
+        return code, capture, timed_out
+
+    def _interrupt(self, reader):
+        kill_group(self.proc.pid, signal.SIGINT)
+        state = reader.read_until(time.monotonic() + INTERRUPT_GRACE_S)
+        if state != "deadline":
+            return state
+        stragglers = [
+            pid for pid in descendants(proc_table(), self.proc.pid) if not ignores_sigint(pid)
+        ]
+        signal_pids(stragglers, signal.SIGKILL)
+        return reader.read_until(time.monotonic() + INTERRUPT_GRACE_S)
+
+    def _discard_pending(self):
+        """Drop what background jobs printed since the last command ended."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while poller.poll(0):
+            if not os.read(self.fd, 262144):
+                return
+
+    def kill(self):
+        """Kill the shell and everything it started (any thread; idempotent)."""
+        self.killed = True
+        signal_pids(descendants(proc_table(), self.proc.pid), signal.SIGKILL)
+        kill_group(self.proc.pid, signal.SIGKILL)
+
+    def close(self):
+        """Kill, reap, and free the pipes and the command file (waits for a running call)."""
+        self.kill()
+        with self.lock:
+            self._ended(None, False)
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class MarkerReader:
+    """Feeds a session's output into a Capture until the command's marker line."""
+
+    def __init__(self, session, marker, capture):
+        self.session = session
+        self.marker = b"\n" + marker.encode("ascii") + b" "
+        self.capture = capture
+        self.hold = b""  # bytes that may be the start of the marker
+        self.code = None
+        self.exited_at = None
+
+    def read_until(self, deadline):
+        """``"marker"`` (``self.code`` set), ``"eof"`` (the shell is gone) or ``"deadline"``."""
+        poller = select.poll()
+        poller.register(self.session.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        while True:
+            if self._scan():
+                return "marker"
+            now = time.monotonic()
+            if self.session.killed or self._gone(now):
+                self._flush()
+                return "eof"
+            if now >= deadline:
+                return "deadline"
+            if not poller.poll(min(deadline - now, POLL_S) * 1000.0):
+                continue
+            data = os.read(self.session.fd, 262144)
+            if not data:
+                self._flush()
+                return "eof"
+            self.hold += data
+
+    def _gone(self, now):
+        # The shell exited but a background job holds the pipe open: no EOF comes.
+        if self.exited_at is None and self.session.proc.poll() is not None:
+            self.exited_at = now
+        return self.exited_at is not None and now - self.exited_at > DRAIN_AFTER_EXIT_S
+
+    def _scan(self):
+        idx = self.hold.find(self.marker)
+        if idx < 0:
+            keep = len(self.marker) - 1
+            if len(self.hold) > keep:
+                self.capture.add(self.hold[:-keep])
+                self.hold = self.hold[-keep:]
+            return False
+        end = self.hold.find(b"\n", idx + len(self.marker))
+        self.capture.add(self.hold[:idx])
+        self.hold = self.hold[idx:]
+        if end < 0:
+            return False
+        try:
+            self.code = int(self.hold[len(self.marker) : end - idx])
+        except ValueError:
+            self.code = -1
+        self.hold = b""  # anything after the marker is a background job's, not ours
+        return True
+
+    def _flush(self):
+        self.capture.add(self.hold)
+        self.hold = b""
+
+
+def tool_shell(slot, args, req):
+    """Run a command in the slot's persistent shell session ``session``."""
+    command = args["command"]
+    if not isinstance(command, str):
+        raise TypeError("command must be a string")
+    name = args.get("session") or "default"
+    timeout_s = call_timeout(req, args)
+    session = slot.shells.get(name)
+    restarted = False
+    if session is not None and (args.get("restart") or not session.alive()):
+        session.close()
+        del slot.shells[name]
+        session, restarted = None, True
+    if session is None:
+        if len(slot.shells) >= MAX_SHELL_SESSIONS:
+            raise ToolError(
+                "limit_exceeded",
+                "at most %d shell sessions per slot (open: %s)"
+                % (MAX_SHELL_SESSIONS, ", ".join(sorted(slot.shells))),
+            )
+        session = slot.shells[name] = ShellSession(slot, name)
+    code, capture, timed_out = session.run(command, timeout_s, max_output_of(req))
+    reply = process_reply(code, capture, timed_out, timeout_s)
+    reply["data"] = {"session": name, "restarted": restarted, "cwd": session.cwd()}
+    if not session.alive():
+        reply["data"]["session_ended"] = True  # the next call starts a fresh one
+    return reply
+
+
+# --------------------------------------------------------------------------
+# background tasks: state and output go to the worker as "bg" events
+# --------------------------------------------------------------------------
+
+BG_EVENT_INTERVAL_S = 0.5  # at most this often while a task's output grows
+BG_TAIL_BYTES = 8192  # per stream, in each event (the Redis hash's tails)
+BG_POLL_S = 0.2
+BG_DRAIN_S = 0.2  # after the task's shell exits, leftovers may hold its pipes
+DROP_GRACE_S = 0.5  # SIGTERM -> SIGKILL when a trajectory ends (blocks the agent)
+MAX_BG_RUNNING = 32
+MAX_BG_KEPT = 100  # ended tasks beyond this are forgotten (their hash stays in Redis)
+BG_FINAL = ("completed", "failed", "stopped")
+
+
+def safe_emit(message):
+    try:
+        emit(message)
+    except (OSError, ValueError):  # the worker went away; nobody to tell
+        pass
+
+
+def capture_tail(capture, limit):
+    """The last ``limit`` bytes a Capture saw (as far as it kept them)."""
+    kept = bytes(capture.tail) if capture.truncated else bytes(capture.head + capture.tail)
+    return kept[-limit:]
+
+
+class BgTask:
+    """A command running in its own process group, reporting as it goes."""
+
+    def __init__(self, slot, task_id, command, name, max_output):
+        self.slot_name = slot.name
+        self.id = task_id
+        self.command = command
+        self.name = name or ""
+        self.out = Capture(max_output)
+        self.err = Capture(max_output)
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.status = "running"
+        self.exit_code = None
+        self.stop_requested = False
+        self.started_ms = now_ms()
+        self.started = time.monotonic()
+        self.ended_ms = None
+        self.ended = None
+        self.proc = subprocess.Popen(
+            [SHELL, "-c", command],
+            cwd=slot.cwd,
+            env=base_env(slot),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+        )
+        self.pid = self.proc.pid
+        self.report()  # before bg_start's reply: the hash exists once the id is known
+        threading.Thread(target=self._pump, name="bg-" + task_id, daemon=True).start()
+
+    def duration_s(self):
+        return round((self.ended or time.monotonic()) - self.started, 3)
+
+    def state(self):
+        """The task as the worker writes it to Redis (schemas.BgTask fields)."""
+        out_tail = capture_tail(self.out, BG_TAIL_BYTES)
+        err_tail = capture_tail(self.err, BG_TAIL_BYTES)
+        return {
+            "task_id": self.id,
+            "name": self.name,
+            "command": self.command,
+            "status": self.status,
+            "pid": self.pid,
+            "exit_code": self.exit_code,
+            "started_ms": self.started_ms,
+            "ended_ms": self.ended_ms,
+            "stdout_tail": out_tail.decode("utf-8", "replace"),
+            "stderr_tail": err_tail.decode("utf-8", "replace"),
+            "stdout_bytes": self.out.total,
+            "stderr_bytes": self.err.total,
+            "truncated": self.out.total > len(out_tail) or self.err.total > len(err_tail),
+        }
+
+    def report(self):
+        with self.lock:
+            safe_emit({"event": "bg", "slot": self.slot_name, "task": self.state()})
+
+    def _pump(self):
+        streams = {self.proc.stdout.fileno(): self.out, self.proc.stderr.fileno(): self.err}
+        poller = select.poll()
+        for fd in streams:
+            poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        last_report, dirty, exited_at = time.monotonic(), False, None
+        while streams:
+            now = time.monotonic()
+            if exited_at is None and self.proc.poll() is not None:
+                exited_at = now
+            if exited_at is not None and now - exited_at > BG_DRAIN_S:
+                break
+            if dirty and now - last_report >= BG_EVENT_INTERVAL_S:
+                self.report()
+                last_report, dirty = now, False
+            for fd, _mask in poller.poll(BG_POLL_S * 1000.0):
+                data = os.read(fd, 262144)
+                if not data:
+                    poller.unregister(fd)
+                    del streams[fd]
+                    continue
+                with self.lock:
+                    streams[fd].add(data)
+                dirty = True
+        self._finish(self.proc.wait())
+
+    def _finish(self, code):
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            pipe.close()
+        with self.lock:
+            self.exit_code = code
+            if self.stop_requested:  # a stopped task never reports completed
+                self.status = "stopped"
+            else:
+                self.status = "completed" if code == 0 else "failed"
+            self.ended_ms = now_ms()
+            self.ended = time.monotonic()
+        self.report()
+        self.done.set()
+
+    def request_stop(self):
+        """Mark the task as being stopped; False if it has already ended."""
+        with self.lock:
+            if self.status != "running":
+                return False
+            self.stop_requested = True
+            return True
+
+    def processes(self, known):
+        """Live processes of the task: its group, its descendants, and ``known`` ones
+        (pid -> start ticks) still alive. ``None`` without /proc."""
+        table = proc_table()
+        if not table:
+            return None
+        found = {}
+        for pid, (_ppid, pgid, state, start) in table.items():
+            if state != "Z" and (pgid == self.pid or known.get(pid) == start):
+                found[pid] = start
+        for pid in descendants(table, self.pid):
+            if table[pid][2] != "Z":
+                found[pid] = table[pid][3]
+        return found
+
+    def signal_all(self, known, sig):
+        """Signal the group and every known process; returns the processes still alive."""
+        found = self.processes(known)
+        kill_group(self.pid, sig)
+        if found is None:  # no /proc: the process group is all we can reach
+            return {self.pid: 0} if group_exists(self.pid) else {}
+        signal_pids(found, sig)
+        return found
+
+
+def group_exists(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def task_alive(task, known):
+    found = task.processes(known)
+    return bool(found) if found is not None else not task.done.is_set()
+
+
+def stop_tasks(tasks, force, grace_s):
+    """Stop tasks together: SIGTERM (SIGKILL if ``force``), SIGKILL after ``grace_s``.
+
+    Returns ``{task_id: "SIGTERM" | "SIGKILL" | None}`` (None: it had ended already).
+    Waits for each stopped task to report its final state.
+    """
+    sent, known = {}, {}
+    first = signal.SIGKILL if force else signal.SIGTERM
+    for task in tasks:
+        if task.request_stop():
+            known[task.id] = task.signal_all({}, first)
+            sent[task.id] = signal.Signals(first).name
+        else:
+            sent[task.id] = None
+    deadline = time.monotonic() + (0 if force else grace_s)
+    alive = [t for t in tasks if sent[t.id] and task_alive(t, known[t.id])]
+    while alive and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        alive = [t for t in alive if task_alive(t, known[t.id])]
+    for task in alive:
+        known[task.id] = task.signal_all(known[task.id], signal.SIGKILL)
+        sent[task.id] = "SIGKILL"
+    for task in tasks:
+        if sent[task.id]:
+            task.done.wait(KILL_GRACE_S + BG_DRAIN_S)
+    return sent
+
+
+def new_task_id(slot):
+    slot.bg_seq += 1
+    return "bg%d-%s" % (slot.bg_seq, binascii.hexlify(os.urandom(2)).decode("ascii"))
+
+
+def start_bg(slot, command, name, req):
+    """Start a background task; the reply carries its id at once."""
+    if not isinstance(command, str) or not command:
+        raise ValueError("command must be a non-empty string")
+    if name is not None and not isinstance(name, str):
+        raise TypeError("name must be a string")
+    running = [t for t in slot.bg.values() if t.status == "running"]
+    if len(running) >= MAX_BG_RUNNING:
+        raise ToolError(
+            "limit_exceeded", "at most %d background tasks may run at once" % MAX_BG_RUNNING
+        )
+    forget_old_tasks(slot)
+    task = BgTask(slot, new_task_id(slot), command, name, max_output_of(req))
+    slot.bg[task.id] = task
+    label = " (%s)" % task.name if task.name else ""
+    return {
+        "output": "started background task %s%s, pid %d" % (task.id, label, task.pid),
+        "data": {"task_id": task.id, "pid": task.pid, "name": task.name},
+    }
+
+
+def forget_old_tasks(slot):
+    ended = [t for t in slot.bg.values() if t.status != "running"]
+    for task in ended[: max(0, len(slot.bg) - MAX_BG_KEPT + 1)]:
+        del slot.bg[task.id]
+
+
+def find_task(slot, args):
+    task_id = args["task_id"]
+    task = slot.bg.get(task_id)
+    if task is None:
+        raise ToolError("not_found", "no background task %r in this slot" % task_id)
+    return task
+
+
+def task_summary(task):
+    return {
+        "task_id": task.id,
+        "name": task.name,
+        "command": task.command,
+        "status": task.status,
+        "pid": task.pid,
+        "exit_code": task.exit_code,
+        "duration_s": task.duration_s(),
+        "stdout_bytes": task.out.total,
+        "stderr_bytes": task.err.total,
+    }
+
+
+def describe_task(task):
+    if task.status == "running":
+        return "%s is running (%.1fs)" % (task.id, task.duration_s())
+    return "%s %s after %.1fs (exit code %s)" % (
+        task.id,
+        task.status,
+        task.duration_s(),
+        task.exit_code,
+    )
+
+
+def tool_bg_start(slot, args, req):
+    """Start ``command`` in the background; returns ``data.task_id`` at once."""
+    return start_bg(slot, args["command"], args.get("name"), req)
+
+
+def tool_bg_list(slot, args, req):
+    """The slot's background tasks with status and duration."""
+    tasks = [task_summary(t) for t in slot.bg.values()]
+    lines = [
+        "%-12s %-9s %8.1fs  %s%s"
+        % (
+            t["task_id"],
+            t["status"],
+            t["duration_s"],
+            "[%s] " % t["name"] if t["name"] else "",
+            t["command"][:80],
+        )
+        for t in tasks
+    ]
+    return {"output": "\n".join(lines) or "no background tasks", "data": {"tasks": tasks}}
+
+
+def tool_bg_output(slot, args, req):
+    """A task's output so far; with ``block``, wait up to ``timeout_s`` for its end."""
+    task = find_task(slot, args)
+    if args.get("block"):
+        task.done.wait(call_timeout(req, args))
+    with task.lock:
+        out, err = task.out.text(), task.err.text()
+        summary = task_summary(task)
+        truncated = task.out.truncated or task.err.truncated
+    text = out
+    if err:
+        text += ("" if not out or out.endswith("\n") else "\n") + "--- stderr ---\n" + err
+    if text and not text.endswith("\n"):
+        text += "\n"
+    text += "[%s]" % describe_task(task)
+    summary["running"] = summary["status"] == "running"
+    reply = {
+        "output": text,
+        "truncated": truncated,
+        "output_bytes": summary["stdout_bytes"] + summary["stderr_bytes"],
+        "data": summary,
+    }
+    if summary["exit_code"] is not None:
+        reply["exit_code"] = summary["exit_code"]
+    return reply
+
+
+def tool_bg_stop(slot, args, req):
+    """SIGTERM the task's process group (SIGKILL with ``force``), SIGKILL after a grace."""
+    task = find_task(slot, args)
+    sent = stop_tasks([task], bool(args.get("force")), KILL_GRACE_S)[task.id]
+    summary = task_summary(task)
+    summary["signal"] = sent
+    summary["was_running"] = sent is not None
+    if sent is None:
+        text = "%s had already ended: %s" % (task.id, describe_task(task))
+    else:
+        text = "stopped %s with %s: %s" % (task.id, sent, describe_task(task))
+    return {"output": text, "data": summary}
+
+
+def stop_slot_tasks(slot):
+    """Stop the slot's background tasks and shell sessions (cancel, drop, agent exit).
+
+    Tasks get SIGTERM together and SIGKILL after DROP_GRACE_S. Returns once each
+    has reported its final state, so the worker records it before the
+    trajectory ends.
+    """
+    stop_tasks(list(slot.bg.values()), False, DROP_GRACE_S)
+    shells = list(slot.shells.values())
+    slot.shells.clear()
+    for session in shells:
+        session.kill()
+    for session in shells:
+        session.close()
+
+
+# --------------------------------------------------------------------------
+# file tools: edit_file, list_files, archive, and the str_replace_editor
+# --------------------------------------------------------------------------
+
+MAX_EDIT_BYTES = 16 * 1024 * 1024
+MAX_UNDO = 10
+MAX_UNDO_BYTES = 1024 * 1024
+DEFAULT_ARCHIVE_BYTES = 8 * 1024 * 1024
+# An archive over its cap is still measured (without keeping it) up to this
+# many times the cap, so the error can say how big it is.
+ARCHIVE_MEASURE_FACTOR = 16
+SNIPPET_LINES = 4
+MAX_WALK_DEPTH = 64
+
+
+def rel_path(slot, path):
+    return clean(os.path.relpath(path, slot.root))
+
+
+def clean(text):
+    """Text safe to put in a reply: undecodable bytes (surrogates) become U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def split_lines(text):
+    """(lines, ends_with_newline): the lines ``cat -n`` would number."""
+    lines = text.split("\n")
+    trailing = text.endswith("\n") or not text
+    if trailing:
+        lines.pop()
+    return lines, trailing
+
+
+def join_lines(lines, trailing):
+    return "\n".join(lines) + ("\n" if trailing and lines else "")
+
+
+def read_text(slot, path, shown):
+    """A workspace file's text; bytes that are not UTF-8 survive a write back."""
+    if not os.path.exists(path):
+        raise ToolError("not_found", "no such file: %s" % shown)
+    if os.path.isdir(path):
+        raise ToolError("io_error", "is a directory: %s" % shown)
+    if os.path.getsize(path) > MAX_EDIT_BYTES:
+        raise ToolError("io_error", "%s is larger than %d bytes" % (shown, MAX_EDIT_BYTES))
+    with open(path, "rb") as fh:
+        return fh.read().decode("utf-8", "surrogateescape")
+
+
+def write_text(slot, path, text, before=None):
+    """Write text (mode kept); remember ``before`` for undo_edit."""
+    if before is not None and len(before) <= MAX_UNDO_BYTES:
+        history = slot.edit_history.setdefault(path, [])
+        history.append(before)
+        del history[:-MAX_UNDO]
+    with open(path, "wb") as fh:
+        fh.write(text.encode("utf-8", "surrogateescape"))
+
+
+def line_of(text, index):
+    return text.count("\n", 0, index) + 1
+
+
+def replace_text(text, old, new, count, replace_all, shown):
+    """Exact replacement of ``old``; returns (new_text, replacements, first_line).
+
+    ``old`` must occur exactly once, or exactly ``count`` times, or (with
+    ``replace_all``) at least once.
+    """
+    if not isinstance(old, str) or not old:
+        raise ValueError("old must be a non-empty string")
+    if not isinstance(new, str):
+        raise TypeError("new must be a string")
+    found = text.count(old)
+    if found == 0:
+        raise ToolError("not_found", "the old text was not found in %s" % shown)
+    expected = found if replace_all else (1 if count is None else int(count))
+    if found != expected:
+        lines, start = [], text.find(old)
+        while start >= 0 and len(lines) < 10:
+            lines.append(str(line_of(text, start)))
+            start = text.find(old, start + 1)
+        hint = (
+            "add surrounding lines to make it unique, or pass count=%d" % found
+            if count is None
+            else "expected count=%d" % expected
+        )
+        raise ToolError(
+            "invalid_args",
+            "the old text occurs %d times in %s (lines %s); %s"
+            % (found, shown, ", ".join(lines), hint),
+        )
+    return text.replace(old, new), found, line_of(text, text.find(old))
+
+
+def tool_edit_file(slot, args, req):
+    """Replace exact text in a file: ``old`` must match once (or ``count`` times)."""
+    path = resolve_path(slot, args["path"])
+    text = read_text(slot, path, args["path"])
+    new_text, n, first = replace_text(
+        text, args["old"], args["new"], args.get("count"), args.get("replace_all"), args["path"]
+    )
+    write_text(slot, path, new_text, before=text)
+    return {
+        "output": "edited %s: %d replacement%s (first at line %d)"
+        % (rel_path(slot, path), n, "" if n == 1 else "s", first),
+        "data": {
+            "replacements": n,
+            "line": first,
+            "size": len(new_text.encode("utf-8", "surrogateescape")),
+        },
+    }
+
+
+def entry_info(path, shown):
+    st = os.lstat(path)
+    if os.path.islink(path):
+        kind = "symlink"
+    elif os.path.isdir(path):
+        kind = "dir"
+    elif os.path.isfile(path):
+        kind = "file"
+    else:
+        kind = "other"
+    info = {
+        "path": clean(shown),
+        "type": kind,
+        "size": st.st_size,
+        "mtime_ms": int(st.st_mtime * 1000),
+    }
+    if kind == "symlink":
+        try:
+            info["target"] = clean(os.readlink(path))
+        except OSError:
+            pass
+    return info
+
+
+def walk_entries(top, max_depth, max_entries, hidden=True):
+    """Sorted entries under ``top``, depth first, ``max_depth`` levels (1: ``top``'s own).
+
+    Returns (entries, truncated, errors).
+    """
+    entries, errors = [], 0
+    stack = [(top, "", 1)]
+    while stack:
+        directory, prefix, depth = stack.pop()
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            errors += 1
+            continue
+        subdirs = []
+        for name in names:
+            if not hidden and name.startswith("."):
+                continue
+            if len(entries) >= max_entries:
+                return entries, True, errors
+            full = os.path.join(directory, name)
+            try:
+                info = entry_info(full, prefix + name)
+            except OSError:
+                errors += 1
+                continue
+            entries.append(info)
+            if depth < max_depth and info["type"] == "dir":
+                subdirs.append((full, prefix + name + "/", depth + 1))
+        stack.extend(reversed(subdirs))
+    return entries, False, errors
+
+
+def tool_list_files(slot, args, req):
+    """List a directory (or ``recursive``ly a tree): type, size, mtime of each entry."""
+    shown = args.get("path") or "."
+    path = resolve_path(slot, shown)
+    max_entries = int(args.get("max_entries") or 1000)
+    if max_entries < 1:
+        raise ValueError("max_entries must be >= 1")
+    if not os.path.lexists(path):
+        raise ToolError("not_found", "no such file or directory: %s" % shown)
+    if os.path.isdir(path):
+        depth = MAX_WALK_DEPTH if args.get("recursive") else 1
+        entries, truncated, errors = walk_entries(path, depth, max_entries)
+    else:
+        entries, truncated, errors = [entry_info(path, os.path.basename(path))], False, 0
+    lines = [
+        "%-7s %10s  %s%s"
+        % (
+            e["type"],
+            e["size"] if e["type"] == "file" else "-",
+            e["path"],
+            "/"
+            if e["type"] == "dir"
+            else (" -> " + e.get("target", "?") if e["type"] == "symlink" else ""),
+        )
+        for e in entries
+    ]
+    if truncated:
+        lines.append("[listing truncated at max_entries=%d]" % max_entries)
+    capture = Capture(max_output_of(req))
+    capture.add("\n".join(lines).encode("utf-8", "surrogateescape"))
+    data = {"path": rel_path(slot, path), "entries": entries, "truncated": truncated}
+    if errors:
+        data["unreadable"] = errors
+    return {
+        "output": capture.text(),
+        "truncated": truncated or capture.truncated,
+        "output_bytes": capture.total,
+        "data": data,
+    }
+
+
+class ArchiveTooLarge(Exception):
+    pass
+
+
+class ArchiveSink(object):
+    """Keeps the compressed bytes up to ``cap``; past it only counts, up to ``measure_cap``."""
+
+    def __init__(self, cap, measure_cap):
+        self.cap = cap
+        self.measure_cap = measure_cap
+        self.buf = io.BytesIO()
+        self.total = 0
+
+    def write(self, data):
+        self.total += len(data)
+        if self.total <= self.cap:
+            self.buf.write(data)
+        elif self.buf is not None:
+            self.buf = None  # over the cap: keep measuring, stop keeping
+        if self.total > self.measure_cap:
+            raise ArchiveTooLarge()
+        return len(data)
+
+    def flush(self):
+        pass
+
+
+def tool_archive(slot, args, req):
+    """A tar.gz of a file or directory, base64 in ``output``; over ``max_bytes`` is an error."""
+    path = resolve_path(slot, args["path"])
+    cap = int(args.get("max_bytes") or DEFAULT_ARCHIVE_BYTES)
+    if cap < 1 or cap > MAX_FILE_BYTES:
+        raise ValueError("max_bytes must be between 1 and %d" % MAX_FILE_BYTES)
+    if not os.path.lexists(path):
+        raise ToolError("not_found", "no such file or directory: %s" % args["path"])
+    counts = {"entries": 0, "bytes": 0}
+
+    def count(info):
+        counts["entries"] += 1
+        counts["bytes"] += info.size if info.isfile() else 0
+        return info
+
+    sink = ArchiveSink(cap, cap * ARCHIVE_MEASURE_FACTOR)
+    finished = True
+    try:
+        with tarfile.open(fileobj=sink, mode="w:gz") as tar:
+            tar.add(path, arcname=rel_path(slot, path), recursive=True, filter=count)
+    except ArchiveTooLarge:
+        finished = False
+    if sink.buf is None:
+        return archive_too_large(args["path"], cap, sink.total, finished, counts)
+    data = sink.buf.getvalue()
+    return {
+        "output": base64.b64encode(data).decode("ascii"),
+        "output_bytes": len(data),
+        "data": {
+            "encoding": "base64",
+            "format": "tar.gz",
+            "bytes": len(data),
+            "entries": counts["entries"],
+            "uncompressed_bytes": counts["bytes"],
+            "sha256": hashlib.sha256(data).hexdigest(),
+        },
+    }
+
+
+def archive_too_large(shown, cap, size, finished, counts):
+    size_text = "%d bytes" % size if finished else "more than %d bytes" % size
+    return {
+        "ok": False,
+        "error_code": "limit_exceeded",
+        "error": "the archive of %s is %s compressed (%d entries%s); max_bytes is %d"
+        % (shown, size_text, counts["entries"], "" if finished else " so far", cap),
+        "data": {
+            "bytes": size if finished else None,
+            "at_least_bytes": size,
+            "entries": counts["entries"],
+            "complete_count": finished,
+            "max_bytes": cap,
+        },
+    }
+
+
+# -- str_replace_editor: the editor tool several agent frameworks emit ------
+
+
+def numbered(lines, first):
+    return "\n".join("%6d\t%s" % (first + i, line) for i, line in enumerate(lines))
+
+
+def snippet(text, line, added_lines):
+    lines = clean(text).split("\n")
+    start = max(1, line - SNIPPET_LINES)
+    end = min(len(lines), line + added_lines + SNIPPET_LINES)
+    return numbered(lines[start - 1 : end], start)
+
+
+def editor_view(slot, path, args, req):
+    shown = args["path"]
+    if os.path.isdir(path):
+        entries, _truncated, _errors = walk_entries(path, 2, 10000, hidden=False)
+        visible = [e["path"] + ("/" if e["type"] == "dir" else "") for e in entries]
+        header = "Here's the files and directories up to 2 levels deep in %s, " % shown
+        return {"output": header + "excluding hidden items:\n" + "\n".join(visible)}
+    lines, _trailing = split_lines(read_text(slot, path, shown))
+    first, last = 1, len(lines)
+    view_range = args.get("view_range")
+    if view_range:
+        first, last = int(view_range[0]), int(view_range[1])
+        if last == -1:
+            last = len(lines)
+        if not 1 <= first <= last <= len(lines):
+            raise ValueError(
+                "view_range %r is outside the file's lines 1..%d" % (view_range, len(lines))
+            )
+    capture = Capture(max_output_of(req))
+    capture.add(numbered(lines[first - 1 : last], first).encode("utf-8", "surrogateescape"))
+    return {
+        "output": "Here's the result of running `cat -n` on %s:\n%s\n" % (shown, capture.text()),
+        "truncated": capture.truncated,
+    }
+
+
+def editor_create(slot, path, args, req):
+    if os.path.exists(path):
+        raise ToolError(
+            "io_error",
+            "File already exists at: %s. Cannot overwrite files using command `create`."
+            % args["path"],
+        )
+    if args.get("file_text") is None:
+        raise ValueError("file_text is required for command=create")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_text(slot, path, args["file_text"])
+    return {"output": "File created successfully at: %s" % args["path"]}
+
+
+def editor_str_replace(slot, path, args, req):
+    if args.get("old_str") is None:
+        raise ValueError("old_str is required for command=str_replace")
+    new = args.get("new_str") or ""
+    text = read_text(slot, path, args["path"])
+    new_text, _n, line = replace_text(text, args["old_str"], new, None, False, args["path"])
+    write_text(slot, path, new_text, before=text)
+    return {"output": edited_message(args["path"], new_text, line, new.count("\n"))}
+
+
+def editor_insert(slot, path, args, req):
+    if args.get("insert_line") is None or args.get("new_str") is None:
+        raise ValueError("insert_line and new_str are required for command=insert")
+    text = read_text(slot, path, args["path"])
+    lines, trailing = split_lines(text)
+    at = int(args["insert_line"])
+    if not 0 <= at <= len(lines):
+        raise ValueError("insert_line %d is outside 0..%d" % (at, len(lines)))
+    new_lines = args["new_str"].split("\n")
+    new_text = join_lines(lines[:at] + new_lines + lines[at:], trailing)
+    write_text(slot, path, new_text, before=text)
+    return {"output": edited_message(args["path"], new_text, at + 1, len(new_lines) - 1)}
+
+
+def edited_message(shown, text, line, added_lines):
+    return (
+        "The file %s has been edited. Here's the result of running `cat -n` on a snippet of %s:\n"
+        "%s\nReview the changes and make sure they are as expected. Edit the file again if "
+        "necessary." % (shown, shown, snippet(text, line, added_lines))
+    )
+
+
+def editor_undo_edit(slot, path, args, req):
+    history = slot.edit_history.get(path)
+    if not history:
+        raise ToolError("not_found", "No edit history found for %s." % args["path"])
+    write_text(slot, path, history.pop())
+    return {"output": "Last edit to %s undone successfully." % args["path"]}
+
+
+EDITOR_COMMANDS = {
+    "view": editor_view,
+    "create": editor_create,
+    "str_replace": editor_str_replace,
+    "insert": editor_insert,
+    "undo_edit": editor_undo_edit,
+}
+
+
+def tool_str_replace_editor(slot, args, req):
+    """The view/create/str_replace/insert/undo_edit file editor of agent frameworks."""
+    command = args["command"]
+    handler = EDITOR_COMMANDS.get(command)
+    if handler is None:
+        raise ValueError("command must be one of %s" % ", ".join(sorted(EDITOR_COMMANDS)))
+    return handler(slot, resolve_path(slot, args["path"]), args, req)
+
+
 TOOLS = {
     "bash": tool_bash,
     "read_file": tool_read_file,
     "write_file": tool_write_file,
+    "shell": tool_shell,
+    "bg_start": tool_bg_start,
+    "bg_list": tool_bg_list,
+    "bg_output": tool_bg_output,
+    "bg_stop": tool_bg_stop,
+    "edit_file": tool_edit_file,
+    "list_files": tool_list_files,
+    "archive": tool_archive,
+    "str_replace_editor": tool_str_replace_editor,
 }
 
 
@@ -513,8 +1590,10 @@ TOOLS = {
 
 
 def main():
-    # Ignore SIGINT: the worker decides when the agent ends (stdin EOF).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Survive SIGINT: the worker decides when the agent ends (stdin EOF). A
+    # handler, not SIG_IGN, so that commands still get the default SIGINT
+    # (exec resets handlers, not ignores): shell timeouts interrupt with it.
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
     emit(
         {
             "event": "ready",

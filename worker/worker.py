@@ -39,15 +39,22 @@ from toolq.schemas import (
 
 from . import scripts
 from .backends.base import Backend, SandboxError, Slot
+from .bgtasks import BgRecorder
 from .channel import ChannelClosedError
+from .external import ExternalRunner
+from .metrics import Observer, WorkerMetrics
+from .registry import load_registry, publish_registry
 from .settings import WorkerSettings
-from .tools import InvalidArgsError, Registry, builtin_registry
+from .tools import InvalidArgsError, Registry
 
 log = logging.getLogger("toolq.worker")
 
 # The agent enforces call timeouts; this is how much longer the worker waits
 # before it declares the sandbox unresponsive.
 AGENT_GRACE_S = 15.0
+# After Redis errors, idempotent writes of this many recent seconds are
+# replayed: a Redis restarted from an AOF (fsync every second) may have lost them.
+REPLAY_WINDOW_S = 10.0
 
 
 def now_ms() -> int:
@@ -61,6 +68,14 @@ def _s(value: Any) -> str:
 def traj_of_stream(stream: str) -> str:
     """``<ns>:{T}:calls`` -> ``T``."""
     return stream[stream.index("{") + 1 : stream.rindex("}")]
+
+
+def _entry_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return 0, 0
 
 
 def entry_ms(entry_id: str) -> int:
@@ -100,13 +115,18 @@ class Traj:
     ending: tuple[TrajStatus, str, str] | None = None  # status, reason, entry id to ack
     busy: bool = False
     slot_reset: bool = False
+    slot_lost: bool = False  # the slot died during a call: the next one starts a fresh one
     last_activity: float = field(default_factory=time.monotonic)
     started: float = field(default_factory=time.monotonic)
     calls: int = 0
     seen_call_ids: set[str] = field(default_factory=set)
+    previous_owner: str | None = None  # set when taken over or handed over
+    current: Item | None = None  # the call being run
+    last_entry_id: str = "0-0"  # newest entry dispatched (recovery skips older ones)
 
     def push(self, item: Item) -> None:
         self.items.append(item)
+        self.last_entry_id = max(self.last_entry_id, item.entry_id, key=_entry_key)
         self.wakeup.set()
 
     def request_end(self, status: TrajStatus, reason: str, entry_id: str = "") -> None:
@@ -141,17 +161,20 @@ class Worker:
         redis: aioredis.Redis,
         backend: Backend,
         registry: Registry | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
         self.backend = backend
-        self.registry = registry or builtin_registry()
+        self.registry = registry or load_registry(settings.tools_modules)
         self.keys = Keys(settings.namespace)
         self.id = settings.worker_id
         self.owned: dict[str, Traj] = {}
         self.starting = 0  # trajectories claimed whose slot is not ready yet
         self._out: asyncio.Queue[Pending] = asyncio.Queue()
         self._stopping = asyncio.Event()
+        self._journal: deque[tuple[float, Any]] = deque()  # (monotonic time, async op)
+        self._recover_needed = False
         self.ready = asyncio.Event()  # set once the worker serves
         self._tasks: list[asyncio.Task[Any]] = []
         self._finish = redis.register_script(scripts.FINISH_CALL)
@@ -160,10 +183,30 @@ class Worker:
         self._release = redis.register_script(scripts.RELEASE_TRAJ)
         self.started_ms = now_ms()
         backend.on_event = self._on_agent_event
+        backend.worker_heartbeats = self._worker_heartbeats
+        self.observer = observer or WorkerMetrics(settings, self.registry)
+        backend.observer = self.observer
+        self.external = ExternalRunner(settings, redis, self.registry, self.id)
+        self.bg = BgRecorder(
+            redis,
+            self.keys,
+            traj_of_slot=lambda name: getattr(self.traj_for_slot(name), "traj_id", None),
+            retention_s=settings.retention_s,
+            events_maxlen=settings.events_maxlen,
+            observer=self.observer,
+        )
 
     async def _on_agent_event(self, msg: dict[str, Any]) -> None:
         """Unsolicited agent news (e.g. background tasks); ``msg["slot"]`` names the slot."""
-        log.debug("agent event: %s", msg.get("event"))
+        if msg.get("event") == "bg":
+            await self.bg.on_event(msg)
+        else:
+            log.debug("agent event: %s", msg.get("event"))
+
+    async def _worker_heartbeats(self) -> dict[str, int]:
+        """Every registered worker id -> its last heartbeat (unix ms)."""
+        pairs: Any = await self.redis.zrange(self.keys.workers, 0, -1, withscores=True)
+        return {_s(worker): int(score) for worker, score in pairs}
 
     def traj_for_slot(self, slot_name: str) -> Traj | None:
         """The owned trajectory served by the slot the agent calls ``slot_name``."""
@@ -191,10 +234,12 @@ class Worker:
         self._stopping.set()
 
     async def startup(self) -> None:
+        await self.observer.worker_started(self)
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
             await self.redis.xgroup_create(self.keys.open, GROUP, id="0", mkstream=True)
         await self.backend.start()
         await self._heartbeat()
+        await publish_registry(self.redis, self.keys, self.registry)
         log.info(
             "worker %s up: backend=%s slots=%d", self.id, self.backend.name, self.settings.slots
         )
@@ -208,9 +253,12 @@ class Worker:
         backoff_s = 0.1
         while not self._stopping.is_set():
             try:
+                if self._recover_needed:
+                    await self._recover()
                 await self._read_once()
                 backoff_s = 0.1
             except (RedisError, OSError) as exc:
+                self._recover_needed = True
                 log.warning("read failed (%s); retrying in %.1fs", exc, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
@@ -237,6 +285,7 @@ class Worker:
             count=max(1, count),
             block=self.settings.block_ms,
         )
+        self.observer.batch_read(sum(len(entries) for _, entries in resp or []))
         for stream, entries in resp or []:
             name = _s(stream)
             if name == self.keys.open:
@@ -245,6 +294,50 @@ class Worker:
             else:
                 self._on_calls(traj_of_stream(name), entries)
 
+    async def _recover(self) -> None:
+        """Catch up after Redis errors (a restart, a failover, a network cut).
+
+        Replays recent idempotent writes (a restart may have lost the last
+        second of them), recreates consumer groups a Redis without persistence
+        forgot, and re-reads entries delivered to this worker whose reply never
+        arrived. Nothing runs twice: results are written only where missing and
+        entries already dispatched are skipped.
+        """
+        self._recover_needed = False
+        log.warning("recovering after Redis errors")
+        cutoff = time.monotonic() - REPLAY_WINDOW_S
+        for at, op in list(self._journal):
+            if at >= cutoff:
+                await op()
+        with contextlib.suppress(ResponseError):
+            await self.redis.xgroup_create(self.keys.open, GROUP, id="0", mkstream=True)
+        for traj_id in self.owned:
+            with contextlib.suppress(ResponseError):
+                await self.redis.xgroup_create(
+                    self.keys.calls(traj_id), GROUP, id="0", mkstream=True
+                )
+        await self._heartbeat()
+        streams = {self.keys.open: "0", **{self.keys.calls(t): "0" for t in self.owned}}
+        resp: Any = await self.redis.xreadgroup(GROUP, self.id, streams, count=1000)  # type: ignore[arg-type]
+        for stream, entries in resp or []:
+            name = _s(stream)
+            if name == self.keys.open:
+                for entry_id, fields in entries:
+                    await self._on_open(_s(entry_id), fields)
+                continue
+            traj = self.owned.get(traj_of_stream(name))
+            if traj is not None:
+                newer = [
+                    e for e in entries if _entry_key(_s(e[0])) > _entry_key(traj.last_entry_id)
+                ]
+                self._on_calls(traj.traj_id, newer)
+
+    def _journal_op(self, op: Any) -> None:
+        now = time.monotonic()
+        self._journal.append((now, op))
+        while self._journal and self._journal[0][0] < now - REPLAY_WINDOW_S:
+            self._journal.popleft()
+
     async def _on_open(self, entry_id: str, fields: dict[Any, Any]) -> None:
         try:
             req = OpenRequest.from_fields(fields)
@@ -252,10 +345,16 @@ class Worker:
             await self._dead(self.keys.open, entry_id, fields, f"bad open request: {exc}")
             await self.redis.xack(self.keys.open, GROUP, entry_id)
             return
-        await self.claim(req.traj, req.spec)
+        await self.claim(req.traj, req.spec, req.previous_owner, req.graceful)
         await self.redis.xack(self.keys.open, GROUP, entry_id)
 
-    async def claim(self, traj_id: str, spec: TrajectorySpec, force: bool = False) -> bool:
+    async def claim(
+        self,
+        traj_id: str,
+        spec: TrajectorySpec,
+        previous_owner: str | None = None,
+        graceful: bool = False,
+    ) -> bool:
         """Take ownership of a trajectory and start serving it."""
         if traj_id in self.owned:
             return False
@@ -268,30 +367,60 @@ class Worker:
                     spec.model_dump_json(exclude_none=True),
                     traj_id,
                     GROUP,
-                    "1" if force else "0",
+                    "0",
                 ],
             )
         )
+        await self.redis.zrem(self.keys.pending, traj_id)  # owned or ended: not waiting
         if got != "ok":
             log.info("not claiming %s: %s", traj_id, got)
             return False
-        await self.redis.zrem(self.keys.pending, traj_id)
-        traj = Traj(traj_id, spec)
+        self.observer.traj_claimed()
+        traj = Traj(traj_id, spec, previous_owner=previous_owner)
         self.owned[traj_id] = traj
-        await self._adopt_pending_entries(traj)
+        await self.redis.sadd(self.keys.worker_trajs(self.id), traj_id)
+        await self._adopt_pending_entries(traj, crashed=bool(previous_owner) and not graceful)
         traj.task = asyncio.create_task(self._serve(traj), name=f"traj-{traj_id}")
         return True
 
-    async def _adopt_pending_entries(self, traj: Traj) -> None:
-        """Entries read by a previous owner but never answered run here first."""
+    async def _adopt_pending_entries(self, traj: Traj, crashed: bool) -> None:
+        """Entries read by a previous owner but never answered run here first.
+
+        After a crash the first unanswered call may have been running when the
+        owner died: it gets ``worker_lost`` unless it is marked idempotent
+        (then it runs again). Calls behind it never started (calls of one
+        trajectory run in order), so they simply run here.
+        """
         stream = self.keys.calls(traj.traj_id)
-        start = "0-0"
+        start, entries = "0-0", []
         while True:
-            resp = await self.redis.xautoclaim(stream, GROUP, self.id, 0, start, count=500)
-            start, entries = _s(resp[0]), resp[1]
-            self._on_calls(traj.traj_id, entries)
-            if start == "0-0" or not entries:
-                return
+            resp: Any = await self.redis.xautoclaim(stream, GROUP, self.id, 0, start, count=500)
+            start = _s(resp[0])
+            entries += [e for e in resp[1] if e and e[1] is not None] + [
+                (e[0], {}) for e in resp[1] if e and e[1] is None
+            ]
+            if start == "0-0" or not resp[1]:
+                break
+        entries.sort(key=lambda e: _entry_key(_s(e[0])))
+        if crashed:
+            entries = self._answer_lost_call(traj, entries)
+        self._on_calls(traj.traj_id, entries)
+
+    def _answer_lost_call(self, traj: Traj, entries: list[Any]) -> list[Any]:
+        for index, (entry_id, fields) in enumerate(entries):
+            item = self._parse_item(_s(entry_id), fields)
+            if item.kind != "call":
+                continue
+            if item.entry is not None and item.entry.idempotent:
+                return entries  # safe to run again
+            self._answer(
+                traj.traj_id,
+                item,
+                ErrorCode.WORKER_LOST,
+                f"the worker running this call ({traj.previous_owner}) died",
+            )
+            return entries[:index] + entries[index + 1 :]
+        return entries
 
     def _on_calls(self, traj_id: str, entries: Iterable[Any]) -> None:
         traj = self.owned.get(traj_id)
@@ -343,6 +472,7 @@ class Worker:
             self._refuse(traj.traj_id, queued, ErrorCode.CANCELLED, "trajectory cancelled")
         traj.items.clear()
         traj.request_end(TrajStatus.CANCELLED, "cancelled by client", item.entry_id)
+        self.external.cancel(traj.traj_id)  # its running RQ job, if any
         if traj.slot is not None and traj.slot.channel.alive:
             with contextlib.suppress(ChannelClosedError):
                 traj.slot.channel.submit("cancel", slot=traj.slot.name)
@@ -370,11 +500,11 @@ class Worker:
             if item.kind == "close":
                 traj.request_end(TrajStatus.COMPLETED, "closed by client", item.entry_id)
                 return
-            traj.busy = True
+            traj.busy, traj.current = True, item
             try:
                 await self._run_item(traj, item)
             finally:
-                traj.busy = False
+                traj.busy, traj.current = False, None
                 traj.last_activity = time.monotonic()
 
     async def _run_item(self, traj: Traj, item: Item) -> None:
@@ -392,6 +522,10 @@ class Worker:
             self._answer(traj.traj_id, item, checked.code, checked.message)
             return
         tool_name, args, timeout_s = checked
+        if self.external.handles(tool_name):  # an RQ job, no sandbox needed
+            reply = await self.external.call(traj, item, tool_name, args)
+            self._emit(traj, item, reply, tool_name, received_ms)
+            return
         needs_slot = traj.slot is None or not traj.slot.channel.alive
         if needs_slot and not await self._ensure_slot(traj, item):
             return
@@ -416,7 +550,8 @@ class Worker:
         if item.call_id in traj.seen_call_ids:
             return True
         traj.seen_call_ids.add(item.call_id)
-        return bool(await self.redis.exists(self.keys.result(traj.traj_id, item.call_id)))
+        key = self.keys.result(traj.traj_id, item.call_id)
+        return bool(await self._retry(lambda: self.redis.exists(key)))
 
     def _check_call(
         self, traj: Traj, entry: CallEntry
@@ -464,18 +599,27 @@ class Worker:
 
     async def _ensure_slot(self, traj: Traj, item: Item | None) -> bool:
         """Start the trajectory's slot (again, after a loss); answer the call on failure."""
-        if traj.slot is not None:  # lost: replace it, and say so in the next result
+        if traj.slot is not None:  # lost while idle: replace it
+            self.observer.slot_lost()
             await self._drop_slot(traj)
-            traj.slot_reset = True
+            traj.slot_lost = True
+        if traj.slot_lost:  # say so in the next result
+            traj.slot_reset, traj.slot_lost = True, False
         try:
+            started = time.monotonic()
             traj.slot = await self.backend.acquire(traj.traj_id, traj.spec)
+            self.observer.slot_started(time.monotonic() - started)
         except SandboxError as exc:
             for waiting in ([item] if item else []) + list(traj.items):
                 self._refuse(traj.traj_id, waiting, ErrorCode.SANDBOX_ERROR, str(exc))
             traj.items.clear()
             traj.request_end(TrajStatus.FAILED, f"sandbox failed to start: {exc}")
             return False
-        await self.redis.hset(self.keys.traj(traj.traj_id), "slot", traj.slot.slot_id)
+        if traj.previous_owner and not traj.slot.adopted:
+            traj.slot_reset = True  # the previous owner's workspace is gone
+        traj.previous_owner = None
+        key, slot_id = self.keys.traj(traj.traj_id), traj.slot.slot_id
+        await self._retry(lambda: self.redis.hset(key, "slot", slot_id))
         return True
 
     async def _call_agent(
@@ -493,7 +637,9 @@ class Worker:
             return await asyncio.wait_for(fut, timeout_s + AGENT_GRACE_S)
         except (ChannelClosedError, asyncio.TimeoutError) as exc:
             why = "sandbox stopped answering" if isinstance(exc, asyncio.TimeoutError) else exc
+            self.observer.slot_lost()
             await self._drop_slot(traj)
+            traj.slot_lost = True
             return {
                 "ok": False,
                 "error_code": ErrorCode.SANDBOX_LOST.value,
@@ -560,6 +706,8 @@ class Worker:
                 await self.backend.release(slot, keep=keep)
             except Exception:
                 log.exception("releasing slot %s failed", slot.slot_id)
+            # After the release: the agent reported its stopped tasks during the drop.
+            await self.bg.slot_gone(traj.traj_id, slot.name, now_ms())
 
     async def _end_traj(self, traj: Traj) -> None:
         """Free the slot, record the final state once, answer what is left."""
@@ -573,29 +721,29 @@ class Worker:
             )
         traj.items.clear()
         await self._drop_slot(traj)
-        await self._retry(
-            lambda: self._end(
-                keys=[
-                    self.keys.traj(traj.traj_id),
-                    self.keys.events(traj.traj_id),
-                    self.keys.calls(traj.traj_id),
-                ],
-                args=[
-                    status.value,
-                    now_ms(),
-                    reason,
-                    self.settings.retention_s * 1000,
-                    self.settings.events_maxlen,
-                    self.id,
-                ],
-            )
-        )
+        end_args = [
+            status.value,
+            now_ms(),
+            reason,
+            self.settings.retention_s * 1000,
+            self.settings.events_maxlen,
+            self.id,
+        ]
+        end_keys = [
+            self.keys.traj(traj.traj_id),
+            self.keys.events(traj.traj_id),
+            self.keys.calls(traj.traj_id),
+        ]
+        await self._retry(lambda: self._end(keys=end_keys, args=end_args))
+        self._journal_op(lambda: self._end(keys=end_keys, args=end_args))
         if entry_id:
             self._ack(traj.traj_id, entry_id)
         # Calls that reached the stream before the final state was recorded
         # are answered here; later ones are refused by the producer's submit.
         await self._retry(lambda: self._drain_stream(traj.traj_id))
         self.owned.pop(traj.traj_id, None)
+        await self._retry(lambda: self.redis.srem(self.keys.worker_trajs(self.id), traj.traj_id))
+        self.observer.traj_ended(status.value)
         log.info("trajectory %s ended: %s (%s)", traj.traj_id, status.value, reason)
 
     async def _drain_stream(self, traj_id: str) -> None:
@@ -617,7 +765,10 @@ class Worker:
             while not self._out.empty():
                 batch.append(self._out.get_nowait())
             await self._retry(lambda batch=batch: self._flush(batch))
-            for _ in batch:
+            self._journal_op(lambda batch=batch: self._flush(batch))
+            for p in batch:
+                if p.result is not None:
+                    self.observer.call_finished(p.result)
                 self._out.task_done()
 
     async def _flush(self, batch: list[Pending]) -> None:
@@ -657,7 +808,8 @@ class Worker:
         while True:
             try:
                 return await fn()
-            except RedisError as exc:
+            except (RedisError, OSError) as exc:
+                self._recover_needed = True
                 attempts += 1
                 log.warning("redis write failed (%s); retry %d in %.2fs", exc, attempts, delay_s)
                 await asyncio.sleep(delay_s)
@@ -678,11 +830,67 @@ class Worker:
         )
 
     # ------------------------------------------------------ heartbeat, reap
+    async def _take_over_dead(self) -> None:
+        """Re-queue the trajectories of workers whose heartbeat stopped.
+
+        Safe to run on every worker at once: only the first release of a
+        trajectory (owner still the dead worker) re-queues it.
+        """
+        cutoff = now_ms() - int(self.settings.dead_after_s * 1000)
+        for raw in await self.redis.zrangebyscore(self.keys.workers, "-inf", cutoff):
+            dead = _s(raw)
+            if dead == self.id:
+                continue
+            for traj_id in await self.redis.smembers(self.keys.worker_trajs(dead)):
+                await self._requeue(_s(traj_id), dead, graceful=False)
+            await self.redis.zrem(self.keys.workers, dead)
+            await self.redis.delete(self.keys.worker_trajs(dead), self.keys.worker(dead))
+            log.warning("worker %s is dead: its trajectories were re-queued", dead)
+
+    async def _requeue(self, traj_id: str, owner: str, graceful: bool) -> None:
+        """Give ``owner``'s trajectory back to the pool (any worker may claim it)."""
+        if not await self._release(keys=[self.keys.traj(traj_id)], args=[owner]):
+            return  # ended, or already re-queued by another worker
+        spec = await self.redis.hget(self.keys.traj(traj_id), "spec")
+        req = OpenRequest(
+            traj=traj_id, spec=_s(spec or "{}"), previous_owner=owner, graceful=graceful
+        )
+        await self.redis.xadd(self.keys.open, req.to_fields())
+        await self.redis.zadd(self.keys.pending, {traj_id: now_ms()}, nx=True)
+
+    async def _check_ownership(self) -> None:
+        """Stop serving trajectories another worker owns now (we were taken for dead)."""
+        trajs = list(self.owned.values())
+        if not trajs:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for traj in trajs:
+            pipe.hget(self.keys.traj(traj.traj_id), "owner")
+        for traj, owner in zip(trajs, await pipe.execute(), strict=True):
+            if owner is not None and _s(owner) != self.id and traj.ending is None:
+                log.error(
+                    "trajectory %s is owned by %s now: abandoning it", traj.traj_id, _s(owner)
+                )
+                await self._abandon(traj)
+
+    async def _abandon(self, traj: Traj) -> None:
+        self.owned.pop(traj.traj_id, None)
+        if traj.task is not None:
+            traj.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await traj.task
+        await self._drop_slot(traj, keep=True)
+
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
-            with contextlib.suppress(RedisError):
+            try:
                 await self._heartbeat()
+                await self._check_ownership()
+                await self._take_over_dead()
+            except (RedisError, OSError) as exc:
+                self._recover_needed = True
+                log.warning("heartbeat failed: %s", exc)
 
     async def _heartbeat(self) -> None:
         info = WorkerInfo(
@@ -700,6 +908,7 @@ class Worker:
         pipe.zadd(self.keys.workers, {self.id: info.heartbeat_ms})
         pipe.hset(self.keys.worker(self.id), mapping=info.to_fields())
         pipe.pexpire(self.keys.worker(self.id), int(self.settings.dead_after_s * 4000))
+        self.observer.heartbeat(pipe)
         await pipe.execute()
 
     async def _reap_loop(self) -> None:
@@ -740,13 +949,27 @@ class Worker:
             await asyncio.wait_for(self._out.join(), 10)
         for task in self._tasks[1:]:
             task.cancel()
+        await self.external.close()
         await self.backend.shutdown()
         with contextlib.suppress(RedisError):
             await self.redis.zrem(self.keys.workers, self.id)
             await self.redis.delete(self.keys.worker(self.id))
+        await self.observer.worker_stopped()
 
     async def _hand_back(self, traj: Traj) -> None:
-        """Give a trajectory back to the pool; its unanswered calls stay pending."""
+        """Give a trajectory back to the pool; its unanswered calls stay pending.
+
+        A call still running after the grace period gets ``worker_lost`` (or
+        stays pending to run again elsewhere, when idempotent).
+        """
+        running = traj.current
+        if running is not None and not (running.entry and running.entry.idempotent):
+            self._answer(
+                traj.traj_id,
+                running,
+                ErrorCode.WORKER_LOST,
+                "the worker shut down while the call ran",
+            )
         if traj.task is not None:
             traj.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -755,8 +978,6 @@ class Worker:
             await self._end_traj(traj)
             return
         await self._drop_slot(traj, keep=True)
-        released = await self._release(keys=[self.keys.traj(traj.traj_id)], args=[self.id])
-        if released:
-            req = OpenRequest(traj=traj.traj_id, spec=traj.spec)
-            await self.redis.xadd(self.keys.open, req.to_fields())
+        await self._requeue(traj.traj_id, self.id, graceful=True)
         self.owned.pop(traj.traj_id, None)
+        await self.redis.srem(self.keys.worker_trajs(self.id), traj.traj_id)

@@ -8,11 +8,13 @@ one agent when packing is on.
 from __future__ import annotations
 
 import abc
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from toolq.schemas import TrajectorySpec
 
 from ..channel import AgentChannel, EventHandler
+from ..metrics import Observer
 
 
 class SandboxError(RuntimeError):
@@ -29,6 +31,7 @@ class Slot:
     channel: AgentChannel
     sandbox_id: str = ""  # container id / process id
     reset: bool = False  # True when this slot replaced one that was lost
+    adopted: bool = False  # True when it reuses a workspace a previous owner left
     meta: dict[str, str] = field(default_factory=dict)
 
 
@@ -39,6 +42,12 @@ class Backend(abc.ABC):
     #: Called with every unsolicited agent message (``{"event": ..., "slot": ...}``);
     #: the worker sets it before ``start()``. Backends pass it to each AgentChannel.
     on_event: EventHandler | None = None
+    #: Lifecycle hooks (``container_started(seconds)``, ``container_removed()``,
+    #: ``container_lost()``); the worker sets its metrics observer before ``start()``.
+    observer: Observer = Observer()
+    #: Returns every registered worker id -> its last heartbeat (unix ms); the
+    #: worker sets it before ``start()`` so a backend can find dead workers' sandboxes.
+    worker_heartbeats: Callable[[], Awaitable[dict[str, int]]] | None = None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepare (e.g. remove sandboxes left by dead workers)."""

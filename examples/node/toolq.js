@@ -1,0 +1,411 @@
+'use strict';
+/**
+ * A small toolq client for Node.js: open a trajectory, call tools, wait for
+ * results race-free, read background tasks, close. It speaks PROTOCOL.md with
+ * plain Redis commands (node-redis `sendCommand`), and decodes the flat string
+ * fields with the JSON Schema files in schemas/json/.
+ *
+ *   const { ToolqClient } = require('./toolq');
+ *   const tq = await ToolqClient.connect({ url: 'redis://127.0.0.1:6379' });
+ *   await tq.open('t1');
+ *   const r = await tq.call('t1', 'bash', { command: 'echo hi' });
+ *   await tq.close('t1');
+ *   await tq.quit();
+ */
+
+const path = require('node:path');
+const { createClient } = require('redis');
+
+const PROTOCOL_VERSION = '1';
+const TRAJ_ID_RE = /^[A-Za-z0-9._:-]{1,128}$/;
+const CALL_ID_RE = /^[A-Za-z0-9._:-]{1,200}$/;
+const RESULT_TTL_MS = 24 * 3600 * 1000;
+const EVENTS_MAXLEN = 10000;
+const RETENTION_MS = 7 * 24 * 3600 * 1000;
+const FINAL_STATUSES = new Set(['completed', 'failed', 'timeout', 'cancelled']);
+const BG_FINAL = new Set(['completed', 'failed', 'stopped', 'lost']);
+const SCHEMA_DIR = path.join(__dirname, '..', '..', 'schemas', 'json');
+
+// The scripts of PROTOCOL.md, verbatim (tests/test_protocol.py checks they
+// match producer/_protocol.py).
+// KEYS: traj   ARGV: traj_id, now_ms, spec_json
+const OPEN_LUA = `
+local st = redis.call('HGET', KEYS[1], 'status')
+if st then return st end
+redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[1], 'status', 'pending',
+           'created_ms', ARGV[2], 'spec', ARGV[3], 'calls_total', '0', 'calls_failed', '0')
+return 'new'
+`;
+
+// KEYS: traj, calls, events   ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms,
+//                                   then the entry's field/value pairs
+const SUBMIT_LUA = `
+local final = {completed=1, failed=1, timeout=1, cancelled=1}
+
+local function answer(cid, code, message)
+  local rkey = ARGV[1] .. cid
+  if redis.call('EXISTS', rkey) == 1 then return end
+  redis.call('HSET', rkey, 'v', '1', 'call_id', cid, 'traj', redis.call('HGET', KEYS[1], 'traj'),
+             'ok', '0', 'error_code', code, 'error', message, 'finished_ms', ARGV[4])
+  redis.call('PEXPIRE', rkey, ARGV[2])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'result',
+             'call_id', cid, 'ok', '0', 'error_code', code)
+end
+local function field(flat, name)
+  for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
+  return nil
+end
+
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+local entry = {unpack(ARGV, 5)}
+local kind = field(entry, 'type') or 'call'
+if kind ~= 'call' then return id end
+local st = redis.call('HGET', KEYS[1], 'status')
+if st and final[st] then
+  local reason = redis.call('HGET', KEYS[1], 'reason') or st
+  answer(field(entry, 'call_id') or id, 'trajectory_ended',
+         'the trajectory has ended (' .. st .. ': ' .. reason .. ')')
+elseif st then
+  redis.call('HINCRBY', KEYS[1], 'calls_submitted', 1)
+end
+return id
+`;
+
+// KEYS: traj, calls, events   ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms,
+//                                   retention_ms, traj_id
+const CANCEL_LUA = `
+local final = {completed=1, failed=1, timeout=1, cancelled=1}
+
+local function answer(cid, code, message)
+  local rkey = ARGV[1] .. cid
+  if redis.call('EXISTS', rkey) == 1 then return end
+  redis.call('HSET', rkey, 'v', '1', 'call_id', cid, 'traj', redis.call('HGET', KEYS[1], 'traj'),
+             'ok', '0', 'error_code', code, 'error', message, 'finished_ms', ARGV[4])
+  redis.call('PEXPIRE', rkey, ARGV[2])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'result',
+             'call_id', cid, 'ok', '0', 'error_code', code)
+end
+local function field(flat, name)
+  for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
+  return nil
+end
+
+local st = redis.call('HGET', KEYS[1], 'status')
+if st and final[st] then return 'ended' end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if st == 'running' or (owner and owner ~= '') then
+  redis.call('XADD', KEYS[2], '*', 'v', '1', 'type', 'cancel')
+  return 'requested'
+end
+redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[6], 'status', 'cancelled',
+           'ended_ms', ARGV[4], 'reason', 'cancelled by client before it started')
+redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[4])
+for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
+  if (field(e[2], 'type') or 'call') == 'call' then
+    answer(field(e[2], 'call_id') or e[1], 'cancelled', 'trajectory cancelled')
+  end
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'state',
+           'status', 'cancelled')
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+return 'cancelled'
+`;
+
+class ToolqError extends Error {}
+
+/** No result within the wait; the call may still finish later. */
+class WaitTimeout extends ToolqError {}
+
+/** Key names, exactly as schemas/keys.py builds them. */
+class Keys {
+  constructor(ns = 'toolq') {
+    this.ns = ns;
+    this.open = `${ns}:open`;
+  }
+  traj(t) { return `${this.ns}:{${t}}`; }
+  calls(t) { return `${this.ns}:{${t}}:calls`; }
+  events(t) { return `${this.ns}:{${t}}:events`; }
+  result(t, callId) { return `${this.ns}:{${t}}:result:${callId}`; }
+  bg(t, taskId) { return `${this.ns}:{${t}}:bg:${taskId}`; }
+  get runs() { return `${this.ns}:runs`; }
+  get pending() { return `${this.ns}:pending`; }
+  get tools() { return `${this.ns}:tools`; }
+}
+
+// ------------------------------------------------------------ encoding -----
+
+/** Flat string fields of a message: booleans "1"/"0", objects as JSON text. */
+function encode(message) {
+  const flat = [];
+  for (const [key, value] of Object.entries(message)) {
+    if (value === undefined || value === null) continue; // absent = default
+    let text;
+    if (typeof value === 'boolean') text = value ? '1' : '0';
+    else if (typeof value === 'object') text = JSON.stringify(value);
+    else text = String(value);
+    flat.push(key, text);
+  }
+  return flat;
+}
+
+const schemaCache = new Map();
+
+/** A schema of schemas/json/, loaded once. */
+function schema(name) {
+  if (!schemaCache.has(name)) {
+    schemaCache.set(name, require(path.join(SCHEMA_DIR, `${name}.json`)));
+  }
+  return schemaCache.get(name);
+}
+
+/** The JSON types a property may take (null left out), following $refs. */
+function propertyTypes(doc, prop) {
+  const types = new Set();
+  for (let option of prop.anyOf || [prop]) {
+    if (option.$ref) option = doc.$defs[option.$ref.split('/').pop()];
+    if (option.type && option.type !== 'null') types.add(option.type);
+  }
+  return types;
+}
+
+/**
+ * Decode flat fields (HGETALL or a stream entry) into typed values with the
+ * message's JSON Schema. Absent fields get the schema's default; unknown
+ * fields (from a newer protocol) are kept as strings and otherwise ignored.
+ */
+function decode(name, flat) {
+  const doc = schema(name);
+  const out = {};
+  for (const [key, prop] of Object.entries(doc.properties)) {
+    if (prop.default !== undefined) out[key] = prop.default;
+  }
+  for (const [key, text] of Object.entries(flat)) {
+    const prop = doc.properties[key];
+    out[key] = prop ? decodeValue(propertyTypes(doc, prop), text) : text;
+  }
+  return out;
+}
+
+function decodeValue(types, text) {
+  if (types.has('boolean')) return text === '1' || text === 'true';
+  if (types.has('integer') || types.has('number')) return text === '' ? null : Number(text);
+  if (types.has('object')) return text === '' ? null : JSON.parse(text);
+  return text;
+}
+
+/** [f1, v1, f2, v2] -> {f1: v1, f2: v2} */
+function pairs(flat) {
+  const out = {};
+  for (let i = 0; i + 1 < (flat || []).length; i += 2) out[String(flat[i])] = String(flat[i + 1]);
+  return out;
+}
+
+function checkTraj(traj) {
+  if (typeof traj !== 'string' || !TRAJ_ID_RE.test(traj)) {
+    throw new ToolqError(`invalid trajectory id ${JSON.stringify(traj)}: must match ${TRAJ_ID_RE}`);
+  }
+  return traj;
+}
+
+// -------------------------------------------------------------- client -----
+
+class ToolqClient {
+  /** Connect; `url` defaults to $REDIS_URL, `namespace` to $TOOLQ_NS or "toolq". */
+  static async connect({ url, namespace } = {}) {
+    const redisUrl = url || process.env.REDIS_URL || 'redis://127.0.0.1:6379';
+    const redis = createClient({ url: redisUrl });
+    redis.on('error', (err) => console.error('redis:', err.message));
+    await redis.connect();
+    return new ToolqClient(redis, namespace || process.env.TOOLQ_NS || 'toolq');
+  }
+
+  constructor(redis, namespace) {
+    this.redis = redis;
+    this.keys = new Keys(namespace);
+    this.idle = []; // connections for blocking XREADs, which would stall `redis`
+  }
+
+  async quit() {
+    for (const conn of [this.redis, ...this.idle]) await conn.quit();
+    this.idle = [];
+  }
+
+  async newBlockingConnection() {
+    const conn = this.redis.duplicate();
+    conn.on('error', (err) => console.error('redis:', err.message));
+    return conn.connect();
+  }
+
+  send(args) {
+    return this.redis.sendCommand(args.map(String));
+  }
+
+  /** Request a trajectory; returns "new", or its status if it exists already. */
+  async open(traj, spec = {}) {
+    checkTraj(traj);
+    const now = Date.now();
+    const specJson = JSON.stringify(spec);
+    const status = await this.send(['EVAL', OPEN_LUA, 1, this.keys.traj(traj), traj, now, specJson]);
+    if (status === 'new') {
+      await Promise.all([
+        this.send(['ZADD', this.keys.runs, 'NX', now, traj]),
+        this.send(['ZADD', this.keys.pending, 'NX', now, traj]),
+        this.send(['XADD', this.keys.open, '*', ...encode({ v: 1, traj, spec })]),
+      ]);
+    } else if (FINAL_STATUSES.has(status)) {
+      throw new ToolqError(`trajectory ${traj} has ended (${status})`);
+    }
+    return status;
+  }
+
+  /** Append an entry to the calls stream with SUBMIT_LUA; returns the entry id. */
+  appendEntry(traj, entry) {
+    checkTraj(traj);
+    if (entry.call_id !== undefined && !CALL_ID_RE.test(entry.call_id)) {
+      throw new ToolqError(`invalid call_id ${JSON.stringify(entry.call_id)}`);
+    }
+    const k = this.keys;
+    return this.send([
+      'EVAL', SUBMIT_LUA, 3, k.traj(traj), k.calls(traj), k.events(traj),
+      k.result(traj, ''), RESULT_TTL_MS, EVENTS_MAXLEN, Date.now(),
+      ...encode({ v: PROTOCOL_VERSION, ...entry }),
+    ]);
+  }
+
+  /** Submit a tool call; returns its call id (the client's `callId`, else the entry id). */
+  async submit(traj, tool, args = {}, { callId, timeoutS, idempotent } = {}) {
+    const entry = { type: 'call', tool, args, call_id: callId, timeout_s: timeoutS, idempotent };
+    const entryId = await this.appendEntry(traj, entry);
+    return callId || entryId;
+  }
+
+  /** Submit a call and wait for its result. */
+  async call(traj, tool, args = {}, opts = {}) {
+    // Read the events cursor *before* submitting: the result's event comes after it.
+    const cursor = this.lastEventId(traj);
+    const callId = await this.submit(traj, tool, args, opts);
+    const waitMs = opts.waitMs ?? ((opts.timeoutS ?? 60) + 60) * 1000;
+    return this.waitResult(traj, callId, await cursor, waitMs);
+  }
+
+  /** Wait up to `waitMs` for the result of a call submitted earlier. */
+  async result(traj, callId, { waitMs = 60000 } = {}) {
+    // Cursor first, then the hash: a result written after the cursor was read
+    // has its event after the cursor, so XREAD from it cannot miss it.
+    return this.waitResult(traj, callId, await this.lastEventId(traj), waitMs);
+  }
+
+  async waitResult(traj, callId, cursor, waitMs) {
+    const found = await this.waitFor(traj, cursor, waitMs,
+      (e) => e.type === 'result' && e.call_id === callId,
+      () => this.readHash(this.keys.result(traj, callId), 'result'));
+    if (!found) throw new WaitTimeout(`no result for call ${callId} of ${traj} yet`);
+    return found;
+  }
+
+  /**
+   * The race-free wait of PROTOCOL.md: look at the state; if not there yet,
+   * block on the events stream from `cursor` until a matching event (or the
+   * deadline), then look again. Returns what `look` returns, or null.
+   */
+  async waitFor(traj, cursor, waitMs, matches, look) {
+    const deadline = Date.now() + waitMs;
+    let found = await look();
+    while (!found) {
+      const left = deadline - Date.now();
+      if (left <= 0) return null;
+      const { next, hit } = await this.readEvents(traj, cursor, left, matches);
+      cursor = next || cursor;
+      if (hit || !next) found = await look(); // event seen, or timed out: look again
+    }
+    return found;
+  }
+
+  /** One XREAD BLOCK on the events stream; returns the new cursor and whether an event matched. */
+  async readEvents(traj, cursor, blockMs, matches) {
+    const conn = this.idle.pop() || (await this.newBlockingConnection());
+    let reply;
+    try {
+      reply = await conn.sendCommand([
+        'XREAD', 'COUNT', '100', 'BLOCK', String(Math.max(1, Math.round(blockMs))),
+        'STREAMS', this.keys.events(traj), cursor,
+      ]);
+    } finally {
+      this.idle.push(conn);
+    }
+    let next = null;
+    let hit = false;
+    for (const [, entries] of reply || []) {
+      for (const [id, fields] of entries) {
+        next = id;
+        hit = hit || matches(decode('event', pairs(fields)));
+      }
+    }
+    return { next, hit };
+  }
+
+  /** The id of the newest event ("0-0" if none): the cursor to wait after. */
+  async lastEventId(traj) {
+    const reply = await this.send(['XREVRANGE', this.keys.events(traj), '+', '-', 'COUNT', 1]);
+    return reply && reply.length ? reply[0][0] : '0-0';
+  }
+
+  async readHash(key, schemaName) {
+    const flat = pairs(await this.send(['HGETALL', key]));
+    return Object.keys(flat).length ? decode(schemaName, flat) : null;
+  }
+
+  /** Close after the calls already submitted (FIFO); returns the entry id. */
+  close(traj) {
+    return this.appendEntry(traj, { type: 'close' });
+  }
+
+  /**
+   * Cancel now: what runs is killed, what waits is answered `cancelled`.
+   * Returns "requested" (its worker acts on a cancel entry), "cancelled" (no
+   * worker owned it: done by the script) or "ended" (it had ended already).
+   */
+  async cancel(traj) {
+    checkTraj(traj);
+    const k = this.keys;
+    const outcome = await this.send([
+      'EVAL', CANCEL_LUA, 3, k.traj(traj), k.calls(traj), k.events(traj),
+      k.result(traj, ''), RESULT_TTL_MS, EVENTS_MAXLEN, Date.now(), RETENTION_MS, traj,
+    ]);
+    if (outcome === 'cancelled') await this.send(['ZREM', k.pending, traj]);
+    return outcome;
+  }
+
+  /** The trajectory record, decoded, or null. */
+  trajectory(traj) {
+    return this.readHash(this.keys.traj(checkTraj(traj)), 'trajectory_record');
+  }
+
+  /** Wait until the trajectory reaches a final state; returns its record (or null on timeout). */
+  async waitEnded(traj, { waitMs = 60000 } = {}) {
+    const cursor = await this.lastEventId(traj);
+    return this.waitFor(traj, cursor, waitMs, (e) => e.type === 'state', async () => {
+      const rec = await this.trajectory(traj);
+      return rec && FINAL_STATUSES.has(rec.status) ? rec : null;
+    });
+  }
+
+  /** A background task's hash, decoded, or null. */
+  bgTask(traj, taskId) {
+    return this.readHash(this.keys.bg(checkTraj(traj), taskId), 'bg_task');
+  }
+
+  /** Wait until a background task is no longer running; returns its hash (or null on timeout). */
+  async waitBg(traj, taskId, { waitMs = 60000 } = {}) {
+    const cursor = await this.lastEventId(traj);
+    const matches = (e) => e.type === 'bg' && e.task_id === taskId;
+    return this.waitFor(traj, cursor, waitMs, matches, async () => {
+      const task = await this.bgTask(traj, taskId);
+      return task && BG_FINAL.has(task.status) ? task : null;
+    });
+  }
+}
+
+module.exports = {
+  ToolqClient, ToolqError, WaitTimeout, Keys, encode, decode, OPEN_LUA, SUBMIT_LUA, CANCEL_LUA,
+};

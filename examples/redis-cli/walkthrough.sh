@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Drive one toolq trajectory with nothing but redis-cli: open it, run
+# `echo hi` with the bash tool, wait for the result race-free, read it, close.
+# PROTOCOL.md quotes the blocks between "# doc:NAME" and "# /doc" verbatim
+# (tests/test_protocol.py keeps the two identical).
+#
+#   REDIS_URL=redis://127.0.0.1:6379 TOOLQ_NS=toolq examples/redis-cli/walkthrough.sh
+#
+# Environment: REDIS_URL (default redis://127.0.0.1:6379), TOOLQ_NS (default
+# toolq), TOOLQ_TRAJ (default walk-<pid>), TOOLQ_WAIT_S (default 60),
+# REDIS_CLI (default redis-cli). Prints key=value lines; exits non-zero when a
+# step fails or times out.
+set -euo pipefail
+
+REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+NS="${TOOLQ_NS:-toolq}"
+T="${TOOLQ_TRAJ:-walk-$$}"
+WAIT_S="${TOOLQ_WAIT_S:-60}"
+REDIS_CLI="${REDIS_CLI:-redis-cli}"
+
+fail() { echo "walkthrough: $*" >&2; exit 1; }
+
+# doc:setup
+r() { "$REDIS_CLI" -e -u "$REDIS_URL" "$@"; }   # -e: exit non-zero on an error reply
+now_ms() { echo "$(date +%s)000"; }
+# /doc
+
+# The two scripts of PROTOCOL.md, verbatim (the tests check they match the
+# ones the Python client runs).
+OPEN_LUA=$(cat <<'LUA'
+local st = redis.call('HGET', KEYS[1], 'status')
+if st then return st end
+redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[1], 'status', 'pending',
+           'created_ms', ARGV[2], 'spec', ARGV[3], 'calls_total', '0', 'calls_failed', '0')
+return 'new'
+LUA
+)
+SUBMIT_LUA=$(cat <<'LUA'
+local final = {completed=1, failed=1, timeout=1, cancelled=1}
+
+local function answer(cid, code, message)
+  local rkey = ARGV[1] .. cid
+  if redis.call('EXISTS', rkey) == 1 then return end
+  redis.call('HSET', rkey, 'v', '1', 'call_id', cid, 'traj', redis.call('HGET', KEYS[1], 'traj'),
+             'ok', '0', 'error_code', code, 'error', message, 'finished_ms', ARGV[4])
+  redis.call('PEXPIRE', rkey, ARGV[2])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'result',
+             'call_id', cid, 'ok', '0', 'error_code', code)
+end
+local function field(flat, name)
+  for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
+  return nil
+end
+
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+local entry = {unpack(ARGV, 5)}
+local kind = field(entry, 'type') or 'call'
+if kind ~= 'call' then return id end
+local st = redis.call('HGET', KEYS[1], 'status')
+if st and final[st] then
+  local reason = redis.call('HGET', KEYS[1], 'reason') or st
+  answer(field(entry, 'call_id') or id, 'trajectory_ended',
+         'the trajectory has ended (' .. st .. ': ' .. reason .. ')')
+elseif st then
+  redis.call('HINCRBY', KEYS[1], 'calls_submitted', 1)
+end
+return id
+LUA
+)
+
+# wait_for KEY FIELD: block on the events stream until hash KEY has FIELD.
+# doc:wait
+wait_for() {
+  local key=$1 field=$2 deadline=$((SECONDS + WAIT_S)) cursor
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    # Newest event id first, then the state: anything written after this
+    # read adds an event after $cursor, so XREAD below wakes up for it.
+    cursor=$(r XREVRANGE "$NS:{$T}:events" + - COUNT 1 | sed -n 1p)
+    [ -n "$(r HGET "$key" "$field")" ] && return 0
+    r XREAD COUNT 1 BLOCK 1000 STREAMS "$NS:{$T}:events" "${cursor:-0-0}" >/dev/null
+  done
+  return 1
+}
+# /doc
+
+# doc:open
+SPEC='{"limits":{"call_timeout_s":30},"labels":{"example":"redis-cli"}}'
+now=$(now_ms)
+status=$(r EVAL "$OPEN_LUA" 1 "$NS:{$T}" "$T" "$now" "$SPEC")
+if [ "$status" = new ]; then   # first open: announce it to the workers
+  r ZADD "$NS:runs" NX "$now" "$T" >/dev/null
+  r ZADD "$NS:pending" NX "$now" "$T" >/dev/null
+  r XADD "$NS:open" '*' v 1 traj "$T" spec "$SPEC" >/dev/null
+fi
+# /doc
+case "$status" in new | pending | running) ;; *) fail "trajectory $T has ended ($status)" ;; esac
+echo "traj=$T"
+echo "open=$status"
+
+# doc:call
+call_id=$(r EVAL "$SUBMIT_LUA" 3 "$NS:{$T}" "$NS:{$T}:calls" "$NS:{$T}:events" \
+  "$NS:{$T}:result:" 86400000 10000 "$(now_ms)" \
+  v 1 type call tool bash args '{"command":"echo hi"}')
+# /doc
+echo "call_id=$call_id"
+
+# doc:result
+wait_for "$NS:{$T}:result:$call_id" ok || fail "no result for $call_id within ${WAIT_S}s"
+ok=$(r HGET "$NS:{$T}:result:$call_id" ok)             # "1" or "0"
+output=$(r HGET "$NS:{$T}:result:$call_id" output)     # "hi" (the shell drops the newline)
+error_code=$(r HGET "$NS:{$T}:result:$call_id" error_code)
+# /doc
+echo "ok=$ok"
+echo "output=$output"
+echo "exit_code=$(r HGET "$NS:{$T}:result:$call_id" exit_code)"
+[ "$ok" = 1 ] || fail "call failed: ${error_code:-?}: $(r HGET "$NS:{$T}:result:$call_id" error)"
+
+# doc:close
+r EVAL "$SUBMIT_LUA" 3 "$NS:{$T}" "$NS:{$T}:calls" "$NS:{$T}:events" \
+  "$NS:{$T}:result:" 86400000 10000 "$(now_ms)" v 1 type close >/dev/null
+wait_for "$NS:{$T}" ended_ms || fail "trajectory did not end within ${WAIT_S}s"
+final=$(r HGET "$NS:{$T}" status)                      # completed
+# /doc
+echo "status=$final"
+[ "$final" = completed ] || fail "trajectory ended $final, not completed"

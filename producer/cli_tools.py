@@ -1,0 +1,37 @@
+"""``toolq tools``: list the tools workers published."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .tools import openai_spec, parse_tools, select, tools_json
+
+
+@click.command("tools")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "openai"]),
+    default="table",
+    show_default=True,
+    help="table: one line per tool; json: the published documents; openai: tool specs.",
+)
+@click.option("--only", "names", multiple=True, help="Only this tool (repeatable).")
+@click.pass_context
+def tools_cmd(ctx: click.Context, fmt: str, names: tuple[str, ...]) -> None:
+    """List the tools workers published (run a worker first)."""
+    from .cli import _client
+
+    client = _client(ctx)
+    tools = select(parse_tools(client.redis.hgetall(client.keys.tools)), names or None)
+    if fmt == "openai":
+        click.echo(json.dumps([openai_spec(t) for t in tools], indent=2))
+    elif fmt == "json":
+        click.echo(tools_json(tools))
+    else:
+        for t in tools:
+            kind = "external" if t.external else "sandbox"
+            aliases = f" (aliases: {', '.join(t.aliases)})" if t.aliases else ""
+            click.echo(f"{t.name:<16} {kind:<8} {t.description}{aliases}")

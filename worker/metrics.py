@@ -1,0 +1,416 @@
+"""Worker metrics: lifecycle hooks the worker calls, exported to Prometheus.
+
+The worker never updates a metric inline: it calls hooks on its ``observer``
+(``call_finished``, ``batch_read``, ``traj_ended``, ...) and backends call the
+container hooks on ``backend.observer``. ``Observer`` is the interface, every
+hook a no-op; ``WorkerMetrics`` implements it with
+
+- a Prometheus registry per worker (several workers can share a process),
+  served over HTTP when ``settings.metrics_port`` is set (0: any free port);
+- per-minute call counts in Redis (``Keys.minute_stats``), written with the
+  heartbeat, which ``toolq status`` reads for its recent error rate.
+
+Label values are bounded: tools are registered tool names or ``other``,
+outcomes are ``ok`` or an ``ErrorCode`` value or ``other``; no trajectory,
+call or slot id is ever a label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter as Tally
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    start_http_server,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from toolq.schemas import FINAL_STATUSES, ErrorCode, Keys, Result, __version__
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from .settings import WorkerSettings
+    from .tools import Registry
+    from .worker import Worker
+
+log = logging.getLogger("toolq.worker.metrics")
+
+OTHER = "other"
+OUTCOMES = frozenset(["ok", *(code.value for code in ErrorCode)])
+SLOT_STATES = ("busy", "idle", "starting", "free")
+BG_STATUSES = ("running", "completed", "failed", "stopped", "lost")
+REDIS_ERROR_KINDS = ("connection", "timeout", "reply")
+MINUTE_STATS_TTL_S = 2 * 3600
+
+_FAST_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+QUEUE_BUCKETS_S = (*_FAST_S, 30.0, 60.0, 120.0, 300.0)
+RUN_BUCKETS_S = (*_FAST_S, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+START_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Observer:
+    """Lifecycle hooks of a worker and its backend. Every hook is a no-op here."""
+
+    async def worker_started(self, worker: Worker) -> None:
+        """The worker is starting (before its first Redis command)."""
+
+    async def worker_stopped(self) -> None:
+        """The worker has shut down."""
+
+    def batch_read(self, entries: int) -> None:
+        """One XREADGROUP returned ``entries`` entries (opens and calls together)."""
+
+    def call_finished(self, result: Result) -> None:
+        """A call's final result was written to Redis."""
+
+    def traj_claimed(self) -> None:
+        """This worker took ownership of a trajectory."""
+
+    def traj_ended(self, status: str) -> None:
+        """A trajectory this worker owned reached the final ``status``."""
+
+    def slot_started(self, seconds: float) -> None:
+        """``backend.acquire`` returned a slot after ``seconds``."""
+
+    def slot_lost(self) -> None:
+        """A slot's sandbox died or stopped answering."""
+
+    def container_started(self, seconds: float) -> None:
+        """The Docker backend started a container in ``seconds`` (create to agent ready)."""
+
+    def container_removed(self) -> None:
+        """The Docker backend removed a container."""
+
+    def container_lost(self) -> None:
+        """The Docker backend found a container dead that it had not stopped."""
+
+    def bg_task_changed(self, status: str) -> None:
+        """A background task started (``running``) or ended with ``status``."""
+
+    def heartbeat(self, pipe: Any) -> None:
+        """Add commands to the heartbeat's Redis pipeline (sent right after)."""
+
+
+class WorkerMetrics(Observer):
+    """The worker's Prometheus metrics and per-minute Redis call counts."""
+
+    def __init__(self, settings: WorkerSettings, tools: Registry) -> None:
+        self.settings = settings
+        self.tools = tools
+        self.keys = Keys(settings.namespace)
+        self.registry = CollectorRegistry()
+        self.port: int | None = None  # the bound metrics port, once serving
+        self._server: Any = None
+        self._sampler: asyncio.Task[None] | None = None
+        self._redis: aioredis.Redis | None = None
+        self._minutes: dict[int, Tally[str]] = {}
+        self._define()
+
+    # -------------------------------------------------------------- metrics
+    def _define(self) -> None:
+        """Create every metric in this worker's registry."""
+        r = self.registry
+        ProcessCollector(registry=r)
+        self.info = Info("toolq_worker", "Worker identity.", registry=r)
+        self.calls = Counter(
+            "toolq_calls", "Calls answered, by tool and outcome.", ["tool", "outcome"], registry=r
+        )
+        self.queue_s = Histogram(
+            "toolq_call_queue_seconds",
+            "Time from XADD of a call to the worker starting it.",
+            ["tool"],
+            buckets=QUEUE_BUCKETS_S,
+            registry=r,
+        )
+        self.run_s = Histogram(
+            "toolq_call_run_seconds",
+            "Time a call ran in its sandbox (as the agent measured it).",
+            ["tool"],
+            buckets=RUN_BUCKETS_S,
+            registry=r,
+        )
+        self.batch = Histogram(
+            "toolq_read_batch_size",
+            "Entries returned by one non-empty XREADGROUP.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.slots = Gauge("toolq_slots", "Slots by state.", ["state"], registry=r)
+        self.slot_start_s = Histogram(
+            "toolq_slot_start_seconds",
+            "Time to get a ready slot from the backend (warm or cold).",
+            buckets=START_BUCKETS_S,
+            registry=r,
+        )
+        self.slots_lost = Counter(
+            "toolq_slots_lost", "Slots whose sandbox died or stopped answering.", registry=r
+        )
+        self.containers_started = Counter(
+            "toolq_containers_started", "Containers started.", registry=r
+        )
+        self.containers_removed = Counter(
+            "toolq_containers_removed", "Containers removed.", registry=r
+        )
+        self.containers_lost = Counter(
+            "toolq_containers_lost", "Containers found dead unexpectedly.", registry=r
+        )
+        self.container_start_s = Histogram(
+            "toolq_container_start_seconds",
+            "Time from container create to its agent answering.",
+            buckets=START_BUCKETS_S,
+            registry=r,
+        )
+        self.opened = Counter(
+            "toolq_trajectories_opened", "Trajectories claimed by this worker.", registry=r
+        )
+        self.ended = Counter(
+            "toolq_trajectories_ended", "Trajectories ended, by status.", ["status"], registry=r
+        )
+        self.owned = Gauge("toolq_trajectories_owned", "Trajectories owned now.", registry=r)
+        self.backlog = Gauge(
+            "toolq_open_backlog", "Trajectories waiting for a slot (all workers).", registry=r
+        )
+        self.backlog_age_s = Gauge(
+            "toolq_open_backlog_age_seconds",
+            "Age of the oldest trajectory waiting for a slot (0 when none).",
+            registry=r,
+        )
+        self.bg_tasks = Counter(
+            "toolq_bg_tasks", "Background task transitions, by status.", ["status"], registry=r
+        )
+        self.redis_round_trips = Counter(
+            "toolq_redis_round_trips", "Commands or pipelines sent to Redis.", registry=r
+        )
+        self.redis_errors = Counter(
+            "toolq_redis_errors", "Redis errors, by kind.", ["kind"], registry=r
+        )
+        self.heartbeat_ts = Gauge(
+            "toolq_heartbeat_timestamp_seconds", "Unix time of the last heartbeat.", registry=r
+        )
+        # Known label values export 0 from the start, so rates and panels
+        # have a series before the first event.
+        for children, values in (
+            (self.slots, SLOT_STATES),
+            (self.ended, sorted(FINAL_STATUSES)),
+            (self.bg_tasks, BG_STATUSES),
+            (self.redis_errors, REDIS_ERROR_KINDS),
+        ):
+            for value in values:
+                children.labels(value)
+
+    def tool_label(self, name: str) -> str:
+        """A registered tool's canonical name, else ``other`` (keeps labels bounded)."""
+        tool = self.tools.resolve(name) if name else None
+        return tool.name if tool is not None else OTHER
+
+    @staticmethod
+    def outcome_label(result: Result) -> str:
+        """``ok``, or the result's error code if it is a known one, else ``other``."""
+        outcome = "ok" if result.ok else (result.error_code or OTHER)
+        return outcome if outcome in OUTCOMES else OTHER
+
+    # ---------------------------------------------------------------- hooks
+    async def worker_started(self, worker: Worker) -> None:
+        """Instrument the worker's Redis client, start sampling, serve /metrics."""
+        self.info.info(
+            {"worker": worker.id, "version": __version__, "backend": worker.backend.name}
+        )
+        instrument_redis(worker.redis, self)
+        self._redis = worker.redis
+        for state in SLOT_STATES:
+            self.slots.labels(state).set(0)
+        self.slots.labels("free").set(self.settings.slots)
+        self._sampler = asyncio.create_task(self._sample_loop(worker), name="metrics-sampler")
+        if self.settings.metrics_port is not None:
+            self.serve(self.settings.metrics_port, self.settings.metrics_host)
+
+    async def worker_stopped(self) -> None:
+        """Flush the last call counts, stop sampling and serving."""
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+        if self._redis is not None and self._minutes:
+            pipe = self._redis.pipeline(transaction=False)
+            self.flush_minutes(pipe)
+            with contextlib.suppress(RedisError, OSError):
+                await pipe.execute()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def batch_read(self, entries: int) -> None:
+        if entries > 0:
+            self.batch.observe(entries)
+
+    def call_finished(self, result: Result) -> None:
+        tool = self.tool_label(result.tool)
+        outcome = self.outcome_label(result)
+        self.calls.labels(tool, outcome).inc()
+        self.queue_s.labels(tool).observe(result.queued_ms / 1000)
+        if result.slot:  # it ran in a sandbox (refused calls never did)
+            self.run_s.labels(tool).observe(result.run_ms / 1000)
+        minute = self._minutes.setdefault(result.finished_ms // 60_000, Tally())
+        minute["calls"] += 1
+        if outcome != "ok":
+            minute["failed"] += 1
+            minute[f"error:{outcome}"] += 1
+
+    def traj_claimed(self) -> None:
+        self.opened.inc()
+
+    def traj_ended(self, status: str) -> None:
+        self.ended.labels(status if status in FINAL_STATUSES else OTHER).inc()
+
+    def slot_started(self, seconds: float) -> None:
+        self.slot_start_s.observe(seconds)
+
+    def slot_lost(self) -> None:
+        self.slots_lost.inc()
+
+    def container_started(self, seconds: float) -> None:
+        self.containers_started.inc()
+        self.container_start_s.observe(seconds)
+
+    def container_removed(self) -> None:
+        self.containers_removed.inc()
+
+    def container_lost(self) -> None:
+        self.containers_lost.inc()
+
+    def bg_task_changed(self, status: str) -> None:
+        self.bg_tasks.labels(status if status in BG_STATUSES else OTHER).inc()
+
+    def heartbeat(self, pipe: Any) -> None:
+        """Record the beat and flush the per-minute call counts into the pipeline."""
+        self.heartbeat_ts.set(time.time())
+        self.flush_minutes(pipe)
+
+    def flush_minutes(self, pipe: Any) -> None:
+        """Add the per-minute call counts gathered since the last flush to ``pipe``."""
+        minutes, self._minutes = self._minutes, {}
+        for minute, tally in minutes.items():
+            key = self.keys.minute_stats(minute)
+            for field, n in tally.items():
+                pipe.hincrby(key, field, n)
+            pipe.expire(key, MINUTE_STATS_TTL_S)
+
+    # -------------------------------------------------------------- serving
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve this worker's /metrics over HTTP; returns the bound port."""
+        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port = int(self._server.server_port)
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+        return self.port
+
+    # ------------------------------------------------------------- sampling
+    async def _sample_loop(self, worker: Worker) -> None:
+        """Refresh the gauges that describe state rather than events."""
+        while True:
+            self.sample_slots(worker)
+            with contextlib.suppress(RedisError, OSError):
+                await self.sample_backlog(worker.redis)
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    def sample_slots(self, worker: Worker) -> None:
+        """Slots by state and owned trajectories, from the worker's table."""
+        states = Tally(_slot_state(t) for t in list(worker.owned.values()))
+        for state in SLOT_STATES[:-1]:
+            self.slots.labels(state).set(states[state])
+        self.slots.labels("free").set(max(0, self.settings.slots - len(worker.owned)))
+        self.owned.set(len(worker.owned))
+
+    async def sample_backlog(self, redis: aioredis.Redis) -> None:
+        """Trajectories waiting for a slot and the oldest one's age (``Keys.pending``)."""
+        pipe = redis.pipeline(transaction=False)
+        pipe.zcard(self.keys.pending)
+        pipe.zrange(self.keys.pending, 0, 0, withscores=True)
+        count, oldest = await pipe.execute()
+        self.backlog.set(count)
+        age_s = time.time() - oldest[0][1] / 1000 if oldest else 0.0
+        self.backlog_age_s.set(max(0.0, age_s))
+
+
+def _slot_state(traj: Any) -> str:
+    """``starting`` (no slot yet), ``busy`` (running a call) or ``idle``."""
+    if traj.slot is None:
+        return "starting"
+    return "busy" if traj.busy else "idle"
+
+
+def _error_kind(exc: BaseException) -> str | None:
+    """The ``kind`` label of a Redis error, None for replies that are part of normal work."""
+    if isinstance(exc, RedisTimeoutError):
+        return "timeout"
+    if isinstance(exc, RedisConnectionError):
+        return "connection"
+    if isinstance(exc, NoScriptError):  # redis-py loads the script and retries
+        return None
+    if isinstance(exc, ResponseError):
+        return None if str(exc).startswith("BUSYGROUP") else "reply"
+    return None
+
+
+def instrument_redis(redis: aioredis.Redis, metrics: WorkerMetrics) -> None:
+    """Count round trips and errors of every connection ``redis`` opens from now on.
+
+    One ``send_packed_command`` is one round trip (a pipeline sends once).
+    Connections already open in the pool are not counted: call this before
+    the client's first command.
+    """
+    pool = redis.connection_pool
+    base: Any = pool.connection_class
+    if getattr(base, "_toolq_metrics", None) is not None:
+        return  # already instrumented
+
+    class ObservedConnection(base):  # type: ignore[misc,valid-type]
+        _toolq_metrics = metrics
+        _handshake = False
+
+        async def on_connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+            # Refused handshake options (CLIENT SETINFO before Redis 7.2) are not errors.
+            self._handshake = True
+            try:
+                await super().on_connect_check_health(*args, **kwargs)
+            finally:
+                self._handshake = False
+
+        async def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
+            metrics.redis_round_trips.inc()
+            try:
+                await super().send_packed_command(*args, **kwargs)
+            except RedisError as exc:
+                _count_error(metrics, exc)
+                raise
+
+        async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await super().read_response(*args, **kwargs)
+            except RedisError as exc:
+                if not (self._handshake and isinstance(exc, ResponseError)):
+                    _count_error(metrics, exc)
+                raise
+
+    ObservedConnection.__name__ = f"Observed{base.__name__}"
+    pool.connection_class = ObservedConnection
+
+
+def _count_error(metrics: WorkerMetrics, exc: BaseException) -> None:
+    kind = _error_kind(exc)
+    if kind is not None:
+        metrics.redis_errors.labels(kind).inc()
