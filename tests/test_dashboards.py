@@ -191,6 +191,7 @@ def run_load(client: Client, stop: threading.Event, prefix: str, rounds: int = 2
         client.call(traj, "bash", {"command": "exit 1"})
         if i % 5 == 0:
             client.call(traj, "no_such_tool", {})
+            client.call(traj, "bg_start", {"command": "true"})
         client.close(traj)
 
 
@@ -414,7 +415,9 @@ def test_dashboard_is_importable(path: Path):
     for p in panels:
         g = p["gridPos"]
         assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24, p["title"]
-        grid = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        grid = {
+            (x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])
+        }
         assert not grid & cells, f"panel {p['title']!r} overlaps another"
         cells |= grid
         if p["type"] == "row":
@@ -428,9 +431,9 @@ def test_dashboard_is_importable(path: Path):
 def test_grafana_provisioning_matches_compose():
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     mounts = dict(v.split(":")[:2] for v in compose["services"]["grafana"]["volumes"] if ":" in v)
-    provider = yaml.safe_load(
-        (DEPLOY / "grafana/provisioning/dashboards/toolq.yml").read_text()
-    )["providers"][0]
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/toolq.yml").read_text())[
+        "providers"
+    ][0]
     assert mounts["./grafana/dashboards"] == provider["options"]["path"]
     assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
     source = yaml.safe_load(

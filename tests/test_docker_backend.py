@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import NOPYTHON_IMAGE, TEST_IMAGE, require_docker
 
+from tests.conftest import NOPYTHON_IMAGE, TEST_IMAGE, require_docker
 from toolq.producer import Client
 from toolq.schemas import Keys
 
@@ -303,3 +303,16 @@ def test_starting_worker_removes_containers_of_dead_workers(
         for c in (dead, live, elsewhere):
             with contextlib.suppress(Exception):
                 c.remove(force=True)
+
+
+def test_shutdown_while_containers_start_leaves_none(start_worker, client: Client, dc, ns: str):
+    # One start at a time: the trajectories' slots are still starting when the worker stops.
+    handle = start_worker("docker", warm_pool=2, start_concurrency=1)
+    worker = handle.worker
+    assert worker is not None
+    client.open("a")
+    client.open("b")
+    wait_for(lambda: len(worker.owned) == 2, what="both trajectories to be claimed")
+    handle.stop()
+    assert not handle.thread.is_alive()
+    assert not containers(dc, ns)

@@ -16,6 +16,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import require_docker
 from toolq.producer import Client
 from toolq.schemas import Keys, Result
 from toolq.worker.metrics import WorkerMetrics
@@ -90,9 +91,7 @@ def test_calls_are_counted_by_tool_and_outcome(start_worker, client: Client, ns:
     assert value(s, "toolq_redis_round_trips_total") > 10
     info = [labels for name, labels in s if name == "toolq_worker_info"]
     assert info == [
-        frozenset(
-            {"worker": handle.worker.id, "version": "0.1.0", "backend": "local"}.items()
-        )
+        frozenset({"worker": handle.worker.id, "version": "0.1.0", "backend": "local"}.items())
     ]
     # Bounded labels only: no trajectory id or call id ever becomes a label value.
     label_values = {v for _, labels in s for _, v in labels}
@@ -150,6 +149,43 @@ def test_slot_states_backlog_and_cancel(start_worker, client: Client):
     assert value(s, "toolq_open_backlog") == 1
     assert value(s, "toolq_trajectories_ended_total", status="cancelled") == 1
     assert value(s, "toolq_calls_total", tool="bash", outcome="cancelled") == 1
+
+
+def test_background_tasks_are_counted_by_status(start_worker, client: Client):
+    handle = start_worker("local", metrics_port=0, metrics_host="127.0.0.1")
+    port = metrics_port(handle)
+    client.open("bg")
+    assert client.call("bg", "bg_start", {"command": "echo hi"}).ok
+    assert client.call("bg", "bg_start", {"command": "exit 4"}).ok
+    s = wait_for(
+        port,
+        lambda s: (
+            value(s, "toolq_bg_tasks_total", status="completed")
+            + value(s, "toolq_bg_tasks_total", status="failed")
+            == 2
+        ),
+    )
+    assert value(s, "toolq_bg_tasks_total", status="running") == 2
+    assert value(s, "toolq_bg_tasks_total", status="completed") == 1
+    assert value(s, "toolq_bg_tasks_total", status="failed") == 1
+
+
+def test_docker_containers_are_counted(start_worker, client: Client):
+    require_docker()
+    handle = start_worker("docker", metrics_port=0, metrics_host="127.0.0.1")
+    port = metrics_port(handle)
+    client.open("boxed")
+    assert client.call("boxed", "bash", {"command": "echo in-a-box"}).ok
+    client.close("boxed")
+    s = wait_for(port, lambda s: value(s, "toolq_containers_removed_total") >= 1)
+    assert value(s, "toolq_containers_started_total") == 1
+    assert value(s, "toolq_container_start_seconds_count") == 1
+    assert value(s, "toolq_container_start_seconds_sum") > 0
+    assert value(s, "toolq_containers_removed_total") == 1
+    assert value(s, "toolq_containers_lost_total") == 0
+    assert value(s, "toolq_slot_start_seconds_count") == 1
+    info = next(labels for name, labels in s if name == "toolq_worker_info")
+    assert ("backend", "docker") in info
 
 
 def test_redis_errors_are_counted_by_kind(start_worker, client: Client, redis_url: str):
@@ -210,17 +246,21 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_toolq_worker_serves_metrics_on_the_env_port(redis_url: str, ns: str):
+def test_toolq_worker_serves_metrics_on_the_env_port_and_host(redis_url: str, ns: str):
     port = _free_port()
     env = {
         **os.environ,
         "TOOLQ_REDIS_URL": redis_url,
         "TOOLQ_NAMESPACE": ns,
         "TOOLQ_METRICS_PORT": str(port),
+        "TOOLQ_METRICS_HOST": "127.0.0.1",
     }
     cmd = [sys.executable, "-c", "from toolq.producer.cli import main; main()", "worker"]
     proc = subprocess.Popen(
-        [*cmd, "--backend", "local", "--slots", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [*cmd, "--backend", "local", "--slots", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 30

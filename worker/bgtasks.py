@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from toolq.schemas import BgTask, InvalidIdError, Keys, check_part
 
+from .backends.base import Slot
 from .metrics import Observer
 
 log = logging.getLogger("toolq.worker.bg")
@@ -65,6 +66,8 @@ return 1
 """
 
 WRITE_ATTEMPTS = 3
+# The agent stops tasks with SIGTERM, SIGKILL after 0.5 s, then reports them.
+STOP_TIMEOUT_S = 10.0
 
 
 class BgRecorder:
@@ -140,12 +143,25 @@ class BgRecorder:
         if outcome in ("new", "ok") and task.status != "running":
             self.observer.bg_task_changed(task.status)
 
+    async def stop_tasks(self, slot: Slot) -> None:
+        """Before a slot is released: have its agent stop its tasks and report them.
+
+        Backends may remove a sandbox without telling its agent; this makes
+        every backend end a trajectory's tasks as ``stopped``. Only slots that
+        ever ran a task pay the round trip (the agent's ``cancel`` op).
+        """
+        if slot.name not in self._slots or not slot.channel.alive:
+            return
+        try:
+            await asyncio.wait_for(slot.channel.request("cancel", slot=slot.name), STOP_TIMEOUT_S)
+        except Exception as exc:  # lost on the way: slot_gone marks what is left
+            log.warning("stopping the background tasks of slot %s failed: %s", slot.name, exc)
+
     async def slot_gone(self, traj_id: str, slot_name: str, now_ms: int) -> int:
         """The slot's agent is gone: mark the trajectory's running tasks lost.
 
-        Call it after the slot was released, so the final states the agent
-        reported while stopping its tasks are in Redis already. Returns how
-        many tasks were marked.
+        Call it after the slot was released, so the final states its agent
+        reported are in Redis already. Returns how many tasks were marked.
         """
         self._slots.pop(slot_name, None)
         ids = await self._attempt(lambda: self.redis.zrange(self.keys.bg_index(traj_id), 0, -1))

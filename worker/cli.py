@@ -81,6 +81,13 @@ from .settings import WorkerSettings
     help="Serve Prometheus metrics on this port.",
 )
 @click.option(
+    "--metrics-host",
+    envvar="TOOLQ_METRICS_HOST",
+    default="0.0.0.0",
+    show_default=True,
+    help="Address the metrics server binds [env TOOLQ_METRICS_HOST].",
+)
+@click.option(
     "--heartbeat-s",
     type=float,
     envvar="TOOLQ_HEARTBEAT_S",

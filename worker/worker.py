@@ -427,7 +427,7 @@ class Worker:
         for entry_id, fields in entries:
             item = self._parse_item(_s(entry_id), fields)
             if traj is None or traj.ending is not None:
-                self._refuse(traj_id, item, ErrorCode.TRAJECTORY_ENDED, "the trajectory has ended")
+                self._refuse(traj_id, item, ErrorCode.TRAJECTORY_ENDED, self._ended_message(traj))
             elif item.kind == "cancel":
                 self._cancel(traj, item)
             else:
@@ -465,6 +465,13 @@ class Worker:
                 ),
             )
         return Item(entry_id, entry)
+
+    @staticmethod
+    def _ended_message(traj: Traj | None) -> str:
+        if traj is None or traj.ending is None:
+            return "the trajectory has ended"
+        status, reason, _ = traj.ending
+        return f"the trajectory has ended ({status.value}: {reason})"
 
     def _cancel(self, traj: Traj, item: Item) -> None:
         """Cancel at once: kill what runs, answer what waits, end the trajectory."""
@@ -702,11 +709,12 @@ class Worker:
     async def _drop_slot(self, traj: Traj, keep: bool = False) -> None:
         slot, traj.slot = traj.slot, None
         if slot is not None:
+            await self.bg.stop_tasks(slot)  # reported stopped before the sandbox goes
             try:
                 await self.backend.release(slot, keep=keep)
             except Exception:
                 log.exception("releasing slot %s failed", slot.slot_id)
-            # After the release: the agent reported its stopped tasks during the drop.
+            # Tasks still running in Redis now had nobody left to report them: lost.
             await self.bg.slot_gone(traj.traj_id, slot.name, now_ms())
 
     async def _end_traj(self, traj: Traj) -> None:
@@ -943,18 +951,23 @@ class Worker:
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         while any(t.busy for t in running) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for traj in list(self.owned.values()):
-            await self._hand_back(traj)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._out.join(), 10)
-        for task in self._tasks[1:]:
-            task.cancel()
-        await self.external.close()
-        await self.backend.shutdown()
-        with contextlib.suppress(RedisError):
-            await self.redis.zrem(self.keys.workers, self.id)
-            await self.redis.delete(self.keys.worker(self.id))
-        await self.observer.worker_stopped()
+        try:
+            for traj in list(self.owned.values()):
+                try:
+                    await self._hand_back(traj)
+                except Exception:  # one failure must not keep the others' sandboxes alive
+                    log.exception("handing back %s failed", traj.traj_id)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._out.join(), 10)
+        finally:
+            for task in self._tasks[1:]:
+                task.cancel()
+            await self.external.close()
+            await self.backend.shutdown()
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.zrem(self.keys.workers, self.id)
+                await self.redis.delete(self.keys.worker(self.id))
+            await self.observer.worker_stopped()
 
     async def _hand_back(self, traj: Traj) -> None:
         """Give a trajectory back to the pool; its unanswered calls stay pending.

@@ -396,8 +396,10 @@ class DockerBackend(Backend):
                 await self._refill_task
         await asyncio.gather(*self._boots, return_exceptions=True)
         await asyncio.sleep(0)  # let discarded boxes' done-callbacks schedule their removal
+        channels = [b.channel for b in self._boxes if b.channel is not None]
         for box in list(self._boxes):
             self._discard(box)
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
         if self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
         with contextlib.suppress(Exception):
