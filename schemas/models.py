@@ -129,6 +129,12 @@ class Limits(BaseModel):
     cpus: float | None = Field(1.0, gt=0, description="CPU cores (Docker backend).")
     memory_mb: int | None = Field(1024, ge=16, description="Memory limit (Docker backend).")
     pids: int | None = Field(256, ge=8, description="Process limit (Docker backend).")
+    disk_mb: int | None = Field(
+        None,
+        ge=1,
+        description="Workspace size cap: /workspace is a tmpfs of this size, charged as "
+        "memory on top of memory_mb (Docker backend).",
+    )
     network: bool = Field(False, description="Network access from the sandbox.")
     max_output_bytes: int = Field(
         65536, ge=256, description="Output kept per call (head and tail)."

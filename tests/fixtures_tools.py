@@ -1,7 +1,7 @@
 """A user tools module for the tests: what a user's ``mypkg/tools.py`` looks like.
 
-Loaded by ``toolq worker --tools fixtures_tools`` (validation, specs) and by
-``toolq rq-worker --tools fixtures_tools`` (execution); ``tests/`` is on the path.
+Loaded by ``toolq worker --tools tests.fixtures_tools`` (validation, specs) and by
+``toolq rq-worker --tools tests.fixtures_tools`` (execution), from the repository root.
 """
 
 from __future__ import annotations

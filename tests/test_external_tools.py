@@ -1,7 +1,7 @@
 """External tools through Redis: a real toolq worker and a real `toolq rq-worker` process.
 
 One RQ worker (forking, like production) serves the whole module; each test
-gets its own namespace and toolq worker, loaded with ``tests/fixtures_tools``.
+gets its own namespace and toolq worker, loaded with ``tests.fixtures_tools``.
 """
 
 from __future__ import annotations
@@ -24,18 +24,18 @@ from toolq.producer import Client
 from toolq.schemas import Keys
 from toolq.worker.external import job_id_for
 
-TESTS_DIR = str(Path(__file__).parent)
-TOOLS = ("fixtures_tools",)
+ROOT_DIR = str(Path(__file__).parent.parent)  # `tests` is a package
+TOOLS = ("tests.fixtures_tools",)
 
 
 @pytest.fixture(scope="module")
 def rq_worker(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A `toolq rq-worker --tools fixtures_tools` subprocess; yields its log path."""
+    """A `toolq rq-worker --tools tests.fixtures_tools` subprocess; yields its log path."""
     log_path = tmp_path_factory.mktemp("rq") / "rq-worker.log"
     name = f"rqtest-{uuid.uuid4().hex[:8]}"
     env = dict(
         os.environ,
-        PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join([ROOT_DIR, os.environ.get("PYTHONPATH", "")]),
         TOOLQ_REDIS_URL=redis_server.url,
     )
     cmd = [sys.executable, "-m", "toolq.producer.cli", "rq-worker", "--tools", TOOLS[0]]
@@ -164,7 +164,7 @@ def test_invalid_args_are_refused_before_any_job(
 
 def test_only_registered_tools_run(worker: Any, client: Client):
     client.open("t")
-    for name in ("os.system", "fixtures_tools.add", "toolq.worker.external.run_tool"):
+    for name in ("os.system", "tests.fixtures_tools.add", "toolq.worker.external.run_tool"):
         r = client.call("t", name, {"command": "true"})
         assert not r.ok and r.error_code == "unknown_tool", name
 

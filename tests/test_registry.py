@@ -20,7 +20,7 @@ from toolq.worker import ToolArgs, ToolDefinitionError, tool
 from toolq.worker.external import run_tool, set_registry
 from toolq.worker.registry import add_module, load_registry
 
-TOOLS = ("fixtures_tools",)
+TOOLS = ("tests.fixtures_tools",)
 
 # Arguments each published tool must accept, and ones it must refuse.
 GOOD_ARGS: dict[str, dict[str, Any]] = {
@@ -121,7 +121,7 @@ def test_the_job_function_runs_only_registered_external_tools():
     set_registry(load_registry(TOOLS))
     try:
         assert run_tool("add", {"a": 2, "b": 3})["data"] == {"sum": 5}
-        for name in ("os.system", "fixtures_tools.add", "bash"):
+        for name in ("os.system", "tests.fixtures_tools.add", "bash"):
             reply = run_tool(name, {"command": "true"})
             assert not reply["ok"] and reply["error_code"] == "unknown_tool", name
         bad = run_tool("add", {"a": "x", "b": 1})

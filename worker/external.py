@@ -299,8 +299,8 @@ class ExternalRunner:
         try:
             try:
                 await asyncio.to_thread(self._enqueue, tool, job_id, traj, item, args)
-            except (RedisError, OSError, ValueError) as exc:
-                log.warning("enqueueing %s failed: %s", job_id, exc)
+            except Exception as exc:  # the call must still get its one result
+                log.exception("enqueueing %s failed", job_id)
                 return error_reply(ErrorCode.INTERNAL_ERROR, f"could not enqueue the job: {exc}")
             waiter.enqueued = True
             if waiter.future.done():  # cancelled while it was being enqueued
@@ -365,9 +365,9 @@ class ExternalRunner:
                 on_stopped=Callback(on_stopped),
             )
         except DuplicateJobError:
-            job = Job.fetch(job_id, connection=conn)
+            job: Any = Job.fetch(job_id, connection=conn)  # Any: save_meta is unannotated
             job.meta["toolq_notify"] = notify_key
-            job.save_meta()  # type: ignore[no-untyped-call]
+            job.save_meta()
 
     def job_timeout_s(self, tool: Tool, traj: Traj, item: Item) -> float:
         """The tool's timeout, lowered by the call's own and the trajectory's caps."""

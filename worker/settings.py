@@ -48,6 +48,8 @@ class WorkerSettings:
     max_cpus: float = 4.0
     max_pids: int = 4096
     allow_network: bool = True  # may a spec turn the network on
+    max_disk_mb: int | None = None  # when set, every workspace is a tmpfs of at most this size
+    sweep_s: float = 30.0  # how often containers dead workers left are looked at
     # metrics
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"

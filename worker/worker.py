@@ -38,7 +38,7 @@ from toolq.schemas import (
 )
 
 from . import scripts
-from .backends.base import Backend, SandboxError, Slot
+from .backends.base import Backend, SandboxError, Slot, TrajState
 from .bgtasks import BgRecorder
 from .channel import ChannelClosedError
 from .external import ExternalRunner
@@ -184,6 +184,7 @@ class Worker:
         self.started_ms = now_ms()
         backend.on_event = self._on_agent_event
         backend.worker_heartbeats = self._worker_heartbeats
+        backend.trajectory_states = self._trajectory_states
         self.observer = observer or WorkerMetrics(settings, self.registry)
         backend.observer = self.observer
         self.external = ExternalRunner(settings, redis, self.registry, self.id)
@@ -207,6 +208,31 @@ class Worker:
         """Every registered worker id -> its last heartbeat (unix ms)."""
         pairs: Any = await self.redis.zrange(self.keys.workers, 0, -1, withscores=True)
         return {_s(worker): int(score) for worker, score in pairs}
+
+    async def _trajectory_states(self, traj_ids: list[str]) -> dict[str, TrajState]:
+        """What the records of ``traj_ids`` say; trajectories without a record are left out."""
+        pipe = self.redis.pipeline(transaction=False)
+        fields = ("status", "owner", "slot", "last_activity_ms", "spec")
+        for traj_id in traj_ids:
+            pipe.hmget(self.keys.traj(traj_id), fields)
+        states = {}
+        for traj_id, (status, owner, slot, activity_ms, spec) in zip(
+            traj_ids, await pipe.execute(), strict=True
+        ):
+            if status is None:
+                continue
+            try:
+                limits = TrajectorySpec.model_validate_json(spec or b"{}").limits
+            except ValueError:
+                limits = TrajectorySpec().limits
+            states[traj_id] = TrajState(
+                status=_s(status),
+                owner=_s(owner or ""),
+                slot=_s(slot or ""),
+                last_activity_ms=entry_ms(_s(activity_ms or "0")),
+                idle_timeout_s=limits.idle_timeout_s,
+            )
+        return states
 
     def traj_for_slot(self, slot_name: str) -> Traj | None:
         """The owned trajectory served by the slot the agent calls ``slot_name``."""
@@ -952,9 +978,10 @@ class Worker:
         while any(t.busy for t in running) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         try:
+            keep = await self._successor_alive() if self.owned else False
             for traj in list(self.owned.values()):
                 try:
-                    await self._hand_back(traj)
+                    await self._hand_back(traj, keep)
                 except Exception:  # one failure must not keep the others' sandboxes alive
                     log.exception("handing back %s failed", traj.traj_id)
             with contextlib.suppress(asyncio.TimeoutError):
@@ -969,11 +996,25 @@ class Worker:
                 await self.redis.delete(self.keys.worker(self.id))
             await self.observer.worker_stopped()
 
-    async def _hand_back(self, traj: Traj) -> None:
+    async def _successor_alive(self) -> bool:
+        """Is another worker alive to take over (and adopt kept sandboxes)?
+
+        The last worker to leave keeps nothing: kept sandboxes would wait for a
+        worker that may never come; the next one reports the slots reset.
+        """
+        try:
+            beats = await self._worker_heartbeats()
+        except (RedisError, OSError):
+            return False
+        cutoff = now_ms() - int(self.settings.dead_after_s * 1000)
+        return any(w != self.id and ms >= cutoff for w, ms in beats.items())
+
+    async def _hand_back(self, traj: Traj, keep: bool = True) -> None:
         """Give a trajectory back to the pool; its unanswered calls stay pending.
 
         A call still running after the grace period gets ``worker_lost`` (or
-        stays pending to run again elsewhere, when idempotent).
+        stays pending to run again elsewhere, when idempotent). With ``keep`` the
+        backend leaves the sandbox for the next owner to adopt.
         """
         running = traj.current
         if running is not None and not (running.entry and running.entry.idempotent):
@@ -990,7 +1031,7 @@ class Worker:
         if traj.ending is not None:  # it was ending anyway: finish that
             await self._end_traj(traj)
             return
-        await self._drop_slot(traj, keep=True)
+        await self._drop_slot(traj, keep=keep)
         await self._requeue(traj.traj_id, self.id, graceful=True)
         self.owned.pop(traj.traj_id, None)
         await self.redis.srem(self.keys.worker_trajs(self.id), traj.traj_id)

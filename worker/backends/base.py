@@ -35,6 +35,17 @@ class Slot:
     meta: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TrajState:
+    """What a trajectory's record says, for a backend deciding about a left-over sandbox."""
+
+    status: str  # pending | running | a final status
+    owner: str = ""
+    slot: str = ""  # the slot id of its last slot (``Slot.slot_id``)
+    last_activity_ms: int = 0
+    idle_timeout_s: float = 900.0
+
+
 class Backend(abc.ABC):
     """Starts and stops sandboxes; the worker never looks inside one."""
 
@@ -48,6 +59,10 @@ class Backend(abc.ABC):
     #: Returns every registered worker id -> its last heartbeat (unix ms); the
     #: worker sets it before ``start()`` so a backend can find dead workers' sandboxes.
     worker_heartbeats: Callable[[], Awaitable[dict[str, int]]] | None = None
+    #: Returns the records of the given trajectories (missing records left out); the
+    #: worker sets it before ``start()`` so a backend can keep sandboxes that wait for
+    #: a trajectory's next owner and remove those of ended ones.
+    trajectory_states: Callable[[list[str]], Awaitable[dict[str, TrajState]]] | None = None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepare (e.g. remove sandboxes left by dead workers)."""
@@ -60,7 +75,8 @@ class Backend(abc.ABC):
     async def release(self, slot: Slot, *, keep: bool = False) -> None:
         """Delete the workspace and stop the sandbox when no slot uses it.
 
-        ``keep=True`` hands the sandbox over (worker restart) instead.
+        ``keep=True`` hands the sandbox over (worker restart) instead: where the
+        backend can, it leaves it for the trajectory's next owner to adopt.
         """
 
     @abc.abstractmethod

@@ -15,10 +15,31 @@ attached: every tool call is a JSON line over that stream (~2 ms), never a new
   are the per-trajectory limits times the slots it holds). Packed slots share
   a uid and a kernel: they are separated by workspace path, not by a security
   boundary. With one slot per container the workspace is ``/workspace``.
+- ``disk_mb`` (or the worker's ``max_disk_mb``) makes ``/workspace`` a tmpfs of
+  that size: writes beyond it fail with "No space left on device". A tmpfs is
+  memory: its pages are charged to the container's memory cgroup, so the
+  container's memory limit is ``memory_mb + disk_mb`` and processes keep their
+  ``memory_mb``. Without it the workspace lives in the container's writable
+  layer, bounded only by the host's disk (overlay2 has no per-container quota
+  unless its backing filesystem is xfs with pquota).
 - ``warm_pool`` containers of the default image and limits are kept started.
 - Containers are labelled ``toolq.managed``, ``toolq.ns``, ``toolq.worker`` and
-  ``toolq.traj`` (empty for warm and packed ones): ``start()`` removes those a
-  dead worker of the namespace left behind.
+  ``toolq.traj`` (empty for warm and packed ones).
+
+Hand-over: ``release(keep=True)`` (a worker stopping while another is alive, or
+one that lost its trajectory to another) leaves a trajectory's container
+running and only ends its agent (stdin EOF: it kills its processes and exits);
+a SIGKILLed worker's containers keep running the same way. The next owner's
+``acquire`` finds the running container labelled with the trajectory and
+*adopts* it: a fresh agent, the same ``/workspace``, so files survive (running
+processes, shell sessions and background tasks do not). Warm and packed
+containers carry no trajectory label and are not kept.
+
+Sweeps (at start and every ``sweep_s``) remove this namespace's containers
+that nobody will use again: those of dead workers without a trajectory label,
+stopped ones, and kept ones whose trajectory has ended, lost its record, went
+idle past its ``idle_timeout_s`` while pending, or runs in another container
+now. A kept container of a pending or running trajectory waits for adoption.
 """
 
 from __future__ import annotations
@@ -34,14 +55,14 @@ import socket
 import tarfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from toolq.schemas import TrajectorySpec
+from toolq.schemas import FINAL_STATUSES, TrajectorySpec
 
 from ..channel import LINE_LIMIT_BYTES, AgentChannel, ChannelClosedError
 from ..settings import WorkerSettings
-from .base import Backend, SandboxError, Slot
+from .base import Backend, SandboxError, Slot, TrajState
 
 log = logging.getLogger("toolq.worker.docker")
 
@@ -90,6 +111,7 @@ class BoxConfig:
     memory_mb: int
     pids: int
     network: bool
+    disk_mb: int | None = None  # /workspace as a tmpfs of this size; None: the writable layer
 
 
 def box_config(spec: TrajectorySpec, settings: WorkerSettings) -> BoxConfig:
@@ -103,7 +125,15 @@ def box_config(spec: TrajectorySpec, settings: WorkerSettings) -> BoxConfig:
         memory_mb=min(limits.memory_mb or settings.max_memory_mb, settings.max_memory_mb),
         pids=min(limits.pids or settings.max_pids, settings.max_pids),
         network=limits.network,
+        disk_mb=_capped(limits.disk_mb, settings.max_disk_mb),
     )
+
+
+def _capped(wanted: int | None, cap: int | None) -> int | None:
+    """``wanted`` capped by ``cap``; either may be unset (``cap`` alone applies too)."""
+    if wanted and cap:
+        return min(wanted, cap)
+    return wanted or cap
 
 
 @dataclass(frozen=True)
@@ -145,8 +175,12 @@ def pick_user(passwd: str, image_user: str = "") -> SandboxUser:
     return SandboxUser(0, 0)
 
 
-def payload_tar(user: SandboxUser) -> bytes:
-    """The agent file plus a ``/workspace`` owned by the sandbox user, as one tar."""
+def payload_tar(user: SandboxUser, workspace: bool = True) -> bytes:
+    """The agent file plus (``workspace``) a ``/workspace`` owned by the sandbox user, as one tar.
+
+    An adopted container gets the agent only (a newer worker may bring a newer
+    one): its workspace is there already.
+    """
     with open(AGENT_SOURCE_PATH, "rb") as fh:
         agent = fh.read()
     now_s = int(time.time())
@@ -155,10 +189,11 @@ def payload_tar(user: SandboxUser) -> bytes:
         info = tarfile.TarInfo(AGENT_PATH.lstrip("/"))
         info.size, info.mode, info.mtime = len(agent), 0o644, now_s
         tar.addfile(info, io.BytesIO(agent))  # parents are created by the engine
-        ws = tarfile.TarInfo(WORKSPACE.lstrip("/"))
-        ws.type, ws.mode, ws.mtime = tarfile.DIRTYPE, 0o755, now_s
-        ws.uid, ws.gid = user.uid, user.gid  # applied to an existing /workspace too
-        tar.addfile(ws)
+        if workspace:
+            ws = tarfile.TarInfo(WORKSPACE.lstrip("/"))
+            ws.type, ws.mode, ws.mtime = tarfile.DIRTYPE, 0o755, now_s
+            ws.uid, ws.gid = user.uid, user.gid  # applied to an existing /workspace too
+            tar.addfile(ws)
     return buf.getvalue()
 
 

@@ -1,0 +1,50 @@
+"""A toolq worker process for the benchmark, with its Redis traffic counted.
+
+    python bench/worker_main.py SETTINGS_JSON STATS_FILE
+
+Runs like ``toolq worker`` (SIGTERM stops it gracefully). On SIGUSR1 it writes
+its Redis round trips, commands and RSS to STATS_FILE as one JSON object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+
+from common import RedisCounter, rss_kb
+
+from toolq.worker.service import connect, make_backend
+from toolq.worker.settings import WorkerSettings
+from toolq.worker.worker import Worker
+
+
+def dump(path: str) -> None:
+    data = {**RedisCounter.snapshot(), "rss_kb": rss_kb(os.getpid())}
+    with open(path + ".tmp", "w") as fh:
+        json.dump(data, fh)
+    os.replace(path + ".tmp", path)
+
+
+async def main(settings: WorkerSettings, stats_path: str) -> None:
+    RedisCounter.install()
+    redis = connect(settings.redis_url or "")
+    worker = Worker(settings, redis, make_backend(settings))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    loop.add_signal_handler(signal.SIGUSR1, dump, stats_path)
+    try:
+        await worker.run()
+    finally:
+        await redis.aclose()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="worker %(levelname)s %(message)s")
+    fields = json.loads(sys.argv[1])
+    fields["tools_modules"] = tuple(fields.get("tools_modules", ()))
+    asyncio.run(main(WorkerSettings(**fields), sys.argv[2]))
