@@ -65,7 +65,7 @@ def _checked(result: tuple[int, str]) -> tuple[bool, str]:
 
 
 # -- docker exec alone --------------------------------------------------------------
-def exec_fns(boxes: Containers, call: Call, pool: ThreadPoolExecutor) -> list[CallFn]:
+def exec_fns(cids: list[str], call: Call, pool: ThreadPoolExecutor) -> list[CallFn]:
     """docker-py exec from this process, in threads: no queue at all."""
     fn, args = exec_job(call)
 
@@ -76,10 +76,10 @@ def exec_fns(boxes: Containers, call: Call, pool: ThreadPoolExecutor) -> list[Ca
 
         return run
 
-    return [make(cid) for cid in boxes.cids]
+    return [make(cid) for cid in cids]
 
 
-def exec_cli_fns(boxes: Containers, call: Call) -> list[CallFn]:
+def exec_cli_fns(cids: list[str], call: Call) -> list[CallFn]:
     """The ``docker`` CLI: a process per call."""
     assert call.argv is not None
 
@@ -94,7 +94,7 @@ def exec_cli_fns(boxes: Containers, call: Call) -> list[CallFn]:
 
         return run
 
-    return [make(cid) for cid in boxes.cids]
+    return [make(cid) for cid in cids]
 
 
 # -- RQ ----------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ class RqWorkers:
         self.conn = redis.Redis.from_url(redis_url)
         self.queue = Queue(QUEUE, connection=self.conn)
 
-    def fns(self, boxes: Containers, call: Call, pool: ThreadPoolExecutor) -> list[CallFn]:
+    def fns(self, cids: list[str], call: Call, pool: ThreadPoolExecutor) -> list[CallFn]:
         """Enqueue one job per call, block on its result (RQ's XREAD-based wait)."""
         fn, args = exec_job(call)
 
@@ -136,7 +136,7 @@ class RqWorkers:
 
             return run
 
-        return [make(cid) for cid in boxes.cids]
+        return [make(cid) for cid in cids]
 
     def stop(self) -> None:
         for proc in self.procs:

@@ -27,7 +27,8 @@ async function backgroundTask(tq, traj) {
     return;
   }
   check(started.ok, `bg_start failed: ${started.error}`);
-  const taskId = (started.data && started.data.task_id) || started.output.trim();
+  const taskId = started.data && started.data.task_id;
+  check(taskId, 'bg_start returned no data.task_id');
   const task = await tq.waitBg(traj, taskId, { waitMs: 30000 });
   check(task, `background task ${taskId} did not finish`);
   show('bg', { supported: true, task });

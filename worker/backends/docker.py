@@ -209,6 +209,31 @@ def _api_message(exc: Exception) -> str:
     return str(getattr(exc, "explanation", None) or exc)
 
 
+def _labels(container: dict[str, Any]) -> dict[str, str]:
+    return container.get("Labels") or {}
+
+
+def _awaits_adoption(
+    container: dict[str, Any], states: dict[str, TrajState] | None, now_s: float
+) -> bool:
+    """Should a left-over container stay, for its trajectory's next owner to adopt?
+
+    Yes while it runs and its trajectory may still come for it: pending (not
+    idle past its ``idle_timeout_s``), or running with its last slot in this
+    container (adopted, or being adopted) or not set yet. ``states`` None means
+    the worker cannot tell: nothing waits.
+    """
+    traj = _labels(container).get(LABEL_TRAJ)
+    if not traj or states is None or container.get("State") != "running":
+        return False
+    state = states.get(traj)
+    if state is None or state.status in FINAL_STATUSES:
+        return False  # ended, or its record is gone
+    if state.status == "pending":
+        return now_s - state.last_activity_ms / 1000.0 <= state.idle_timeout_s
+    return not state.slot or state.slot.startswith(container["Id"][:12] + ":")
+
+
 # --------------------------------------------------------------------------
 # the attached exec stream
 # --------------------------------------------------------------------------
@@ -352,6 +377,7 @@ class Box:
     cid: str = ""
     slots: set[str] = field(default_factory=set)
     used: bool = False  # has served a slot: never handed out as warm again
+    adopted: bool = False  # a previous owner's container, with a fresh agent
     closing: bool = False
     boot: asyncio.Task[None] | None = None
     stream: ExecStream | None = None
@@ -411,24 +437,32 @@ class DockerBackend(Backend):
         self._refill_task: asyncio.Task[None] | None = None
         self._refill_failed_at = 0.0
         self._closing = False
+        self._kept: set[str] = set()  # ids of containers this worker left for a next owner
+        self._removing: set[str] = set()  # ids being removed: never adopted
+        self._sweeper: asyncio.Task[None] | None = None
         self.default_config = box_config(TrajectorySpec(), settings)
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Remove containers dead workers left, then fill the warm pool."""
+        """Remove containers nobody will use again, then fill the warm pool and keep sweeping."""
         try:
             await self.sweep()
         except Exception as exc:  # an engine hiccup must not stop the worker starting
-            log.warning("could not sweep containers of dead workers: %s", exc)
+            log.warning("could not sweep left-over containers: %s", exc)
         self._refill_soon()
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="docker-sweep")
 
     async def shutdown(self) -> None:
-        """Remove every container this backend started (waits for starts in flight)."""
+        """Remove every container this backend started (waits for starts in flight).
+
+        Containers handed over with ``release(keep=True)`` are not its own any more.
+        """
         self._closing = True
-        if self._refill_task is not None:
-            self._refill_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._refill_task
+        for task in (self._refill_task, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         await asyncio.gather(*self._boots, return_exceptions=True)
         await asyncio.sleep(0)  # let discarded boxes' done-callbacks schedule their removal
         channels = [b.channel for b in self._boxes if b.channel is not None]
@@ -440,8 +474,22 @@ class DockerBackend(Backend):
         with contextlib.suppress(Exception):
             self.api.close()
 
+    # -------------------------------------------------------------- sweeps
+    async def _sweep_loop(self) -> None:
+        """Sweep every ``sweep_s``: hand-overs nobody adopted must not leak forever."""
+        while not self._closing:
+            await asyncio.sleep(self.settings.sweep_s)
+            try:
+                await self.sweep()
+            except Exception as exc:  # Redis or the engine away: try again next time
+                log.warning("sweeping left-over containers failed: %s", exc)
+
     async def sweep(self) -> int:
-        """Remove this namespace's containers whose worker is dead; return how many."""
+        """Remove this namespace's containers nobody will use again; return how many.
+
+        A container is looked at when its worker is dead (or it is one this
+        worker handed over); it stays while its trajectory may still adopt it.
+        """
         if self.worker_heartbeats is None:
             return 0
         beats = await self.worker_heartbeats()
@@ -451,34 +499,56 @@ class DockerBackend(Backend):
             filters={"label": [f"{LABEL_MANAGED}=1", f"{LABEL_NS}={self.ns}"]},
         )
         now_s = time.time()
-        stale = [c for c in found if self._orphaned(c, beats, now_s)]
+        mine = {b.cid for b in self._boxes}
+        left = [c for c in found if c["Id"] not in mine and self._unattended(c, beats, now_s)]
+        traj_ids = sorted({t for c in left if (t := _labels(c).get(LABEL_TRAJ))})
+        states: dict[str, TrajState] | None = None
+        if traj_ids and self.trajectory_states is not None:
+            states = await self.trajectory_states(traj_ids)
+        stale = [c for c in left if not _awaits_adoption(c, states, now_s)]
         for c in stale:
+            labels = _labels(c)
             log.info(
-                "removing container %s of dead worker %s",
+                "removing left-over container %s (worker %s, trajectory %s, %s)",
                 c["Id"][:12],
-                c["Labels"].get(LABEL_WORKER),
+                labels.get(LABEL_WORKER) or "-",
+                labels.get(LABEL_TRAJ) or "-",
+                c.get("State") or "?",
             )
         await asyncio.gather(*(self._remove(c["Id"]) for c in stale))
         return len(stale)
 
-    def _orphaned(self, container: dict[str, Any], beats: dict[str, int], now_s: float) -> bool:
-        """Dead: a stale heartbeat, or none at all and older than ``dead_after_s``.
+    def _unattended(self, container: dict[str, Any], beats: dict[str, int], now_s: float) -> bool:
+        """Not this worker's to serve and not a live worker's: a container to judge.
 
-        The age test spares containers a starting worker made before its first heartbeat.
+        Dead means a stale heartbeat, or none at all and older than
+        ``dead_after_s`` (which spares containers a starting worker made before
+        its first heartbeat). Our own are judged only once handed over.
         """
-        owner = (container.get("Labels") or {}).get(LABEL_WORKER, "")
+        owner = _labels(container).get(LABEL_WORKER, "")
         dead_after_s = self.settings.dead_after_s
         if owner == self.settings.worker_id:
-            return False
+            return container["Id"] in self._kept
         if owner in beats:
             return now_s - beats[owner] / 1000.0 > dead_after_s
         return now_s - float(container.get("Created") or now_s) > dead_after_s
 
     # ---------------------------------------------------------------- slots
     async def acquire(self, traj_id: str, spec: TrajectorySpec) -> Slot:
-        """A slot in a packable or warm container, else in a newly started one."""
+        """The trajectory's left-over container (adopted), else a packable, warm or new one."""
         config = box_config(spec, self.settings)
+        if self.settings.slots_per_container == 1:
+            adopted = await self._adopt(traj_id, config)
+            if adopted is not None:
+                try:
+                    return await self._open_slot(adopted, spec)
+                except SandboxError as exc:
+                    log.warning("adopted container %s failed (%s): starting one", adopted.name, exc)
         box = self._pick(config) or self._new_box(config, traj_id)
+        return await self._open_slot(box, spec)
+
+    async def _open_slot(self, box: Box, spec: TrajectorySpec) -> Slot:
+        """Create a workspace in ``box`` (booted or booting) and return its slot."""
         name = f"s{next(self._seq)}"
         box.slots.add(name)
         box.used = True
@@ -504,7 +574,8 @@ class DockerBackend(Backend):
             root=str(reply.get("root") or root),
             channel=channel,
             sandbox_id=box.cid,
-            meta={"container": box.name, "image": config.image},
+            adopted=box.adopted,
+            meta={"container": box.name, "image": box.config.image},
         )
         self._by_slot[slot.slot_id] = box
         return slot
@@ -512,23 +583,92 @@ class DockerBackend(Backend):
     async def release(self, slot: Slot, *, keep: bool = False) -> None:
         """Free a slot; the container goes with its last slot.
 
-        ``keep=True`` (hand-over on worker shutdown) removes it too for now:
-        the labels would let a successor adopt it instead.
+        ``keep=True`` leaves a trajectory's own container running for the next
+        owner to adopt (warm and packed ones carry no trajectory label: removed).
         """
         box = self._by_slot.pop(slot.slot_id, None)
         if box is None:
             return
         box.slots.discard(slot.name)
-        if not box.slots:
+        if keep and not box.slots and box.traj and not box.pool and box.ready and not box.dead:
+            await self._hand_over(box)
+        elif not box.slots:
             self._discard(box)
         elif box.channel is not None and box.channel.alive:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(box.channel.request("drop", slot=slot.name), DROP_TIMEOUT_S)
 
+    async def _hand_over(self, box: Box) -> None:
+        """Forget a container but leave it running; its agent ends on stdin EOF."""
+        box.closing = True
+        with contextlib.suppress(ValueError):
+            self._boxes.remove(box)
+        self._kept.add(box.cid)
+        if box.channel is not None:
+            await box.channel.close()
+        if box.stream is not None:
+            box.stream.close()
+        log.info(
+            "container %s (%s) kept for the next owner of %s", box.name, box.cid[:12], box.traj
+        )
+
     def _release_name(self, box: Box, name: str) -> None:
         box.slots.discard(name)
         if not box.slots and box.used:
             self._discard(box)
+
+    async def _may_have_left_over(self, traj_id: str) -> bool:
+        """False for a trajectory that never had a slot: spares new ones an engine query."""
+        if self.trajectory_states is None:
+            return True
+        try:
+            state = (await self.trajectory_states([traj_id])).get(traj_id)
+        except Exception:  # Redis hiccup: look anyway
+            return True
+        return state is None or bool(state.slot)
+
+    async def _adopt(self, traj_id: str, config: BoxConfig) -> Box | None:
+        """The running container a previous owner left for ``traj_id``, with a fresh agent."""
+        if self._closing or not await self._may_have_left_over(traj_id):
+            return None
+        try:
+            found = await asyncio.to_thread(
+                self.api.containers,
+                filters={
+                    "label": [
+                        f"{LABEL_MANAGED}=1",
+                        f"{LABEL_NS}={self.ns}",
+                        f"{LABEL_TRAJ}={traj_id}",
+                    ],
+                    "status": "running",
+                },
+            )
+        except Exception as exc:  # the engine will answer the fresh start, or explain
+            log.warning("could not look for %s's container: %s", traj_id, exc)
+            return None
+        taken = {b.cid for b in self._boxes} | self._removing
+        found = [c for c in found if c["Id"] not in taken and not _labels(c).get(LABEL_POOL)]
+        if not found:
+            return None
+        left = max(found, key=lambda c: float(c.get("Created") or 0))  # the newest
+        names = left.get("Names") or [left["Id"][:12]]
+        box = Box(
+            name=str(names[0]).lstrip("/"),
+            config=replace(config, image=str(left.get("Image") or config.image)),
+            traj=traj_id,
+            cid=left["Id"],
+            used=True,
+            adopted=True,
+        )
+        self._launch(box)
+        try:
+            await self._wait_booted(box)  # a failed boot removes the container
+        except SandboxError as exc:
+            log.warning("could not adopt container %s of %s: %s", box.name, traj_id, exc)
+            return None
+        self._kept.discard(box.cid)
+        log.info("adopted container %s (%s) of %s", box.name, box.cid[:12], traj_id)
+        return box
 
     def _pick(self, config: BoxConfig) -> Box | None:
         """A live container of this config with room: partly used first, then warm."""
@@ -583,11 +723,15 @@ class DockerBackend(Backend):
         packed = self.settings.slots_per_container > 1
         pool = "warm" if warm else "packed" if packed else ""
         box = Box(name=name, config=config, traj="" if warm or packed else traj_id, pool=pool)
-        box.boot = asyncio.create_task(self._boot(box), name=f"boot-{name}")
+        self._launch(box)
+        return box
+
+    def _launch(self, box: Box) -> None:
+        """Boot a box in the background (start it, or attach to an adopted one)."""
+        box.boot = asyncio.create_task(self._boot(box), name=f"boot-{box.name}")
         self._boots.add(box.boot)
         box.boot.add_done_callback(self._boots.discard)
         self._boxes.append(box)
-        return box
 
     async def _wait_booted(self, box: Box) -> AgentChannel:
         assert box.boot is not None
@@ -596,11 +740,15 @@ class DockerBackend(Backend):
         return box.channel
 
     async def _boot(self, box: Box) -> None:
-        """Start the container and its agent; on failure remove it and raise SandboxError."""
+        """Start the container (unless adopted) and its agent; on failure remove it and
+        raise SandboxError."""
         started_s = time.monotonic()
         try:
-            async with self._start_sem:  # start storms slow the engine down for everyone
-                got = await asyncio.to_thread(self._start_container, box)
+            if box.adopted:
+                got = await asyncio.to_thread(self._attach_agent, box)
+            else:
+                async with self._start_sem:  # start storms slow the engine down for everyone
+                    got = await asyncio.to_thread(self._start_container, box)
             box.cid = got.cid
             box.stream = await ExecStream.open(got.sock, got.leftover, box.name)
             box.channel = AgentChannel(box.stream.reader, box.stream.write, self.on_event, box.name)
@@ -615,8 +763,9 @@ class DockerBackend(Backend):
             if isinstance(exc, SandboxError | asyncio.CancelledError):
                 raise
             raise SandboxError(f"cannot start a container of {box.config.image}: {exc}") from exc
-        self.observer.container_started(time.monotonic() - started_s)
-        log.info("container %s (%s) ready", box.name, box.cid[:12])
+        if not box.adopted:
+            self.observer.container_started(time.monotonic() - started_s)
+            log.info("container %s (%s) ready", box.name, box.cid[:12])
 
     async def _explain_agent_failure(self, box: Box, exec_id: str, exc: BaseException) -> str:
         assert box.stream is not None
@@ -648,16 +797,7 @@ class DockerBackend(Backend):
                 user = self._user(box.config.image, cid)
                 self.api.put_archive(cid, "/", payload_tar(user))
                 self.api.start(cid)
-                exec_id = self.api.exec_create(
-                    cid,
-                    ["python3", "-u", AGENT_PATH],
-                    stdin=True,
-                    stdout=True,
-                    stderr=True,
-                    tty=False,
-                    user=user.spec,
-                    workdir="/",
-                )["Id"]
+                exec_id = self._agent_exec(cid, user)
             except APIError as exc:
                 retry = self._fallback(command, _api_message(exc))
                 if retry is None:
@@ -668,6 +808,28 @@ class DockerBackend(Backend):
             sock, leftover = hijacked_socket(self.api.exec_start(exec_id, socket=True))
             return Started(cid, exec_id, sock, leftover)
         raise SandboxError(f"cannot start a container of {box.config.image}")
+
+    def _attach_agent(self, box: Box) -> Started:
+        """Start a fresh agent in an adopted (running) container."""
+        user = self._user(box.config.image, box.cid)
+        self.api.put_archive(box.cid, "/", payload_tar(user, workspace=False))
+        exec_id = self._agent_exec(box.cid, user)
+        sock, leftover = hijacked_socket(self.api.exec_start(exec_id, socket=True))
+        return Started(box.cid, exec_id, sock, leftover)
+
+    def _agent_exec(self, cid: str, user: SandboxUser) -> str:
+        """Create (not start) the agent's exec, stdin attached."""
+        created = self.api.exec_create(
+            cid,
+            ["python3", "-u", AGENT_PATH],
+            stdin=True,
+            stdout=True,
+            stderr=True,
+            tty=False,
+            user=user.spec,
+            workdir="/",
+        )
+        return str(created["Id"])
 
     def _fallback(self, command: list[str], message: str) -> list[str] | None:
         """The next command to try after a start error, or None to give up."""
@@ -689,7 +851,15 @@ class DockerBackend(Backend):
     def _create(self, box: Box, command: list[str]) -> str:
         config = box.config
         per = self.settings.slots_per_container
-        memory = f"{config.memory_mb * per}m"
+        # A tmpfs workspace is charged as memory: on top, so processes keep memory_mb.
+        memory = f"{(config.memory_mb + (config.disk_mb or 0)) * per}m"
+        tmpfs = None
+        if config.disk_mb:
+            user = self._image_user(config.image)  # the tmpfs is the sandbox user's from birth
+            tmpfs = {
+                WORKSPACE: f"rw,exec,nosuid,nodev,size={config.disk_mb * per}m,mode=0755,"
+                f"uid={user.uid},gid={user.gid}"
+            }
         host_config = self.api.create_host_config(
             init=self._use_init or None,
             mem_limit=memory,
@@ -699,6 +869,7 @@ class DockerBackend(Backend):
             network_mode="bridge" if config.network else "none",
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
+            tmpfs=tmpfs,
         )
         labels = {
             LABEL_MANAGED: "1",
@@ -735,6 +906,27 @@ class DockerBackend(Backend):
             image_user = (self.api.inspect_image(image).get("Config") or {}).get("User") or ""
             self._users[image] = pick_user(self._passwd(cid), image_user)
         return self._users[image]
+
+    def _image_user(self, image: str) -> SandboxUser:
+        """The agent's user for an image before any container of it exists (a probe one)."""
+        if image in self._users:
+            return self._users[image]
+        labels = {
+            LABEL_MANAGED: "1",
+            LABEL_NS: self.ns,
+            LABEL_WORKER: self.settings.worker_id,
+            LABEL_TRAJ: "",
+        }
+        probe = self.api.create_container(
+            image,
+            command=["true"],
+            labels=labels,
+            host_config=self.api.create_host_config(network_mode="none"),
+        )
+        try:
+            return self._user(image, str(probe["Id"]))
+        finally:
+            self._remove_now(str(probe["Id"]))
 
     def _passwd(self, cid: str) -> str:
         from docker.errors import NotFound
@@ -783,14 +975,20 @@ class DockerBackend(Backend):
         if lost:
             self.observer.container_lost()
         if box.cid:
+            self._removing.add(box.cid)
             task = asyncio.create_task(self._remove(box.cid, box.name if lost else ""))
             self._removals.add(task)
             task.add_done_callback(self._removals.discard)
 
     async def _remove(self, cid: str, lost_name: str = "") -> None:
-        if lost_name:
-            await asyncio.to_thread(self._log_loss, cid, lost_name)
-        await asyncio.to_thread(self._remove_now, cid)
+        self._removing.add(cid)
+        try:
+            if lost_name:
+                await asyncio.to_thread(self._log_loss, cid, lost_name)
+            await asyncio.to_thread(self._remove_now, cid)
+        finally:
+            self._removing.discard(cid)
+            self._kept.discard(cid)
         self.observer.container_removed()
 
     def _log_loss(self, cid: str, name: str) -> None:

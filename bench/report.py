@@ -1,0 +1,352 @@
+"""Turn a run's JSON into the Markdown report and the PNG plots."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# path -> (label in tables and plots, what one call is)
+PATHS: dict[str, tuple[str, str]] = {
+    "toolq": ("toolq (Docker)", "AsyncClient.call → Redis → worker process → agent in container"),
+    "limit": ("limit (agent stream)", "the same request straight to the in-container agent"),
+    "rq": ("RQ + docker exec", "one RQ job per call, docker-py exec_run in the trajectory's box"),
+    "exec": ("docker exec (SDK)", "docker-py exec_run from the benchmark process, no queue"),
+    "exec_cli": ("docker exec (CLI)", "`docker exec` as a process per call"),
+    "toolq_local": ("toolq (local)", "the toolq path with the local backend (agent subprocesses)"),
+    "limit_local": ("limit (local agent)", "the request straight to a local agent subprocess"),
+}
+ORDER = list(PATHS)
+TOOLS = ["true", "cat", "write_64k", "out_1mb"]
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _find(rows: list[dict[str, Any]], path: str, tool: str, conc: int) -> dict[str, Any] | None:
+    for row in rows:
+        if row["path"] == path and row["tool"] == tool and row["concurrency"] == conc:
+            return row
+    return None
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Ratios to the limit and to the RQ baseline at the same tool and concurrency."""
+    for row in rows:
+        limit = _find(rows, "limit", row["tool"], row["concurrency"])
+        rq = _find(rows, "rq", row["tool"], row["concurrency"])
+        row["p50_x_limit"] = _ratio(row["p50_ms"], limit and limit["p50_ms"])
+        row["tput_x_limit"] = _ratio(row["calls_per_s"], limit and limit["calls_per_s"])
+        row["tput_x_rq"] = _ratio(row["calls_per_s"], rq and rq["calls_per_s"])
+        row["rq_p50_x"] = _ratio(rq and rq["p50_ms"], row["p50_ms"])
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if not a or not b:
+        return None
+    return round(a / b, 2)
+
+
+ROW_HEAD = (
+    "| path | tool | trajectories | calls | errors | p50 ms | p99 ms | calls/s "
+    "| p50 ÷ limit p50 | calls/s ÷ limit | calls/s ÷ RQ | RQ p50 ÷ p50 |\n"
+    "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+)
+
+
+def _row(row: dict[str, Any]) -> str:
+    cells = [
+        PATHS.get(row["path"], (row["path"], ""))[0],
+        f"`{row['tool']}`",
+        str(row["concurrency"]),
+        str(row["n"]),
+        str(row["errors"]),
+        _fmt(row["p50_ms"]),
+        _fmt(row["p99_ms"]),
+        _fmt(row["calls_per_s"], 1),
+        _fmt(row.get("p50_x_limit")),
+        _fmt(row.get("tput_x_limit")),
+        _fmt(row.get("tput_x_rq"), 1),
+        _fmt(row.get("rq_p50_x"), 1),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _sorted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def key(r: dict[str, Any]) -> tuple[int, int, int]:
+        tool = TOOLS.index(r["tool"]) if r["tool"] in TOOLS else 99
+        path = ORDER.index(r["path"]) if r["path"] in ORDER else 99
+        return r["concurrency"], tool, path
+
+    return sorted(rows, key=key)
+
+
+def targets(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """(target, what was measured, met?) for each target of issue 9."""
+    rows = report["rows"]
+    out: list[tuple[str, str, bool | None]] = []
+    toolq1, limit1 = _find(rows, "toolq", "true", 1), _find(rows, "limit", "true", 1)
+    if toolq1 and limit1:
+        r = toolq1["p50_ms"] / limit1["p50_ms"]
+        out.append(
+            (
+                "trivial call p50 end to end ≤ 2× the limit",
+                f"{toolq1['p50_ms']:.2f} ms vs {limit1['p50_ms']:.2f} ms = {r:.2f}×",
+                r <= 2,
+            )
+        )
+    big = max((r["concurrency"] for r in rows if r["path"] == "rq"), default=0)
+    toolq64, rq64 = _find(rows, "toolq", "true", big), _find(rows, "rq", "true", big)
+    if toolq64 and rq64:
+        r = toolq64["calls_per_s"] / rq64["calls_per_s"]
+        out.append(
+            (
+                f"at {big} trajectories ≥ 20× the calls/s of RQ",
+                f"{toolq64['calls_per_s']:.0f} vs {rq64['calls_per_s']:.1f} calls/s = {r:.0f}×",
+                r >= 20,
+            )
+        )
+    top = max((r["concurrency"] for r in rows if r["path"] == "toolq"), default=0)
+    toolq_top = _find(rows, "toolq", "true", top)
+    if toolq_top:
+        r = toolq_top["p99_ms"] / toolq_top["p50_ms"]
+        out.append(
+            (
+                f"at {top} trajectories no errors, p99 < 10× p50",
+                f"{toolq_top['errors']} errors, p99 {toolq_top['p99_ms']:.1f} ms = {r:.1f}× p50",
+                toolq_top["errors"] == 0 and r < 10,
+            )
+        )
+    rts = [r for r in rows if r["path"] == "toolq" and "client_rt_per_call" in r]
+    if rts:
+        worst_c = max(r["client_rt_per_call"] for r in rts)
+        worst_w = max(r["worker_rt_per_call"] for r in rts)
+        out.append(
+            (
+                "Redis round trips per call < 4 (client side, worker side)",
+                f"at most {worst_c:.2f} client, {worst_w:.2f} worker",
+                worst_c < 4 and worst_w < 4,
+            )
+        )
+    mem = report.get("memory", {}).get("docker_unpacked")
+    if mem:
+        out.append(
+            (
+                "memory per idle slot reported",
+                f"{mem['container_mib']:.1f} MiB container + {mem['worker_kib_per_slot']:.0f} KiB "
+                "worker RSS",
+                None,
+            )
+        )
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rows = report["rows"]
+    host = report["host"]
+    cfg = report["config"]
+    lines = [
+        "# toolq benchmark results",
+        "",
+        f"Measured {report['started']} with `{report['command']}` "
+        f"({report['elapsed_s']:.0f} s end to end). Written by `bench/run.py`; "
+        "the tables below are generated, the notes at the end explain them.",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    for key in ("cpu", "cpus", "mem_gib", "kernel", "docker_engine", "redis", "python"):
+        if key in host:
+            lines.append(f"| {key} | {host[key]} |")
+    for key in ("redis_py", "rq"):
+        if key in host:
+            lines.append(f"| {key} | {host[key]} |")
+    load = host.get("loadavg_start")
+    if load:
+        lines.append(f"| load average at start | {', '.join(f'{x:.2f}' for x in load)} |")
+    lines += ["", "## Targets (ratios measured in the same run)", ""]
+    lines += ["| target | measured | met |", "|---|---|---|"]
+    for name, measured, met in targets(report):
+        mark = "reported" if met is None else ("yes" if met else "**no**")
+        lines.append(f"| {name} | {measured} | {mark} |")
+    one = [r for r in rows if r["concurrency"] == 1]
+    lines += [
+        "",
+        "## One trajectory: latency per tool call",
+        "",
+        "Each call waits for the previous one's result. Ratios compare with the limit "
+        "and the RQ baseline for the same tool and number of trajectories.",
+        "",
+        ROW_HEAD,
+    ]
+    lines += [_row(r) for r in _sorted(one)]
+    many = [r for r in rows if r["concurrency"] > 1]
+    lines += [
+        "",
+        "## Throughput against concurrency (`true`)",
+        "",
+        "N trajectories at once, each calling again as soon as its result arrives.",
+        "",
+        ROW_HEAD,
+    ]
+    lines += [_row(r) for r in _sorted(many)]
+    lines += _redis_section(rows) + _memory_section(report) + _lifecycle_section(report)
+    lines += ["", "## How it was run", ""]
+    lines += [f"- `{k}`: {v}" for k, v in cfg.items()]
+    lines += [""] + [f"- **{label}**: {what}" for label, what in PATHS.values()]
+    return "\n".join(lines) + "\n"
+
+
+def _redis_section(rows: list[dict[str, Any]]) -> list[str]:
+    counted = [r for r in rows if "client_rt_per_call" in r]
+    if not counted:
+        return []
+    lines = [
+        "",
+        "## Redis round trips per call",
+        "",
+        "Counted in redis-py (a pipeline is one round trip) in the client process and in "
+        "the worker process; server commands from `INFO commandstats` (heartbeats included).",
+        "",
+        "| path | tool | trajectories | client round trips | client commands "
+        "| worker round trips | worker commands | server commands |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in _sorted(counted):
+        lines.append(
+            f"| {PATHS.get(r['path'], (r['path'],))[0]} | `{r['tool']}` | {r['concurrency']} "
+            f"| {r['client_rt_per_call']:.2f} | {r['client_cmds_per_call']:.2f} "
+            f"| {r['worker_rt_per_call']:.2f} | {r['worker_cmds_per_call']:.2f} "
+            f"| {r['server_cmds_per_call']:.2f} |"
+        )
+    return lines
+
+
+def _memory_section(report: dict[str, Any]) -> list[str]:
+    memory = report.get("memory") or {}
+    if not memory:
+        return []
+    lines = [
+        "",
+        "## Memory per idle slot",
+        "",
+        "Container: `docker stats` MEM USAGE (cgroup usage less inactive file cache), "
+        "averaged over sampled containers, divided by slots per container. Worker: growth "
+        "of the worker's RSS from before opening to all slots open, per slot.",
+        "",
+        "| setup | slots | slots per container | container MiB | container MiB per slot "
+        "| worker RSS KiB per slot |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for name, m in memory.items():
+        lines.append(
+            f"| {name} | {m['slots']} | {m.get('per_container', '–')} "
+            f"| {_fmt(m.get('container_mib'), 1)} | {_fmt(m.get('container_mib_per_slot'), 1)} "
+            f"| {_fmt(m.get('worker_kib_per_slot'), 0)} |"
+        )
+    return lines
+
+
+def _lifecycle_section(report: dict[str, Any]) -> list[str]:
+    life = report.get("lifecycle") or {}
+    if not life:
+        return []
+    lines = [
+        "",
+        "## Container lifecycle",
+        "",
+        "From `open` to the first call's result, as a client sees it.",
+        "",
+        "| what | samples | p50 s | max s | note |",
+        "|---|--:|--:|--:|---|",
+    ]
+    for name, m in life.items():
+        lines.append(
+            f"| {name} | {m['n']} | {_fmt(m['p50_s'])} | {_fmt(m['max_s'])} | {m.get('note', '')} |"
+        )
+    return lines
+
+
+# -- plots ----------------------------------------------------------------------------
+COLORS = {
+    "toolq": "#1f77b4",
+    "limit": "#2ca02c",
+    "rq": "#d62728",
+    "exec": "#ff7f0e",
+    "exec_cli": "#8c564b",
+    "toolq_local": "#9467bd",
+    "limit_local": "#17becf",
+}
+
+
+def plots(report: dict[str, Any], out_prefix: str) -> dict[str, str]:
+    """latency.png, throughput.png and results.png (both side by side)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = {}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
+    _latency(left, report)
+    _throughput(right, report)
+    fig.suptitle(f"toolq vs the limit and RQ + docker exec — {report['host'].get('cpus')} cores")
+    fig.tight_layout()
+    written["results"] = out_prefix + "results.png"
+    fig.savefig(written["results"], dpi=110)
+    plt.close(fig)
+    for name, draw in (("latency", _latency), ("throughput", _throughput)):
+        fig, ax = plt.subplots(figsize=(8, 5.5))
+        draw(ax, report)
+        fig.tight_layout()
+        written[name] = f"{out_prefix}{name}.png"
+        fig.savefig(written[name], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def _latency(ax: Any, report: dict[str, Any]) -> None:
+    samples = report["samples_ms"]
+    conc = sorted({int(k.split("|")[2]) for k in samples})
+    shown = [c for c in conc if c in (1, 64)] or conc[:1]
+    for key, values in sorted(samples.items()):
+        path, tool, c = key.split("|")
+        if tool != "true" or int(c) not in shown or not values:
+            continue
+        ordered = sorted(values)
+        ys = [(i + 1) / len(ordered) for i in range(len(ordered))]
+        style = "-" if int(c) == shown[0] else "--"
+        label = f"{PATHS.get(path, (path,))[0]}, {c} traj"
+        ax.step(ordered, ys, style, where="post", color=COLORS.get(path), label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per call, ms (log)")
+    ax.set_ylabel("fraction of calls")
+    ax.set_title("Latency distribution of `true` (solid: 1 trajectory, dashed: 64)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def _throughput(ax: Any, report: dict[str, Any]) -> None:
+    rows = [r for r in report["rows"] if r["tool"] == "true"]
+    for path in ORDER:
+        pts = sorted((r["concurrency"], r["calls_per_s"]) for r in rows if r["path"] == path)
+        if len(pts) < 2:
+            continue
+        xs, ys = zip(*pts, strict=True)
+        label = PATHS[path][0]
+        ax.plot(xs, ys, "o-", color=COLORS.get(path), label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent trajectories (log)")
+    ax.set_ylabel("calls/s (log)")
+    ax.set_title("Throughput of `true` against concurrency")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
