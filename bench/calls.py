@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import time
 from dataclasses import dataclass
@@ -56,9 +57,15 @@ CALLS: dict[str, Call] = {
 SETUP_ARGS = {"path": SMALL_FILE, "content": SMALL_TEXT}
 
 
-def bench_spec() -> TrajectorySpec:
-    """The spec every benchmark trajectory opens with."""
-    return TrajectorySpec.model_validate({"limits": {"max_output_bytes": MAX_OUTPUT_BYTES}})
+def bench_spec(per_container: int = 1) -> TrajectorySpec:
+    """The spec every benchmark trajectory opens with.
+
+    A packed container gets the per-slot CPU limit times its slots, and Docker
+    refuses more CPUs than the host has: packed slots ask for a share.
+    """
+    cpus = min(1.0, (os.cpu_count() or 1) / per_container)
+    limits = {"max_output_bytes": MAX_OUTPUT_BYTES, "cpus": cpus}
+    return TrajectorySpec.model_validate({"limits": limits})
 
 
 def check_output(call: Call, output: str) -> bool:

@@ -217,7 +217,7 @@ def _redis_section(rows: list[dict[str, Any]]) -> list[str]:
         "the worker process; server commands from `INFO commandstats` (heartbeats included).",
         "",
         "| path | tool | trajectories | client round trips | client commands "
-        "| worker round trips | worker commands | server commands |",
+        "| worker round trips | worker commands | server commands (incl. inside Lua) |",
         "|---|---|--:|--:|--:|--:|--:|--:|",
     ]
     for r in _sorted(counted):

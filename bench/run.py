@@ -182,13 +182,15 @@ async def phase_limit(cfg: Config, res: Results, local: bool = False) -> None:
             continue
         ns = f"benchlim{uuid.uuid4().hex[:6]}"
         backend = LocalBackend() if local else docker_backend(ns, per_container)
-        slots, _ready = await acquire_all(backend, max(levels))
+        slots, _ready = await acquire_all(backend, max(levels), per_container)
         try:
             if index == 0:
                 for call in CALLS.values():
                     fns = [agent_call_fn(slots[:1], call)]
                     res.add(await drive(path, call, fns, cfg.tool_budget()))
             for n in levels:
+                if n == 1 and index == 0:
+                    continue  # measured with the other tools above
                 fns = [agent_call_fn(slots, TRUE)] * n
                 res.add(await drive(path, TRUE, fns, cfg.sweep_budget(n)))
         finally:
@@ -290,7 +292,7 @@ async def phase_toolq(
                     await cold_opens(cfg, res, client)
                 rss0 = tree_rss_kb(worker.pid)
                 trajs = [f"t{i}" for i in range(top)]
-                ready = await open_all(client, trajs)
+                ready = await open_all(client, trajs, per_container)
                 kind = "packed" if per_container > 1 else "unpacked"
                 res.life(
                     f"{backend}: open {top} at once ({kind})",
@@ -303,6 +305,8 @@ async def phase_toolq(
                     for call in CALLS.values():
                         await measure(res, path, call, client, trajs[:1], cfg.tool_budget(), acct)
                 for n in levels:
+                    if n == 1 and index == 0:
+                        continue  # measured with the other tools above
                     budget = cfg.sweep_budget(n)
                     if profile and not local and n == cfg.profile_level:
                         with (
@@ -404,6 +408,8 @@ async def phase_rq(cfg: Config, res: Results, url: str) -> None:
                 fns = workers.fns(boxes.cids[:1], call, pool)
                 res.add(await drive("rq", call, fns, cfg.tool_budget(exec_path=True)))
             for n in levels:
+                if n == 1:
+                    continue  # measured with the other tools above
                 fns = workers.fns(boxes.cids[:n], TRUE, pool)
                 res.add(await drive("rq", TRUE, fns, cfg.sweep_budget(n)))
     finally:

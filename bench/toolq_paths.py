@@ -124,7 +124,7 @@ def toolq_call_fn(client: AsyncClient, trajs: list[str], call: Call) -> CallFn:
     return fn
 
 
-async def open_all(client: AsyncClient, trajs: list[str]) -> list[float]:
+async def open_all(client: AsyncClient, trajs: list[str], per_container: int = 1) -> list[float]:
     """Open trajectories at once; per trajectory, seconds from open to its first result.
 
     The first call writes the small file the ``cat`` call reads.
@@ -132,7 +132,7 @@ async def open_all(client: AsyncClient, trajs: list[str]) -> list[float]:
     started = time.perf_counter()
 
     async def one(traj: str) -> float:
-        await client.open(traj, bench_spec())
+        await client.open(traj, bench_spec(per_container))
         r = await client.call(traj, "write_file", SETUP_ARGS, wait_s=WAIT_S)
         if not r.ok:
             raise RuntimeError(f"{traj}: first call failed: {r.error}")
@@ -195,12 +195,14 @@ def agent_call_fn(slots: list[Slot], call: Call) -> CallFn:
     return fn
 
 
-async def acquire_all(backend: Backend, count: int) -> tuple[list[Slot], list[float]]:
+async def acquire_all(
+    backend: Backend, count: int, per_container: int = 1
+) -> tuple[list[Slot], list[float]]:
     """``count`` slots at once, each with the small file written; seconds to each ready."""
     started = time.perf_counter()
 
     async def one(index: int) -> tuple[Slot, float]:
-        slot = await backend.acquire(f"limit{index}", bench_spec())
+        slot = await backend.acquire(f"limit{index}", bench_spec(per_container))
         fn = agent_call_fn([slot], Call("setup", "write_file", SETUP_ARGS, None))
         ok, output = await fn(0)
         if not ok:

@@ -287,7 +287,14 @@ class TrajectoryRecord(WireModel):
     @field_validator("spec", mode="before")
     @classmethod
     def _parse_spec(cls, value: Any) -> Any:
-        return None if value in (None, "") else _json_object(value, "spec")
+        # A record must stay readable even when the spec it stores never validated
+        # (that is why such a trajectory failed): then ``spec`` is None.
+        if value in (None, ""):
+            return None
+        try:
+            return TrajectorySpec.model_validate(_json_object(value, "spec"))
+        except ValueError:
+            return None
 
 
 class WorkerInfo(WireModel):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+import uuid
 
 import redis
 
@@ -54,7 +56,8 @@ def test_cancel_while_a_command_runs_and_calls_are_queued(start_worker, client: 
     handle = start_worker("local")
     client.open("t")
     client.call("t", "bash", {"command": "true"})
-    running = client.submit("t", "bash", {"command": "sleep 60"})
+    nap = f"sleep 60.{uuid.uuid4().int % 10**6}"  # unique, so pgrep finds only ours
+    running = client.submit("t", "bash", {"command": nap})
     queued = [client.submit("t", "bash", {"command": "echo never"}) for _ in range(3)]
     time.sleep(0.5)  # let the sleep start
     assert client.cancel("t") == "requested"
@@ -64,7 +67,7 @@ def test_cancel_while_a_command_runs_and_calls_are_queued(start_worker, client: 
     wait_status(client, "t", "cancelled")
     late = client.submit("t", "bash", {"command": "echo late"})
     assert client.result("t", late, timeout_s=10).error_code == "trajectory_ended"
-    ps = subprocess.run(["pgrep", "-f", "sleep 60"], capture_output=True, text=True)
+    ps = subprocess.run(["pgrep", "-f", nap], capture_output=True, text=True)
     assert ps.stdout.strip() == "", "the cancelled command is still running"
     assert handle.worker is not None and "t" not in handle.worker.owned
 
@@ -205,3 +208,31 @@ def test_runs_and_show_cli(start_worker, client: Client, redis_url, ns):
     doc = json.loads(shown.stdout)
     assert doc["status"] == "running" and doc["last_calls"][0]["output"] == "shown\n"
     assert subprocess.run([*cli, "show", "nope"], env=env, capture_output=True).returncode == 1
+
+
+def test_calls_to_an_unopened_trajectory_get_an_error(start_worker, client: Client):
+    start_worker("local")
+    call_id = client.submit("never-opened", "bash", {"command": "true"})
+    r = client.result("never-opened", call_id, timeout_s=5)
+    assert r.error_code == "bad_request" and "not open" in (r.error or "")
+
+
+def test_an_invalid_spec_fails_the_trajectory_and_answers_its_calls(
+    start_worker, client: Client, redis_url, ns
+):
+    from toolq.producer import _protocol as p
+
+    keys = Keys(ns)
+    r = redis.Redis.from_url(redis_url)
+    # what a client in another language might send: a record, then a bad spec
+    bad_spec = '{"limits": {"memory_mb": "lots"}}'
+    client._open(keys=[keys.traj("bad")], args=["bad", p.now_ms(), bad_spec])
+    queued = client.submit("bad", "bash", {"command": "true"})
+    r.xadd(keys.open, {"v": "1", "traj": "bad", "spec": bad_spec})
+    start_worker("local")
+    wait_status(client, "bad", "failed")
+    rec = client.trajectory("bad")
+    assert rec is not None and "bad open request" in (rec.reason or "")
+    assert client.result("bad", queued, timeout_s=10).error_code == "trajectory_ended"
+    dead = r.xrange(keys.dead)
+    assert len(dead) == 1 and json.loads(dead[0][1][b"fields"])["traj"] == "bad"

@@ -50,7 +50,8 @@ _out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else sys.stdout
 
 def emit(message):
     """Write one reply or event line (thread-safe)."""
-    line = json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n"
+    # ASCII JSON never fails to encode, whatever a tool produced.
+    line = json.dumps(message, separators=(",", ":")) + "\n"
     data = line.encode("utf-8", "surrogateescape")
     with _write_lock:
         _out.write(data)

@@ -76,7 +76,8 @@ class AgentChannel:
         self._flush_scheduled = False
         frame, self._outbox = self._outbox, []
         if frame:
-            data = json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+            # ASCII JSON: a lone surrogate from a client's \udc80 escape still encodes.
+            data = json.dumps(frame, separators=(",", ":")).encode("ascii") + b"\n"
             task = asyncio.ensure_future(self._send(data))
             self._sends.add(task)  # keep a reference until the write is done
             task.add_done_callback(self._sends.discard)

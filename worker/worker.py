@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -24,6 +25,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from toolq.schemas import (
     GROUP,
+    PROTOCOL_VERSION,
     CallEntry,
     ErrorCode,
     InvalidIdError,
@@ -35,6 +37,7 @@ from toolq.schemas import (
     WorkerInfo,
     __version__,
     check_part,
+    check_traj_id,
 )
 
 from . import scripts
@@ -367,12 +370,41 @@ class Worker:
     async def _on_open(self, entry_id: str, fields: dict[Any, Any]) -> None:
         try:
             req = OpenRequest.from_fields(fields)
+            if req.v > PROTOCOL_VERSION:
+                raise ValueError(f"protocol version {req.v} is newer than this worker's")
         except ValueError as exc:
-            await self._dead(self.keys.open, entry_id, fields, f"bad open request: {exc}")
+            reason = f"bad open request: {exc}"
+            await self._dead(self.keys.open, entry_id, fields, reason)
+            await self._fail_unopenable(_s(fields.get(b"traj", fields.get("traj", ""))), reason)
             await self.redis.xack(self.keys.open, GROUP, entry_id)
             return
         await self.claim(req.traj, req.spec, req.previous_owner, req.graceful)
         await self.redis.xack(self.keys.open, GROUP, entry_id)
+
+    async def _fail_unopenable(self, traj_id: str, reason: str) -> None:
+        """A trajectory whose open request is invalid fails; its calls are answered."""
+        try:
+            check_traj_id(traj_id)
+        except InvalidIdError:
+            return  # no keys can be named after it: the dead letter is all there is
+        ended = await self._end(
+            keys=[self.keys.traj(traj_id), self.keys.events(traj_id), self.keys.calls(traj_id)],
+            args=[
+                TrajStatus.FAILED.value,
+                now_ms(),
+                reason,
+                self.settings.retention_s * 1000,
+                self.settings.events_maxlen,
+                self.id,
+            ],
+        )
+        await self.redis.zrem(self.keys.pending, traj_id)
+        if ended:
+            with contextlib.suppress(ResponseError):  # BUSYGROUP
+                await self.redis.xgroup_create(
+                    self.keys.calls(traj_id), GROUP, id="0", mkstream=True
+                )
+            await self._drain_stream(traj_id)
 
     async def claim(
         self,
@@ -454,6 +486,10 @@ class Worker:
             item = self._parse_item(_s(entry_id), fields)
             if traj is None or traj.ending is not None:
                 self._refuse(traj_id, item, ErrorCode.TRAJECTORY_ENDED, self._ended_message(traj))
+            elif item.kind != "call" and item.error is not None:
+                # a control entry this worker cannot trust (newer version): never act on it
+                self._ack(traj_id, item.entry_id)
+                log.warning("ignored %s entry %s: %s", item.kind, item.entry_id, item.error[1])
             elif item.kind == "cancel":
                 self._cancel(traj, item)
             else:
@@ -858,7 +894,7 @@ class Worker:
                 "entry_id": entry_id,
                 "reason": reason,
                 "worker": self.id,
-                "fields": str(preview),
+                "fields": json.dumps(preview),
             },
             maxlen=10_000,
         )
@@ -880,6 +916,20 @@ class Worker:
             await self.redis.zrem(self.keys.workers, dead)
             await self.redis.delete(self.keys.worker_trajs(dead), self.keys.worker(dead))
             log.warning("worker %s is dead: its trajectories were re-queued", dead)
+
+    async def _trim_open(self) -> None:
+        """Drop open requests every worker has read and acknowledged (the stream
+        would otherwise grow by one entry per trajectory forever)."""
+        groups: Any = await self.redis.xinfo_groups(self.keys.open)
+        group = next((g for g in groups if _s(g["name"]) == GROUP), None)
+        if group is None:
+            return
+        floor = _s(group["last-delivered-id"])
+        pending: Any = await self.redis.xpending(self.keys.open, GROUP)
+        if pending and pending.get("pending"):
+            floor = min(floor, _s(pending["min"]), key=_entry_key)
+        # MINID keeps `floor` itself: entries older than it are read and acknowledged.
+        await self.redis.xtrim(self.keys.open, minid=floor, approximate=True)
 
     async def _requeue(self, traj_id: str, owner: str, graceful: bool) -> None:
         """Give ``owner``'s trajectory back to the pool (any worker may claim it)."""
@@ -916,12 +966,16 @@ class Worker:
         await self._drop_slot(traj, keep=True)
 
     async def _heartbeat_loop(self) -> None:
+        beats = 0
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
+            beats += 1
             try:
                 await self._heartbeat()
                 await self._check_ownership()
                 await self._take_over_dead()
+                if beats % max(1, int(30 / self.settings.heartbeat_s)) == 0:
+                    await self._trim_open()
             except (RedisError, OSError) as exc:
                 self._recover_needed = True
                 log.warning("heartbeat failed: %s", exc)

@@ -41,7 +41,8 @@ local final = {completed=1, failed=1, timeout=1, cancelled=1}
 local function answer(cid, code, message)
   local rkey = ARGV[1] .. cid
   if redis.call('EXISTS', rkey) == 1 then return end
-  redis.call('HSET', rkey, 'v', '1', 'call_id', cid, 'traj', redis.call('HGET', KEYS[1], 'traj'),
+  local traj = redis.call('HGET', KEYS[1], 'traj') or ''
+  redis.call('HSET', rkey, 'v', '1', 'call_id', cid, 'traj', traj,
              'ok', '0', 'error_code', code, 'error', message, 'finished_ms', ARGV[4])
   redis.call('PEXPIRE', rkey, ARGV[2])
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'result',
@@ -57,7 +58,11 @@ local entry = {unpack(ARGV, 5)}
 local kind = field(entry, 'type') or 'call'
 if kind ~= 'call' then return id end
 local st = redis.call('HGET', KEYS[1], 'status')
-if st and final[st] then
+if not st then
+  answer(field(entry, 'call_id') or id, 'bad_request',
+         'the trajectory is not open: open it before submitting calls')
+  for i = 2, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+elseif final[st] then
   local reason = redis.call('HGET', KEYS[1], 'reason') or st
   answer(field(entry, 'call_id') or id, 'trajectory_ended',
          'the trajectory has ended (' .. st .. ': ' .. reason .. ')')
