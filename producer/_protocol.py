@@ -190,6 +190,61 @@ def scan_events(reply: Any, call_id: str) -> tuple[str | None, bool]:
     return cursor, found
 
 
+def scan_result(reply: Any, call_id: str) -> tuple[str | None, bool, Result | None]:
+    """Like ``scan_events``, plus the result itself when its event carries it inline.
+
+    Workers put small results in the event's ``result`` field (the result hash's
+    fields as a JSON object), which saves the HGETALL; older workers do not.
+    """
+    cursor, found, inline = None, False, None
+    for _stream, entries in reply or []:
+        for entry_id, fields in entries:
+            cursor = s(entry_id)
+            if s(fields.get(b"call_id", b"")) == call_id and s(fields.get(b"type")) == "result":
+                found = True
+                inline = _inline_result(fields.get(b"result")) or inline
+    return cursor, found, inline
+
+
+def _inline_result(raw: Any) -> Result | None:
+    if not raw:
+        return None
+    try:
+        return Result.from_fields(json.loads(raw))
+    except ValueError:  # not what this client understands: read the hash instead
+        return None
+
+
+def queue_call(
+    pipe: Any,
+    keys: Keys,
+    traj_id: str,
+    call_id: str | None,
+    sha: str,
+    submit: tuple[list[str], list[Any]],
+) -> None:
+    """Queue a call's one round trip: events cursor, existing result, submit.
+
+    The submit goes as a bare EVALSHA: a redis-py pipeline holding a Script
+    sends SCRIPT EXISTS first, one more round trip per call. The caller loads
+    the script and retries on NOSCRIPT (nothing was submitted then).
+    """
+    pipe.xrevrange(keys.events(traj_id), count=1)
+    if call_id is not None:  # a resubmitted call_id may be answered already: that is the result
+        pipe.hgetall(keys.result(traj_id, call_id))
+    submit_keys, submit_argv = submit
+    pipe.evalsha(sha, len(submit_keys), *submit_keys, *submit_argv)
+
+
+def call_replies(replies: list[Any], call_id: str | None) -> tuple[str, Any, Any]:
+    """(events cursor, existing result fields, entry id) from ``queue_call``'s replies."""
+    if call_id is None:
+        cursor_reply, entry_id = replies
+        return last_event_id(cursor_reply), {}, entry_id
+    cursor_reply, existing, entry_id = replies
+    return last_event_id(cursor_reply), existing, entry_id
+
+
 def parse_labels(labels: dict[str, str] | list[str] | tuple[str, ...] | None) -> dict[str, str]:
     """``{"k": "v"}`` or ``["k=v", ...]`` -> dict; raises ValueError on a bad pair."""
     if labels is None or isinstance(labels, dict):

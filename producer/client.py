@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from toolq.schemas import (
     BgTask,
@@ -37,7 +38,9 @@ from .config import resolve_redis_url
 
 # Waits block in XREAD for as long as the caller asked: no socket read timeout
 # (redis-py >= 8 defaults to 5 s), and RESP2 replies, which the parsing expects.
-CONNECT_KW: dict[str, Any] = {"socket_timeout": None, "protocol": 2}
+# Every wait holds a connection while it blocks, and one client may wait for
+# hundreds of trajectories at once: redis-py's default pool stops at 100.
+CONNECT_KW: dict[str, Any] = {"socket_timeout": None, "protocol": 2, "max_connections": 10_000}
 
 
 class ToolqError(Exception):
@@ -154,12 +157,7 @@ class Client:
         keys, argv = p.submit_args(self.keys, traj_id, entry)
         for attempt in range(RETRIES if call_id else 1):
             try:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.xrevrange(self.keys.events(traj_id), count=1)
-                # A resubmitted call_id may be answered already: then that is the result.
-                pipe.hgetall(self.keys.result(traj_id, call_id or "-"))
-                self._submit(keys=keys, args=argv, client=pipe)
-                cursor_reply, existing, entry_id = pipe.execute()
+                cursor, existing, entry_id = self._send_call(traj_id, call_id, (keys, argv))
                 break
             except REDIS_DOWN:
                 if not call_id or attempt == RETRIES - 1:
@@ -167,7 +165,22 @@ class Client:
                 time.sleep(_backoff_s(attempt))
         cid = call_id or p.s(entry_id)
         wait = wait_s if wait_s is not None else _call_wait_s(timeout_s)
-        return self._wait(traj_id, cid, p.last_event_id(cursor_reply), existing, wait)
+        return self._wait(traj_id, cid, cursor, existing, wait)
+
+    def _send_call(
+        self, traj_id: str, call_id: str | None, submit: tuple[list[str], list[Any]]
+    ) -> tuple[str, Any, Any]:
+        """One round trip: events cursor, existing result, submit (see ``p.queue_call``)."""
+        for loaded in (False, True):
+            pipe = self.redis.pipeline(transaction=False)
+            p.queue_call(pipe, self.keys, traj_id, call_id, self._submit.sha, submit)
+            try:
+                return p.call_replies(pipe.execute(), call_id)
+            except NoScriptError:  # a restarted Redis forgot the script: nothing was submitted
+                if loaded:
+                    raise
+                self.redis.script_load(p.SUBMIT_LUA)
+        raise AssertionError("unreachable")
 
     def _wait(
         self, traj_id: str, call_id: str, cursor: str, fields: Any, timeout_s: float | None
@@ -182,9 +195,9 @@ class Client:
                 raise WaitTimeout(f"no result for call {call_id} of {traj_id} yet")
             try:
                 reply = self.redis.xread({events: cursor}, count=100, block=left_ms)
-                new_cursor, hit = p.scan_events(reply, call_id)
+                new_cursor, hit, found = p.scan_result(reply, call_id)
                 cursor = new_cursor or cursor
-                if hit or new_cursor is None:  # event seen, or timed out: look once more
+                if found is None and (hit or new_cursor is None):  # seen, or timed out: look
                     found = p.parse_result(self.redis.hgetall(self.keys.result(traj_id, call_id)))
             except REDIS_DOWN:  # Redis restarting: wait, then look again
                 time.sleep(min(_backoff_s(errors), max(left_ms, 0) / 1000))
@@ -346,11 +359,7 @@ class AsyncClient:
         keys, argv = p.submit_args(self.keys, traj_id, entry)
         for attempt in range(RETRIES if call_id else 1):
             try:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.xrevrange(self.keys.events(traj_id), count=1)
-                pipe.hgetall(self.keys.result(traj_id, call_id or "-"))
-                await self._submit(keys=keys, args=argv, client=pipe)
-                cursor_reply, existing, entry_id = await pipe.execute()
+                cursor, existing, entry_id = await self._send_call(traj_id, call_id, (keys, argv))
                 break
             except REDIS_DOWN:
                 if not call_id or attempt == RETRIES - 1:
@@ -358,7 +367,22 @@ class AsyncClient:
                 await asyncio.sleep(_backoff_s(attempt))
         cid = call_id or p.s(entry_id)
         wait = wait_s if wait_s is not None else _call_wait_s(timeout_s)
-        return await self._wait(traj_id, cid, p.last_event_id(cursor_reply), existing, wait)
+        return await self._wait(traj_id, cid, cursor, existing, wait)
+
+    async def _send_call(
+        self, traj_id: str, call_id: str | None, submit: tuple[list[str], list[Any]]
+    ) -> tuple[str, Any, Any]:
+        """See ``Client._send_call``."""
+        for loaded in (False, True):
+            pipe = self.redis.pipeline(transaction=False)
+            p.queue_call(pipe, self.keys, traj_id, call_id, self._submit.sha, submit)
+            try:
+                return p.call_replies(await pipe.execute(), call_id)
+            except NoScriptError:
+                if loaded:
+                    raise
+                await self.redis.script_load(p.SUBMIT_LUA)
+        raise AssertionError("unreachable")
 
     async def _wait(
         self, traj_id: str, call_id: str, cursor: str, fields: Any, timeout_s: float | None
@@ -373,9 +397,9 @@ class AsyncClient:
                 raise WaitTimeout(f"no result for call {call_id} of {traj_id} yet")
             try:
                 reply = await self.redis.xread({events: cursor}, count=100, block=left_ms)
-                new_cursor, hit = p.scan_events(reply, call_id)
+                new_cursor, hit, found = p.scan_result(reply, call_id)
                 cursor = new_cursor or cursor
-                if hit or new_cursor is None:
+                if found is None and (hit or new_cursor is None):
                     fields = await self.redis.hgetall(self.keys.result(traj_id, call_id))
                     found = p.parse_result(fields)
             except REDIS_DOWN:

@@ -10,16 +10,22 @@ FINAL_LUA = "local final = {completed=1, failed=1, timeout=1, cancelled=1}\n"
 
 # KEYS: result, events, calls, traj
 # ARGV: group, entry_id, result_ttl_ms, events_maxlen, ok, error_code, call_id, now_ms,
+#       inline ('' or the result's fields as a JSON object, carried by the event),
 #       then the result's field/value pairs.
 # Writes the result only if none exists (exactly one final result per call),
 # always acknowledges the entry.
 FINISH_CALL = """
 local written = 0
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 9))
+  redis.call('HSET', KEYS[1], unpack(ARGV, 10))
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'v', '1', 'type', 'result',
-             'call_id', ARGV[7], 'ok', ARGV[5], 'error_code', ARGV[6])
+  local event = {'v', '1', 'type', 'result', 'call_id', ARGV[7], 'ok', ARGV[5],
+                 'error_code', ARGV[6]}
+  if ARGV[9] ~= '' then
+    event[#event + 1] = 'result'
+    event[#event + 1] = ARGV[9]
+  end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(event))
   if redis.call('EXISTS', KEYS[4]) == 1 then
     redis.call('HINCRBY', KEYS[4], 'calls_total', 1)
     if ARGV[5] == '0' then redis.call('HINCRBY', KEYS[4], 'calls_failed', 1) end

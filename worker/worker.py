@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from toolq.schemas import (
     GROUP,
@@ -58,6 +58,9 @@ AGENT_GRACE_S = 15.0
 # After Redis errors, idempotent writes of this many recent seconds are
 # replayed: a Redis restarted from an AOF (fsync every second) may have lost them.
 REPLAY_WINDOW_S = 10.0
+# Results up to this size (as JSON) are copied into their result event, so that
+# a waiting client needs no HGETALL; larger ones are only in the result hash.
+INLINE_RESULT_MAX_BYTES = 4096
 
 
 def now_ms() -> int:
@@ -842,35 +845,57 @@ class Worker:
                 self._out.task_done()
 
     async def _flush(self, batch: list[Pending]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for p in batch:
-            calls = self.keys.calls(p.traj_id)
-            if p.result is None:
-                pipe.xack(calls, GROUP, p.entry_id)
-                continue
-            r = p.result
-            fields = [x for kv in r.to_fields().items() for x in kv]
-            await self._finish(
-                keys=[
-                    self.keys.result(p.traj_id, r.call_id),
-                    self.keys.events(p.traj_id),
-                    calls,
-                    self.keys.traj(p.traj_id),
-                ],
-                args=[
-                    GROUP,
-                    p.entry_id,
-                    self.settings.result_ttl_s * 1000,
-                    self.settings.events_maxlen,
-                    "1" if r.ok else "0",
-                    r.error_code or "",
-                    r.call_id,
-                    r.finished_ms,
-                    *fields,
-                ],
-                client=pipe,
-            )
-        await pipe.execute()
+        for loaded in (False, True):
+            pipe = self.redis.pipeline(transaction=False)
+            for p in batch:
+                self._queue_finish(pipe, p)
+            try:
+                await pipe.execute()
+                return
+            except NoScriptError:  # a restarted Redis forgot the script; rerunning is safe
+                if loaded:
+                    raise
+                await self.redis.script_load(scripts.FINISH_CALL)
+
+    def _queue_finish(self, pipe: Any, p: Pending) -> None:
+        """Queue one result's FINISH_CALL (or a bare XACK) as a plain EVALSHA.
+
+        Not a Script object: a redis-py pipeline holding one sends SCRIPT EXISTS
+        first, a round trip per flush. Small results ride inline in their event
+        too, which saves clients an HGETALL.
+        """
+        calls = self.keys.calls(p.traj_id)
+        if p.result is None:
+            pipe.xack(calls, GROUP, p.entry_id)
+            return
+        r = p.result
+        as_fields = r.to_fields()
+        fields = [x for kv in as_fields.items() for x in kv]
+        size = sum(len(k) + len(v) for k, v in as_fields.items())
+        inline = ""
+        if size <= INLINE_RESULT_MAX_BYTES:
+            inline = json.dumps(as_fields, separators=(",", ":"))
+        keys = [
+            self.keys.result(p.traj_id, r.call_id),
+            self.keys.events(p.traj_id),
+            calls,
+            self.keys.traj(p.traj_id),
+        ]
+        pipe.evalsha(
+            self._finish.sha,
+            len(keys),
+            *keys,
+            GROUP,
+            p.entry_id,
+            self.settings.result_ttl_s * 1000,
+            self.settings.events_maxlen,
+            "1" if r.ok else "0",
+            r.error_code or "",
+            r.call_id,
+            r.finished_ms,
+            inline,
+            *fields,
+        )
 
     async def _retry(self, fn: Any, attempts: int = 0) -> Any:
         """Run a Redis operation until it succeeds: results are never dropped."""

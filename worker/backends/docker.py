@@ -671,12 +671,17 @@ class DockerBackend(Backend):
         return box
 
     def _pick(self, config: BoxConfig) -> Box | None:
-        """A live container of this config with room: partly used first, then warm."""
+        """A live container of this config with room: partly used first, then warm.
+
+        Adopted ones hold one trajectory's workspace: never another's.
+        """
         room = self.settings.slots_per_container
         candidates = []
         for box in list(self._boxes):
             if box.dead:
                 self._discard(box)
+            elif box.adopted:
+                continue
             elif box.config == config and not box.closing and len(box.slots) < room:
                 candidates.append(box)
         candidates.sort(key=lambda b: (not b.used, not b.ready))
