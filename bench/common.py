@@ -179,15 +179,13 @@ def host_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "platform": platform.platform(),
     }
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    with contextlib.suppress(OSError):
-        with open("/proc/meminfo") as fh:
-            info["mem_gib"] = round(int(fh.readline().split()[1]) / 2**20, 1)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError), open("/proc/meminfo") as fh:
+        info["mem_gib"] = round(int(fh.readline().split()[1]) / 2**20, 1)
     with contextlib.suppress(OSError):
         info["loadavg_start"] = os.getloadavg()
     with contextlib.suppress(Exception):

@@ -21,7 +21,7 @@ TOOLS = ["true", "cat", "write_64k", "out_1mb"]
 
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
+        return "-"
     if isinstance(value, float):
         if abs(value) >= 100:
             return f"{value:,.0f}"
@@ -96,8 +96,8 @@ def targets(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         r = toolq1["p50_ms"] / limit1["p50_ms"]
         out.append(
             (
-                "trivial call p50 end to end ≤ 2× the limit",
-                f"{toolq1['p50_ms']:.2f} ms vs {limit1['p50_ms']:.2f} ms = {r:.2f}×",
+                "trivial call p50 end to end ≤ 2x the limit",
+                f"{toolq1['p50_ms']:.2f} ms vs {limit1['p50_ms']:.2f} ms = {r:.2f}x",
                 r <= 2,
             )
         )
@@ -107,8 +107,8 @@ def targets(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         r = toolq64["calls_per_s"] / rq64["calls_per_s"]
         out.append(
             (
-                f"at {big} trajectories ≥ 20× the calls/s of RQ",
-                f"{toolq64['calls_per_s']:.0f} vs {rq64['calls_per_s']:.1f} calls/s = {r:.0f}×",
+                f"at {big} trajectories ≥ 20x the calls/s of RQ",
+                f"{toolq64['calls_per_s']:.0f} vs {rq64['calls_per_s']:.1f} calls/s = {r:.0f}x",
                 r >= 20,
             )
         )
@@ -118,8 +118,8 @@ def targets(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         r = toolq_top["p99_ms"] / toolq_top["p50_ms"]
         out.append(
             (
-                f"at {top} trajectories no errors, p99 < 10× p50",
-                f"{toolq_top['errors']} errors, p99 {toolq_top['p99_ms']:.1f} ms = {r:.1f}× p50",
+                f"at {top} trajectories no errors, p99 < 10x p50",
+                f"{toolq_top['errors']} errors, p99 {toolq_top['p99_ms']:.1f} ms = {r:.1f}x p50",
                 toolq_top["errors"] == 0 and r < 10,
             )
         )
@@ -248,7 +248,7 @@ def _memory_section(report: dict[str, Any]) -> list[str]:
     ]
     for name, m in memory.items():
         lines.append(
-            f"| {name} | {m['slots']} | {m.get('per_container', '–')} "
+            f"| {name} | {m['slots']} | {m.get('per_container', '-')} "
             f"| {_fmt(m.get('container_mib'), 1)} | {_fmt(m.get('container_mib_per_slot'), 1)} "
             f"| {_fmt(m.get('worker_kib_per_slot'), 0)} |"
         )

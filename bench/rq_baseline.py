@@ -15,9 +15,9 @@ import redis
 import rq_jobs
 from calls import EXEC_WORKDIR, SMALL_FILE, SMALL_TEXT, WRITE_TEXT, Call, tar_of
 from common import BENCH_DIR, IMAGE
+from harness import CallFn
 from rq import Queue
 from rq.results import Result as RqResult
-from toolq_paths import CallFn
 
 QUEUE = "toolq-bench"
 LABEL = "toolq.bench"
@@ -103,16 +103,15 @@ class RqWorkers:
 
     def __init__(self, redis_url: str, count: int, worker_class: str = "SimpleWorker") -> None:
         self.redis_url = redis_url
-        env = {**os.environ, "PYTHONPATH": BENCH_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {
+            **os.environ,
+            "PYTHONPATH": BENCH_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
         rq_cli = [sys.executable, "-c", "from rq.cli import main; main()"]
+        argv = [*rq_cli, "worker", "-u", redis_url, "-w", f"rq.worker.{worker_class}"]
+        argv += ["-P", BENCH_DIR, "--logging_level", "WARNING", "-q", QUEUE]
         self.procs = [
-            subprocess.Popen(
-                [*rq_cli, "worker", "-u", redis_url, "-w", f"rq.worker.{worker_class}"]
-                + ["-P", BENCH_DIR, "--logging_level", "WARNING", "-q", QUEUE],
-                env=env,
-                stdout=subprocess.DEVNULL,
-            )
-            for _ in range(count)
+            subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL) for _ in range(count)
         ]
         self.conn = redis.Redis.from_url(redis_url)
         self.queue = Queue(QUEUE, connection=self.conn)

@@ -21,12 +21,10 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import redis
-from calls import CALLS, SMALL_FILE, Call
+from calls import CALLS, SMALL_FILE
 from common import (
     BENCH_DIR,
     IMAGE,
@@ -34,29 +32,16 @@ from common import (
     Budget,
     RedisCounter,
     Run,
-    container_memory_mib,
     host_info,
     stage,
-    tree_rss_kb,
     write_json,
 )
+from harness import WorkerProc
+from paths import ExecPath, LimitPath, Path, RqPath, ToolqPath
 from report import add_ratios, markdown, plots
-from toolq_paths import (
-    Accounting,
-    WorkerProc,
-    acquire_all,
-    agent_call_fn,
-    close_all,
-    drive,
-    open_all,
-    release_all,
-    toolq_call_fn,
-)
 
 from toolq.producer import AsyncClient
-from toolq.worker.backends.base import Backend
 from toolq.worker.embedded import EmbeddedRedis
-from toolq.worker.settings import WorkerSettings
 
 ALL_PATHS = ["exec", "limit", "toolq", "rq", "toolq_local", "limit_local"]
 TRUE = CALLS["true"]
@@ -79,6 +64,7 @@ class Config:
     sweep_min_per_traj: int = 2
     rq_workers: int = 4
     rq_max_level: int = 64  # RQ needs a container per trajectory
+    local_max_level: int = 64  # a local agent is a ~20 MB Python process per slot
     cold: int = 3
     warm: int = 3
     warm_pool: int = 2
@@ -146,84 +132,58 @@ class Results:
         }
 
 
-# -- docker exec alone --------------------------------------------------------------
-async def phase_exec(cfg: Config, res: Results) -> None:
-    from rq_baseline import Containers, exec_cli_fns, exec_fns
-
-    boxes = await asyncio.to_thread(Containers, 1)
+# -- comparing paths ---------------------------------------------------------------------
+async def compare(
+    cfg: Config, res: Results, paths: list[Path], levels: list[int], out: str, profile: bool
+) -> None:
+    """Start the paths, then measure them back to back: per tool at 1, then each level."""
+    for path in paths:
+        with stage(f"start {path.name} for {path.size}", res.stages):
+            await path.start()
+        for name, seconds in path.lifecycle.items():
+            note = "start cap 4 (start_concurrency)" if "open" in name and "docker" in name else ""
+            res.life(name, seconds, note)
+        if path.memory:
+            kind = f"{path.name}, {path.memory['per_container']} slot(s) per container"
+            res.memory[kind] = path.memory
     try:
-        with ThreadPoolExecutor(4) as pool:
+        if 1 in levels:
             for call in CALLS.values():
-                fns = exec_fns(boxes.cids, call, pool)
-                res.add(await drive("exec", call, fns, cfg.tool_budget(exec_path=True)))
-        fns = exec_cli_fns(boxes.cids, TRUE)
-        res.add(await drive("exec_cli", TRUE, fns, cfg.tool_budget(exec_path=True)))
+                for path in paths:
+                    if path.supports(call, 1):
+                        res.add(await path.run(call, 1, cfg.tool_budget(path.slow)))
+        for n in [n for n in levels if n > 1]:
+            for path in paths:
+                if not path.supports(TRUE, n):
+                    continue
+                if profile and path.name == "toolq" and n == cfg.profile_level:
+                    assert isinstance(path, ToolqPath) and path.worker is not None
+                    with (
+                        profiling(path.worker.pid, "worker", cfg.sweep_s, res, out),
+                        profiling(os.getpid(), "client", cfg.sweep_s, res, out),
+                    ):
+                        res.add(await path.run(TRUE, n, cfg.sweep_budget(n)))
+                else:
+                    res.add(await path.run(TRUE, n, cfg.sweep_budget(n)))
     finally:
-        await asyncio.to_thread(boxes.remove)
-
-
-# -- the limit ------------------------------------------------------------------------
-def docker_backend(ns: str, per_container: int) -> Backend:
-    from toolq.worker.backends.docker import DockerBackend
-
-    settings = WorkerSettings(
-        backend="docker", default_image=IMAGE, namespace=ns, slots_per_container=per_container
-    )
-    return DockerBackend(settings)
-
-
-async def phase_limit(cfg: Config, res: Results, local: bool = False) -> None:
-    from toolq.worker.backends.local import LocalBackend
-
-    path = "limit_local" if local else "limit"
-    groups = [(cfg.unpacked(), 1), (cfg.packed(), cfg.pack)]
-    for index, (levels, per_container) in enumerate(groups):
-        if not levels:
-            continue
-        ns = f"benchlim{uuid.uuid4().hex[:6]}"
-        backend = LocalBackend() if local else docker_backend(ns, per_container)
-        slots, _ready = await acquire_all(backend, max(levels), per_container)
-        try:
-            if index == 0:
-                for call in CALLS.values():
-                    fns = [agent_call_fn(slots[:1], call)]
-                    res.add(await drive(path, call, fns, cfg.tool_budget()))
-            for n in levels:
-                if n == 1 and index == 0:
-                    continue  # measured with the other tools above
-                fns = [agent_call_fn(slots, TRUE)] * n
-                res.add(await drive(path, TRUE, fns, cfg.sweep_budget(n)))
-        finally:
-            await release_all(backend, slots)
-            await backend.shutdown()
-
-
-# -- toolq end to end -------------------------------------------------------------------
-async def measure(
-    res: Results,
-    path: str,
-    call: Call,
-    client: AsyncClient,
-    trajs: list[str],
-    budget: Budget,
-    acct: Accounting,
-) -> Run:
-    with acct:
-        run = await drive(path, call, [toolq_call_fn(client, trajs, call)] * len(trajs), budget)
-    run.extra.update(acct.per_call(len(run.samples_ms)))
-    return res.add(run)
+        for path in paths:
+            with stage(f"stop {path.name}", res.stages):
+                await path.stop()
 
 
 @contextlib.contextmanager
 def profiling(pid: int, name: str, seconds: float, res: Results, out: str) -> Iterator[None]:
-    """py-spy records ``pid`` for ``seconds`` (collapsed stacks + a top-functions summary)."""
+    """py-spy samples ``pid`` while it holds the GIL (its Python CPU time) for ``seconds``.
+
+    Writes the collapsed stacks and a top-functions summary next to the report.
+    """
     raw = os.path.join(out, f"profile-{name}.txt")
     spy = shutil.which("py-spy")
     proc = None
     if spy:
         proc = subprocess.Popen(
             [spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))),
-             "--rate", "250", "--format", "raw", "--output", raw, "--nonblocking"],
+             "--rate", "250", "--gil", "--format", "raw", "--output", raw, "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
     try:
@@ -256,112 +216,20 @@ def summarize_profile(raw: str, top: int = 25) -> None:
     with open(raw.replace(".txt", "-top.txt"), "w") as fh:
         fh.write(f"{total} samples\n\nself\n")
         for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
-            fh.write(f"{100 * n / total:6.1f}%  {frame}\n")
+            fh.write(f"{100 * n / max(total, 1):6.1f}%  {frame}\n")
         fh.write("\ninclusive\n")
         for frame, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[: top * 2]:
-            fh.write(f"{100 * n / total:6.1f}%  {frame}\n")
+            fh.write(f"{100 * n / max(total, 1):6.1f}%  {frame}\n")
 
 
-def box_ids(ns: str) -> list[str]:
-    import docker
-
-    found = docker.from_env().api.containers(filters={"label": f"toolq.ns={ns}"}, quiet=True)
-    return [c["Id"] for c in found]
-
-
-async def phase_toolq(
-    cfg: Config, res: Results, url: str, out: str, local: bool, profile: bool
-) -> None:
-    path = "toolq_local" if local else "toolq"
-    backend = "local" if local else "docker"
-    sync = redis.Redis.from_url(url)
-    groups = [(cfg.unpacked(), 1), (cfg.packed(), cfg.pack)]
-    for index, (levels, per_container) in enumerate(groups):
-        if not levels:
-            continue
-        top = max(levels)
-        ns = f"bench{uuid.uuid4().hex[:6]}"
-        worker = WorkerProc(
-            url, ns, backend=backend, default_image=IMAGE, slots=top,
-            slots_per_container=per_container,
-        )  # fmt: skip
-        acct = Accounting(worker, sync)
-        try:
-            async with AsyncClient(url, ns) as client:
-                if index == 0 and not local:
-                    await cold_opens(cfg, res, client)
-                rss0 = tree_rss_kb(worker.pid)
-                trajs = [f"t{i}" for i in range(top)]
-                ready = await open_all(client, trajs, per_container)
-                kind = "packed" if per_container > 1 else "unpacked"
-                res.life(
-                    f"{backend}: open {top} at once ({kind})",
-                    ready,
-                    f"{per_container} slot(s)/container, start cap 4" if not local else "",
-                )
-                await asyncio.sleep(0.5)
-                res.memory[f"{backend}_{kind}"] = memory(worker, ns, top, per_container, rss0)
-                if index == 0:
-                    for call in CALLS.values():
-                        await measure(res, path, call, client, trajs[:1], cfg.tool_budget(), acct)
-                for n in levels:
-                    if n == 1 and index == 0:
-                        continue  # measured with the other tools above
-                    budget = cfg.sweep_budget(n)
-                    if profile and not local and n == cfg.profile_level:
-                        with (
-                            profiling(worker.pid, "worker", cfg.sweep_s, res, out),
-                            profiling(os.getpid(), "client", cfg.sweep_s, res, out),
-                        ):
-                            await measure(res, path, TRUE, client, trajs[:n], budget, acct)
-                    else:
-                        await measure(res, path, TRUE, client, trajs[:n], budget, acct)
-                await close_all(client, trajs)
-        finally:
-            await asyncio.to_thread(worker.stop)
-    sync.close()
-
-
-def memory(worker: WorkerProc, ns: str, slots: int, per_container: int, rss0: int) -> dict[str, Any]:
-    rss1 = tree_rss_kb(worker.pid)
-    found: dict[str, Any] = {
-        "slots": slots,
-        "per_container": per_container,
-        "worker_kib_per_slot": (rss1 - rss0) / slots,
-    }
-    cids = box_ids(ns)
-    if cids:
-        import docker
-
-        mib = container_memory_mib(docker.from_env().api, cids[:8])
-        if mib:
-            found["container_mib"] = statistics.fmean(mib)
-            found["container_mib_per_slot"] = statistics.fmean(mib) / per_container
-            found["containers"] = len(cids)
-    else:  # local: the agents are the worker's children, counted in its tree's RSS
-        found["note"] = "worker RSS includes its agent subprocesses"
-    return found
-
-
-async def cold_opens(cfg: Config, res: Results, client: AsyncClient) -> None:
-    """Open one trajectory at a time on an idle worker: container start included."""
-    took = []
-    for i in range(cfg.cold):
-        started = time.perf_counter()
-        await client.open(f"cold{i}")
-        r = await client.call(f"cold{i}", "bash", {"command": "true"}, wait_s=120)
-        took.append(time.perf_counter() - started)
-        assert r.ok, r
-        await client.close(f"cold{i}")
-        await asyncio.sleep(0.5)  # let its container go
-    res.life("docker: cold open (image present)", took, "create + start + agent + init")
-
-
-async def phase_warm_pool(cfg: Config, res: Results, url: str) -> None:
+# -- container lifecycle --------------------------------------------------------------
+async def warm_pool_opens(cfg: Config, res: Results, url: str) -> None:
+    """Open -> first result when an idle warm container is waiting."""
     ns = f"benchwarm{uuid.uuid4().hex[:6]}"
-    worker = WorkerProc(
-        url, ns, backend="docker", default_image=IMAGE, slots=4, warm_pool=cfg.warm_pool
-    )
+    worker = await asyncio.to_thread(
+        WorkerProc, url, ns, backend="docker", default_image=IMAGE, slots=4,
+        warm_pool=cfg.warm_pool,
+    )  # fmt: skip
     took = []
     try:
         async with AsyncClient(url, ns) as client:
@@ -393,56 +261,48 @@ async def wait_warm(ns: str, count: int, timeout_s: float = 60.0) -> None:
         await asyncio.sleep(0.2)
 
 
-# -- RQ ---------------------------------------------------------------------------------
-async def phase_rq(cfg: Config, res: Results, url: str) -> None:
-    from rq_baseline import Containers, RqWorkers
-
-    levels = [n for n in cfg.levels if n <= cfg.rq_max_level]
-    boxes = await asyncio.to_thread(Containers, max(levels))
-    workers = RqWorkers(url, cfg.rq_workers)
-    try:
-        with ThreadPoolExecutor(max(levels) + 4) as pool:
-            warm = workers.fns(boxes.cids[:1], TRUE, pool)  # imports, connections
-            await drive("rq", TRUE, warm, Budget(0, cfg.rq_workers * 2, cfg.rq_workers * 2))
-            for call in CALLS.values():
-                fns = workers.fns(boxes.cids[:1], call, pool)
-                res.add(await drive("rq", call, fns, cfg.tool_budget(exec_path=True)))
-            for n in levels:
-                if n == 1:
-                    continue  # measured with the other tools above
-                fns = workers.fns(boxes.cids[:n], TRUE, pool)
-                res.add(await drive("rq", TRUE, fns, cfg.sweep_budget(n)))
-    finally:
-        workers.stop()
-        await asyncio.to_thread(boxes.remove)
-
-
 # -- main -------------------------------------------------------------------------------
 async def run_all(args: argparse.Namespace, cfg: Config, out: str) -> Results:
     res = Results()
     RedisCounter.install()
-    paths = args.paths
+    want = set(args.paths)
     with EmbeddedRedis() as server:
-        if "exec" in paths:
-            with stage("docker exec alone", res.stages):
-                await phase_exec(cfg, res)
-        if "limit" in paths:
-            with stage("limit (agent over its stream)", res.stages):
-                await phase_limit(cfg, res)
-        if "toolq" in paths:
-            with stage("toolq end to end, Docker", res.stages):
-                await phase_toolq(cfg, res, server.url, out, local=False, profile=args.profile)
+        url = server.url
+        small, big = cfg.unpacked(), cfg.packed()
+        if small:
+            top = max(small)
+            rq_top = max([n for n in small if n <= cfg.rq_max_level], default=0)
+            paths: list[Path] = []
+            if "limit" in want:
+                paths.append(LimitPath(top))
+            if "toolq" in want:
+                paths.append(ToolqPath(top, url, cold=cfg.cold))
+            if "rq" in want and rq_top:
+                paths.append(RqPath(rq_top, url, cfg.rq_workers))
+            if "exec" in want:
+                paths += [ExecPath(), ExecPath(cli=True)]
+            with stage(f"Docker paths, up to {top} trajectories", res.stages):
+                await compare(cfg, res, paths, small, out, args.profile)
+        if big:
+            paths = []
+            if "limit" in want:
+                paths.append(LimitPath(max(big), cfg.pack))
+            if "toolq" in want:
+                paths.append(ToolqPath(max(big), url, cfg.pack))
+            with stage(f"Docker paths, {cfg.pack} slots per container", res.stages):
+                await compare(cfg, res, paths, big, out, False)
+        if "toolq" in want and cfg.warm:
             with stage("warm pool", res.stages):
-                await phase_warm_pool(cfg, res, server.url)
-        if "rq" in paths:
-            with stage("RQ + docker exec", res.stages):
-                await phase_rq(cfg, res, server.url)
-        if "limit_local" in paths:
-            with stage("limit, local agent", res.stages):
-                await phase_limit(cfg, res, local=True)
-        if "toolq_local" in paths:
-            with stage("toolq end to end, local backend", res.stages):
-                await phase_toolq(cfg, res, server.url, out, local=True, profile=False)
+                await warm_pool_opens(cfg, res, url)
+        levels = [n for n in cfg.levels if n <= cfg.local_max_level]
+        local: list[Path] = []
+        if "limit_local" in want:
+            local.append(LimitPath(max(levels), local=True))
+        if "toolq_local" in want:
+            local.append(ToolqPath(max(levels), url, local=True))
+        if local:
+            with stage("local backend", res.stages):
+                await compare(cfg, res, local, levels, out, False)
     return res
 
 

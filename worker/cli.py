@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -9,126 +10,56 @@ import click
 
 from .settings import WorkerSettings
 
+_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _settings_options(func: Any) -> Any:
+    """One ``--flag`` / ``TOOLQ_*`` option per WorkerSettings field.
+
+    Defaults stay in WorkerSettings (the options default to None = not given),
+    so there is one place that says what a worker does by default.
+    """
+    for f in reversed(dataclasses.fields(WorkerSettings)):
+        meta = f.metadata
+        if meta.get("cli", True) is False:
+            continue
+        base = str(f.type).split("|")[0].strip()
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        env = meta.get("env", "TOOLQ_" + f.name.upper())
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kwargs: dict[str, Any] = {"envvar": env, "default": None, "show_envvar": True}
+        if base == "bool":
+            flag = f"{flag}/--no-{flag[2:]}"
+        elif base.startswith("tuple"):
+            kwargs["multiple"] = True
+            kwargs["default"] = ()
+        else:
+            kwargs["type"] = click.Choice(meta["choices"]) if "choices" in meta else _TYPES[base]
+        shown = "" if default in (None, ()) else f" [default: {default}]"
+        func = click.option(flag, f.name, help=meta["help"] + shown, **kwargs)(func)
+    return func
+
 
 @click.command("worker")
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", "local", "docker"]),
-    default="auto",
-    envvar="TOOLQ_BACKEND",
-    show_default=True,
-    help="auto: Docker when an engine answers, else local [env TOOLQ_BACKEND].",
-)
-@click.option(
-    "--slots",
-    type=int,
-    default=16,
-    envvar="TOOLQ_SLOTS",
-    show_default=True,
-    help="Trajectories served at once [env TOOLQ_SLOTS].",
-)
-@click.option("--worker-id", envvar="TOOLQ_WORKER_ID", default=None, help="Stable worker id.")
-@click.option(
-    "--image",
-    "default_image",
-    envvar="TOOLQ_IMAGE",
-    default="toolq-sandbox:latest",
-    show_default=True,
-    help="Default sandbox image [env TOOLQ_IMAGE].",
-)
-@click.option(
-    "--warm-pool",
-    type=int,
-    envvar="TOOLQ_WARM_POOL",
-    default=0,
-    show_default=True,
-    help="Containers kept started for the default image.",
-)
-@click.option(
-    "--start-concurrency",
-    type=int,
-    envvar="TOOLQ_START_CONCURRENCY",
-    default=4,
-    show_default=True,
-    help="Container starts at once, at most.",
-)
-@click.option(
-    "--slots-per-container",
-    type=int,
-    envvar="TOOLQ_SLOTS_PER_CONTAINER",
-    default=1,
-    show_default=True,
-    help="Same-image trajectories packed per container.",
-)
-@click.option(
-    "--workspace-dir",
-    envvar="TOOLQ_WORKSPACE_DIR",
-    default=None,
-    help="Local backend's workspace root.",
-)
-@click.option(
-    "--tools",
-    "tools_modules",
-    multiple=True,
-    envvar="TOOLQ_TOOLS",
-    help="Module registering extra tools (repeatable).",
-)
-@click.option(
-    "--metrics-port",
-    type=int,
-    envvar="TOOLQ_METRICS_PORT",
-    default=None,
-    help="Serve Prometheus metrics on this port.",
-)
-@click.option(
-    "--metrics-host",
-    envvar="TOOLQ_METRICS_HOST",
-    default="0.0.0.0",
-    show_default=True,
-    help="Address the metrics server binds [env TOOLQ_METRICS_HOST].",
-)
-@click.option(
-    "--heartbeat-s",
-    type=float,
-    envvar="TOOLQ_HEARTBEAT_S",
-    default=2.0,
-    show_default=True,
-    help="Seconds between heartbeats.",
-)
-@click.option(
-    "--dead-after-s",
-    type=float,
-    envvar="TOOLQ_DEAD_AFTER_S",
-    default=15.0,
-    show_default=True,
-    help="A worker silent this long is dead; its trajectories are taken over.",
-)
-@click.option(
-    "--shutdown-grace-s",
-    type=float,
-    envvar="TOOLQ_SHUTDOWN_GRACE_S",
-    default=30.0,
-    show_default=True,
-    help="On SIGTERM, how long running calls may finish.",
-)
+@_settings_options
 @click.option("--log-level", envvar="TOOLQ_LOG_LEVEL", default="INFO", show_default=True)
 @click.pass_context
-def worker(ctx: click.Context, /, log_level: str, worker_id: str | None, **opts: Any) -> None:
+def worker(ctx: click.Context, /, log_level: str, **opts: Any) -> None:
     """Run a worker until SIGTERM/SIGINT.
 
     Without TOOLQ_REDIS_URL it starts an embedded Redis that local `toolq`
-    commands find on their own.
+    commands find on their own. Every flag is also a TOOLQ_* variable.
     """
     from .service import run_worker
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     obj = ctx.find_root().obj or {}
+    given = {k: v for k, v in opts.items() if v is not None and v != ()}
+    if "tools_modules" in given:
+        given["tools_modules"] = tuple(given["tools_modules"])
     settings = WorkerSettings(
-        redis_url=obj.get("redis_url"), namespace=obj.get("namespace", "toolq"), **opts
+        redis_url=obj.get("redis_url"), namespace=obj.get("namespace", "toolq"), **given
     )
-    if worker_id:
-        settings.worker_id = worker_id
-    settings.tools_modules = tuple(opts["tools_modules"])
     run_worker(settings)
 
 

@@ -10,6 +10,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def default_worker_id() -> str:
@@ -17,39 +18,64 @@ def default_worker_id() -> str:
     return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def _opt(default: Any, help: str, **cli: Any) -> Any:
+    """A settings field with its ``toolq worker`` help (and flag/env overrides)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class WorkerSettings:
-    """Everything a worker needs to know; defaults suit one host."""
+    """Everything a worker needs to know; defaults suit one host.
 
-    redis_url: str | None = None
-    namespace: str = "toolq"
-    backend: str = "auto"  # auto | local | docker
-    slots: int = 16
-    worker_id: str = field(default_factory=default_worker_id)
-    block_ms: int = 1000  # longest a read blocks when nothing is waiting
-    batch_max: int = 512  # entries per stream per read, at most
-    heartbeat_s: float = 2.0
-    dead_after_s: float = 15.0  # a worker whose heartbeat is older is dead
-    result_ttl_s: int = 24 * 3600
-    retention_s: int = 7 * 24 * 3600  # ended trajectories' records expire after this
-    events_maxlen: int = 10_000
-    shutdown_grace_s: float = 30.0
-    max_call_timeout_s: float = 3600.0  # cap over every spec
-    max_entry_bytes: int = 16 * 1024 * 1024  # larger entries are refused
-    default_image: str = "toolq-sandbox:latest"
-    workspace_dir: str | None = None  # local backend's workspace root
-    tools_modules: tuple[str, ...] = ()
+    ``toolq worker`` has a flag for every field but the two the ``toolq`` group
+    takes (``--redis-url``, ``--namespace``): ``--field-name``, environment
+    variable ``TOOLQ_FIELD_NAME`` unless the field says otherwise.
+    """
+
+    redis_url: str | None = _opt(None, "Redis URL.", cli=False)
+    namespace: str = _opt("toolq", "Key prefix.", cli=False)
+    backend: str = _opt(
+        "auto",
+        "auto: Docker when an engine answers, else local.",
+        choices=("auto", "local", "docker"),
+    )
+    slots: int = _opt(16, "Trajectories served at once.")
+    worker_id: str = field(
+        default_factory=default_worker_id,
+        metadata={"help": "Stable worker id [default: host-pid-random]."},
+    )
+    block_ms: int = _opt(1000, "Longest a read blocks when nothing is waiting.")
+    batch_max: int = _opt(512, "Entries per stream per read, at most.")
+    heartbeat_s: float = _opt(2.0, "Seconds between heartbeats.")
+    dead_after_s: float = _opt(
+        15.0, "A worker silent this long is dead; its trajectories are taken over."
+    )
+    result_ttl_s: int = _opt(24 * 3600, "How long results are kept.")
+    retention_s: int = _opt(7 * 24 * 3600, "How long ended trajectories' records are kept.")
+    events_maxlen: int = _opt(10_000, "Cap of each trajectory's events stream.")
+    shutdown_grace_s: float = _opt(30.0, "On SIGTERM, how long running calls may finish.")
+    max_call_timeout_s: float = _opt(3600.0, "Cap over every call's timeout.")
+    max_entry_bytes: int = _opt(16 * 1024 * 1024, "Larger call entries are refused.")
+    default_image: str = _opt(
+        "toolq-sandbox:latest", "Default sandbox image.", flag="--image", env="TOOLQ_IMAGE"
+    )
+    workspace_dir: str | None = _opt(None, "Local backend's workspace root.")
+    tools_modules: tuple[str, ...] = _opt(
+        (), "Module registering extra tools (repeatable).", flag="--tools", env="TOOLQ_TOOLS"
+    )
     # docker backend
-    docker_host: str | None = None
-    warm_pool: int = 0  # started containers kept ready for the default image
-    start_concurrency: int = 4  # container starts at once, at most
-    slots_per_container: int = 1
-    max_memory_mb: int = 8192
-    max_cpus: float = 4.0
-    max_pids: int = 4096
-    allow_network: bool = True  # may a spec turn the network on
-    max_disk_mb: int | None = None  # when set, every workspace is a tmpfs of at most this size
-    sweep_s: float = 30.0  # how often containers dead workers left are looked at
+    docker_host: str | None = _opt(None, "Docker engine URL (default: DOCKER_HOST or local).")
+    warm_pool: int = _opt(0, "Containers kept started for the default image.")
+    start_concurrency: int = _opt(4, "Container starts at once, at most.")
+    slots_per_container: int = _opt(1, "Same-image trajectories packed per container.")
+    max_memory_mb: int = _opt(8192, "Cap over every spec's memory_mb.")
+    max_cpus: float = _opt(4.0, "Cap over every spec's cpus.")
+    max_pids: int = _opt(4096, "Cap over every spec's pids.")
+    allow_network: bool = _opt(True, "May a spec turn the sandbox network on.")
+    max_disk_mb: int | None = _opt(
+        None, "Every workspace is a tmpfs of at most this size (counts as memory)."
+    )
+    sweep_s: float = _opt(30.0, "How often containers dead workers left are looked at.")
     # metrics
-    metrics_port: int | None = None
-    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = _opt(None, "Serve Prometheus metrics on this port (0: any).")
+    metrics_host: str = _opt("0.0.0.0", "Bind address of the metrics server.")

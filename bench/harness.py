@@ -1,4 +1,4 @@
-"""toolq end to end (a worker process + AsyncClient) and the limit (the agent, no Redis)."""
+"""The measuring harness: a worker process, call loops, Redis accounting, slot helpers."""
 
 from __future__ import annotations
 
@@ -34,8 +34,12 @@ class WorkerProc:
         os.makedirs(OUT_DIR, exist_ok=True)
         self.stats_path = os.path.join(OUT_DIR, f".worker-{ns}.json")
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(BENCH_DIR, "worker_main.py"), json.dumps(fields)]
-            + [self.stats_path],
+            [
+                sys.executable,
+                os.path.join(BENCH_DIR, "worker_main.py"),
+                json.dumps(fields),
+                self.stats_path,
+            ],
             cwd=BENCH_DIR,
         )
         self._wait_ready()
@@ -65,9 +69,8 @@ class WorkerProc:
         self.proc.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                with open(self.stats_path) as fh:
-                    return dict(json.load(fh))
+            with contextlib.suppress(FileNotFoundError, ValueError), open(self.stats_path) as fh:
+                return dict(json.load(fh))
             time.sleep(0.01)
         raise RuntimeError("worker did not report its stats")
 
