@@ -12,17 +12,11 @@ from toolq.schemas import Result, TrajectoryRecord
 
 from . import _protocol as p
 from .client import Client
+from .status import format_age
 
 
 def _age(ms: int | None) -> str:
-    if not ms:
-        return "-"
-    seconds = max(0.0, time.time() - ms / 1000)
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
+    return format_age(max(0.0, time.time() - ms / 1000)) if ms else "-"
 
 
 def _row(rec: TrajectoryRecord) -> str:

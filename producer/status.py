@@ -187,7 +187,8 @@ def _call_stats(stats: list[dict[Any, Any]], window_min: int) -> CallStats:
 
 
 # ------------------------------------------------------------------ render
-def _age(seconds: float) -> str:
+def format_age(seconds: float) -> str:
+    """A duration for people: 4.2s, 3.5m, 1.2h."""
     if seconds < 60:
         return f"{seconds:.1f}s"
     if seconds < 3600:
@@ -215,11 +216,11 @@ def render(status: Status) -> str:
     for w in sorted(status.workers, key=lambda w: (not w.alive, w.worker)):
         lines.append(
             f"  {w.worker:<32} {'alive' if w.alive else 'DEAD':<5} "
-            f"{_age(w.heartbeat_age_s) + ' ago':>9} {f'{w.slots_used}/{w.slots_total}':>7}  "
+            f"{format_age(w.heartbeat_age_s) + ' ago':>9} {f'{w.slots_used}/{w.slots_total}':>7}  "
             f"{w.backend or '?':<7} {w.version or '?':<8} {w.host or '?'}"
         )
     b = status.backlog
-    oldest = f", oldest waiting {_age(b.oldest_age_s)} ({b.oldest_traj})" if b.pending else ""
+    oldest = f", oldest waiting {format_age(b.oldest_age_s)} ({b.oldest_traj})" if b.pending else ""
     lines += ["", f"BACKLOG  {b.pending} trajectories waiting for a slot{oldest}", ""]
     scope = (
         f"newest {status.runs_sampled} of {status.runs_total} runs"

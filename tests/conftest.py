@@ -160,3 +160,23 @@ def client(redis_url: str, ns: str) -> Iterator[Client]:
 @pytest.fixture
 def aclient_factory(redis_url: str, ns: str) -> Callable[[], AsyncClient]:
     return lambda: AsyncClient(redis_url, ns)
+
+
+@pytest.fixture(scope="module")
+def docker_namespaces() -> Iterator[set[str]]:
+    """Namespaces a module's Docker tests ran in; none may keep a container afterwards."""
+    namespaces: set[str] = set()
+    yield namespaces
+    if namespaces:
+        from tests.helpers import containers_left
+
+        left = containers_left(namespaces)
+        assert not left, f"containers left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def dc() -> Any:
+    """A docker-py client."""
+    import docker
+
+    return docker.from_env()

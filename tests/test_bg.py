@@ -7,30 +7,16 @@ import os
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
+from tests.helpers import count_procs, unique_sleep
 from toolq.producer import Client
 from toolq.producer.cli import main as cli_main
 from toolq.schemas import BgTask
-
-
-def unique_sleep() -> str:
-    """A ``sleep`` argument no other test (or engineer) uses, to find it with ps."""
-    return f"1000.{uuid.uuid4().int % 10**6:06d}"
-
-
-def count_procs(client: Client, traj: str, needle: str) -> int:
-    """Live (non-zombie) processes whose command line contains ``needle``, via ps."""
-    pattern = f"[{needle[0]}]{needle[1:]}"  # the bracket keeps grep from matching itself
-    command = f"ps -eo stat=,args= | grep -v '^Z' | grep -c '{pattern}' || true"
-    r = client.call(traj, "bash", {"command": command})
-    assert r.exit_code == 0, r
-    return int(r.output.strip())
 
 
 def wait_for(check: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:

@@ -9,18 +9,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 
 import redis
 
+from tests.helpers import TOOLQ
 from toolq.producer import Client, WaitTimeout
 from toolq.schemas import FINAL_STATUSES, Keys
 from toolq.worker.embedded import EmbeddedRedis
 
-TOOLQ = [sys.executable, "-m", "toolq.producer.cli"]
 N_TRAJ = 6
 SLOTS = 4  # per worker: three workers' worth of capacity for six trajectories
 

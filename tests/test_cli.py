@@ -6,16 +6,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 import redis
 
+from tests.helpers import TOOLQ
 from toolq.schemas import Keys
-
-TOOLQ = [sys.executable, "-m", "toolq.producer.cli"]
 
 
 def run(

@@ -17,42 +17,16 @@ import pytest
 import redis
 
 from tests.conftest import NOPYTHON_IMAGE, TEST_IMAGE, require_docker
+from tests.helpers import LABELS
 from toolq.producer import Client
 from toolq.schemas import Keys
 
-LABELS = "toolq.managed=1"
-
-
-@pytest.fixture(scope="module")
-def used_namespaces() -> Iterator[set[str]]:
-    """Namespaces this module's tests ran in; none may keep a container afterwards."""
-    namespaces: set[str] = set()
-    yield namespaces
-    if not namespaces:
-        return
-    import docker
-
-    client = docker.from_env()
-    left = [
-        c.name
-        for c in client.containers.list(all=True, filters={"label": LABELS})
-        if c.labels.get("toolq.ns") in namespaces
-    ]
-    assert not left, f"containers left behind: {left}"
-
 
 @pytest.fixture(autouse=True)
-def docker_ns(ns: str, used_namespaces: set[str]) -> str:
+def docker_ns(ns: str, docker_namespaces: set[str]) -> str:
     require_docker()
-    used_namespaces.add(ns)
+    docker_namespaces.add(ns)
     return ns
-
-
-@pytest.fixture(scope="module")
-def dc() -> Any:
-    import docker
-
-    return docker.from_env()
 
 
 def containers(dc: Any, ns: str, **labels: str) -> list[Any]:

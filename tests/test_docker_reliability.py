@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,43 +20,18 @@ import pytest
 import redis
 
 from tests.conftest import TEST_IMAGE, require_docker
+from tests.helpers import LABELS, TOOLQ
 from toolq.producer import Client
 from toolq.schemas import Keys, TrajectorySpec
 
-TOOLQ = [sys.executable, "-m", "toolq.producer.cli"]
-LABELS = "toolq.managed=1"
 FAST = {"heartbeat_s": 0.3, "dead_after_s": 2.0}  # takeovers within seconds
 
 
-@pytest.fixture(scope="module")
-def used_namespaces() -> Iterator[set[str]]:
-    """Namespaces this module's tests ran in; none may keep a container afterwards."""
-    namespaces: set[str] = set()
-    yield namespaces
-    if not namespaces:
-        return
-    import docker
-
-    left = [
-        c["Names"]
-        for c in docker.from_env().api.containers(all=True, filters={"label": LABELS})
-        if (c.get("Labels") or {}).get("toolq.ns") in namespaces
-    ]
-    assert not left, f"containers left behind: {left}"
-
-
 @pytest.fixture(autouse=True)
-def docker_ns(ns: str, used_namespaces: set[str]) -> str:
+def docker_ns(ns: str, docker_namespaces: set[str]) -> str:
     require_docker()
-    used_namespaces.add(ns)
+    docker_namespaces.add(ns)
     return ns
-
-
-@pytest.fixture(scope="module")
-def dc() -> Any:
-    import docker
-
-    return docker.from_env()
 
 
 def containers(dc: Any, ns: str) -> list[dict[str, Any]]:

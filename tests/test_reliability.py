@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,11 +15,10 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import TOOLQ
 from toolq.producer import Client
 from toolq.schemas import Keys
 from toolq.worker.embedded import EmbeddedRedis
-
-TOOLQ = [sys.executable, "-m", "toolq.producer.cli"]
 
 
 def worker_process(url: str, ns: str, worker_id: str, *extra: str) -> subprocess.Popen:

@@ -11,7 +11,6 @@ import base64
 import io
 import tarfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,30 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import require_docker
+from tests.helpers import count_procs, unique_sleep
 from tests.test_reliability import field_names, field_values
 from toolq.producer import Client
 from toolq.schemas import Keys
 from toolq.worker.embedded import EmbeddedRedis
 
-LABELS = "toolq.managed=1"
 IGNORE_TERM = "trap '' TERM INT HUP"  # inherited by what the shell runs next
-
-
-@pytest.fixture(scope="module")
-def docker_namespaces() -> Iterator[set[str]]:
-    """Docker namespaces this module used; none may keep a container afterwards."""
-    namespaces: set[str] = set()
-    yield namespaces
-    if not namespaces:
-        return
-    import docker
-
-    left = [
-        c["Names"]
-        for c in docker.from_env().api.containers(all=True, filters={"label": LABELS})
-        if (c.get("Labels") or {}).get("toolq.ns") in namespaces
-    ]
-    assert not left, f"containers left behind: {left}"
 
 
 @pytest.fixture
@@ -60,30 +42,6 @@ def docker_only(ns: str, docker_namespaces: set[str]) -> str:
     require_docker()
     docker_namespaces.add(ns)
     return "docker"
-
-
-@pytest.fixture(scope="module")
-def dc() -> Any:
-    import docker
-
-    return docker.from_env()
-
-
-def unique_sleep() -> str:
-    """A ``sleep`` argument nothing else uses, to find the process with ps."""
-    return f"1000.{uuid.uuid4().int % 10**6:06d}"
-
-
-def count_procs(client: Client, traj: str, needle: str) -> int:
-    """Live (non-zombie) processes whose command line contains ``needle``, seen from ``traj``."""
-    pattern = f"[{needle[0]}]{needle[1:]}"  # the bracket keeps grep from matching itself
-    r = client.call(
-        traj,
-        "bash",
-        {"command": f"ps -eo stat=,args= | grep -v '^Z' | grep -c '{pattern}' || true"},
-    )
-    assert r.exit_code == 0, r
-    return int(r.output.strip())
 
 
 def wait_for(check: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:

@@ -6,23 +6,8 @@ interrupts the command but not the session; a session that exits is restarted.
 
 from __future__ import annotations
 
-import uuid
-
+from tests.helpers import count_procs, unique_sleep
 from toolq.producer import Client
-
-
-def unique_sleep() -> str:
-    """A ``sleep`` argument no other test (or engineer) uses, to find it with ps."""
-    return f"1000.{uuid.uuid4().int % 10**6:06d}"
-
-
-def count_procs(client: Client, traj: str, needle: str) -> int:
-    """Live (non-zombie) processes whose command line contains ``needle``, via ps."""
-    pattern = f"[{needle[0]}]{needle[1:]}"  # the bracket keeps grep from matching itself
-    command = f"ps -eo stat=,args= | grep -v '^Z' | grep -c '{pattern}' || true"
-    r = client.call(traj, "bash", {"command": command})
-    assert r.exit_code == 0, r
-    return int(r.output.strip())
 
 
 def test_cwd_env_functions_and_venv_persist(backend, start_worker, client: Client):
