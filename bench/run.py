@@ -281,9 +281,10 @@ async def run_all(args: argparse.Namespace, cfg: Config, out: str) -> Results:
                 paths.append(RqPath(rq_top, url, cfg.rq_workers))
             if "exec" in want:
                 paths += [ExecPath(), ExecPath(cli=True)]
-            with stage(f"Docker paths, up to {top} trajectories", res.stages):
-                await compare(cfg, res, paths, small, out, args.profile)
-        if big:
+            if paths:
+                with stage(f"Docker paths, up to {top} trajectories", res.stages):
+                    await compare(cfg, res, paths, small, out, args.profile)
+        if big and want & {"limit", "toolq"}:
             paths = []
             if "limit" in want:
                 paths.append(LimitPath(max(big), cfg.pack))

@@ -71,13 +71,24 @@ def worker(ctx: click.Context, /, log_level: str, **opts: Any) -> None:
 @click.option(
     "--backend", type=click.Choice(["auto", "local", "docker"]), default="auto", show_default=True
 )
+@click.option(
+    "--image",
+    envvar="TOOLQ_IMAGE",
+    default=WorkerSettings.default_image,
+    show_default=True,
+    help="Sandbox image (auto picks Docker only when it is present).",
+)
 @click.pass_context
-def demo(ctx: click.Context, trajectories: int, rounds: int, backend: str) -> None:
-    """Run a small realistic workload end to end and print a summary."""
+def demo(ctx: click.Context, trajectories: int, rounds: int, backend: str, image: str) -> None:
+    """Run a small realistic workload end to end and print a summary.
+
+    Each trajectory writes a program, runs it, reads what it wrote, lists its
+    workspace, a few rounds. Exit status 0 when every call succeeded.
+    """
     from .demo import run_demo
 
     obj = ctx.find_root().obj or {}
     ok = run_demo(
-        obj.get("redis_url"), obj.get("namespace", "toolq"), trajectories, rounds, backend
+        obj.get("redis_url"), obj.get("namespace", "toolq"), trajectories, rounds, backend, image
     )
     ctx.exit(0 if ok else 1)

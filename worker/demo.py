@@ -63,9 +63,16 @@ async def agent_loop(
     await client.close(traj)
 
 
-async def _demo(url: str, namespace: str, trajectories: int, rounds: int, backend: str) -> bool:
+async def _demo(
+    url: str, namespace: str, trajectories: int, rounds: int, backend: str, image: str
+) -> bool:
     settings = WorkerSettings(
-        redis_url=url, namespace=namespace, backend=backend, slots=trajectories, block_ms=500
+        redis_url=url,
+        namespace=namespace,
+        backend=backend,
+        slots=trajectories,
+        block_ms=500,
+        default_image=image,
     )
     worker = Worker(settings, connect(url), make_backend(settings))
     worker_task = asyncio.create_task(worker.run())
@@ -109,10 +116,12 @@ def summarize(done: list[Result], elapsed_s: float) -> bool:
     return not failures and bool(done)
 
 
-def run_demo(url: str | None, namespace: str, trajectories: int, rounds: int, backend: str) -> bool:
+def run_demo(
+    url: str | None, namespace: str, trajectories: int, rounds: int, backend: str, image: str
+) -> bool:
     """Run the demo; with no URL, on a private embedded Redis."""
-    backend = pick_backend(backend, WorkerSettings().default_image)
+    backend = pick_backend(backend, image)
     if url:
-        return asyncio.run(_demo(url, namespace, trajectories, rounds, backend))
+        return asyncio.run(_demo(url, namespace, trajectories, rounds, backend, image))
     with EmbeddedRedis() as embedded:
-        return asyncio.run(_demo(embedded.url, namespace, trajectories, rounds, backend))
+        return asyncio.run(_demo(embedded.url, namespace, trajectories, rounds, backend, image))

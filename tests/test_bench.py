@@ -1,0 +1,46 @@
+"""The benchmark's quick mode runs end to end (tiny counts; no timing is checked)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REQUIRE_DOCKER, docker_ready
+
+RUN = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+
+
+@pytest.mark.timeout(180)
+def test_quick_mode_writes_every_output(tmp_path: Path) -> None:
+    docker = docker_ready()
+    if not docker and REQUIRE_DOCKER:
+        pytest.fail("no Docker engine or test image")
+    # Without Docker only the local backend's paths can run.
+    paths = [] if docker else ["--paths", "toolq_local,limit_local"]
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--out", str(tmp_path), *paths],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    rows = report["rows"]
+    assert rows and all(r["errors"] == 0 and r["n"] > 0 for r in rows)
+    seen = {r["path"] for r in rows}
+    expected = {"toolq_local", "limit_local"}
+    if docker:
+        expected |= {"toolq", "limit", "rq", "exec", "exec_cli"}
+    assert expected <= seen
+    toolq = next(r for r in rows if r["path"] == ("toolq" if docker else "toolq_local"))
+    assert toolq["client_rt_per_call"] > 0 and toolq["worker_rt_per_call"] > 0
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Targets" in markdown and "| path | tool |" in markdown
+    for png in ("results.png", "latency.png", "throughput.png"):
+        assert (tmp_path / png).stat().st_size > 1000
