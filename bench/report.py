@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
+
+NOTES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "notes.md")
 
 # path -> (label in tables and plots, what one call is)
 PATHS: dict[str, tuple[str, str]] = {
@@ -169,9 +172,14 @@ def markdown(report: dict[str, Any]) -> str:
     for key in ("redis_py", "rq"):
         if key in host:
             lines.append(f"| {key} | {host[key]} |")
-    load = host.get("loadavg_start")
-    if load:
-        lines.append(f"| load average at start | {', '.join(f'{x:.2f}' for x in load)} |")
+    for key in ("loadavg_start", "loadavg_end"):
+        if host.get(key):
+            when = key.removeprefix("loadavg_")
+            lines.append(
+                f"| load average (1, 5, 15 min) at {when} | "
+                + ", ".join(f"{x:.2f}" for x in host[key])
+                + " |"
+            )
     lines += ["", "## Targets (ratios measured in the same run)", ""]
     lines += ["| target | measured | met |", "|---|---|---|"]
     for name, measured, met in targets(report):
@@ -200,8 +208,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [_row(r) for r in _sorted(many)]
     lines += _redis_section(rows) + _memory_section(report) + _lifecycle_section(report)
     lines += ["", "## How it was run", ""]
-    lines += [f"- `{k}`: {v}" for k, v in cfg.items()]
-    lines += [""] + [f"- **{label}**: {what}" for label, what in PATHS.values()]
+    lines += [f"- **{label}**: {what}" for label, what in PATHS.values()]
+    lines += ["", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in cfg.items()) + "."]
+    if os.path.exists(NOTES):  # the hand-written findings that go with the figures
+        with open(NOTES) as fh:
+            lines += ["", fh.read().strip()]
     return "\n".join(lines) + "\n"
 
 

@@ -246,6 +246,18 @@ async def warm_pool_opens(cfg: Config, res: Results, url: str) -> None:
     res.life("docker: warm-pool open", took, f"warm_pool={cfg.warm_pool}, refilled between opens")
 
 
+async def open_storm(res: Results, url: str, size: int) -> None:
+    """``size`` trajectories opened at once, a container each (not in the default run)."""
+    path = ToolqPath(size, url)
+    try:
+        await path.start()
+    finally:
+        await path.stop()
+    for name, seconds in path.lifecycle.items():
+        res.life(name, seconds, "start cap 4 (start_concurrency)")
+    res.memory[f"toolq, {size} unpacked"] = path.memory
+
+
 async def wait_warm(ns: str, count: int, timeout_s: float = 60.0) -> None:
     """Until ``count`` idle warm containers exist, plus time for their agents to boot."""
     import docker
@@ -292,6 +304,9 @@ async def run_all(args: argparse.Namespace, cfg: Config, out: str) -> Results:
                 paths.append(ToolqPath(max(big), url, cfg.pack))
             with stage(f"Docker paths, {cfg.pack} slots per container", res.stages):
                 await compare(cfg, res, paths, big, out, False)
+        if args.storm:
+            with stage(f"open {args.storm} unpacked trajectories at once", res.stages):
+                await open_storm(res, url, args.storm)
         if "toolq" in want and cfg.warm:
             with stage("warm pool", res.stages):
                 await warm_pool_opens(cfg, res, url)
@@ -317,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pack", type=int, default=None, help="slots per container above 64")
     parser.add_argument("--rq-workers", type=int, default=None)
     parser.add_argument("--out", default=None, help="output directory")
+    parser.add_argument(
+        "--storm", type=int, default=0, help="also open N unpacked trajectories at once"
+    )
     args = parser.parse_args(argv)
     args.paths = [p for p in args.paths.split(",") if p]
     unknown = set(args.paths) - set(ALL_PATHS)
@@ -335,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     started, t0 = time.strftime("%Y-%m-%d %H:%M %Z"), time.perf_counter()
     host = host_info()
     res = asyncio.run(run_all(args, cfg, out))
+    host["loadavg_end"] = os.getloadavg()
     rows = [r.stats() for r in res.rows]
     add_ratios(rows)
     report = {

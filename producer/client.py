@@ -196,9 +196,9 @@ class Client:
             try:
                 reply = self.redis.xread({events: cursor}, count=100, block=left_ms)
                 new_cursor, hit, found = p.scan_result(reply, call_id)
-                cursor = new_cursor or cursor
                 if found is None and (hit or new_cursor is None):  # seen, or timed out: look
                     found = p.parse_result(self.redis.hgetall(self.keys.result(traj_id, call_id)))
+                cursor = new_cursor or cursor  # only once the look succeeded
             except REDIS_DOWN:  # Redis restarting: wait, then look again
                 time.sleep(min(_backoff_s(errors), max(left_ms, 0) / 1000))
                 errors += 1
@@ -398,10 +398,10 @@ class AsyncClient:
             try:
                 reply = await self.redis.xread({events: cursor}, count=100, block=left_ms)
                 new_cursor, hit, found = p.scan_result(reply, call_id)
-                cursor = new_cursor or cursor
                 if found is None and (hit or new_cursor is None):
                     fields = await self.redis.hgetall(self.keys.result(traj_id, call_id))
                     found = p.parse_result(fields)
+                cursor = new_cursor or cursor  # only once the look succeeded
             except REDIS_DOWN:
                 await asyncio.sleep(min(_backoff_s(errors), max(left_ms, 0) / 1000))
                 errors += 1

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import time
 import uuid
 from typing import Any
 
+import redis
+
 from toolq.producer import Client
+from toolq.schemas import Keys
 
 #: The `toolq` command line, run with the interpreter under test.
 TOOLQ = [sys.executable, "-m", "toolq.producer.cli"]
@@ -34,3 +40,31 @@ def containers_left(namespaces: set[str]) -> list[Any]:
 
     listed = docker.from_env().api.containers(all=True, filters={"label": LABELS})
     return [c["Names"] for c in listed if (c.get("Labels") or {}).get("toolq.ns") in namespaces]
+
+
+def worker_process(  # a real `toolq worker` process, local backend, fast takeovers
+    url: str, ns: str, worker_id: str, *extra: str
+) -> subprocess.Popen:
+    env = dict(os.environ, TOOLQ_REDIS_URL=url, TOOLQ_NAMESPACE=ns, TOOLQ_WORKER_ID=worker_id)
+    proc = subprocess.Popen(
+        [
+            *TOOLQ,
+            "worker",
+            "--backend",
+            "local",
+            "--heartbeat-s",
+            "0.3",
+            "--dead-after-s",
+            "2",
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    r = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 30
+    while r.zscore(Keys(ns).workers, worker_id) is None:
+        assert time.monotonic() < deadline, "worker did not register"
+        time.sleep(0.05)
+    return proc

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REQUIRE_DOCKER, docker_ready
+from tests.conftest import REQUIRE_DOCKER, docker_ready
 
 RUN = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 

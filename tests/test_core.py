@@ -7,6 +7,7 @@ import time
 
 import redis
 
+from tests.helpers import unique_sleep
 from toolq.producer import Client
 from toolq.schemas import Keys
 
@@ -53,15 +54,18 @@ def test_nonzero_exit_is_a_failed_result(backend, start_worker, client: Client):
 def test_timeout_kills_the_group_and_keeps_partial_output(backend, start_worker, client: Client):
     start_worker(backend)
     client.open("t")
+    nap = unique_sleep()  # no other process on this machine sleeps this long
     started = time.monotonic()
     r = client.call(
-        "t", "bash", {"command": "echo before; (sleep 30; echo child) & sleep 30", "timeout_s": 1}
+        "t",
+        "bash",
+        {"command": f"echo before; (sleep {nap}; echo child) & sleep {nap}", "timeout_s": 1},
     )
     assert time.monotonic() - started < 15
     assert not r.ok and r.timed_out and r.error_code == "timeout"
     assert r.output == "before\n"
     # the background child died with its group: nothing is left sleeping
-    ps = client.call("t", "bash", {"command": "ps -eo args | grep -c '^sleep 30' || true"})
+    ps = client.call("t", "bash", {"command": f"ps -eo args | grep -c '^sleep {nap}' || true"})
     assert ps.output.strip() == "0", ps.output
 
 

@@ -15,36 +15,10 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import TOOLQ
+from tests.helpers import worker_process
 from toolq.producer import Client
 from toolq.schemas import Keys
 from toolq.worker.embedded import EmbeddedRedis
-
-
-def worker_process(url: str, ns: str, worker_id: str, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, TOOLQ_REDIS_URL=url, TOOLQ_NAMESPACE=ns, TOOLQ_WORKER_ID=worker_id)
-    proc = subprocess.Popen(
-        [
-            *TOOLQ,
-            "worker",
-            "--backend",
-            "local",
-            "--heartbeat-s",
-            "0.3",
-            "--dead-after-s",
-            "2",
-            *extra,
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    r = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 30
-    while r.zscore(Keys(ns).workers, worker_id) is None:
-        assert time.monotonic() < deadline, "worker did not register"
-        time.sleep(0.05)
-    return proc
 
 
 def test_a_killed_workers_trajectory_is_taken_over(start_worker, client: Client, redis_url, ns):

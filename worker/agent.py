@@ -124,6 +124,9 @@ class Slot:
             self.cwd = resolve_path(self, workdir)
         self.queue = queue.Queue()
         self.procs = set()
+        # Process groups of finished calls: `cmd &` leftovers live on in them
+        # until the slot is cancelled or dropped.
+        self.groups = set()
         self.lock = threading.Lock()
         self.generation = 0  # bumped by cancel: queued calls of older generations are dropped
         self.shells = {}  # session name -> ShellSession
@@ -146,17 +149,21 @@ class Slot:
     def track(self, proc):
         with self.lock:
             self.procs.add(proc)
+            self.groups.add(proc.pid)  # start_new_session: its pid is its group id
+            if len(self.groups) > 256:  # forget groups with no process left
+                self.groups = set(g for g in self.groups if group_alive(g))
 
     def untrack(self, proc):
         with self.lock:
             self.procs.discard(proc)
 
     def kill_all(self):
-        """Kill every process group this slot started (running calls)."""
+        """Kill every process group this slot's calls started, running or left over."""
         with self.lock:
-            procs = list(self.procs)
-        for proc in procs:
-            kill_group(proc.pid, signal.SIGKILL)
+            groups = set(self.groups) | set(p.pid for p in self.procs)
+            self.groups = set()
+        for pgid in groups:
+            kill_group(pgid, signal.SIGKILL)
 
 
 SLOTS = {}
@@ -169,6 +176,14 @@ def base_env(slot):
     env["PWD"] = slot.cwd
     env.setdefault("HOME", slot.root)
     return env
+
+
+def group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError:
+        return False
 
 
 def kill_group(pid, sig):
@@ -226,7 +241,8 @@ def op_init(req):
         SLOTS[name] = Slot(name, root, req.get("env") or {}, req.get("workdir"))
         if req.get("workdir"):
             os.makedirs(SLOTS[name].cwd, exist_ok=True)
-    except (OSError, ToolError) as exc:
+    except (OSError, ToolError, ValueError, TypeError) as exc:
+        SLOTS.pop(name, None)
         return error_reply(req, "sandbox_error", "cannot create workspace: %s" % exc)
     return {"id": req.get("id"), "ok": True, "root": SLOTS[name].root}
 
@@ -1617,7 +1633,14 @@ def main():
             frame = [frame]
         for req in frame:
             if isinstance(req, dict):
-                handle(req)
+                try:
+                    handle(req)
+                except Exception as exc:  # one bad request must not end every slot's agent
+                    emit(
+                        error_reply(
+                            req, "internal_error", "agent: %s: %s" % (type(exc).__name__, exc)
+                        )
+                    )
     for slot in list(SLOTS.values()):
         slot.kill_all()
         stop_slot_tasks(slot)

@@ -38,7 +38,8 @@ return written
 """
 
 # KEYS: traj, calls
-# ARGV: worker, now_ms, spec_json, traj_id, group, force ('1' to take over)
+# ARGV: worker, now_ms, spec_json, traj_id, group, previous owner ('' if none: the
+#       open request re-queues that worker's trajectory, so it may be displaced)
 # Returns 'ok', 'ended' or 'owned:<worker>'. Creates the calls stream's group.
 CLAIM_TRAJ = (
     FINAL_LUA
@@ -46,7 +47,7 @@ CLAIM_TRAJ = (
 local st = redis.call('HGET', KEYS[1], 'status')
 if st and final[st] then return 'ended' end
 local owner = redis.call('HGET', KEYS[1], 'owner')
-if owner and owner ~= '' and owner ~= ARGV[1] and ARGV[6] ~= '1' then
+if owner and owner ~= '' and owner ~= ARGV[1] and owner ~= ARGV[6] then
   return 'owned:' .. owner
 end
 redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[2])

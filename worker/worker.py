@@ -127,6 +127,12 @@ class Traj:
     calls: int = 0
     seen_call_ids: set[str] = field(default_factory=set)
     previous_owner: str | None = None  # set when taken over or handed over
+    unflushed: int = 0  # results handed to the writer, not yet in Redis
+    flushed: asyncio.Event = field(default_factory=asyncio.Event)  # set while unflushed == 0
+
+    def __post_init__(self) -> None:
+        self.flushed.set()
+
     current: Item | None = None  # the call being run
     last_entry_id: str = "0-0"  # newest entry dispatched (recovery skips older ones)
 
@@ -156,6 +162,7 @@ class Pending:
     traj_id: str
     entry_id: str
     result: Result | None
+    traj: Traj | None = None  # the owned trajectory, told when this is written
 
 
 class Worker:
@@ -181,6 +188,10 @@ class Worker:
         self._stopping = asyncio.Event()
         self._journal: deque[tuple[float, Any]] = deque()  # (monotonic time, async op)
         self._recover_needed = False
+        self.draining = False  # set on shutdown: no new call starts
+        self._healthy_since = time.monotonic()  # last time Redis failed us (or start)
+        self._last_beat_s = time.monotonic()  # last successful heartbeat
+        self._clock_offset_ms = 0  # Redis server time - our time: heartbeats use Redis's clock
         self.ready = asyncio.Event()  # set once the worker serves
         self._tasks: list[asyncio.Task[Any]] = []
         self._finish = redis.register_script(scripts.FINISH_CALL)
@@ -271,6 +282,11 @@ class Worker:
             await self.redis.xgroup_create(self.keys.open, GROUP, id="0", mkstream=True)
         await self.backend.start()
         await self._heartbeat()
+        # Restarted under a stable id (a pod name): what "we" owned before the
+        # crash is re-queued as a crashed worker's, and our unanswered reads re-read.
+        for traj_id in await self.redis.smembers(self.keys.worker_trajs(self.id)):
+            await self._requeue(_s(traj_id), self.id, graceful=False)
+        self._recover_needed = True
         await publish_registry(self.redis, self.keys, self.registry)
         log.info(
             "worker %s up: backend=%s slots=%d", self.id, self.backend.name, self.settings.slots
@@ -290,7 +306,7 @@ class Worker:
                 await self._read_once()
                 backoff_s = 0.1
             except (RedisError, OSError) as exc:
-                self._recover_needed = True
+                self._redis_failed()
                 log.warning("read failed (%s); retrying in %.1fs", exc, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
@@ -364,6 +380,10 @@ class Worker:
                 ]
                 self._on_calls(traj.traj_id, newer)
 
+    def _redis_failed(self) -> None:
+        self._recover_needed = True
+        self._healthy_since = time.monotonic()
+
     def _journal_op(self, op: Any) -> None:
         now = time.monotonic()
         self._journal.append((now, op))
@@ -418,7 +438,12 @@ class Worker:
     ) -> bool:
         """Take ownership of a trajectory and start serving it."""
         if traj_id in self.owned:
-            return False
+            owner = _s(await self.redis.hget(self.keys.traj(traj_id), "owner") or b"")
+            if owner in (self.id, ""):
+                return False  # a duplicate open request
+            await self._abandon(self.owned[traj_id])  # we were taken for dead meanwhile
+        # Indexed before the claim: a crash right after it leaves nothing unfindable.
+        await self.redis.sadd(self.keys.worker_trajs(self.id), traj_id)
         got = _s(
             await self._claim(
                 keys=[self.keys.traj(traj_id), self.keys.calls(traj_id)],
@@ -428,18 +453,18 @@ class Worker:
                     spec.model_dump_json(exclude_none=True),
                     traj_id,
                     GROUP,
-                    "0",
+                    previous_owner or "",
                 ],
             )
         )
         await self.redis.zrem(self.keys.pending, traj_id)  # owned or ended: not waiting
         if got != "ok":
             log.info("not claiming %s: %s", traj_id, got)
+            await self.redis.srem(self.keys.worker_trajs(self.id), traj_id)
             return False
         self.observer.traj_claimed()
         traj = Traj(traj_id, spec, previous_owner=previous_owner)
         self.owned[traj_id] = traj
-        await self.redis.sadd(self.keys.worker_trajs(self.id), traj_id)
         await self._adopt_pending_entries(traj, crashed=bool(previous_owner) and not graceful)
         traj.task = asyncio.create_task(self._serve(traj), name=f"traj-{traj_id}")
         return True
@@ -487,6 +512,10 @@ class Worker:
         traj = self.owned.get(traj_id)
         for entry_id, fields in entries:
             item = self._parse_item(_s(entry_id), fields)
+            if traj is not None:
+                if _entry_key(item.entry_id) <= _entry_key(traj.last_entry_id):
+                    continue  # delivered again (failover, group reset): it was dispatched
+                traj.last_entry_id = item.entry_id
             if traj is None or traj.ending is not None:
                 self._refuse(traj_id, item, ErrorCode.TRAJECTORY_ENDED, self._ended_message(traj))
             elif item.kind != "call" and item.error is not None:
@@ -564,7 +593,7 @@ class Worker:
         if not await self._ensure_slot(traj, None):
             return
         while traj.ending is None:
-            if not traj.items:
+            if not traj.items or self.draining:  # draining: queued calls run on the next owner
                 traj.wakeup.clear()
                 await traj.wakeup.wait()
                 continue
@@ -575,6 +604,9 @@ class Worker:
             traj.busy, traj.current = True, item
             try:
                 await self._run_item(traj, item)
+            except Exception as exc:  # the call still gets its one result
+                log.exception("call %s of %s failed inside the worker", item.entry_id, traj.traj_id)
+                self._answer(traj.traj_id, item, ErrorCode.INTERNAL_ERROR, f"worker error: {exc}")
             finally:
                 traj.busy, traj.current = False, None
                 traj.last_activity = time.monotonic()
@@ -602,6 +634,14 @@ class Worker:
         if needs_slot and not await self._ensure_slot(traj, item):
             return
         assert traj.slot is not None
+        # A crash must not mistake a finished call for the running one: results of
+        # earlier calls are in Redis before the next call starts.
+        await traj.flushed.wait()
+        if traj.ending is not None:  # cancelled or ended while we waited
+            cancelled = traj.ending[0] == TrajStatus.CANCELLED
+            code = ErrorCode.CANCELLED if cancelled else ErrorCode.TRAJECTORY_ENDED
+            self._answer(traj.traj_id, item, code, self._ended_message(traj))
+            return
         reply = await self._call_agent(traj, traj.slot, tool_name, args, timeout_s)
         if reply.get("timed_out") and self._deadline_left_s(traj) <= 0.05:
             reply["error"] = f"deadline_s limit ({traj.spec.limits.deadline_s}s) reached"
@@ -744,7 +784,9 @@ class Worker:
             finished_ms=now_ms(),
             data=data if isinstance(data, dict) else None,
         )
-        self._out.put_nowait(Pending(traj.traj_id, item.entry_id, result))
+        self._queue_result(
+            Pending(traj.traj_id, item.entry_id, result, self.owned.get(traj.traj_id))
+        )
 
     def _answer(self, traj_id: str, item: Item, code: ErrorCode, message: str) -> None:
         """Give a call an error result without running it."""
@@ -759,7 +801,13 @@ class Worker:
             queued_ms=max(0.0, float(now_ms() - entry_ms(item.entry_id))),
             finished_ms=now_ms(),
         )
-        self._out.put_nowait(Pending(traj_id, item.entry_id, result))
+        self._queue_result(Pending(traj_id, item.entry_id, result, self.owned.get(traj_id)))
+
+    def _queue_result(self, pending: Pending) -> None:
+        if pending.traj is not None:
+            pending.traj.unflushed += 1
+            pending.traj.flushed.clear()
+        self._out.put_nowait(pending)
 
     def _refuse(self, traj_id: str, item: Item, code: ErrorCode, message: str) -> None:
         """Answer a call with an error; a control entry is only acknowledged."""
@@ -837,12 +885,42 @@ class Worker:
             batch = [await self._out.get()]
             while not self._out.empty():
                 batch.append(self._out.get_nowait())
-            await self._retry(lambda batch=batch: self._flush(batch))
+            try:
+                await self._retry(lambda batch=batch: self._flush(batch))
+            except Exception:  # never let one bad result stop every later one
+                log.exception("writing %d results failed; writing them one by one", len(batch))
+                await self._flush_each(batch)
             self._journal_op(lambda batch=batch: self._flush(batch))
             for p in batch:
                 if p.result is not None:
                     self.observer.call_finished(p.result)
+                if p.traj is not None:
+                    p.traj.unflushed -= 1
+                    if p.traj.unflushed <= 0:
+                        p.traj.flushed.set()
                 self._out.task_done()
+
+    async def _flush_each(self, batch: list[Pending]) -> None:
+        """Write results one at a time; one that cannot be written becomes internal_error."""
+        for p in batch:
+            try:
+                await self._retry(lambda p=p: self._flush([p]))
+            except Exception as exc:
+                if p.result is None:
+                    continue
+                r = p.result
+                p.result = Result(
+                    call_id=r.call_id,
+                    traj=r.traj,
+                    tool=r.tool,
+                    ok=False,
+                    error_code=ErrorCode.INTERNAL_ERROR.value,
+                    error=f"the result could not be stored: {exc}",
+                    worker=self.id,
+                    finished_ms=now_ms(),
+                )
+                with contextlib.suppress(Exception):
+                    await self._retry(lambda p=p: self._flush([p]))
 
     async def _flush(self, batch: list[Pending]) -> None:
         for loaded in (False, True):
@@ -870,7 +948,8 @@ class Worker:
             return
         r = p.result
         as_fields = r.to_fields()
-        fields = [x for kv in as_fields.items() for x in kv]
+        # bytes, not str: a lone surrogate in a tool's output must not fail the write
+        fields = [x.encode("utf-8", "replace") for kv in as_fields.items() for x in kv]
         size = sum(len(k) + len(v) for k, v in as_fields.items())
         inline = ""
         if size <= INLINE_RESULT_MAX_BYTES:
@@ -904,7 +983,7 @@ class Worker:
             try:
                 return await fn()
             except (RedisError, OSError) as exc:
-                self._recover_needed = True
+                self._redis_failed()
                 attempts += 1
                 log.warning("redis write failed (%s); retry %d in %.2fs", exc, attempts, delay_s)
                 await asyncio.sleep(delay_s)
@@ -931,13 +1010,16 @@ class Worker:
         Safe to run on every worker at once: only the first release of a
         trajectory (owner still the dead worker) re-queues it.
         """
-        cutoff = now_ms() - int(self.settings.dead_after_s * 1000)
+        if time.monotonic() - self._healthy_since < self.settings.dead_after_s:
+            return  # we just lost Redis ourselves: the others' heartbeats may be stale too
+        cutoff = self._redis_now_ms() - int(self.settings.dead_after_s * 1000)
         for raw in await self.redis.zrangebyscore(self.keys.workers, "-inf", cutoff):
             dead = _s(raw)
             if dead == self.id:
                 continue
             for traj_id in await self.redis.smembers(self.keys.worker_trajs(dead)):
                 await self._requeue(_s(traj_id), dead, graceful=False)
+            await self._release_open_entries(dead)
             await self.redis.zrem(self.keys.workers, dead)
             await self.redis.delete(self.keys.worker_trajs(dead), self.keys.worker(dead))
             log.warning("worker %s is dead: its trajectories were re-queued", dead)
@@ -957,15 +1039,34 @@ class Worker:
         await self.redis.xtrim(self.keys.open, minid=floor, approximate=True)
 
     async def _requeue(self, traj_id: str, owner: str, graceful: bool) -> None:
-        """Give ``owner``'s trajectory back to the pool (any worker may claim it)."""
-        if not await self._release(keys=[self.keys.traj(traj_id)], args=[owner]):
-            return  # ended, or already re-queued by another worker
-        spec = await self.redis.hget(self.keys.traj(traj_id), "spec")
+        """Give ``owner``'s trajectory back to the pool (any worker may claim it).
+
+        The open request goes first: a crash between the two steps leaves a
+        request that can still displace ``owner``, never a trajectory nobody
+        will claim. Repeating it (several workers at once) is harmless.
+        """
+        record = await self.redis.hmget(self.keys.traj(traj_id), ["owner", "spec"])
+        if _s(record[0] or b"") != owner:
+            return  # ended, gone, or already re-queued and claimed
         req = OpenRequest(
-            traj=traj_id, spec=_s(spec or "{}"), previous_owner=owner, graceful=graceful
+            traj=traj_id, spec=_s(record[1] or "{}"), previous_owner=owner, graceful=graceful
         )
         await self.redis.xadd(self.keys.open, req.to_fields())
-        await self.redis.zadd(self.keys.pending, {traj_id: now_ms()}, nx=True)
+        if await self._release(keys=[self.keys.traj(traj_id)], args=[owner]):
+            await self.redis.zadd(self.keys.pending, {traj_id: now_ms()}, nx=True)
+
+    async def _release_open_entries(self, consumer: str) -> None:
+        """Open requests a dead worker had read but not acted on go back to the stream."""
+        pending: Any = await self.redis.xpending_range(
+            self.keys.open, GROUP, min="-", max="+", count=1000, consumername=consumer
+        )
+        for p in pending:
+            entry_id = _s(p["message_id"])
+            found: Any = await self.redis.xrange(self.keys.open, entry_id, entry_id)
+            for _id, fields in found or []:
+                await self.redis.xadd(self.keys.open, fields)
+            await self.redis.xack(self.keys.open, GROUP, entry_id)
+        await self.redis.xgroup_delconsumer(self.keys.open, GROUP, consumer)
 
     async def _check_ownership(self) -> None:
         """Stop serving trajectories another worker owns now (we were taken for dead)."""
@@ -997,12 +1098,18 @@ class Worker:
             beats += 1
             try:
                 await self._heartbeat()
+                beat_at = time.monotonic()
+                if beat_at - self._last_beat_s > max(3 * self.settings.heartbeat_s, 1.0):
+                    # We were stalled too (Redis frozen, loop starved): the others'
+                    # stale heartbeats prove nothing until we have been healthy a while.
+                    self._healthy_since = beat_at
+                self._last_beat_s = beat_at
                 await self._check_ownership()
                 await self._take_over_dead()
                 if beats % max(1, int(30 / self.settings.heartbeat_s)) == 0:
                     await self._trim_open()
             except (RedisError, OSError) as exc:
-                self._recover_needed = True
+                self._redis_failed()
                 log.warning("heartbeat failed: %s", exc)
 
     async def _heartbeat(self) -> None:
@@ -1015,14 +1122,22 @@ class Worker:
             slots_total=self.settings.slots,
             slots_used=len(self.owned),
             started_ms=self.started_ms,
-            heartbeat_ms=now_ms(),
+            heartbeat_ms=self._redis_now_ms(),
         )
         pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
         pipe.zadd(self.keys.workers, {self.id: info.heartbeat_ms})
         pipe.hset(self.keys.worker(self.id), mapping=info.to_fields())
         pipe.pexpire(self.keys.worker(self.id), int(self.settings.dead_after_s * 4000))
         self.observer.heartbeat(pipe)
-        await pipe.execute()
+        sent_ms = now_ms()
+        replies = await pipe.execute()
+        seconds, micros = replies[0]
+        self._clock_offset_ms = int(seconds) * 1000 + int(micros) // 1000 - sent_ms
+
+    def _redis_now_ms(self) -> int:
+        """Now, by Redis's clock: heartbeats of workers on other hosts compare fairly."""
+        return now_ms() + self._clock_offset_ms
 
     async def _reap_loop(self) -> None:
         """End trajectories that went idle (abandoned rollouts) or passed their deadline."""
@@ -1052,6 +1167,7 @@ class Worker:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+        self.draining = True  # calls already queued run on the next owner, not here
         running = [t for t in self.owned.values() if t.busy]
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         while any(t.busy for t in running) and time.monotonic() < deadline:
@@ -1085,7 +1201,7 @@ class Worker:
             beats = await self._worker_heartbeats()
         except (RedisError, OSError):
             return False
-        cutoff = now_ms() - int(self.settings.dead_after_s * 1000)
+        cutoff = self._redis_now_ms() - int(self.settings.dead_after_s * 1000)
         return any(w != self.id and ms >= cutoff for w, ms in beats.items())
 
     async def _hand_back(self, traj: Traj, keep: bool = True) -> None:
@@ -1111,6 +1227,9 @@ class Worker:
             await self._end_traj(traj)
             return
         await self._drop_slot(traj, keep=keep)
+        # The worker_lost result is in Redis before the next owner can see the entry.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(traj.flushed.wait(), 10)
         await self._requeue(traj.traj_id, self.id, graceful=True)
         self.owned.pop(traj.traj_id, None)
         await self.redis.srem(self.keys.worker_trajs(self.id), traj.traj_id)
