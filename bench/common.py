@@ -34,6 +34,7 @@ class Run:
     wall_s: float = 0.0
     errors: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    redis: dict[str, Any] | None = None  # Accounting.counts() of toolq runs
 
     def stats(self) -> dict[str, Any]:
         ordered = sorted(self.samples_ms) or [float("nan")]
@@ -50,7 +51,40 @@ class Run:
             "max_ms": round(ordered[-1], 3),
             "calls_per_s": round(n / self.wall_s, 1) if self.wall_s > 0 else 0.0,
             **self.extra,
+            **per_call(self.redis, n),
         }
+
+    def merge(self, other: Run) -> None:
+        """Add another slice of the same measurement (rounds interleaved with other paths)."""
+        self.samples_ms += other.samples_ms
+        self.wall_s += other.wall_s
+        self.errors += other.errors
+        if other.redis:
+            mine = self.redis or {}
+            for key, value in other.redis.items():
+                if isinstance(value, dict):
+                    into = mine.setdefault(key, {})
+                    for name, count in value.items():
+                        into[name] = into.get(name, 0) + count
+                else:
+                    mine[key] = mine.get(key, 0) + value
+            self.redis = mine
+
+
+def per_call(redis: dict[str, Any] | None, calls: int) -> dict[str, Any]:
+    """Redis traffic per call, from ``Accounting.counts`` (summed over rounds)."""
+    if not redis:
+        return {}
+    calls = max(calls, 1)
+    server = redis["server_cmds"]
+    return {
+        "client_rt_per_call": round(redis["client_rt"] / calls, 2),
+        "client_cmds_per_call": round(redis["client_cmds"] / calls, 2),
+        "worker_rt_per_call": round(redis["worker_rt"] / calls, 2),
+        "worker_cmds_per_call": round(redis["worker_cmds"] / calls, 2),
+        "server_cmds_per_call": round(sum(server.values()) / calls, 2),
+        "server_cmds": server,
+    }
 
 
 @dataclass
@@ -60,6 +94,14 @@ class Budget:
     duration_s: float
     max_calls: int
     min_calls: int = 1
+
+    def split(self, rounds: int) -> Budget:
+        """One of ``rounds`` equal slices of this budget."""
+        return Budget(
+            self.duration_s / rounds,
+            max(1, -(-self.max_calls // rounds)),
+            max(1, -(-self.min_calls // rounds)),
+        )
 
     def done(self, started: float, calls: int) -> bool:
         if calls < self.min_calls:

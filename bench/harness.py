@@ -22,6 +22,7 @@ from toolq.schemas import Keys
 from toolq.worker.backends.base import Backend, Slot
 
 WAIT_S = 300.0  # a first call may wait for a container start under a start storm
+CALL_WAIT_S = 60.0  # a measured call: longer is an error (a hang must not stall the run)
 
 
 # -- the worker process ------------------------------------------------------------
@@ -121,7 +122,7 @@ async def drive(
 
 def toolq_call_fn(client: AsyncClient, trajs: list[str], call: Call) -> CallFn:
     async def fn(index: int) -> tuple[bool, str]:
-        r = await client.call(trajs[index], call.tool, call.args, wait_s=WAIT_S)
+        r = await client.call(trajs[index], call.tool, call.args, wait_s=CALL_WAIT_S)
         return r.ok, r.output
 
     return fn
@@ -165,18 +166,15 @@ class Accounting:
         self.worker1 = self.worker.stats()
         self.server1 = commandstats(self.sync)
 
-    def per_call(self, calls: int) -> dict[str, Any]:
-        calls = max(calls, 1)
-        c = {k: self.client1[k] - self.client0[k] for k in ("round_trips", "commands")}
-        w = {k: self.worker1[k] - self.worker0[k] for k in ("round_trips", "commands")}
+    def counts(self) -> dict[str, Any]:
+        """Round trips and commands during the run (``Run.merge`` adds them up)."""
         server = diff(self.server1, self.server0)
         server.pop("info", None)  # our own INFO commandstats
         return {
-            "client_rt_per_call": round(c["round_trips"] / calls, 2),
-            "client_cmds_per_call": round(c["commands"] / calls, 2),
-            "worker_rt_per_call": round(w["round_trips"] / calls, 2),
-            "worker_cmds_per_call": round(w["commands"] / calls, 2),
-            "server_cmds_per_call": round(sum(server.values()) / calls, 2),
+            "client_rt": self.client1["round_trips"] - self.client0["round_trips"],
+            "client_cmds": self.client1["commands"] - self.client0["commands"],
+            "worker_rt": self.worker1["round_trips"] - self.worker0["round_trips"],
+            "worker_cmds": self.worker1["commands"] - self.worker0["commands"],
             "server_cmds": server,
         }
 

@@ -154,7 +154,8 @@ class ToolqPath(Path):
             "per_container": per,
             "worker_kib_per_slot": (tree_rss_kb(self.worker.pid) - rss0) / self.size,
         }
-        if self.local:
+        if self.local:  # no containers: the agents are the worker's children
+            found["per_container"] = "-"
             found["note"] = "worker RSS includes its agent subprocesses"
             return found
         import docker
@@ -177,7 +178,7 @@ class ToolqPath(Path):
         acct = Accounting(self.worker, self.sync)
         with acct:
             run = await drive(self.name, call, self.fns(call, n), budget)
-        run.extra.update(acct.per_call(len(run.samples_ms)))
+        run.redis = acct.counts()
         return run
 
     async def stop(self) -> None:

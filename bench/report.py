@@ -137,8 +137,12 @@ def targets(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 worst_c < 4 and worst_w < 4,
             )
         )
-    mem = report.get("memory", {}).get("docker_unpacked")
-    if mem:
+    memory = report.get("memory", {})
+    mem = next(
+        (m for k, m in memory.items() if k.startswith("toolq,") and m.get("per_container") == 1),
+        None,
+    )
+    if mem and "container_mib" in mem:
         out.append(
             (
                 "memory per idle slot reported",
@@ -166,7 +170,17 @@ def markdown(report: dict[str, Any]) -> str:
         "| | |",
         "|---|---|",
     ]
-    for key in ("cpu", "cpus", "mem_gib", "kernel", "docker_engine", "redis", "python"):
+    for key in (
+        "cpu",
+        "cpus",
+        "mem_gib",
+        "kernel",
+        "docker_engine",
+        "redis",
+        "python",
+        "commit",
+        "toolq_source",
+    ):
         if key in host:
             lines.append(f"| {key} | {host[key]} |")
     for key in ("redis_py", "rq"):
@@ -354,7 +368,9 @@ def _throughput(ax: Any, report: dict[str, Any]) -> None:
         xs, ys = zip(*pts, strict=True)
         label = PATHS[path][0]
         ax.plot(xs, ys, "o-", color=COLORS.get(path), label=label)
+    levels = sorted({r["concurrency"] for r in rows})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, [str(n) for n in levels])
     ax.set_yscale("log")
     ax.set_xlabel("concurrent trajectories (log)")
     ax.set_ylabel("calls/s (log)")

@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -24,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from calls import CALLS, SMALL_FILE
+from calls import CALLS, SMALL_FILE, Call
 from common import (
     BENCH_DIR,
     IMAGE,
@@ -69,6 +71,7 @@ class Config:
     warm: int = 3
     warm_pool: int = 2
     profile_level: int = 64
+    rounds: int = 3  # each measurement in this many slices, interleaved across paths
 
     def tool_budget(self, exec_path: bool = False) -> Budget:
         if exec_path:
@@ -101,6 +104,7 @@ QUICK = Config(
     warm=1,
     warm_pool=1,
     profile_level=4,
+    rounds=2,
 )
 
 
@@ -141,34 +145,54 @@ async def compare(
         with stage(f"start {path.name} for {path.size}", res.stages):
             await path.start()
         for name, seconds in path.lifecycle.items():
-            note = "start cap 4 (start_concurrency)" if "open" in name and "docker" in name else ""
+            note = (
+                "start cap 4 (start_concurrency)" if "at once" in name and "docker" in name else ""
+            )
             res.life(name, seconds, note)
         if path.memory:
-            kind = f"{path.name}, {path.memory['per_container']} slot(s) per container"
+            per = path.memory["per_container"]
+            kind = f"{path.name}, " + (
+                f"{per} slot(s) per container" if per != "-" else "an agent process per slot"
+            )
             res.memory[kind] = path.memory
     try:
         if 1 in levels:
             for call in CALLS.values():
-                for path in paths:
-                    if path.supports(call, 1):
-                        res.add(await path.run(call, 1, cfg.tool_budget(path.slow)))
+                runs = [(p, call, 1, cfg.tool_budget(p.slow)) for p in paths if p.supports(call, 1)]
+                await interleaved(res, runs, cfg.rounds)
         for n in [n for n in levels if n > 1]:
-            for path in paths:
-                if not path.supports(TRUE, n):
-                    continue
-                if profile and path.name == "toolq" and n == cfg.profile_level:
-                    assert isinstance(path, ToolqPath) and path.worker is not None
-                    with (
-                        profiling(path.worker.pid, "worker", cfg.sweep_s, res, out),
-                        profiling(os.getpid(), "client", cfg.sweep_s, res, out),
-                    ):
-                        res.add(await path.run(TRUE, n, cfg.sweep_budget(n)))
-                else:
-                    res.add(await path.run(TRUE, n, cfg.sweep_budget(n)))
+            runs = [(p, TRUE, n, cfg.sweep_budget(n)) for p in paths if p.supports(TRUE, n)]
+            await interleaved(res, runs, cfg.rounds)
+            toolq = next((p for p in paths if p.name == "toolq"), None)
+            if profile and n == cfg.profile_level and isinstance(toolq, ToolqPath):
+                # An extra, unrecorded run: py-spy's sampling costs CPU the others lack.
+                assert toolq.worker is not None
+                with (
+                    profiling(toolq.worker.pid, "worker", cfg.sweep_s, res, out),
+                    profiling(os.getpid(), "client", cfg.sweep_s, res, out),
+                ):
+                    await toolq.run(TRUE, n, cfg.sweep_budget(n))
     finally:
         for path in paths:
             with stage(f"stop {path.name}", res.stages):
                 await path.stop()
+
+
+async def interleaved(
+    res: Results, runs: list[tuple[Path, Call, int, Budget]], rounds: int
+) -> None:
+    """Each path's budget in ``rounds`` slices, round robin: a burst of host load
+    (other work on a shared machine) then hits every path alike."""
+    merged: dict[int, Run] = {}
+    for _ in range(rounds):
+        for index, (path, call, n, budget) in enumerate(runs):
+            got = await path.run(call, n, budget.split(rounds))
+            if index in merged:
+                merged[index].merge(got)
+            else:
+                merged[index] = got
+    for index in range(len(runs)):
+        res.add(merged[index])
 
 
 @contextlib.contextmanager
@@ -332,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pack", type=int, default=None, help="slots per container above 64")
     parser.add_argument("--rq-workers", type=int, default=None)
     parser.add_argument("--out", default=None, help="output directory")
+    parser.add_argument("--from-json", default=None, help="only render this report.json again")
     parser.add_argument(
         "--storm", type=int, default=0, help="also open N unpacked trajectories at once"
     )
@@ -340,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.paths) - set(ALL_PATHS)
     if unknown:
         parser.error(f"unknown paths {sorted(unknown)}; choose from {ALL_PATHS}")
+    if args.from_json:  # render an earlier run again (after a change to report.py)
+        with open(args.from_json) as fh:
+            report = json.load(fh)
+        return render(report, os.path.dirname(os.path.abspath(args.from_json)), args.publish)
     cfg = QUICK if args.quick else Config()
     if args.levels:
         cfg.levels = sorted(int(x) for x in args.levels.split(","))
@@ -350,8 +379,18 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or os.path.join(OUT_DIR, time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
 
+    # SIGTERM (and SIGINT, even when a background shell ignores it) cancels the
+    # run: the paths' clean-up then removes their containers and workers.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.default_int_handler)
     started, t0 = time.strftime("%Y-%m-%d %H:%M %Z"), time.perf_counter()
     host = host_info()
+    import toolq.worker
+
+    host["toolq_source"] = os.path.dirname(os.path.dirname(toolq.worker.__file__))
+    with contextlib.suppress(Exception):
+        git = ["git", "-C", BENCH_DIR, "rev-parse", "--short", "HEAD"]
+        host["commit"] = subprocess.run(git, capture_output=True, text=True).stdout.strip()
     res = asyncio.run(run_all(args, cfg, out))
     host["loadavg_end"] = os.getloadavg()
     rows = [r.stats() for r in res.rows]
@@ -373,18 +412,22 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     write_json(os.path.join(out, "report.json"), report)
+    return render(report, out, args.publish)
+
+
+def render(report: dict[str, Any], out: str, publish: bool) -> int:
+    """report.md and the PNGs next to report.json; exit status 1 if any call failed."""
     md = markdown(report)
     with open(os.path.join(out, "report.md"), "w") as fh:
         fh.write(md)
     pngs = plots(report, os.path.join(out, ""))
     print(md)
     print(f"[bench] wrote {out}/ (report.json, report.md, {', '.join(pngs)})")
-    if args.publish:
+    if publish:
         shutil.copy(os.path.join(out, "report.md"), os.path.join(BENCH_DIR, "RESULTS.md"))
         shutil.copy(pngs["results"], os.path.join(BENCH_DIR, "results.png"))
         print("[bench] published bench/RESULTS.md and bench/results.png")
-    errors = sum(r["errors"] for r in rows)
-    return 1 if errors else 0
+    return 1 if sum(r["errors"] for r in report["rows"]) else 0
 
 
 if __name__ == "__main__":

@@ -238,6 +238,11 @@ class Event(WireModel):
     error_code: str | None = None
     task_id: str | None = None
     status: str | None = None
+    result: str | None = Field(
+        None,
+        description="`result` events of small results (fields + values up to 4096 bytes): "
+        "the result hash's fields as one JSON object of strings, identical to the hash.",
+    )
 
 
 class BgTask(WireModel):

@@ -425,6 +425,7 @@ class DockerBackend(Backend):
             else docker.from_env()
         )
         self.api: Any = client.api
+        self._ncpu: float | None = None
         self._start_sem = asyncio.Semaphore(max(1, settings.start_concurrency))
         self._boxes: list[Box] = []
         self._by_slot: dict[str, Box] = {}
@@ -853,6 +854,15 @@ class DockerBackend(Backend):
             return no_python_message(box.config.image, message)
         return f"cannot start a container of {box.config.image}: {message}"
 
+    def _host_cpus(self) -> float:
+        """CPUs of the engine's host: a container may not ask for more (packing multiplies)."""
+        if self._ncpu is None:
+            try:
+                self._ncpu = float(self.api.info().get("NCPU") or os.cpu_count() or 1)
+            except Exception:  # an engine that will not say: trust our own count
+                self._ncpu = float(os.cpu_count() or 1)
+        return self._ncpu
+
     def _create(self, box: Box, command: list[str]) -> str:
         config = box.config
         per = self.settings.slots_per_container
@@ -869,7 +879,7 @@ class DockerBackend(Backend):
             init=self._use_init or None,
             mem_limit=memory,
             memswap_limit=memory,  # equal: no swap
-            nano_cpus=int(config.cpus * per * 1e9),
+            nano_cpus=int(min(config.cpus * per, self._host_cpus()) * 1e9),
             pids_limit=config.pids * per,
             network_mode="bridge" if config.network else "none",
             cap_drop=["ALL"],
