@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import hypothesis  # noqa: F401  (see below)
 import pytest
 
 from toolq.producer import AsyncClient, Client
@@ -21,6 +22,11 @@ from toolq.worker.embedded import EmbeddedRedis
 from toolq.worker.service import connect, docker_available, make_backend
 from toolq.worker.settings import WorkerSettings
 from toolq.worker.worker import Worker
+
+# hypothesis is imported here, at collection, on purpose: its pytest plugin would
+# otherwise import it lazily at session end, and pytest's assertion rewriter then
+# parses it with CPython 3.11.7's AST state, which threaded runs can leave broken
+# (gh-106905): "SystemError: AST constructor recursion depth mismatch".
 
 TEST_IMAGE = os.environ.get("TOOLQ_TEST_IMAGE", "toolq-sandbox:test")
 NOPYTHON_IMAGE = os.environ.get("TOOLQ_TEST_NOPYTHON_IMAGE", "toolq-nopython:test")

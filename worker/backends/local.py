@@ -87,6 +87,7 @@ class LocalBackend(Backend):
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+        _close_transport(proc)
 
     def kill_agent(self, slot: Slot) -> None:
         """Kill a slot's agent (tests use it to simulate a lost sandbox)."""
@@ -101,4 +102,13 @@ class LocalBackend(Backend):
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+            _close_transport(proc)
         shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+def _close_transport(proc: asyncio.subprocess.Process) -> None:
+    # Nobody reads the agent's stdout once its channel is closed, so asyncio
+    # would keep the transport until garbage collection (after the loop closed).
+    transport = getattr(proc, "_transport", None)
+    if transport is not None:
+        transport.close()
