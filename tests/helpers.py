@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -68,3 +69,14 @@ def worker_process(  # a real `toolq worker` process, local backend, fast takeov
         assert time.monotonic() < deadline, "worker did not register"
         time.sleep(0.05)
     return proc
+
+
+def wait_for(check: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:
+    """Poll until ``check()`` is truthy (the deadline only bounds a failing test)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

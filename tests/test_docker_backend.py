@@ -10,14 +10,14 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 
 from tests.conftest import NOPYTHON_IMAGE, TEST_IMAGE, require_docker
-from tests.helpers import LABELS
+from tests.helpers import LABELS, wait_for
 from toolq.producer import Client
 from toolq.schemas import Keys
 
@@ -38,16 +38,6 @@ def containers(dc: Any, ns: str, **labels: str) -> list[Any]:
 def container_of(dc: Any, slot: str) -> Any:
     """The container behind a result's ``slot`` (``<short id>:<slot name>``)."""
     return dc.containers.get(slot.split(":", 1)[0])
-
-
-def wait_for(check: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # --------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from tests.conftest import TEST_IMAGE, require_docker
-from tests.helpers import LABELS, TOOLQ
+from tests.helpers import LABELS, TOOLQ, wait_for
 from toolq.producer import Client
 from toolq.schemas import Keys, TrajectorySpec
 
@@ -47,16 +47,6 @@ def container_ids(dc: Any, ns: str) -> set[str]:
 def short_id(slot: str) -> str:
     """The container part of a result's ``slot`` (``<short id>:<slot name>``)."""
     return slot.split(":", 1)[0]
-
-
-def wait_for(check: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -10,9 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import tarfile
-import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -20,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import require_docker
-from tests.helpers import count_procs, unique_sleep
+from tests.helpers import count_procs, unique_sleep, wait_for
 from tests.test_reliability import field_names, field_values
 from toolq.producer import Client
 from toolq.schemas import Keys
@@ -42,17 +40,6 @@ def docker_only(ns: str, docker_namespaces: set[str]) -> str:
     require_docker()
     docker_namespaces.add(ns)
     return "docker"
-
-
-def wait_for(check: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:
-    """Poll until ``check()`` is truthy (the deadline only bounds a failing test)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def short_id(slot: str) -> str:
