@@ -187,7 +187,7 @@ class Worker:
         self._out: asyncio.Queue[Pending] = asyncio.Queue()
         self._stopping = asyncio.Event()
         self._journal: deque[tuple[float, Any]] = deque()  # (monotonic time, async op)
-        self._recover_needed = False
+        self._recover_needed: bool | str = False  # a reason to catch up before the next read
         self.draining = False  # set on shutdown: no new call starts
         self._healthy_since = time.monotonic()  # last time Redis failed us (or start)
         self._last_beat_s = time.monotonic()  # last successful heartbeat
@@ -286,7 +286,7 @@ class Worker:
         # crash is re-queued as a crashed worker's, and our unanswered reads re-read.
         for traj_id in await self.redis.smembers(self.keys.worker_trajs(self.id)):
             await self._requeue(_s(traj_id), self.id, graceful=False)
-        self._recover_needed = True
+        self._recover_needed = "startup"
         await publish_registry(self.redis, self.keys, self.registry)
         log.info(
             "worker %s up: backend=%s slots=%d", self.id, self.backend.name, self.settings.slots
@@ -351,8 +351,12 @@ class Worker:
         arrived. Nothing runs twice: results are written only where missing and
         entries already dispatched are skipped.
         """
+        log.log(
+            logging.INFO if self._recover_needed == "startup" else logging.WARNING,
+            "catching up (%s)",
+            self._recover_needed or "after Redis errors",
+        )
         self._recover_needed = False
-        log.warning("recovering after Redis errors")
         cutoff = time.monotonic() - REPLAY_WINDOW_S
         for at, op in list(self._journal):
             if at >= cutoff:
@@ -1219,6 +1223,13 @@ class Worker:
                 ErrorCode.WORKER_LOST,
                 "the worker shut down while the call ran",
             )
+        if traj.ending is not None and traj.task is not None:
+            # It is ending anyway: let its task finish that (cancelling it midway
+            # could leave its sandbox behind).
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(traj.task), 30)
+            if traj.task.done():
+                return
         if traj.task is not None:
             traj.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

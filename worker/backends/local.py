@@ -87,7 +87,13 @@ class LocalBackend(Backend):
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
-        _close_transport(proc)
+        except asyncio.CancelledError:  # still reap the agent, then stop as asked
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        finally:
+            _close_transport(proc)
 
     def kill_agent(self, slot: Slot) -> None:
         """Kill a slot's agent (tests use it to simulate a lost sandbox)."""
