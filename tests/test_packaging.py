@@ -1,0 +1,35 @@
+"""The distribution: what the wheel ships, and what the producer needs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_wheel_ships_every_package_and_the_schemas(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+         "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("toolq-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in ("schemas/keys.py", "producer/client.py", "worker/agent.py",
+                   "worker/backends/docker.py", "worker/backends/local.py",
+                   "schemas/json/result.json"):  # fmt: skip
+        assert f"toolq/{module}" in names, module
+    assert not any(n.startswith(("tests/", "bench/")) for n in names)
+
+
+def test_the_producer_does_not_import_the_worker_stack():
+    code = (
+        "import sys, toolq.producer, toolq.producer.cli\n"
+        "heavy = [m for m in ('docker', 'rq', 'prometheus_client', 'toolq.worker.worker')"
+        " if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
