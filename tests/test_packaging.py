@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,9 +12,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_wheel_ships_every_package_and_the_schemas(tmp_path):
+    # Build from a clean copy: a build/ directory left in the tree would hide a
+    # package missing from pyproject.toml.
+    source = tmp_path / "src"
+    junk = shutil.ignore_patterns("build", "dist", "*.egg-info", ".git", "node_modules", "out")
+    shutil.copytree(ROOT, source, ignore=junk)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-         "-w", str(tmp_path), str(ROOT)],
+         "-w", str(tmp_path), str(source)],
         check=True, capture_output=True,
     )  # fmt: skip
     (wheel,) = tmp_path.glob("toolq-*.whl")
