@@ -8,8 +8,9 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
+import pytest
 import redis
 
 from toolq.producer import Client
@@ -80,3 +81,11 @@ def wait_for(check: Callable[[], Any], timeout_s: float = 60, what: str = "condi
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def missing(what: str) -> NoReturn:
+    """A tool the test needs is not here: skip on a developer's machine, but fail
+    where TOOLQ_STRICT=1 (CI), because a skipped test is a missing test."""
+    if os.environ.get("TOOLQ_STRICT") == "1":
+        pytest.fail(f"{what} (TOOLQ_STRICT=1: missing tools fail)")
+    pytest.skip(what)

@@ -6,28 +6,15 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from tests.helpers import count_procs, unique_sleep
+from tests.helpers import count_procs, unique_sleep, wait_for
 from toolq.producer import Client
 from toolq.producer.cli import main as cli_main
 from toolq.schemas import BgTask
-
-
-def wait_for(check: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
-    """Poll until ``check()`` is truthy (the deadline only bounds a failing test)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def bg_events(client: Client, traj: str) -> list[tuple[str, str]]:

@@ -55,13 +55,11 @@ def test_timeout_kills_the_group_and_keeps_partial_output(backend, start_worker,
     start_worker(backend)
     client.open("t")
     nap = unique_sleep()  # no other process on this machine sleeps this long
-    started = time.monotonic()
     r = client.call(
         "t",
         "bash",
         {"command": f"echo before; (sleep {nap}; echo child) & sleep {nap}", "timeout_s": 1},
     )
-    assert time.monotonic() - started < 15
     assert not r.ok and r.timed_out and r.error_code == "timeout"
     assert r.output == "before\n"
     # the background child died with its group: nothing is left sleeping

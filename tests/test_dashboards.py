@@ -28,6 +28,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers import missing
 from toolq.producer import Client
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -465,7 +466,7 @@ def test_compose_file_runs_the_whole_stack():
 def test_compose_config_validates():
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.skip("no docker-compose binary (apt-get install docker-compose)")
+        missing("no docker-compose binary (apt-get install docker-compose)")
     proc = subprocess.run(
         [binary, "-f", str(DEPLOY / "docker-compose.yml"), "config", "--quiet"],
         capture_output=True,

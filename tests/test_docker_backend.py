@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from tests.conftest import NOPYTHON_IMAGE, TEST_IMAGE, require_docker
-from tests.helpers import LABELS, wait_for
+from tests.helpers import LABELS, missing, wait_for
 from toolq.producer import Client
 from toolq.schemas import Keys
 
@@ -208,7 +208,7 @@ def test_image_without_python3_is_a_clear_sandbox_error(start_worker, client: Cl
     try:
         dc.images.get(NOPYTHON_IMAGE)
     except Exception:
-        pytest.skip(f"no image {NOPYTHON_IMAGE} (run .ci/build-sandbox-image)")
+        missing(f"no image {NOPYTHON_IMAGE} (run .ci/build-sandbox-image)")
     start_worker("docker")
     client.open("t", {"image": NOPYTHON_IMAGE})
     r = client.call("t", "bash", {"command": "true"})

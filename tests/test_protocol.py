@@ -22,6 +22,7 @@ import jsonschema
 import pytest
 import redis
 
+from tests.helpers import missing
 from toolq.producer import Client
 from toolq.producer import _protocol as protocol
 from toolq.schemas import ErrorCode, Keys, Result, models
@@ -187,7 +188,7 @@ def redis_cli() -> str:
     found = "/usr/bin/redis-cli" if os.access("/usr/bin/redis-cli", os.X_OK) else None
     found = found or shutil.which("redis-cli")
     if not found:
-        pytest.skip("no redis-cli")
+        missing("no redis-cli (apt-get install redis-tools)")
     return found
 
 

@@ -15,7 +15,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import worker_process
+from tests.helpers import missing, worker_process
 from toolq.producer import Client
 from toolq.schemas import Keys
 from toolq.worker.embedded import EmbeddedRedis
@@ -240,7 +240,7 @@ def make_certs(tmp_path) -> dict[str, str]:
 
 def test_tls_connections(ns, tmp_path):
     if not os.path.exists("/usr/bin/redis-server"):
-        pytest.skip("Debian's redis-server (built with TLS) is not installed")
+        missing("Debian's redis-server (built with TLS) is not installed")
     certs = make_certs(tmp_path)
     from toolq.worker.embedded import free_port
 

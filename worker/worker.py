@@ -486,9 +486,7 @@ class Worker:
         while True:
             resp: Any = await self.redis.xautoclaim(stream, GROUP, self.id, 0, start, count=500)
             start = _s(resp[0])
-            entries += [e for e in resp[1] if e and e[1] is not None] + [
-                (e[0], {}) for e in resp[1] if e and e[1] is None
-            ]
+            entries += [(e[0], e[1] or {}) for e in resp[1] if e]  # {}: deleted entry
             if start == "0-0" or not resp[1]:
                 break
         entries.sort(key=lambda e: _entry_key(_s(e[0])))

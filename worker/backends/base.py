@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from toolq.schemas import TrajectorySpec
 
@@ -30,9 +30,7 @@ class Slot:
     root: str  # workspace path as the agent sees it
     channel: AgentChannel
     sandbox_id: str = ""  # container id / process id
-    reset: bool = False  # True when this slot replaced one that was lost
     adopted: bool = False  # True when it reuses a workspace a previous owner left
-    meta: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

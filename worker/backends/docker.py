@@ -576,7 +576,6 @@ class DockerBackend(Backend):
             channel=channel,
             sandbox_id=box.cid,
             adopted=box.adopted,
-            meta={"container": box.name, "image": box.config.image},
         )
         self._by_slot[slot.slot_id] = box
         return slot
