@@ -40,7 +40,14 @@ from .config import resolve_redis_url
 # (redis-py >= 8 defaults to 5 s), and RESP2 replies, which the parsing expects.
 # Every wait holds a connection while it blocks, and one client may wait for
 # hundreds of trajectories at once: redis-py's default pool stops at 100.
-CONNECT_KW: dict[str, Any] = {"socket_timeout": None, "protocol": 2, "max_connections": 10_000}
+# Connecting includes the handshake, which a busy Redis or a starved event loop
+# can delay for seconds: allow for a loaded machine.
+CONNECT_KW: dict[str, Any] = {
+    "socket_timeout": None,
+    "socket_connect_timeout": 30,
+    "protocol": 2,
+    "max_connections": 10_000,
+}
 
 
 class ToolqError(Exception):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import subprocess
 import sys
 import time
@@ -70,6 +72,33 @@ def worker_process(  # a real `toolq worker` process, local backend, fast takeov
         assert time.monotonic() < deadline, "worker did not register"
         time.sleep(0.05)
     return proc
+
+
+def bridge_gateway(dc: Any) -> str:
+    """The host's address on Docker's default bridge, on any engine.
+
+    Some engines (a freshly started dockerd 20.10) list the bridge's subnet
+    without a ``Gateway``: then the bridge interface's own address is the
+    answer, and failing that the subnet's first host (where Docker puts it).
+    """
+    attrs = dc.networks.get("bridge").attrs
+    ipam = (attrs.get("IPAM") or {}).get("Config") or []
+    configs = [c for c in ipam if "." in c.get("Subnet", "")]  # IPv4 only
+    for config in configs:
+        if config.get("Gateway"):
+            return str(config["Gateway"]).split("/")[0]
+    interface = (attrs.get("Options") or {}).get("com.docker.network.bridge.name", "docker0")
+    try:
+        shown = subprocess.run(
+            ["ip", "-4", "-o", "addr", "show", "dev", interface], capture_output=True, text=True
+        ).stdout
+    except OSError:  # no iproute2
+        shown = ""
+    found = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", shown)
+    if found:
+        return found.group(1)
+    assert configs, f"the bridge network has no IPv4 subnet: {attrs.get('IPAM')}"
+    return str(next(ipaddress.ip_network(configs[0]["Subnet"]).hosts()))
 
 
 def wait_for(check: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from tests.conftest import NOPYTHON_IMAGE, TEST_IMAGE, require_docker
-from tests.helpers import LABELS, missing, wait_for
+from tests.helpers import LABELS, bridge_gateway, missing, wait_for
 from toolq.producer import Client
 from toolq.schemas import Keys
 
@@ -90,8 +90,7 @@ def test_safe_defaults_and_worker_caps(start_worker, client: Client, dc):
 @pytest.fixture
 def host_listener(dc) -> Iterator[tuple[str, int]]:
     """A TCP server on the Docker bridge gateway that greets every connection."""
-    bridge = dc.networks.get("bridge").attrs
-    gateway = bridge["IPAM"]["Config"][0]["Gateway"]
+    gateway = bridge_gateway(dc)
     server = socket.socket()
     server.bind((gateway, 0))
     server.listen(8)

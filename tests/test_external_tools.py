@@ -20,6 +20,7 @@ import redis
 from rq import Worker as RQWorker
 from rq.job import Job
 
+from tests.helpers import wait_for
 from toolq.producer import Client
 from toolq.schemas import Keys
 from toolq.worker.external import job_id_for
@@ -85,15 +86,6 @@ def result_events(client: Client, traj: str) -> list[str]:
 def job_status(conn: redis.Redis, ns: str, traj: str, call_id: str) -> str | None:
     raw = conn.hget(Job.key_for(job_id_for(ns, traj, call_id)), "status")
     return raw.decode() if raw else None
-
-
-def wait_until(predicate: Any, what: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_success_lands_like_a_sandbox_result(worker: Any, client: Client):
@@ -192,7 +184,7 @@ def test_waiting_does_not_block_other_trajectories(worker: Any, client: Client, 
     client.open("b")
     blocked = client.submit("a", "block", {"marker": str(marker), "release": str(release)})
     try:
-        wait_until(marker.exists, "the external job to start")
+        wait_for(marker.exists, what="the external job to start")
         other = client.call("b", "bash", {"command": "echo free"}, wait_s=60)
         assert other.ok and other.output == "free\n"
         assert client.redis.exists(client.keys.result("a", blocked)) == 0
@@ -209,28 +201,32 @@ def test_cancel_answers_the_running_call_and_stops_the_jobs(
     client.open("b")
     running = client.submit("a", "block", {"marker": str(marker), "release": str(release)})
     try:
-        wait_until(marker.exists, "the external job to start")
+        wait_for(marker.exists, what="the external job to start")
         # b's job waits in the RQ queue behind a's (one RQ worker).
         queued = client.submit("b", "add", {"a": 1, "b": 2})
-        wait_until(lambda: job_status(rconn, ns, "b", queued) == "queued", "b's job queued")
+        wait_for(lambda: job_status(rconn, ns, "b", queued) == "queued", what="b's job queued")
         after = client.submit("b", "add", {"a": 3, "b": 4})
         client.cancel("b")
         rq = client.result("b", queued)
         assert rq.error_code == "cancelled", rq
         assert client.result("b", after).error_code == "cancelled"
-        wait_until(lambda: job_status(rconn, ns, "b", queued) == "canceled", "b's job canceled")
+        wait_for(lambda: job_status(rconn, ns, "b", queued) == "canceled", what="b's job canceled")
 
         client.cancel("a")
         ra = client.result("a", running)
         assert not ra.ok and ra.error_code == "cancelled"
-        wait_until(lambda: job_status(rconn, ns, "a", running) == "stopped", "a's job stopped")
+        wait_for(lambda: job_status(rconn, ns, "a", running) == "stopped", what="a's job stopped")
     finally:
         release.write_text("go")
     assert result_events(client, "a") == [running]
     assert sorted(result_events(client, "b")) == sorted([queued, after])  # once each
-    for traj in ("a", "b"):
-        record = client.trajectory(traj)
-        assert record is not None and record.status.value == "cancelled"
+    for traj in ("a", "b"):  # the answer comes first; the final state follows it
+        wait_for(lambda traj=traj: _status(client, traj) == "cancelled", what=f"{traj} cancelled")
+
+
+def _status(client: Client, traj: str) -> str | None:
+    record = client.trajectory(traj)
+    return record.status.value if record else None
 
 
 def test_external_calls_respect_the_tool_policy(worker: Any, client: Client, rconn, ns):
@@ -258,7 +254,7 @@ def test_a_lost_notice_is_recovered_from_rq(
     client.open("t")
     call_id = client.submit("t", "block", {"marker": str(marker), "release": str(release)})
     try:
-        wait_until(marker.exists, "the external job to start")
+        wait_for(marker.exists, what="the external job to start")
         job = Job.fetch(job_id_for(ns, "t", call_id), connection=rconn)
         job.meta["toolq_notify"] = Keys(ns).external_done("some-other-worker")
         job.save_meta()

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import require_docker
-from tests.helpers import count_procs, unique_sleep, wait_for
+from tests.helpers import bridge_gateway, count_procs, unique_sleep, wait_for
 from tests.test_reliability import field_names, field_values
 from toolq.producer import Client
 from toolq.schemas import Keys
@@ -278,7 +278,7 @@ def test_the_worker_caps_every_workspace(docker_only, start_worker, client):
 @pytest.fixture
 def gateway_redis(dc) -> Iterator[tuple[str, int]]:
     """A Redis the host serves on the Docker bridge gateway: what a sandbox could reach."""
-    gateway = dc.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]
+    gateway = bridge_gateway(dc)
     with EmbeddedRedis(
         extra_args=["--bind", "127.0.0.1", gateway, "--protected-mode", "no"]
     ) as server:

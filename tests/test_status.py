@@ -7,6 +7,7 @@ import time
 
 from click.testing import CliRunner
 
+from tests.helpers import wait_for
 from toolq.producer import Client
 from toolq.producer.cli import main
 from toolq.producer.status import collect
@@ -49,9 +50,9 @@ def test_status_shows_live_and_dead_workers(start_worker, client: Client, redis_
     client.open("done")
     assert client.call("done", "bash", {"command": "true"}).ok
     client.close("done")
-    _wait_until(lambda: collect(client.redis, Keys(ns)).trajectories["completed"] == 1)
-    _wait_until(lambda: collect(client.redis, Keys(ns)).calls.calls == 3)
-    _wait_until(lambda: sum(w.slots_used for w in collect(client.redis, Keys(ns)).alive) == 1)
+    wait_for(lambda: collect(client.redis, Keys(ns)).trajectories["completed"] == 1)
+    wait_for(lambda: collect(client.redis, Keys(ns)).calls.calls == 3)
+    wait_for(lambda: sum(w.slots_used for w in collect(client.redis, Keys(ns)).alive) == 1)
 
     data = json.loads(_status(redis_url, ns, "--json"))
     rows = {w["worker"]: w for w in data["workers"]}
@@ -106,10 +107,3 @@ def test_status_of_an_empty_namespace(client: Client, redis_url, ns):
     assert "0 alive, 0 dead" in text
     assert "BACKLOG  0 trajectories" in text
     assert "0 answered, 0 failed (0.0%)" in text
-
-
-def _wait_until(check, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
