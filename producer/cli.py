@@ -1,7 +1,7 @@
 """The ``toolq`` command line.
 
-Producer commands need only Redis; ``toolq worker`` and ``toolq demo`` import
-the worker package (``pip install toolq[worker]``).
+Producer commands need only Redis; ``toolq worker``, ``toolq rq-worker`` and
+``toolq demo`` dispatch to the worker package (``pip install toolq[worker]``).
 """
 
 from __future__ import annotations
@@ -123,16 +123,18 @@ def _run(fn: Any) -> Any:
 
 
 def _load_producer_commands() -> None:
+    from .cli_demo import demo
     from .cli_runs import runs, show
 
     main.add_command(runs)
     main.add_command(show)
     main.add_command(cli_status.status)
+    main.add_command(demo)
 
 
 def _load_worker_commands() -> None:
     try:
-        from toolq.worker.cli import demo, worker
+        from toolq.worker.cli import worker
         from toolq.worker.rq_worker import rq_worker
     except ImportError as exc:  # producer-only install
         missing = str(exc)
@@ -145,7 +147,6 @@ def _load_worker_commands() -> None:
 
         return
     main.add_command(worker)
-    main.add_command(demo)
     main.add_command(rq_worker)
 
 

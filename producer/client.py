@@ -29,6 +29,7 @@ from toolq.schemas import (
     ToolInfo,
     TrajectoryRecord,
     TrajectorySpec,
+    lua,
 )
 
 from . import _protocol as p
@@ -93,9 +94,9 @@ class Client:
             resolve_redis_url(redis_url), **CONNECT_KW
         )
         self.keys = Keys(namespace)
-        self._open = self.redis.register_script(p.OPEN_LUA)
-        self._submit = self.redis.register_script(p.SUBMIT_LUA)
-        self._cancel = self.redis.register_script(p.CANCEL_LUA)
+        self._open = self.redis.register_script(lua.OPEN)
+        self._submit = self.redis.register_script(lua.SUBMIT)
+        self._cancel = self.redis.register_script(lua.CANCEL)
 
     def __enter__(self) -> Client:
         return self
@@ -186,7 +187,7 @@ class Client:
             except NoScriptError:  # a restarted Redis forgot the script: nothing was submitted
                 if loaded:
                     raise
-                self.redis.script_load(p.SUBMIT_LUA)
+                self.redis.script_load(lua.SUBMIT)
         raise AssertionError("unreachable")
 
     def _wait(
@@ -303,9 +304,9 @@ class AsyncClient:
             resolve_redis_url(redis_url), **CONNECT_KW
         )
         self.keys = Keys(namespace)
-        self._open = self.redis.register_script(p.OPEN_LUA)
-        self._submit = self.redis.register_script(p.SUBMIT_LUA)
-        self._cancel = self.redis.register_script(p.CANCEL_LUA)
+        self._open = self.redis.register_script(lua.OPEN)
+        self._submit = self.redis.register_script(lua.SUBMIT)
+        self._cancel = self.redis.register_script(lua.CANCEL)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -388,7 +389,7 @@ class AsyncClient:
             except NoScriptError:
                 if loaded:
                     raise
-                await self.redis.script_load(p.SUBMIT_LUA)
+                await self.redis.script_load(lua.SUBMIT)
         raise AssertionError("unreachable")
 
     async def _wait(

@@ -3,8 +3,12 @@
 This package is the only code the producer and the worker share.
 """
 
+from . import lua
 from .keys import GROUP, TRAJ_ID_PATTERN, InvalidIdError, Keys, check_part, check_traj_id
 from .models import (
+    BG_FINAL_STATUSES,
+    BG_STATUSES,
+    DEFAULT_IMAGE,
     FINAL_STATUSES,
     PROTOCOL_VERSION,
     BgTask,
@@ -25,6 +29,9 @@ from .models import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BG_FINAL_STATUSES",
+    "BG_STATUSES",
+    "DEFAULT_IMAGE",
     "FINAL_STATUSES",
     "GROUP",
     "PROTOCOL_VERSION",
@@ -47,4 +54,5 @@ __all__ = [
     "__version__",
     "check_part",
     "check_traj_id",
+    "lua",
 ]

@@ -1,7 +1,12 @@
 """Export the wire messages as JSON Schema files for clients in other languages.
 
-    python -m toolq.schemas.export            # (re)write schemas/json/*.json
+    python -m toolq.schemas.export            # (re)write schemas/json/*.json, and in a
+                                              # checkout the producer scripts' copies
     python -m toolq.schemas.export --check    # exit 1 if the files drifted from the models
+
+The producer scripts (``lua.OPEN``, ``lua.SUBMIT``, ``lua.CANCEL``) are copied
+verbatim into PROTOCOL.md, the Node example and the redis-cli walkthrough;
+``sync_script_copies`` rewrites those copies (the tests check they match).
 
 The schemas describe *decoded* values (``ok`` is a boolean, ``spec`` an
 object). On the wire every field is a flat string: booleans are ``"1"``/``"0"``,
@@ -22,6 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from . import lua
 from .keys import Keys
 from .models import (
     PROTOCOL_VERSION,
@@ -140,6 +146,41 @@ def check(directory: Path = SCHEMA_DIR) -> list[str]:
     return problems
 
 
+#: The scripts other-language clients carry, by the name their copies use.
+SCRIPT_COPIES = {"OPEN_LUA": lua.OPEN, "SUBMIT_LUA": lua.SUBMIT, "CANCEL_LUA": lua.CANCEL}
+#: The scripts the redis-cli walkthrough uses.
+WALKTHROUGH_SCRIPTS = ("OPEN_LUA", "SUBMIT_LUA")
+
+
+def sync_script_copies(root: Path) -> list[Path]:
+    """Rewrite the copies of the producer scripts in a checkout rooted at ``root``."""
+    import re
+
+    def sub(path: Path, pattern: str, names: Sequence[str]) -> Path:
+        text = path.read_text(encoding="utf-8")
+        for name in names:
+            body = SCRIPT_COPIES[name].strip("\n")
+
+            def keep_ends(m: re.Match[str], body: str = body) -> str:
+                return m.group(1) + body + m.group(2)
+
+            text = re.sub(pattern.format(name=name), keep_ends, text, flags=re.S)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return [
+        sub(
+            root / "PROTOCOL.md", r"(<!-- lua:{name} -->\n```lua\n).*?(\n```)", list(SCRIPT_COPIES)
+        ),
+        sub(root / "examples/node/toolq.js", r"(const {name} = `\n).*?(\n`;)", list(SCRIPT_COPIES)),
+        sub(
+            root / "examples/redis-cli/walkthrough.sh",
+            r"({name}=\$\(cat <<'LUA'\n).*?(\nLUA\n\))",
+            WALKTHROUGH_SCRIPTS,
+        ),
+    ]
+
+
 def _existing(directory: Path) -> dict[str, str]:
     if not directory.is_dir():
         return {}
@@ -161,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if problems else 0
     for name in write(opts.dir):
         print(opts.dir / name)
+    root = Path(__file__).resolve().parent.parent
+    if (root / "PROTOCOL.md").is_file():  # a checkout: the scripts' copies too
+        for path in sync_script_copies(root):
+            print(path)
     return 0
 
 

@@ -1,7 +1,8 @@
-"""Where a local embedded Redis announces itself, so that clients find it.
+"""How anything local finds Redis: an argument, ``TOOLQ_REDIS_URL``, or the embedded one.
 
 ``toolq worker`` without ``TOOLQ_REDIS_URL`` starts an embedded Redis and
-writes its URL here; ``toolq call`` and the clients read it back.
+writes its URL to ``embedded_state_path()``; ``toolq call``, the clients and
+``toolq rq-worker`` read it back.
 """
 
 from __future__ import annotations
@@ -27,3 +28,18 @@ def read_embedded_url() -> str | None:
         return None
     url = state.get("url")
     return url if isinstance(url, str) else None
+
+
+class NoRedisError(RuntimeError):
+    """No Redis URL was given and no embedded Redis is running."""
+
+
+def resolve_redis_url(url: str | None = None) -> str:
+    """``url``, else ``TOOLQ_REDIS_URL``, else a running embedded Redis."""
+    found = url or os.environ.get("TOOLQ_REDIS_URL") or read_embedded_url()
+    if not found:
+        raise NoRedisError(
+            "no Redis: set TOOLQ_REDIS_URL (e.g. redis://localhost:6379/0) "
+            "or start `toolq worker`, which runs an embedded Redis"
+        )
+    return found

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 from enum import Enum
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .keys import TRAJ_ID_PATTERN
 
 PROTOCOL_VERSION = 1
+#: The sandbox image of a spec that names none (a worker may set another).
+DEFAULT_IMAGE = "toolq-sandbox:latest"
 
 _M = TypeVar("_M", bound="WireModel")
 
@@ -61,7 +63,13 @@ class TrajStatus(str, Enum):
         return self not in (TrajStatus.PENDING, TrajStatus.RUNNING)
 
 
+#: Trajectory statuses a trajectory never leaves.
 FINAL_STATUSES = frozenset(s.value for s in TrajStatus if s.final)
+
+BgStatus = Literal["running", "completed", "failed", "stopped", "lost"]
+#: Every background-task status, and the final ones (a final one is never overwritten).
+BG_STATUSES: tuple[str, ...] = get_args(BgStatus)
+BG_FINAL_STATUSES = frozenset(BG_STATUSES) - {"running"}
 
 
 def _to_str(value: Any) -> str:
@@ -253,7 +261,7 @@ class BgTask(WireModel):
     traj: str
     name: str = ""
     command: str = ""
-    status: Literal["running", "completed", "failed", "stopped", "lost"] = "running"
+    status: BgStatus = "running"
     pid: int | None = None
     exit_code: int | None = None
     started_ms: int = 0
@@ -272,6 +280,7 @@ class TrajectoryRecord(WireModel):
     traj: str
     status: TrajStatus = TrajStatus.PENDING
     owner: str | None = None
+    epoch: int = Field(0, description="Ownership epoch: incremented by every claim.")
     slot: str | None = None
     created_ms: int | None = None
     started_ms: int | None = None

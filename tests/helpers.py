@@ -47,7 +47,7 @@ def containers_left(namespaces: set[str]) -> list[Any]:
 
 
 def worker_process(  # a real `toolq worker` process, local backend, fast takeovers
-    url: str, ns: str, worker_id: str, *extra: str
+    url: str, ns: str, worker_id: str, *extra: str, log_dir: str | None = None
 ) -> subprocess.Popen:
     env = dict(os.environ, TOOLQ_REDIS_URL=url, TOOLQ_NAMESPACE=ns, TOOLQ_WORKER_ID=worker_id)
     proc = subprocess.Popen(
@@ -64,7 +64,7 @@ def worker_process(  # a real `toolq worker` process, local backend, fast takeov
         ],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=open(f"{log_dir}/{worker_id}.log", "w") if log_dir else subprocess.DEVNULL,  # noqa: SIM115
     )
     r = redis.Redis.from_url(url)
     deadline = time.monotonic() + 30

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from toolq.producer import AsyncClient, Client
 from toolq.schemas import Result
-from toolq.worker.worker import INLINE_RESULT_MAX_BYTES
+from toolq.worker.writer import INLINE_RESULT_MAX_BYTES
 
 
 def _last_result_event(client: Client, traj: str) -> dict[bytes, bytes]:

@@ -24,7 +24,6 @@ import redis
 
 from tests.helpers import missing
 from toolq.producer import Client
-from toolq.producer import _protocol as protocol
 from toolq.schemas import ErrorCode, Keys, Result, models
 from toolq.schemas import export as schema_export
 
@@ -32,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "PROTOCOL.md"
 WALKTHROUGH = ROOT / "examples" / "redis-cli" / "walkthrough.sh"
 NODE_DIR = ROOT / "examples" / "node"
-SCRIPTS = {"OPEN_LUA": protocol.OPEN_LUA, "SUBMIT_LUA": protocol.SUBMIT_LUA}
-NODE_SCRIPTS = {**SCRIPTS, "CANCEL_LUA": protocol.CANCEL_LUA}
+NODE_SCRIPTS = schema_export.SCRIPT_COPIES
+SCRIPTS = {name: NODE_SCRIPTS[name] for name in schema_export.WALKTHROUGH_SCRIPTS}
 REQUIRE_NODE = os.environ.get("TOOLQ_REQUIRE_NODE") == "1"
 
 

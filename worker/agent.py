@@ -273,6 +273,11 @@ def op_drop(req):
 def run_call(slot, req):
     started = time.monotonic()
     tool = req.get("tool")
+    start_by_ms = req.get("start_by_ms")
+    if start_by_ms is not None and time.time() * 1000.0 > float(start_by_ms):
+        # The worker's lease on this trajectory ran out before the call could
+        # start (it stalled): another worker may own it now. Not run.
+        return error_reply(req, "not_started", "the worker's lease ran out before the call started")
     fn = TOOLS.get(tool)
     if fn is None:
         reply = error_reply(req, "unknown_tool", "unknown tool %r" % tool)

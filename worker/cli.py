@@ -1,4 +1,4 @@
-"""``toolq worker`` and ``toolq demo`` (added to the ``toolq`` group)."""
+"""``toolq worker`` (added to the ``toolq`` group)."""
 
 from __future__ import annotations
 
@@ -61,34 +61,3 @@ def worker(ctx: click.Context, /, log_level: str, **opts: Any) -> None:
         redis_url=obj.get("redis_url"), namespace=obj.get("namespace", "toolq"), **given
     )
     run_worker(settings)
-
-
-@click.command("demo")
-@click.option("--trajectories", type=int, default=8, show_default=True)
-@click.option(
-    "--rounds", type=int, default=5, show_default=True, help="Write-run-read rounds per trajectory."
-)
-@click.option(
-    "--backend", type=click.Choice(["auto", "local", "docker"]), default="auto", show_default=True
-)
-@click.option(
-    "--image",
-    envvar="TOOLQ_IMAGE",
-    default=WorkerSettings.default_image,
-    show_default=True,
-    help="Sandbox image (auto picks Docker only when it is present).",
-)
-@click.pass_context
-def demo(ctx: click.Context, trajectories: int, rounds: int, backend: str, image: str) -> None:
-    """Run a small realistic workload end to end and print a summary.
-
-    Each trajectory writes a program, runs it, reads what it wrote, lists its
-    workspace, a few rounds. Exit status 0 when every call succeeded.
-    """
-    from .demo import run_demo
-
-    obj = ctx.find_root().obj or {}
-    ok = run_demo(
-        obj.get("redis_url"), obj.get("namespace", "toolq"), trajectories, rounds, backend, image
-    )
-    ctx.exit(0 if ok else 1)

@@ -97,8 +97,10 @@ class EmbeddedRedis:
         """Write the state file so that local clients find this Redis."""
         path = embedded_state_path()
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as fh:
+        # Written aside and renamed: a reader never sees a half-written file.
+        with open(f"{path}.{os.getpid()}", "w") as fh:
             json.dump({"url": self.url, "pid": self.proc.pid}, fh)
+        os.replace(f"{path}.{os.getpid()}", path)
 
     def _terminate(self) -> None:
         if self.proc.poll() is None:

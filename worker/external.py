@@ -49,11 +49,13 @@ from rq.timeouts import JobTimeoutException
 from toolq.schemas import ErrorCode, Keys
 
 from .registry import load_registry
+from .results import error_reply
 from .tools import Registry, Tool, format_validation_error
 
 if TYPE_CHECKING:
+    from .plan import Plan
     from .settings import WorkerSettings
-    from .worker import Item, Traj
+    from .state import Item, Traj
 
 log = logging.getLogger("toolq.external")
 
@@ -153,11 +155,6 @@ def success_reply(value: Any, run_ms: float, max_output_bytes: int) -> dict[str,
         "run_ms": run_ms,
         "data": data,
     }
-
-
-def error_reply(code: ErrorCode, message: str, output: str = "", **extra: Any) -> dict[str, Any]:
-    """A failed call's reply."""
-    return {"ok": False, "error_code": code.value, "error": message, "output": output, **extra}
 
 
 def cap_text(text: str, max_bytes: int) -> tuple[str, bool, int]:
@@ -287,18 +284,18 @@ class ExternalRunner:
         found = self.registry.tools.get(tool_name)
         return found is not None and found.external
 
-    async def call(
-        self, traj: Traj, item: Item, tool_name: str, args: dict[str, Any]
-    ) -> dict[str, Any]:
+    async def call(self, traj: Traj, item: Item, plan: Plan) -> dict[str, Any]:
         """Run one external call as an RQ job; returns its reply (never raises)."""
-        tool = self.registry.tools[tool_name]
+        tool, args = plan.tool, plan.args
         job_id = job_id_for(self.settings.namespace, traj.traj_id, item.call_id)
         waiter = Waiter(traj.traj_id, tool.queue, asyncio.get_running_loop().create_future())
         self.waiting[job_id] = waiter
         self._start()
         try:
             try:
-                await asyncio.to_thread(self._enqueue, tool, job_id, traj, item, args)
+                await asyncio.to_thread(
+                    self._enqueue, tool, job_id, traj, item, args, plan.timeout_s
+                )
             except Exception as exc:  # the call must still get its one result
                 log.exception("enqueueing %s failed", job_id)
                 return error_reply(ErrorCode.INTERNAL_ERROR, f"could not enqueue the job: {exc}")
@@ -318,6 +315,15 @@ class ExternalRunner:
             if waiter.enqueued:
                 self._spawn(self._stop_job(job_id))
 
+    def forget(self, traj_id: str) -> None:
+        """Stop waiting for the trajectory's calls (another worker owns it now and
+        adopts its job: the job id is the call's)."""
+        for job_id, waiter in list(self.waiting.items()):
+            if waiter.traj_id == traj_id:
+                self.waiting.pop(job_id, None)
+                if not waiter.future.done():
+                    waiter.future.cancel()
+
     async def close(self) -> None:
         """Stop the notice and poll tasks (outstanding jobs keep running in RQ)."""
         for task in self._tasks + list(self._side_tasks):
@@ -331,7 +337,13 @@ class ExternalRunner:
 
     # -------------------------------------------------------- enqueueing
     def _enqueue(
-        self, tool: Tool, job_id: str, traj: Traj, item: Item, args: dict[str, Any]
+        self,
+        tool: Tool,
+        job_id: str,
+        traj: Traj,
+        item: Item,
+        args: dict[str, Any],
+        timeout_s: float,
     ) -> None:
         """Create the job (in a thread: RQ is synchronous), or adopt an existing one.
 
@@ -351,7 +363,7 @@ class ExternalRunner:
                 },
                 job_id=job_id,
                 unique=True,
-                timeout=max(1, math.ceil(self.job_timeout_s(tool, traj, item))),
+                timeout=max(1, math.ceil(timeout_s)),
                 retry=retry,
                 # A job no RQ worker takes within the trajectory's idle timeout
                 # expires; the poll then answers the call instead of waiting forever.
@@ -368,16 +380,6 @@ class ExternalRunner:
             job: Any = Job.fetch(job_id, connection=conn)  # Any: save_meta is unannotated
             job.meta["toolq_notify"] = notify_key
             job.save_meta()
-
-    def job_timeout_s(self, tool: Tool, traj: Traj, item: Item) -> float:
-        """The tool's timeout, lowered by the call's own and the trajectory's caps."""
-        limits = traj.spec.limits
-        wanted = (item.entry.timeout_s if item.entry else None) or tool.timeout_s
-        timeout_s = min(wanted, limits.max_call_timeout_s, self.settings.max_call_timeout_s)
-        if limits.deadline_s is not None:
-            left_s = limits.deadline_s - (time.monotonic() - traj.started)
-            timeout_s = min(timeout_s, max(left_s, 1.0))
-        return timeout_s
 
     def _connection(self) -> SyncRedis:
         """A synchronous Redis client for RQ, to the worker's Redis."""

@@ -17,7 +17,6 @@ call or slot id is ever a label.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 
     from .settings import WorkerSettings
     from .tools import Registry
-    from .worker import Worker
 
 log = logging.getLogger("toolq.worker.metrics")
 
@@ -72,8 +70,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 class Observer:
     """Lifecycle hooks of a worker and its backend. Every hook is a no-op here."""
 
-    async def worker_started(self, worker: Worker) -> None:
-        """The worker is starting (before its first Redis command)."""
+    async def worker_started(self, worker_id: str, backend: str, redis: aioredis.Redis) -> None:
+        """The worker is starting (before its first command on ``redis``)."""
 
     async def worker_stopped(self) -> None:
         """The worker has shut down."""
@@ -111,6 +109,12 @@ class Observer:
     def heartbeat(self, pipe: Any) -> None:
         """Add commands to the heartbeat's Redis pipeline (sent right after)."""
 
+    def slots_sampled(self, *, busy: int, idle: int, starting: int, free: int) -> None:
+        """The worker's slots by state (sampled at each heartbeat)."""
+
+    def backlog_sampled(self, count: int, oldest_age_s: float) -> None:
+        """Trajectories waiting for a slot (all workers) and the oldest one's age."""
+
 
 class WorkerMetrics(Observer):
     """The worker's Prometheus metrics and per-minute Redis call counts."""
@@ -122,7 +126,6 @@ class WorkerMetrics(Observer):
         self.registry = CollectorRegistry()
         self.port: int | None = None  # the bound metrics port, once serving
         self._server: Any = None
-        self._sampler: asyncio.Task[None] | None = None
         self._redis: aioredis.Redis | None = None
         self._minutes: dict[int, Tally[str]] = {}
         self._define()
@@ -231,26 +234,17 @@ class WorkerMetrics(Observer):
         return outcome if outcome in OUTCOMES else OTHER
 
     # ---------------------------------------------------------------- hooks
-    async def worker_started(self, worker: Worker) -> None:
-        """Instrument the worker's Redis client, start sampling, serve /metrics."""
-        self.info.info(
-            {"worker": worker.id, "version": __version__, "backend": worker.backend.name}
-        )
-        instrument_redis(worker.redis, self)
-        self._redis = worker.redis
-        for state in SLOT_STATES:
-            self.slots.labels(state).set(0)
-        self.slots.labels("free").set(self.settings.slots)
-        self._sampler = asyncio.create_task(self._sample_loop(worker), name="metrics-sampler")
+    async def worker_started(self, worker_id: str, backend: str, redis: aioredis.Redis) -> None:
+        """Instrument the worker's Redis client and serve /metrics."""
+        self.info.info({"worker": worker_id, "version": __version__, "backend": backend})
+        instrument_redis(redis, self)
+        self._redis = redis
+        self.slots_sampled(busy=0, idle=0, starting=0, free=self.settings.slots)
         if self.settings.metrics_port is not None:
             self.serve(self.settings.metrics_port, self.settings.metrics_host)
 
     async def worker_stopped(self) -> None:
-        """Flush the last call counts, stop sampling and serving."""
-        if self._sampler is not None:
-            self._sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
+        """Flush the last call counts, stop serving."""
         if self._redis is not None and self._minutes:
             pipe = self._redis.pipeline(transaction=False)
             self.flush_minutes(pipe)
@@ -326,38 +320,14 @@ class WorkerMetrics(Observer):
         return self.port
 
     # ------------------------------------------------------------- sampling
-    async def _sample_loop(self, worker: Worker) -> None:
-        """Refresh the gauges that describe state rather than events."""
-        while True:
-            self.sample_slots(worker)
-            with contextlib.suppress(RedisError, OSError):
-                await self.sample_backlog(worker.redis)
-            await asyncio.sleep(self.settings.heartbeat_s)
+    def slots_sampled(self, *, busy: int, idle: int, starting: int, free: int) -> None:
+        for state, n in (("busy", busy), ("idle", idle), ("starting", starting), ("free", free)):
+            self.slots.labels(state).set(n)
+        self.owned.set(busy + idle + starting)
 
-    def sample_slots(self, worker: Worker) -> None:
-        """Slots by state and owned trajectories, from the worker's table."""
-        states = Tally(_slot_state(t) for t in list(worker.owned.values()))
-        for state in SLOT_STATES[:-1]:
-            self.slots.labels(state).set(states[state])
-        self.slots.labels("free").set(max(0, self.settings.slots - len(worker.owned)))
-        self.owned.set(len(worker.owned))
-
-    async def sample_backlog(self, redis: aioredis.Redis) -> None:
-        """Trajectories waiting for a slot and the oldest one's age (``Keys.pending``)."""
-        pipe = redis.pipeline(transaction=False)
-        pipe.zcard(self.keys.pending)
-        pipe.zrange(self.keys.pending, 0, 0, withscores=True)
-        count, oldest = await pipe.execute()
+    def backlog_sampled(self, count: int, oldest_age_s: float) -> None:
         self.backlog.set(count)
-        age_s = time.time() - oldest[0][1] / 1000 if oldest else 0.0
-        self.backlog_age_s.set(max(0.0, age_s))
-
-
-def _slot_state(traj: Any) -> str:
-    """``starting`` (no slot yet), ``busy`` (running a call) or ``idle``."""
-    if traj.slot is None:
-        return "starting"
-    return "busy" if traj.busy else "idle"
+        self.backlog_age_s.set(oldest_age_s)
 
 
 def _error_kind(exc: BaseException) -> str | None:

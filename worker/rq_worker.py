@@ -73,7 +73,7 @@ def rq_worker(
     With --simple a job that must be stopped (its trajectory was cancelled)
     runs to its end; the call is answered `cancelled` at once either way.
     """
-    from toolq.producer.config import NoRedisError, resolve_redis_url
+    from toolq.schemas.local import NoRedisError, resolve_redis_url
 
     obj = ctx.find_root().obj or {}
     try:

@@ -8,6 +8,8 @@ import os
 import signal
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from .backends.base import Backend
 from .backends.local import LocalBackend
@@ -48,9 +50,21 @@ def make_backend(settings: WorkerSettings) -> Backend:
 
 
 def connect(url: str) -> aioredis.Redis:
-    # No socket timeout: reads block for up to block_ms on purpose.
+    """The worker's Redis client.
+
+    No socket timeout: reads block for up to block_ms on purpose. No automatic
+    retries: a command redis-py re-sent after a broken connection could be
+    applied twice (an XREADGROUP's entries delivered to nobody); the worker
+    retries itself and catches up after errors.
+    """
     return aioredis.Redis.from_url(
-        url, socket_timeout=None, protocol=2, health_check_interval=30, socket_keepalive=True
+        url,
+        socket_timeout=None,
+        socket_connect_timeout=30,
+        protocol=2,
+        health_check_interval=30,
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), 0),
     )
 
 

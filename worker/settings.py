@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from toolq.schemas import DEFAULT_IMAGE
+
 
 def default_worker_id() -> str:
     host = socket.gethostname().split(".")[0] or "host"
@@ -45,7 +47,10 @@ class WorkerSettings:
         metadata={"help": "Stable worker id [default: host-pid-random]."},
     )
     block_ms: int = _opt(1000, "Longest a read blocks when nothing is waiting.")
-    batch_max: int = _opt(512, "Entries per stream per read, at most.")
+    read_ahead: int = _opt(32, "Calls read ahead per trajectory, at most.")
+    read_ahead_bytes: int = _opt(
+        64 * 1024 * 1024, "Call entry bytes read ahead over all trajectories, at most."
+    )
     heartbeat_s: float = _opt(2.0, "Seconds between heartbeats.")
     dead_after_s: float = _opt(
         15.0, "A worker silent this long is dead; its trajectories are taken over."
@@ -57,7 +62,7 @@ class WorkerSettings:
     max_call_timeout_s: float = _opt(3600.0, "Cap over every call's timeout.")
     max_entry_bytes: int = _opt(16 * 1024 * 1024, "Larger call entries are refused.")
     default_image: str = _opt(
-        "toolq-sandbox:latest", "Default sandbox image.", flag="--image", env="TOOLQ_IMAGE"
+        DEFAULT_IMAGE, "Default sandbox image.", flag="--image", env="TOOLQ_IMAGE"
     )
     workspace_dir: str | None = _opt(None, "Local backend's workspace root.")
     tools_modules: tuple[str, ...] = _opt(

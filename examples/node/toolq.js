@@ -40,17 +40,21 @@ return 'new'
 // KEYS: traj, calls, events   ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms,
 //                                   then the entry's field/value pairs
 const SUBMIT_LUA = `
-local final = {completed=1, failed=1, timeout=1, cancelled=1}
+local final = {['cancelled']=1, ['completed']=1, ['failed']=1, ['timeout']=1}
 
-local function answer(cid, code, message)
-  local rkey = ARGV[1] .. cid
-  if redis.call('EXISTS', rkey) == 1 then return end
+local function answer(prefix, cid, code, message, ttl_ms, events, maxlen, now)
+  local rkey = prefix .. cid
+  if redis.call('EXISTS', rkey) == 1 then return 0 end
   local traj = redis.call('HGET', KEYS[1], 'traj') or ''
-  redis.call('HSET', rkey, 'v', '1', 'call_id', cid, 'traj', traj,
-             'ok', '0', 'error_code', code, 'error', message, 'finished_ms', ARGV[4])
-  redis.call('PEXPIRE', rkey, ARGV[2])
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'result',
-             'call_id', cid, 'ok', '0', 'error_code', code)
+  local fields = {'v', '1', 'call_id', cid, 'traj', traj, 'ok', '0', 'error_code', code,
+                  'error', message, 'finished_ms', now}
+  redis.call('HSET', rkey, unpack(fields))
+  redis.call('PEXPIRE', rkey, ttl_ms)
+  local inline = {}
+  for i = 1, #fields, 2 do inline[fields[i]] = fields[i + 1] end
+  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'v', '1', 'type', 'result',
+             'call_id', cid, 'ok', '0', 'error_code', code, 'result', cjson.encode(inline))
+  return 1
 end
 local function field(flat, name)
   for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
@@ -63,14 +67,16 @@ local kind = field(entry, 'type') or 'call'
 if kind ~= 'call' then return id end
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then
-  answer(field(entry, 'call_id') or id, 'bad_request',
-         'the trajectory is not open: open it before submitting calls')
+  answer(ARGV[1], field(entry, 'call_id') or id, 'bad_request',
+         'the trajectory is not open: open it before submitting calls',
+         ARGV[2], KEYS[3], ARGV[3], ARGV[4])
   for i = 2, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
 elseif final[st] then
   local reason = redis.call('HGET', KEYS[1], 'reason') or st
-  answer(field(entry, 'call_id') or id, 'trajectory_ended',
-         'the trajectory has ended (' .. st .. ': ' .. reason .. ')')
-elseif st then
+  answer(ARGV[1], field(entry, 'call_id') or id, 'trajectory_ended',
+         'the trajectory has ended (' .. st .. ': ' .. reason .. ')',
+         ARGV[2], KEYS[3], ARGV[3], ARGV[4])
+else
   redis.call('HINCRBY', KEYS[1], 'calls_submitted', 1)
 end
 return id
@@ -79,17 +85,21 @@ return id
 // KEYS: traj, calls, events   ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms,
 //                                   retention_ms, traj_id
 const CANCEL_LUA = `
-local final = {completed=1, failed=1, timeout=1, cancelled=1}
+local final = {['cancelled']=1, ['completed']=1, ['failed']=1, ['timeout']=1}
 
-local function answer(cid, code, message)
-  local rkey = ARGV[1] .. cid
-  if redis.call('EXISTS', rkey) == 1 then return end
+local function answer(prefix, cid, code, message, ttl_ms, events, maxlen, now)
+  local rkey = prefix .. cid
+  if redis.call('EXISTS', rkey) == 1 then return 0 end
   local traj = redis.call('HGET', KEYS[1], 'traj') or ''
-  redis.call('HSET', rkey, 'v', '1', 'call_id', cid, 'traj', traj,
-             'ok', '0', 'error_code', code, 'error', message, 'finished_ms', ARGV[4])
-  redis.call('PEXPIRE', rkey, ARGV[2])
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'result',
-             'call_id', cid, 'ok', '0', 'error_code', code)
+  local fields = {'v', '1', 'call_id', cid, 'traj', traj, 'ok', '0', 'error_code', code,
+                  'error', message, 'finished_ms', now}
+  redis.call('HSET', rkey, unpack(fields))
+  redis.call('PEXPIRE', rkey, ttl_ms)
+  local inline = {}
+  for i = 1, #fields, 2 do inline[fields[i]] = fields[i + 1] end
+  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'v', '1', 'type', 'result',
+             'call_id', cid, 'ok', '0', 'error_code', code, 'result', cjson.encode(inline))
+  return 1
 end
 local function field(flat, name)
   for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
@@ -108,12 +118,14 @@ redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[6], 'status', 'cancelled',
 redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[4])
 for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
   if (field(e[2], 'type') or 'call') == 'call' then
-    answer(field(e[2], 'call_id') or e[1], 'cancelled', 'trajectory cancelled')
+    answer(ARGV[1], field(e[2], 'call_id') or e[1], 'cancelled', 'trajectory cancelled',
+           ARGV[2], KEYS[3], ARGV[3], ARGV[4])
   end
 end
+redis.call('DEL', KEYS[2])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'state',
            'status', 'cancelled')
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+for _, i in ipairs({1, 3}) do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
 return 'cancelled'
 `;
 

@@ -36,17 +36,21 @@ return 'new'
 LUA
 )
 SUBMIT_LUA=$(cat <<'LUA'
-local final = {completed=1, failed=1, timeout=1, cancelled=1}
+local final = {['cancelled']=1, ['completed']=1, ['failed']=1, ['timeout']=1}
 
-local function answer(cid, code, message)
-  local rkey = ARGV[1] .. cid
-  if redis.call('EXISTS', rkey) == 1 then return end
+local function answer(prefix, cid, code, message, ttl_ms, events, maxlen, now)
+  local rkey = prefix .. cid
+  if redis.call('EXISTS', rkey) == 1 then return 0 end
   local traj = redis.call('HGET', KEYS[1], 'traj') or ''
-  redis.call('HSET', rkey, 'v', '1', 'call_id', cid, 'traj', traj,
-             'ok', '0', 'error_code', code, 'error', message, 'finished_ms', ARGV[4])
-  redis.call('PEXPIRE', rkey, ARGV[2])
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'result',
-             'call_id', cid, 'ok', '0', 'error_code', code)
+  local fields = {'v', '1', 'call_id', cid, 'traj', traj, 'ok', '0', 'error_code', code,
+                  'error', message, 'finished_ms', now}
+  redis.call('HSET', rkey, unpack(fields))
+  redis.call('PEXPIRE', rkey, ttl_ms)
+  local inline = {}
+  for i = 1, #fields, 2 do inline[fields[i]] = fields[i + 1] end
+  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'v', '1', 'type', 'result',
+             'call_id', cid, 'ok', '0', 'error_code', code, 'result', cjson.encode(inline))
+  return 1
 end
 local function field(flat, name)
   for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
@@ -59,14 +63,16 @@ local kind = field(entry, 'type') or 'call'
 if kind ~= 'call' then return id end
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then
-  answer(field(entry, 'call_id') or id, 'bad_request',
-         'the trajectory is not open: open it before submitting calls')
+  answer(ARGV[1], field(entry, 'call_id') or id, 'bad_request',
+         'the trajectory is not open: open it before submitting calls',
+         ARGV[2], KEYS[3], ARGV[3], ARGV[4])
   for i = 2, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
 elseif final[st] then
   local reason = redis.call('HGET', KEYS[1], 'reason') or st
-  answer(field(entry, 'call_id') or id, 'trajectory_ended',
-         'the trajectory has ended (' .. st .. ': ' .. reason .. ')')
-elseif st then
+  answer(ARGV[1], field(entry, 'call_id') or id, 'trajectory_ended',
+         'the trajectory has ended (' .. st .. ': ' .. reason .. ')',
+         ARGV[2], KEYS[3], ARGV[3], ARGV[4])
+else
   redis.call('HINCRBY', KEYS[1], 'calls_submitted', 1)
 end
 return id

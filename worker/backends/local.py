@@ -95,13 +95,6 @@ class LocalBackend(Backend):
         finally:
             _close_transport(proc)
 
-    def kill_agent(self, slot: Slot) -> None:
-        """Kill a slot's agent (tests use it to simulate a lost sandbox)."""
-        proc = self._procs.get(slot.slot_id)
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-
     async def shutdown(self) -> None:
         for slot_id in list(self._procs):
             proc = self._procs.pop(slot_id)

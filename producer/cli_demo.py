@@ -1,4 +1,9 @@
-"""``toolq demo``: several agent-like trajectories against a live worker."""
+"""``toolq demo``: several agent-like trajectories against a live worker.
+
+The one producer module that runs a worker too: as a command of the ``toolq``
+CLI it dispatches to ``toolq.worker`` (imported when the command runs, so a
+producer-only install still loads the CLI).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,9 @@ from typing import Any
 
 import click
 
-from toolq.producer import AsyncClient, Result
+from toolq.schemas import DEFAULT_IMAGE, Result
 
-from .embedded import EmbeddedRedis
-from .service import connect, docker_available, make_backend
-from .settings import WorkerSettings
-from .worker import Worker
+from .client import AsyncClient
 
 SCRIPT = """\
 import json, sys
@@ -28,6 +30,8 @@ print(f"{len(primes)} primes below {n}")
 
 def pick_backend(choice: str, image: str) -> str:
     """Docker only when an engine answers and the sandbox image is there."""
+    from toolq.worker.service import docker_available
+
     if choice != "auto":
         return choice
     if not docker_available():
@@ -66,6 +70,10 @@ async def agent_loop(
 async def _demo(
     url: str, namespace: str, trajectories: int, rounds: int, backend: str, image: str
 ) -> bool:
+    from toolq.worker.service import connect, make_backend
+    from toolq.worker.settings import WorkerSettings
+    from toolq.worker.worker import Worker
+
     settings = WorkerSettings(
         redis_url=url,
         namespace=namespace,
@@ -120,8 +128,39 @@ def run_demo(
     url: str | None, namespace: str, trajectories: int, rounds: int, backend: str, image: str
 ) -> bool:
     """Run the demo; with no URL, on a private embedded Redis."""
+    from toolq.worker.embedded import EmbeddedRedis
+
     backend = pick_backend(backend, image)
     if url:
         return asyncio.run(_demo(url, namespace, trajectories, rounds, backend, image))
     with EmbeddedRedis() as embedded:
         return asyncio.run(_demo(embedded.url, namespace, trajectories, rounds, backend, image))
+
+
+@click.command("demo")
+@click.option("--trajectories", type=int, default=8, show_default=True)
+@click.option(
+    "--rounds", type=int, default=5, show_default=True, help="Write-run-read rounds per trajectory."
+)
+@click.option(
+    "--backend", type=click.Choice(["auto", "local", "docker"]), default="auto", show_default=True
+)
+@click.option(
+    "--image",
+    envvar="TOOLQ_IMAGE",
+    default=DEFAULT_IMAGE,
+    show_default=True,
+    help="Sandbox image (auto picks Docker only when it is present).",
+)
+@click.pass_context
+def demo(ctx: click.Context, trajectories: int, rounds: int, backend: str, image: str) -> None:
+    """Run a small realistic workload end to end and print a summary (needs the worker).
+
+    Each trajectory writes a program, runs it, reads what it wrote, lists its
+    workspace, a few rounds. Exit status 0 when every call succeeded.
+    """
+    obj = ctx.find_root().obj or {}
+    ok = run_demo(
+        obj.get("redis_url"), obj.get("namespace", "toolq"), trajectories, rounds, backend, image
+    )
+    ctx.exit(0 if ok else 1)

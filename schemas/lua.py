@@ -1,0 +1,327 @@
+"""Every Lua script of the protocol, in one place (producers and workers run them).
+
+Each script touches the keys of one trajectory only (one ``{T}`` hash tag), so
+it runs unchanged on Redis Cluster. Result keys are built from a prefix passed
+in ARGV (``<ns>:{T}:result:``): the same hash tag, so the same cluster slot.
+
+Scripts a worker runs for a trajectory it owns are *fenced*: they take the
+worker's id and the ownership epoch it got from ``CLAIM`` and write nothing
+(returning ``FENCED``) when the record names another owner or epoch. A worker
+that was taken for dead (a stall, a partition) and comes back can therefore
+not write a result, an event, an end or a background task for a trajectory
+another worker serves now.
+"""
+
+from __future__ import annotations
+
+from .models import BG_FINAL_STATUSES, FINAL_STATUSES
+
+#: What a fenced script returns when the caller no longer owns the trajectory.
+FENCED = -1
+
+
+def _lua_set(name: str, values: frozenset[str]) -> str:
+    members = ", ".join(f"['{v}']=1" for v in sorted(values))
+    return f"local {name} = {{{members}}}\n"
+
+
+#: Lua tables of the final trajectory and background-task statuses (from the models).
+FINAL_LUA = _lua_set("final", FINAL_STATUSES)
+BG_FINAL_LUA = _lua_set("bg_final", BG_FINAL_STATUSES)
+
+# owns(): the fence. ARGV[1] = worker id, ARGV[2] = epoch; KEYS[1] = the record.
+_FENCE_LUA = """
+local function owns()
+  local rec = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
+  return rec[1] == ARGV[1] and rec[2] == ARGV[2]
+end
+"""
+
+# answer(): a failed result for one call unless it has one, with its event.
+# Needs: KEYS[1] record, rkey prefix, result TTL (ms), events key, events maxlen, now.
+_ANSWER_LUA = """
+local function answer(prefix, cid, code, message, ttl_ms, events, maxlen, now)
+  local rkey = prefix .. cid
+  if redis.call('EXISTS', rkey) == 1 then return 0 end
+  local traj = redis.call('HGET', KEYS[1], 'traj') or ''
+  local fields = {'v', '1', 'call_id', cid, 'traj', traj, 'ok', '0', 'error_code', code,
+                  'error', message, 'finished_ms', now}
+  redis.call('HSET', rkey, unpack(fields))
+  redis.call('PEXPIRE', rkey, ttl_ms)
+  local inline = {}
+  for i = 1, #fields, 2 do inline[fields[i]] = fields[i + 1] end
+  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'v', '1', 'type', 'result',
+             'call_id', cid, 'ok', '0', 'error_code', code, 'result', cjson.encode(inline))
+  return 1
+end
+local function field(flat, name)
+  for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
+  return nil
+end
+"""
+
+# ---------------------------------------------------------------- producers
+
+# KEYS: traj   ARGV: traj_id, now_ms, spec_json
+# Creates the trajectory record once; returns its status ('new' when created).
+OPEN = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st then return st end
+redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[1], 'status', 'pending',
+           'created_ms', ARGV[2], 'spec', ARGV[3], 'calls_total', '0', 'calls_failed', '0')
+return 'new'
+"""
+
+# KEYS: traj, calls, events   ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms,
+#                                   then the entry's field/value pairs
+# Appends the entry. A call to a trajectory that already ended is answered at
+# once with `trajectory_ended`, and one to a trajectory never opened (or
+# expired) with `bad_request`, so that no call is ever left without a result.
+SUBMIT = (
+    FINAL_LUA
+    + _ANSWER_LUA
+    + """
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+local entry = {unpack(ARGV, 5)}
+local kind = field(entry, 'type') or 'call'
+if kind ~= 'call' then return id end
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then
+  answer(ARGV[1], field(entry, 'call_id') or id, 'bad_request',
+         'the trajectory is not open: open it before submitting calls',
+         ARGV[2], KEYS[3], ARGV[3], ARGV[4])
+  for i = 2, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+elseif final[st] then
+  local reason = redis.call('HGET', KEYS[1], 'reason') or st
+  answer(ARGV[1], field(entry, 'call_id') or id, 'trajectory_ended',
+         'the trajectory has ended (' .. st .. ': ' .. reason .. ')',
+         ARGV[2], KEYS[3], ARGV[3], ARGV[4])
+else
+  redis.call('HINCRBY', KEYS[1], 'calls_submitted', 1)
+end
+return id
+"""
+)
+
+# KEYS: traj, calls, events   ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms,
+#                                   retention_ms, traj_id
+# Cancels a trajectory no worker owns (pending, or never opened) right here:
+# every call in its stream gets a `cancelled` result. An owned one gets a
+# cancel entry, which its worker acts on at once. Returns what happened.
+CANCEL = (
+    FINAL_LUA
+    + _ANSWER_LUA
+    + """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st and final[st] then return 'ended' end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if st == 'running' or (owner and owner ~= '') then
+  redis.call('XADD', KEYS[2], '*', 'v', '1', 'type', 'cancel')
+  return 'requested'
+end
+redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[6], 'status', 'cancelled',
+           'ended_ms', ARGV[4], 'reason', 'cancelled by client before it started')
+redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[4])
+for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
+  if (field(e[2], 'type') or 'call') == 'call' then
+    answer(ARGV[1], field(e[2], 'call_id') or e[1], 'cancelled', 'trajectory cancelled',
+           ARGV[2], KEYS[3], ARGV[3], ARGV[4])
+  end
+end
+redis.call('DEL', KEYS[2])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'state',
+           'status', 'cancelled')
+for _, i in ipairs({1, 3}) do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+return 'cancelled'
+"""
+)
+
+# ------------------------------------------------------------------ workers
+
+# KEYS: traj, calls
+# ARGV: worker, now_ms, spec_json, traj_id, group, previous owner ('' if none: the
+#       open request re-queues that worker's trajectory, so it may be displaced)
+# Takes ownership and starts a new ownership epoch. Returns {'ok', epoch},
+# {'ended', status} or {'owned', owner}. Creates the calls stream's group.
+CLAIM = (
+    FINAL_LUA
+    + """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st and final[st] then return {'ended', st} end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner and owner ~= '' and owner ~= ARGV[1] and owner ~= ARGV[6] then
+  return {'owned', owner}
+end
+redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[2])
+redis.call('HSETNX', KEYS[1], 'started_ms', ARGV[2])
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[4], 'status', 'running', 'owner', ARGV[1],
+           'spec', ARGV[3], 'last_activity_ms', ARGV[2])
+pcall(redis.call, 'XGROUP', 'CREATE', KEYS[2], ARGV[5], '0', 'MKSTREAM')
+return {'ok', tostring(epoch)}
+"""
+)
+
+# KEYS: traj, result, events, calls
+# ARGV: worker, epoch, group, entry_id, result_ttl_ms, events_maxlen, ok, error_code,
+#       call_id, now_ms, inline ('' or the result's fields as a JSON object, carried by
+#       the event), then the result's field/value pairs.
+# Fenced. Writes the result only if none exists (exactly one final result per
+# call), then acknowledges and deletes the entry: an answered call leaves the
+# stream. Returns 1 (written), 0 (it had a result already) or FENCED.
+FINISH = (
+    _FENCE_LUA
+    + """
+if not owns() then return -1 end
+local written = 0
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 12))
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  local event = {'v', '1', 'type', 'result', 'call_id', ARGV[9], 'ok', ARGV[7],
+                 'error_code', ARGV[8]}
+  if ARGV[11] ~= '' then
+    event[#event + 1] = 'result'
+    event[#event + 1] = ARGV[11]
+  end
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(event))
+  redis.call('HINCRBY', KEYS[1], 'calls_total', 1)
+  if ARGV[7] == '0' then redis.call('HINCRBY', KEYS[1], 'calls_failed', 1) end
+  redis.call('HSET', KEYS[1], 'last_activity_ms', ARGV[10], 'last_call_id', ARGV[9])
+  written = 1
+end
+if ARGV[4] ~= '' then
+  redis.call('XACK', KEYS[4], ARGV[3], ARGV[4])
+  redis.call('XDEL', KEYS[4], ARGV[4])
+end
+return written
+"""
+)
+
+# KEYS: traj, calls   ARGV: worker, epoch, group, entry_id
+# Fenced. Acknowledges and deletes one entry that needs no result (a control entry).
+ACK = (
+    _FENCE_LUA
+    + """
+if not owns() then return -1 end
+redis.call('XACK', KEYS[2], ARGV[3], ARGV[4])
+redis.call('XDEL', KEYS[2], ARGV[4])
+return 1
+"""
+)
+
+# KEYS: traj, events, calls
+# ARGV: worker, epoch ('' : only a trajectory nobody owns, i.e. whose open request
+#       was invalid), status, now_ms, reason, retention_ms, events_maxlen,
+#       result_key_prefix, result_ttl_ms, batch (entries answered per run)
+# Fenced. Moves the trajectory to a final state once, then answers the calls
+# still in its stream with `trajectory_ended` (at most `batch` per run) and
+# deletes the stream once empty. Returns how many entries are left (call it
+# again until 0), or FENCED.
+END = (
+    FINAL_LUA
+    + _FENCE_LUA
+    + _ANSWER_LUA
+    + """
+if ARGV[2] == '' then
+  local owner = redis.call('HGET', KEYS[1], 'owner')
+  if owner and owner ~= '' then return -1 end
+elseif not owns() then
+  return -1
+end
+local st = redis.call('HGET', KEYS[1], 'status')
+if not (st and final[st]) then
+  st = ARGV[3]
+  redis.call('HSET', KEYS[1], 'status', st, 'ended_ms', ARGV[4], 'reason', ARGV[5])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'v', '1', 'type', 'state',
+             'status', st)
+  for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
+end
+local reason = redis.call('HGET', KEYS[1], 'reason') or st
+local message = 'the trajectory has ended (' .. st .. ': ' .. reason .. ')'
+local entries = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', ARGV[10])
+for _, e in ipairs(entries) do
+  if (field(e[2], 'type') or 'call') == 'call' then
+    answer(ARGV[8], field(e[2], 'call_id') or e[1], 'trajectory_ended', message,
+           ARGV[9], KEYS[2], ARGV[7], ARGV[4])
+  end
+  redis.call('XDEL', KEYS[3], e[1])
+end
+local left = redis.call('XLEN', KEYS[3])
+if left == 0 then redis.call('DEL', KEYS[3]) end
+return left
+"""
+)
+
+# KEYS: traj   ARGV: worker, epoch, now_ms
+# Fenced. Hands a running trajectory back (shutdown, or a dead worker's
+# trajectory re-queued by a survivor): pending again, no owner.
+RELEASE = (
+    FINAL_LUA
+    + _FENCE_LUA
+    + """
+if not owns() then return -1 end
+local st = redis.call('HGET', KEYS[1], 'status')
+if st and final[st] then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'pending', 'owner', '', 'last_activity_ms', ARGV[3])
+return 1
+"""
+)
+
+# KEYS: traj   ARGV: worker, epoch, then field/value pairs (slot, host, ...)
+# Fenced. Records where the trajectory runs.
+SET_FIELDS = (
+    _FENCE_LUA
+    + """
+if not owns() then return -1 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+return 1
+"""
+)
+
+# KEYS: traj, bg hash, bg index, events
+# ARGV: worker, epoch, retention_ms, events_maxlen, task_id, started_ms, status,
+#       then field/value pairs
+# Fenced. Writes a background task unless its recorded status is final already;
+# on a final status also appends a bg event. Returns 'new', 'ok', 'final' (ignored)
+# or FENCED.
+BG_WRITE = (
+    BG_FINAL_LUA
+    + _FENCE_LUA
+    + """
+if not owns() then return -1 end
+local st = redis.call('HGET', KEYS[2], 'status')
+if st and bg_final[st] then return 'final' end
+redis.call('HSET', KEYS[2], unpack(ARGV, 8))
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[3], 'NX', ARGV[6], ARGV[5])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+if bg_final[ARGV[7]] then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'v', '1', 'type', 'bg',
+             'task_id', ARGV[5], 'status', ARGV[7])
+end
+if st then return 'ok' end
+return 'new'
+"""
+)
+
+# KEYS: traj, bg index, events
+# ARGV: worker, epoch, events_maxlen, now_ms, bg key prefix (<ns>:{T}:bg:)
+# Fenced. Marks every task still `running` as `lost` (its agent is gone: nobody
+# can report on it), with an event each. Returns how many it marked, or FENCED.
+BG_LOST = (
+    _FENCE_LUA
+    + """
+if not owns() then return -1 end
+local marked = 0
+for _, task in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local key = ARGV[5] .. task
+  if redis.call('HGET', key, 'status') == 'running' then
+    redis.call('HSET', key, 'status', 'lost', 'ended_ms', ARGV[4])
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'bg',
+               'task_id', task, 'status', 'lost')
+    marked = marked + 1
+  end
+end
+return marked
+"""
+)

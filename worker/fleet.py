@@ -1,0 +1,335 @@
+"""The fleet: this worker among the others.
+
+- Heartbeats (on Redis's clock, so workers on other hosts compare fairly)
+  renew the worker's lease; after a lapse (a stall) the worker first checks
+  which trajectories are still its own and drops the others.
+- Takeover: trajectories of workers whose heartbeat stopped are re-queued
+  (their open request goes back on ``<ns>:open`` with ``previous_owner``).
+- Reaping: trajectories idle past their ``idle_timeout_s`` or past their
+  ``deadline_s`` end with ``timeout``.
+- Housekeeping: acknowledged open requests are trimmed; entries stuck in
+  other consumers' pending lists are reclaimed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from toolq.schemas import (
+    GROUP,
+    Keys,
+    OpenRequest,
+    TrajectorySpec,
+    TrajStatus,
+    WorkerInfo,
+    __version__,
+)
+
+from .backends.base import TrajState
+from .lease import Lease, RedisHealth
+from .metrics import Observer
+from .settings import WorkerSettings
+from .state import Traj, entry_key, now_ms
+from .writer import Writer
+
+log = logging.getLogger("toolq.worker.fleet")
+
+HOUSEKEEPING_S = 30.0  # trim the open stream, reclaim stuck entries
+CONFIRM_EVERY_S = 5.0  # ownership of trajectories that wrote nothing lately is looked up
+
+
+def _s(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(_s(value or b"0"))
+    except ValueError:
+        return 0
+
+
+class Fleet:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        redis: aioredis.Redis,
+        owned: dict[str, Traj],
+        *,
+        lease: Lease,
+        health: RedisHealth,
+        writer: Writer,
+        observer: Observer,
+        backend_name: str,
+        lost: Callable[[Traj], Awaitable[None]],
+        reclaim: Callable[[], Awaitable[int]],
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = Keys(settings.namespace)
+        self.worker_id = settings.worker_id
+        self.owned = owned
+        self.lease = lease
+        self.health = health
+        self.writer = writer
+        self.observer = observer
+        self.backend_name = backend_name
+        self.lost = lost  # another worker owns it now: drop it
+        self.reclaim = reclaim
+        self.started_ms = now_ms()
+        self._clock_offset_ms = 0  # Redis server time - our time
+        self._redis_slow_at = time.monotonic()  # a heartbeat last took long (or start)
+
+    # ---------------------------------------------------------- heartbeat
+    async def register(self) -> None:
+        """First heartbeat; what "we" owned before a restart under this id is re-queued."""
+        await self.beat()
+        self.lease.renew(time.monotonic())
+        for traj_id in await self.redis.smembers(self.keys.worker_trajs(self.worker_id)):
+            await self.requeue(_s(traj_id), self.worker_id, graceful=False)
+
+    async def heartbeat_loop(self) -> None:
+        every = max(1, int(HOUSEKEEPING_S / self.settings.heartbeat_s))
+        beats = 0
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            beats += 1
+            try:
+                await self._beat_and_confirm()
+                await self.take_over_dead()
+                if beats % every == 0:
+                    await self.trim_open()
+                    await self.reclaim()
+            except (RedisError, OSError) as exc:
+                self.health.failed()
+                log.warning("heartbeat failed: %s", exc)
+
+    async def _beat_and_confirm(self) -> None:
+        """Beat; after our lease lapsed, confirm what we own before acting again."""
+        lapsed = not self.lease.valid()
+        sent_at = time.monotonic()
+        await self.beat()
+        took_s = time.monotonic() - sent_at
+        if took_s > max(3 * self.settings.heartbeat_s, 1.0):
+            # Redis itself stalled: nobody could beat, so others' heartbeats look stale.
+            self._redis_slow_at = time.monotonic()
+        if lapsed:
+            log.warning("lease lapsed (%.1fs since the last heartbeat)", self.lease.age_s())
+            for traj in self.owned.values():  # time stood still for them too: no idle reaping
+                traj.last_activity = time.monotonic()
+        await self.confirm_ownership(everything=lapsed)
+        self.lease.renew(sent_at)
+
+    async def beat(self) -> None:
+        info = WorkerInfo(
+            worker=self.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            backend=self.backend_name,
+            version=__version__,
+            slots_total=self.settings.slots,
+            slots_used=len(self.owned),
+            started_ms=self.started_ms,
+            heartbeat_ms=self.redis_now_ms(),
+        )
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.zadd(self.keys.workers, {self.worker_id: info.heartbeat_ms})
+        pipe.hset(self.keys.worker(self.worker_id), mapping=info.to_fields())
+        pipe.pexpire(self.keys.worker(self.worker_id), int(self.settings.dead_after_s * 4000))
+        pipe.zcard(self.keys.pending)
+        pipe.zrange(self.keys.pending, 0, 0, withscores=True)
+        self.observer.heartbeat(pipe)
+        sent_ms = now_ms()
+        replies = await pipe.execute()
+        seconds, micros = replies[0]
+        self._clock_offset_ms = int(seconds) * 1000 + int(micros) // 1000 - sent_ms
+        backlog, oldest = replies[4], replies[5]
+        oldest_age_s = (self.redis_now_ms() - oldest[0][1]) / 1000 if oldest else 0.0
+        self.observer.backlog_sampled(int(backlog), max(0.0, oldest_age_s))
+        self._sample_slots()
+
+    def _sample_slots(self) -> None:
+        trajs = list(self.owned.values())
+        starting = sum(1 for t in trajs if t.slot is None)
+        busy = sum(1 for t in trajs if t.slot is not None and t.busy)
+        idle = len(trajs) - starting - busy
+        free = max(0, self.settings.slots - len(trajs))
+        self.observer.slots_sampled(busy=busy, idle=idle, starting=starting, free=free)
+
+    def redis_now_ms(self) -> int:
+        """Now, by Redis's clock."""
+        return now_ms() + self._clock_offset_ms
+
+    async def confirm_ownership(self, everything: bool = False) -> None:
+        """Drop the trajectories another worker owns now (we were taken for dead).
+
+        A trajectory whose last result write went through is confirmed by it
+        (the write is fenced); the others are looked up every few seconds.
+        """
+        due = time.monotonic() - CONFIRM_EVERY_S
+        trajs = [
+            t for t in self.owned.values() if not t.dropped and (everything or t.confirmed_at < due)
+        ]
+        if not trajs:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for traj in trajs:
+            pipe.hmget(self.keys.traj(traj.traj_id), ["owner", "epoch"])
+        for traj, (owner, epoch) in zip(trajs, await pipe.execute(), strict=True):
+            traj.confirmed_at = time.monotonic()
+            if owner is None:
+                continue  # no record (a Redis that lost its data): keep serving
+            if (_s(owner), _s(epoch or b"")) != (self.worker_id, traj.epoch):
+                log.error("trajectory %s is owned by %s now: dropping it", traj.traj_id, _s(owner))
+                await self.lost(traj)
+
+    # ----------------------------------------------------------- takeover
+    async def take_over_dead(self) -> None:
+        """Re-queue the trajectories of workers whose heartbeat stopped.
+
+        Safe on every worker at once: only the first release of a trajectory
+        (its owner and epoch unchanged) re-queues it. Skipped right after a
+        Redis outage or stall: the others' heartbeats may be stale too.
+        """
+        quiet_s = time.monotonic() - max(self._redis_slow_at, self.health.failed_at)
+        if quiet_s < self.settings.dead_after_s:
+            return
+        cutoff = self.redis_now_ms() - int(self.settings.dead_after_s * 1000)
+        for raw in await self.redis.zrangebyscore(self.keys.workers, "-inf", cutoff):
+            dead = _s(raw)
+            if dead == self.worker_id:
+                continue
+            for traj_id in await self.redis.smembers(self.keys.worker_trajs(dead)):
+                await self.requeue(_s(traj_id), dead, graceful=False)
+            await self.release_open_entries(dead)
+            await self.redis.zrem(self.keys.workers, dead)
+            await self.redis.delete(self.keys.worker_trajs(dead), self.keys.worker(dead))
+            log.warning("worker %s is dead: its trajectories were re-queued", dead)
+
+    async def requeue(self, traj_id: str, owner: str, graceful: bool) -> None:
+        """Give ``owner``'s trajectory back to the pool (any worker may claim it).
+
+        The open request goes first: a crash between the two steps leaves a
+        request that can still displace ``owner``, never a trajectory nobody
+        will claim. Repeating it (several workers at once) is harmless.
+        """
+        owner_now, spec, epoch = await self.redis.hmget(
+            self.keys.traj(traj_id), ["owner", "spec", "epoch"]
+        )
+        if _s(owner_now or b"") != owner:
+            return  # ended, gone, or already re-queued and claimed
+        req = OpenRequest(
+            traj=traj_id, spec=_s(spec or "{}"), previous_owner=owner, graceful=graceful
+        )
+        await self.redis.xadd(self.keys.open, req.to_fields())
+        if await self.writer.release(traj_id, owner, _s(epoch or b"")) == 1:
+            await self.redis.zadd(self.keys.pending, {traj_id: now_ms()}, nx=True)
+
+    async def release_open_entries(self, consumer: str) -> None:
+        """Open requests ``consumer`` had read but not acted on go back to the stream;
+        then the consumer leaves the group."""
+        pending: Any = await self.redis.xpending_range(
+            self.keys.open, GROUP, min="-", max="+", count=1000, consumername=consumer
+        )
+        for p in pending:
+            entry_id = _s(p["message_id"])
+            found: Any = await self.redis.xrange(self.keys.open, entry_id, entry_id)
+            for _id, fields in found or []:
+                await self.redis.xadd(self.keys.open, fields)
+            await self.redis.xack(self.keys.open, GROUP, entry_id)
+        await self.redis.xgroup_delconsumer(self.keys.open, GROUP, consumer)
+
+    async def trim_open(self) -> None:
+        """Drop open requests every worker has read and acknowledged."""
+        groups: Any = await self.redis.xinfo_groups(self.keys.open)
+        group = next((g for g in groups if _s(g["name"]) == GROUP), None)
+        if group is None:
+            return
+        floor = _s(group["last-delivered-id"])
+        pending: Any = await self.redis.xpending(self.keys.open, GROUP)
+        if pending and pending.get("pending"):
+            floor = min(floor, _s(pending["min"]), key=entry_key)
+        # MINID keeps `floor` itself: entries older than it are read and acknowledged.
+        await self.redis.xtrim(self.keys.open, minid=floor, approximate=True)
+
+    async def heartbeats(self) -> dict[str, int]:
+        """Every registered worker id -> its last heartbeat (unix ms, Redis's clock)."""
+        pairs: Any = await self.redis.zrange(self.keys.workers, 0, -1, withscores=True)
+        return {_s(worker): int(score) for worker, score in pairs}
+
+    async def trajectory_states(self, traj_ids: list[str]) -> dict[str, TrajState]:
+        """What the records of ``traj_ids`` say (for a backend judging left-over sandboxes)."""
+        pipe = self.redis.pipeline(transaction=False)
+        fields = ("status", "owner", "slot", "last_activity_ms", "spec")
+        for traj_id in traj_ids:
+            pipe.hmget(self.keys.traj(traj_id), fields)
+        states = {}
+        for traj_id, (status, owner, slot, activity_ms, spec) in zip(
+            traj_ids, await pipe.execute(), strict=True
+        ):
+            if status is None:
+                continue
+            try:
+                limits = TrajectorySpec.model_validate_json(spec or b"{}").limits
+            except ValueError:
+                limits = TrajectorySpec().limits
+            states[traj_id] = TrajState(
+                status=_s(status),
+                owner=_s(owner or ""),
+                slot=_s(slot or ""),
+                last_activity_ms=_int(activity_ms),
+                idle_timeout_s=limits.idle_timeout_s,
+            )
+        return states
+
+    async def successor_alive(self) -> bool:
+        """Is another worker alive to take over (and adopt kept sandboxes)?"""
+        try:
+            pairs: Any = await self.redis.zrange(self.keys.workers, 0, -1, withscores=True)
+        except (RedisError, OSError):
+            return False
+        cutoff = self.redis_now_ms() - int(self.settings.dead_after_s * 1000)
+        return any(_s(w) != self.worker_id and score >= cutoff for w, score in pairs)
+
+    async def unregister(self) -> None:
+        """Leave the fleet: no heartbeat record, no consumer left in the open group."""
+        with contextlib.suppress(RedisError, OSError):
+            await self.release_open_entries(self.worker_id)
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.zrem(self.keys.workers, self.worker_id)
+            await self.redis.delete(self.keys.worker(self.worker_id))
+
+    # ------------------------------------------------------------- reaping
+    async def reap_loop(self) -> None:
+        """End trajectories that went idle (abandoned rollouts) or passed their deadline."""
+        while True:
+            await asyncio.sleep(0.5)
+            if not self.lease.valid():
+                continue
+            now = time.monotonic()
+            for traj in list(self.owned.values()):
+                limits = traj.spec.limits
+                if traj.busy or traj.items or traj.ending is not None or traj.dropped:
+                    continue
+                if now - traj.last_activity > limits.idle_timeout_s:
+                    traj.request_end(
+                        TrajStatus.TIMEOUT,
+                        f"idle_timeout_s limit ({limits.idle_timeout_s}s) passed",
+                    )
+                elif limits.deadline_s is not None and now - traj.started > limits.deadline_s:
+                    traj.request_end(
+                        TrajStatus.TIMEOUT, f"deadline_s limit ({limits.deadline_s}s) passed"
+                    )

@@ -1,0 +1,207 @@
+"""Intake: claims trajectories from the open stream, in a loop of its own.
+
+The loop reads ``<ns>:open`` only while the worker has a free slot (so load
+spreads over workers and overload shows as backlog), and never holds up the
+reading of calls. A claim starts a new ownership epoch (``lua.CLAIM``);
+entries a previous owner read and never answered are queued first
+(``CallReader.adopt``), then the trajectory is served. An open request that
+cannot be parsed is dead-lettered and its trajectory fails, its calls answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from toolq.schemas import (
+    GROUP,
+    InvalidIdError,
+    Keys,
+    OpenRequest,
+    TrajStatus,
+    check_traj_id,
+    lua,
+)
+
+from .bgtasks import BgRecorder
+from .lease import CatchUp, Lease, RedisHealth, retrying
+from .metrics import Observer
+from .parse import parse_open, preview, traj_field
+from .reader import CallReader
+from .settings import WorkerSettings
+from .state import Traj, now_ms
+from .writer import Writer
+
+log = logging.getLogger("toolq.worker.intake")
+
+DEAD_MAXLEN = 10_000
+
+
+def _s(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class Intake:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        redis: aioredis.Redis,
+        owned: dict[str, Traj],
+        *,
+        lease: Lease,
+        health: RedisHealth,
+        writer: Writer,
+        reader: CallReader,
+        bg: BgRecorder,
+        observer: Observer,
+        serve: Callable[[Traj], None],
+        drop: Callable[[Traj], Any],
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = Keys(settings.namespace)
+        self.worker_id = settings.worker_id
+        self.owned = owned
+        self.lease = lease
+        self.health = health
+        self.writer = writer
+        self.reader = reader
+        self.bg = bg
+        self.observer = observer
+        self.serve = serve
+        self.drop = drop
+        self._room = asyncio.Event()
+        self._claim_script = redis.register_script(lua.CLAIM)
+
+    @property
+    def free_slots(self) -> int:
+        return self.settings.slots - len(self.owned)
+
+    def slot_freed(self) -> None:
+        """A trajectory left: the loop may claim again."""
+        self._room.set()
+
+    # ---------------------------------------------------------------- loop
+    async def run(self) -> None:
+        """Claim while there is room, until cancelled."""
+        catch_up = CatchUp(self.health)
+        backoff_s = 0.1
+        while True:
+            try:
+                while self.free_slots <= 0:
+                    self._room.clear()
+                    await self._room.wait()
+                await self.lease.wait_valid()
+                if catch_up.due():  # re-read requests delivered to us but not acted on
+                    generation = self.health.generation
+                    with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+                        await self.redis.xgroup_create(self.keys.open, GROUP, id="0", mkstream=True)
+                    await self._read("0")
+                    catch_up.done(generation)
+                await self._read(">")
+                backoff_s = 0.1
+            except (RedisError, OSError) as exc:
+                self.health.failed()
+                log.warning("reading open requests failed (%s); retrying in %.1fs", exc, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+            except Exception:  # a bug here must not stop the worker serving
+                log.exception("intake error; retrying in %.1fs", backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+
+    async def _read(self, cursor: str) -> None:
+        resp: Any = await self.redis.xreadgroup(
+            GROUP,
+            self.worker_id,
+            {self.keys.open: cursor},
+            count=max(1, self.free_slots),
+            block=self.settings.block_ms if cursor == ">" else None,
+        )
+        for _stream, entries in resp or []:
+            for entry_id, fields in entries:
+                await self._on_open(_s(entry_id), fields)
+
+    async def _on_open(self, entry_id: str, fields: dict[Any, Any]) -> None:
+        try:
+            req = parse_open(fields)
+        except ValueError as exc:
+            reason = f"bad open request: {exc}"
+            await self._dead(entry_id, fields, reason)
+            await self._fail_unopenable(traj_field(fields), reason)
+        else:
+            await self.claim(req)
+        await self.redis.xack(self.keys.open, GROUP, entry_id)
+
+    # --------------------------------------------------------------- claim
+    async def claim(self, req: OpenRequest) -> bool:
+        """Take ownership of a trajectory and start serving it."""
+        traj_id = req.traj
+        stale = self.owned.get(traj_id)
+        if stale is not None:
+            owner = _s(await self.redis.hget(self.keys.traj(traj_id), "owner") or b"")
+            if owner in (self.worker_id,):
+                return False  # a duplicate open request
+            await self.drop(stale)  # we were taken for dead meanwhile
+        # Indexed before the claim: a crash right after it leaves nothing unfindable.
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.sadd(self.keys.worker_trajs(self.worker_id), traj_id)
+        pipe.zrem(self.keys.pending, traj_id)  # owned or ended: not waiting
+        await pipe.execute()
+        got = await self._claim_script(
+            keys=[self.keys.traj(traj_id), self.keys.calls(traj_id)],
+            args=[
+                self.worker_id,
+                now_ms(),
+                req.spec.model_dump_json(exclude_none=True),
+                traj_id,
+                GROUP,
+                req.previous_owner or "",
+            ],
+        )
+        outcome, value = _s(got[0]), _s(got[1])
+        if outcome != "ok":
+            log.info("not claiming %s: %s %s", traj_id, outcome, value)
+            await self.redis.srem(self.keys.worker_trajs(self.worker_id), traj_id)
+            return False
+        traj = Traj(traj_id, req.spec, epoch=value, previous_owner=req.previous_owner)
+        if req.previous_owner:  # taken over or handed back: its leftovers first
+            await self.reader.adopt(traj, crashed=not req.graceful)
+            self.bg.tasks_lost(traj)  # its tasks died with the previous owner's agent
+        self.owned[traj_id] = traj
+        self.observer.traj_claimed()
+        self.serve(traj)
+        self.reader.wake()
+        return True
+
+    async def _fail_unopenable(self, traj_id: str, reason: str) -> None:
+        """A trajectory whose open request is invalid fails; its calls are answered."""
+        try:
+            check_traj_id(traj_id)
+        except InvalidIdError:
+            return  # no keys can be named after it: the dead letter is all there is
+        await self.writer.end(traj_id, "", TrajStatus.FAILED.value, reason)
+        await retrying(
+            self.health, lambda: self.redis.zrem(self.keys.pending, traj_id), "unqueueing"
+        )
+
+    async def _dead(self, entry_id: str, fields: dict[Any, Any], reason: str) -> None:
+        await self.redis.xadd(
+            self.keys.dead,
+            {
+                "stream": self.keys.open,
+                "entry_id": entry_id,
+                "reason": reason[:2000],
+                "worker": self.worker_id,
+                "fields": preview(fields),
+            },
+            maxlen=DEAD_MAXLEN,
+        )

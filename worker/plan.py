@@ -1,0 +1,118 @@
+"""Planning a call: which tool, whether policy and limits allow it, its arguments, its timeout.
+
+Pure functions of the trajectory's spec, the registry and the worker's
+settings: the runner asks ``plan_call`` before anything runs, and the answer
+is either a ``Plan`` or a ``Refusal`` (the error result to give instead).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from toolq.schemas import CallEntry, ErrorCode, Limits, TrajectorySpec
+
+from .settings import WorkerSettings
+from .tools import InvalidArgsError, Registry, Tool
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a call is answered with an error instead of being run."""
+
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to run: the canonical tool, validated arguments, the timeout that holds."""
+
+    tool: Tool
+    args: dict[str, Any]
+    timeout_s: float
+
+
+def canonical(registry: Registry, name: str) -> str:
+    """The registered tool a name (or alias) runs; unknown names stay as they are."""
+    tool = registry.resolve(name)
+    return tool.name if tool is not None else name
+
+
+def policy_refusal(registry: Registry, spec: TrajectorySpec, name: str) -> Refusal | None:
+    """Block wins over allow; both lists are compared by canonical tool, so an
+    alias is blocked (or allowed) exactly like the tool it runs."""
+    tool = canonical(registry, name)
+    if tool in {canonical(registry, n) for n in spec.blocked_tools}:
+        return Refusal(
+            ErrorCode.TOOL_BLOCKED, f"tool {name!r} is blocked by the trajectory's policy"
+        )
+    allowed = spec.allowed_tools
+    if allowed is not None and tool not in {canonical(registry, n) for n in allowed}:
+        return Refusal(ErrorCode.TOOL_BLOCKED, f"tool {name!r} is not in the allowed_tools policy")
+    return None
+
+
+def deadline_left_s(limits: Limits, started: float) -> float:
+    """Seconds left before the trajectory's deadline (``started`` is monotonic)."""
+    if limits.deadline_s is None:
+        return float("inf")
+    return limits.deadline_s - (time.monotonic() - started)
+
+
+def call_timeout_s(
+    tool: Tool,
+    asked_s: float | None,
+    limits: Limits,
+    settings: WorkerSettings,
+    deadline_left: float = float("inf"),
+) -> float:
+    """The one timeout rule, for sandbox and external calls alike.
+
+    The call's own ``timeout_s`` (its argument or the entry's field), else the
+    trajectory's ``call_timeout_s``; lowered by an external tool's own
+    ``timeout_s``, the trajectory's ``max_call_timeout_s``, the worker's
+    ``max_call_timeout_s`` and what is left of the trajectory's deadline.
+    """
+    timeout_s = asked_s if asked_s is not None else limits.call_timeout_s
+    caps = [limits.max_call_timeout_s, settings.max_call_timeout_s, deadline_left]
+    if tool.external:
+        caps.append(tool.timeout_s)
+    return max(0.001, min(float(timeout_s), *caps))
+
+
+def plan_call(
+    registry: Registry,
+    settings: WorkerSettings,
+    spec: TrajectorySpec,
+    entry: CallEntry,
+    calls_so_far: int,
+    started: float,
+) -> Plan | Refusal:
+    """Check a call against tool registry, policy, limits and argument model."""
+    name = entry.tool or ""
+    if not name:
+        return Refusal(ErrorCode.BAD_REQUEST, "call entry has no 'tool' field")
+    tool = registry.resolve(name)
+    if tool is None:
+        return Refusal(ErrorCode.UNKNOWN_TOOL, f"unknown tool {name!r}")
+    refused = policy_refusal(registry, spec, name)
+    if refused is not None:
+        return refused
+    limits = spec.limits
+    if limits.max_calls is not None and calls_so_far > limits.max_calls:
+        return Refusal(ErrorCode.LIMIT_EXCEEDED, f"max_calls limit ({limits.max_calls}) reached")
+    left_s = deadline_left_s(limits, started)
+    if left_s <= 0:
+        return Refusal(ErrorCode.LIMIT_EXCEEDED, f"deadline_s limit ({limits.deadline_s}s) passed")
+    try:
+        args = registry.validate(tool, entry.args)
+    except InvalidArgsError as exc:
+        return Refusal(ErrorCode.INVALID_ARGS, str(exc))
+    sandbox_arg = None if tool.external else args.get("timeout_s")
+    asked = sandbox_arg if sandbox_arg is not None else entry.timeout_s
+    timeout_s = call_timeout_s(tool, asked, limits, settings, left_s)
+    if sandbox_arg is not None:  # the sandbox sees the timeout that holds, not the one asked
+        args["timeout_s"] = timeout_s
+    return Plan(tool, args, timeout_s)

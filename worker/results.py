@@ -1,0 +1,65 @@
+"""Replies and results: every call's result is made by ``make_result``.
+
+A *reply* is what ran the call said (the in-sandbox agent, an RQ job, or the
+worker refusing it): a dict with ``ok``, ``output``, ``error_code``, ... A
+*result* is the wire record (``toolq.schemas.Result``) the writer stores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from toolq.schemas import ErrorCode, Result
+
+from .state import Item, entry_ms, now_ms
+
+
+def error_reply(code: ErrorCode, message: str, output: str = "", **extra: Any) -> dict[str, Any]:
+    """A failed call's reply."""
+    return {"ok": False, "error_code": code.value, "error": message, "output": output, **extra}
+
+
+def make_result(
+    traj_id: str,
+    item: Item,
+    reply: dict[str, Any],
+    *,
+    tool: str,
+    worker_id: str,
+    slot_id: str = "",
+    slot_reset: bool = False,
+    started_ms: int | None = None,
+) -> Result:
+    """The one result of ``item``, from the reply of whatever ran (or refused) it.
+
+    ``started_ms`` is when the worker started it (now, for a refusal): the
+    time from the entry's XADD to then is its ``queued_ms``.
+    """
+    output = str(reply.get("output", ""))
+    data = reply.get("data")
+    started = now_ms() if started_ms is None else started_ms
+    return Result(
+        call_id=item.call_id,
+        traj=traj_id,
+        tool=tool,
+        ok=bool(reply.get("ok")),
+        output=output,
+        exit_code=reply.get("exit_code"),
+        error_code=reply.get("error_code"),
+        error=reply.get("error"),
+        truncated=bool(reply.get("truncated")),
+        output_bytes=int(reply.get("output_bytes") or len(output)),
+        timed_out=bool(reply.get("timed_out")),
+        slot_reset=slot_reset,
+        queued_ms=max(0.0, float(started - entry_ms(item.entry_id))),
+        run_ms=float(reply.get("run_ms") or 0.0),
+        worker=worker_id,
+        slot=slot_id,
+        finished_ms=now_ms(),
+        data=data if isinstance(data, dict) else None,
+    )
+
+
+def requested_tool(item: Item) -> str:
+    """The tool name the call asked for ('' when the entry could not be parsed)."""
+    return (item.entry.tool or "") if item.entry else ""

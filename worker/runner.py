@@ -1,0 +1,336 @@
+"""The runner: serves each owned trajectory, one call at a time, in its slot.
+
+A trajectory's task takes its calls in stream order: it plans each one
+(``plan.plan_call``), executes it in the sandbox (the agent) or as an RQ job
+(``external``), and emits its result (``results.make_result``) to the
+writer. Before a call starts, the results of earlier calls are in Redis, so
+after a crash only the first unanswered call can have been running. Nothing
+starts while the worker's lease has lapsed (``lease.Lease``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from toolq.schemas import ErrorCode, Keys, TrajStatus, lua
+
+from .backends.base import Backend, SandboxError, Slot
+from .bgtasks import BgRecorder
+from .channel import ChannelClosedError
+from .external import ExternalRunner
+from .lease import Lease, RedisHealth, retrying
+from .metrics import Observer
+from .plan import Plan, Refusal, deadline_left_s, plan_call
+from .results import error_reply, make_result, requested_tool
+from .settings import WorkerSettings
+from .state import Item, Traj, now_ms
+from .tools import Registry
+from .writer import Writer
+
+log = logging.getLogger("toolq.worker.runner")
+
+# The agent enforces call timeouts; this is how much longer the worker waits
+# before it declares the sandbox unresponsive.
+AGENT_GRACE_S = 15.0
+
+
+class Runner:
+    """Starts, serves and ends the trajectories this worker owns."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        redis: aioredis.Redis,
+        owned: dict[str, Traj],
+        *,
+        lease: Lease,
+        health: RedisHealth,
+        writer: Writer,
+        backend: Backend,
+        registry: Registry,
+        external: ExternalRunner,
+        bg: BgRecorder,
+        observer: Observer,
+        forget: Callable[[Traj], Awaitable[None]],
+        queue_shrunk: Callable[[Traj], None],
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = Keys(settings.namespace)
+        self.worker_id = settings.worker_id
+        self.owned = owned
+        self.lease = lease
+        self.health = health
+        self.writer = writer
+        self.backend = backend
+        self.registry = registry
+        self.external = external
+        self.bg = bg
+        self.observer = observer
+        self.forget = forget  # the trajectory is over here: unindex it, free its slot count
+        self.queue_shrunk = queue_shrunk  # a queue got room: the reader may read it again
+        self.draining = False  # set on shutdown: no new call starts
+
+    def start(self, traj: Traj) -> None:
+        """Serve ``traj`` in a task of its own."""
+        traj.task = asyncio.create_task(self._serve(traj), name=f"traj-{traj.traj_id}")
+
+    # -------------------------------------------------------------- serving
+    async def _serve(self, traj: Traj) -> None:
+        try:
+            await self._serve_calls(traj)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # keep the worker alive; end this trajectory
+            log.exception("trajectory %s crashed", traj.traj_id)
+            traj.request_end(TrajStatus.FAILED, f"internal error: {exc}")
+        if not traj.dropped:
+            await self.end(traj)
+
+    async def _serve_calls(self, traj: Traj) -> None:
+        # Start the slot at once: the sandbox boots while the client prepares its first call.
+        if not await self._ensure_slot(traj, None):
+            return
+        while traj.ending is None:
+            if not traj.items or self.draining:  # draining: queued calls run on the next owner
+                traj.wakeup.clear()
+                await traj.wakeup.wait()
+                continue
+            item = traj.items.popleft()
+            self.queue_shrunk(traj)
+            if item.kind == "close" and item.error is None:
+                traj.request_end(TrajStatus.COMPLETED, "closed by client")
+                return
+            traj.current = item
+            try:
+                await self._run(traj, item)
+            except Exception as exc:  # the call still gets its one result
+                log.exception("call %s of %s failed in the worker", item.entry_id, traj.traj_id)
+                self.answer(traj, item, ErrorCode.INTERNAL_ERROR, f"worker error: {exc}")
+            finally:
+                traj.current = None
+                traj.last_activity = time.monotonic()
+
+    async def _run(self, traj: Traj, item: Item) -> None:
+        started_ms = now_ms()
+        if item.kind != "call":  # a control entry this worker cannot act on: never trust it
+            log.warning("ignored %s entry %s: %s", item.kind, item.entry_id, item.error)
+            self.writer.ack(traj, item.entry_id)
+            return
+        if item.error is not None or item.entry is None:
+            code, message = item.error or (ErrorCode.BAD_REQUEST, "malformed entry")
+            self.answer(traj, item, code, message)
+            return
+        if await self._answered_before(traj, item):
+            self.writer.ack(traj, item.entry_id)
+            return
+        traj.calls += 1  # refused calls count too
+        plan = plan_call(
+            self.registry, self.settings, traj.spec, item.entry, traj.calls, traj.started
+        )
+        if isinstance(plan, Refusal):
+            self.answer(traj, item, plan.code, plan.message)
+            return
+        if not plan.tool.external:
+            needs_slot = traj.slot is None or not traj.slot.channel.alive
+            if needs_slot and not await self._ensure_slot(traj, item):
+                return
+        # After a crash only the first unanswered call may have been running:
+        # earlier results are in Redis before the next call starts.
+        await traj.flushed.wait()
+        await self._hold_lease()  # from here to the start of the call: no await
+        if traj.dropped:
+            return  # its new owner answers it
+        if traj.ending is not None:  # cancelled or ended while we waited
+            cancelled = traj.ending[0] == TrajStatus.CANCELLED
+            code = ErrorCode.CANCELLED if cancelled else ErrorCode.TRAJECTORY_ENDED
+            self.answer(traj, item, code, traj.ended_message())
+            return
+        if plan.tool.external:  # an RQ job, no sandbox needed
+            reply = await self.external.call(traj, item, plan)
+        else:
+            assert traj.slot is not None
+            ran = await self._call_agent(traj, traj.slot, plan)
+            if ran is None:
+                return
+            reply = ran
+        self.emit(traj, item, self._final_reply(traj, reply), plan.tool.name, started_ms)
+
+    async def _hold_lease(self) -> None:
+        """Return once the lease is valid: at once, unless the worker stalled.
+
+        Called right before a call starts, with no await between this check and
+        the start, so a worker taken for dead never starts a call after it woke.
+        """
+        while not self.lease.valid():
+            await self.lease.wait_valid()
+
+    def _final_reply(self, traj: Traj, reply: dict[str, Any]) -> dict[str, Any]:
+        """Say why a call stopped when the trajectory's deadline or a cancel stopped it."""
+        if reply.get("timed_out") and deadline_left_s(traj.spec.limits, traj.started) <= 0.05:
+            reply["error"] = f"deadline_s limit ({traj.spec.limits.deadline_s}s) reached"
+        if traj.ending is not None and traj.ending[0] == TrajStatus.CANCELLED:
+            return error_reply(
+                ErrorCode.CANCELLED, "trajectory cancelled", str(reply.get("output", ""))
+            )
+        return reply
+
+    async def _answered_before(self, traj: Traj, item: Item) -> bool:
+        """A client ``call_id`` whose result exists is not run again (its entry is
+        only released). Once that result expired, the id runs as a new call."""
+        if item.client_call_id is None:
+            return False
+        await traj.flushed.wait()  # an earlier entry with the same id: its result first
+        key = self.keys.result(traj.traj_id, item.client_call_id)
+        return bool(await retrying(self.health, lambda: self.redis.exists(key), "result lookup"))
+
+    async def _call_agent(self, traj: Traj, slot: Slot, plan: Plan) -> dict[str, Any] | None:
+        """Run the call in the slot's agent; None when it never started and another
+        worker owns the trajectory now (that worker answers it)."""
+        while True:
+            try:
+                fut = slot.channel.submit(
+                    "call",
+                    slot=slot.name,
+                    tool=plan.tool.name,
+                    args=plan.args,
+                    timeout_s=plan.timeout_s,
+                    max_output_bytes=traj.spec.limits.max_output_bytes,
+                    # The agent starts it only while our lease holds: a frame that
+                    # reaches it after we stalled is not run.
+                    start_by_ms=self.lease.expires_ms(),
+                )
+                reply = await asyncio.wait_for(fut, plan.timeout_s + AGENT_GRACE_S)
+            except (ChannelClosedError, asyncio.TimeoutError) as exc:
+                why = "sandbox stopped answering" if isinstance(exc, asyncio.TimeoutError) else exc
+                self.observer.slot_lost()
+                await self.drop_slot(traj)
+                traj.slot_lost = True
+                return error_reply(
+                    ErrorCode.SANDBOX_LOST, f"the sandbox was lost during the call: {why}"
+                )
+            if reply.get("error_code") != "not_started":
+                return reply
+            await self._hold_lease()  # the fleet confirms what we own, then we try again
+            if traj.dropped or traj.ending is not None:
+                return None
+
+    # ----------------------------------------------------------- results
+    def emit(
+        self, traj: Traj, item: Item, reply: dict[str, Any], tool: str, started_ms: int
+    ) -> None:
+        """Hand a call's result to the writer."""
+        reset, traj.slot_reset = traj.slot_reset, False
+        result = make_result(
+            traj.traj_id,
+            item,
+            reply,
+            tool=tool,
+            worker_id=self.worker_id,
+            slot_id=traj.slot.slot_id if traj.slot else "",
+            slot_reset=reset,
+            started_ms=started_ms,
+        )
+        self.writer.finish(traj, item, result)
+
+    def answer(self, traj: Traj, item: Item, code: ErrorCode, message: str) -> None:
+        """Give a call an error result without running it."""
+        reply = error_reply(code, message)
+        result = make_result(
+            traj.traj_id, item, reply, tool=requested_tool(item), worker_id=self.worker_id
+        )
+        self.writer.finish(traj, item, result)
+
+    # ---------------------------------------------------------------- slots
+    async def _ensure_slot(self, traj: Traj, item: Item | None) -> bool:
+        """Start the trajectory's slot (again, after a loss); answer the calls on failure."""
+        if traj.slot is not None:  # lost while idle: replace it
+            self.observer.slot_lost()
+            await self.drop_slot(traj)
+            traj.slot_lost = True
+        if traj.slot_lost:  # say so in the next result
+            traj.slot_reset, traj.slot_lost = True, False
+        try:
+            started = time.monotonic()
+            traj.slot = await self.backend.acquire(traj.traj_id, traj.spec)
+            self.observer.slot_started(time.monotonic() - started)
+        except SandboxError as exc:
+            for waiting in ([item] if item else []) + [i for i in traj.items if i.kind == "call"]:
+                self.answer(traj, waiting, ErrorCode.SANDBOX_ERROR, str(exc))
+            traj.items.clear()
+            traj.request_end(TrajStatus.FAILED, f"sandbox failed to start: {exc}")
+            return False
+        if traj.previous_owner and not traj.slot.adopted:
+            traj.slot_reset = True  # the previous owner's workspace is gone
+        traj.previous_owner = None
+        self.writer.set_fields(traj, slot=traj.slot.slot_id)
+        return True
+
+    async def drop_slot(self, traj: Traj, keep: bool = False) -> None:
+        """Release the trajectory's sandbox; its background tasks end with it."""
+        slot, traj.slot = traj.slot, None
+        if slot is None:
+            return
+        if not traj.dropped:
+            await self.bg.stop_tasks(slot)  # reported stopped before the sandbox goes
+        try:
+            await self.backend.release(slot, keep=keep)
+        except Exception:
+            log.exception("releasing slot %s failed", slot.slot_id)
+        if not traj.dropped:  # tasks still running in Redis had nobody left to report them
+            self.bg.slot_gone(traj, slot.name)
+
+    # ------------------------------------------------------------ control
+    def cancel(self, traj: Traj) -> None:
+        """Cancel at once: kill what runs, answer what waits, end the trajectory."""
+        for queued in traj.items:
+            if queued.kind == "call":
+                self.answer(traj, queued, ErrorCode.CANCELLED, "trajectory cancelled")
+        traj.items.clear()
+        traj.request_end(TrajStatus.CANCELLED, "cancelled by client")
+        self.external.cancel(traj.traj_id)  # its running RQ job, if any
+        if traj.slot is not None and traj.slot.channel.alive:
+            with contextlib.suppress(ChannelClosedError):
+                traj.slot.channel.submit("cancel", slot=traj.slot.name)
+
+    async def end(self, traj: Traj) -> None:
+        """Free the slot, record the final state once; END answers what is left."""
+        status, reason = traj.ending or (TrajStatus.FAILED, "ended")
+        await self.drop_slot(traj)
+        reply = await self.writer.end(traj.traj_id, traj.epoch, status.value, reason)
+        await self.forget(traj)
+        if reply != lua.FENCED:
+            self.observer.traj_ended(status.value)
+            log.info("trajectory %s ended: %s (%s)", traj.traj_id, status.value, reason)
+
+    async def drop(self, traj: Traj) -> None:
+        """Another worker owns ``traj`` now: stop at once, keep its sandbox, write nothing.
+
+        Our agent in its sandbox ends (killing what it runs); a Docker
+        container stays for the new owner to adopt.
+        """
+        if traj.dropped:
+            return
+        traj.dropped = True
+        await self.forget(traj)
+        task = traj.task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.drop_slot(traj, keep=True)
+        self.external.forget(traj.traj_id)
+
+    def traj_for_slot(self, slot_name: str) -> Traj | None:
+        """The owned trajectory served by the slot the agent calls ``slot_name``."""
+        for traj in self.owned.values():
+            if traj.slot is not None and traj.slot.name == slot_name:
+                return traj
+        return None

@@ -1,0 +1,369 @@
+"""The writer: the one path by which a worker writes for a trajectory.
+
+Results, events, acknowledgements, ends, hand-backs, slot records and
+background-task state are all *ops*: a fenced Lua script (``toolq.schemas.lua``)
+with its keys and arguments. The writer flushes every op that is ready in one
+pipelined round trip, in the order they were sent, so a trajectory's results
+reach Redis before its end. It retries through Redis outages (nothing is
+dropped), replays the last seconds of writes after one (a Redis restarted from
+an AOF may have lost them; every op is idempotent), and reports an op that
+Redis fenced off to ``on_fenced``: another worker owns that trajectory now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+from toolq.schemas import GROUP, ErrorCode, Keys, Result, lua
+
+from .lease import CatchUp, RedisHealth
+from .settings import WorkerSettings
+from .state import Item, Traj, now_ms
+
+log = logging.getLogger("toolq.worker.writer")
+
+# After Redis errors, writes of this many recent seconds are replayed.
+REPLAY_WINDOW_S = 10.0
+# Results up to this size (as JSON) are copied into their result event, so that
+# a waiting client needs no HGETALL; larger ones are only in the result hash.
+INLINE_RESULT_MAX_BYTES = 4096
+# Entries END answers per run (it runs again until the stream is empty).
+END_BATCH = 500
+
+
+@dataclass(frozen=True)
+class LuaScript:
+    """A script and its SHA1, for EVALSHA in pipelines (loaded on NOSCRIPT)."""
+
+    source: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.source.encode()).hexdigest()
+
+
+FINISH = LuaScript(lua.FINISH)
+ACK = LuaScript(lua.ACK)
+END = LuaScript(lua.END)
+RELEASE = LuaScript(lua.RELEASE)
+SET_FIELDS = LuaScript(lua.SET_FIELDS)
+BG_WRITE = LuaScript(lua.BG_WRITE)
+BG_LOST = LuaScript(lua.BG_LOST)
+ALL_SCRIPTS = (FINISH, ACK, END, RELEASE, SET_FIELDS, BG_WRITE, BG_LOST)
+
+
+@dataclass
+class Op:
+    """One fenced write: ``script`` with ``keys`` and ``args``, for trajectory ``traj_id``."""
+
+    script: LuaScript
+    keys: list[str]
+    args: list[Any]
+    traj_id: str
+    done: Callable[[Any], None] | None = None  # called with the reply, once written
+    fallback: Callable[[Exception], Op] | None = None  # what to write if Redis refuses it
+    ours: bool = True  # False: written for another owner (a dead worker's hand-back)
+    future: asyncio.Future[Any] | None = field(default=None, repr=False)
+
+
+class Writer:
+    """Flushes ops in batches; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        redis: aioredis.Redis,
+        health: RedisHealth,
+        on_fenced: Callable[[str], Awaitable[None] | None],
+        on_result: Callable[[Result], None],
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = Keys(settings.namespace)
+        self.worker_id = settings.worker_id
+        self.health = health
+        self.on_fenced = on_fenced
+        self.on_result = on_result
+        self._queue: asyncio.Queue[Op] = asyncio.Queue()
+        self._journal: deque[tuple[float, Op]] = deque()
+        self._catch_up = CatchUp(health, initially=False)
+
+    # ------------------------------------------------------------ sending
+    def send(self, op: Op) -> asyncio.Future[Any]:
+        """Queue an op; the future resolves with Redis's reply once it is written."""
+        op.future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(op)
+        return op.future
+
+    async def write(self, op: Op) -> Any:
+        """Queue an op and wait until it is written; returns the reply."""
+        return await self.send(op)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait until everything sent so far is written (or ``timeout_s`` passed)."""
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("%d writes still queued at shutdown", self._queue.qsize())
+
+    # -------------------------------------------------------------- ops
+    def finish(self, traj: Traj, item: Item, result: Result) -> None:
+        """Write a call's one result and release its entry (see ``lua.FINISH``).
+
+        A result Redis refuses (too large, say) is replaced by an
+        ``internal_error`` one: the call still gets exactly one result.
+        """
+        written = result
+
+        def done(reply: Any) -> None:
+            traj.result_written()
+            if reply in (0, 1):  # the fenced write went through: we still own it
+                traj.confirmed_at = time.monotonic()
+            if reply == 1:
+                self.on_result(written)
+
+        def fallback(exc: Exception) -> Op:
+            nonlocal written
+            written = internal_error(result, str(exc))
+            return self._finish_op(traj, item, written)
+
+        traj.result_queued()
+        op = self._finish_op(traj, item, result)
+        op.done, op.fallback = done, fallback
+        self.send(op)
+
+    def _finish_op(self, traj: Traj, item: Item, result: Result) -> Op:
+        as_fields = result.to_fields()
+        # bytes, not str: a lone surrogate in a tool's output must not fail the write
+        fields = [x.encode("utf-8", "replace") for kv in as_fields.items() for x in kv]
+        size = sum(len(k) + len(v) for k, v in as_fields.items())
+        inline = ""
+        if size <= INLINE_RESULT_MAX_BYTES:
+            inline = json.dumps(as_fields, separators=(",", ":"))
+        t = traj.traj_id
+        return Op(
+            FINISH,
+            [
+                self.keys.traj(t),
+                self.keys.result(t, result.call_id),
+                self.keys.events(t),
+                self.keys.calls(t),
+            ],
+            [
+                self.worker_id,
+                traj.epoch,
+                GROUP,
+                item.entry_id,
+                self.settings.result_ttl_s * 1000,
+                self.settings.events_maxlen,
+                "1" if result.ok else "0",
+                result.error_code or "",
+                result.call_id,
+                result.finished_ms,
+                inline,
+                *fields,
+            ],
+            t,
+        )
+
+    def ack(self, traj: Traj, entry_id: str) -> None:
+        """Release an entry that gets no result (a control entry)."""
+        t = traj.traj_id
+        keys = [self.keys.traj(t), self.keys.calls(t)]
+        self.send(Op(ACK, keys, [self.worker_id, traj.epoch, GROUP, entry_id], t))
+
+    async def end(self, traj_id: str, epoch: str, status: str, reason: str) -> int:
+        """Record the final state and answer what is left in the stream.
+
+        ``epoch`` '' ends a trajectory nobody owns (its open request was
+        invalid). Returns the END reply of the last run: 0, or FENCED.
+        """
+        t = traj_id
+        keys = [self.keys.traj(t), self.keys.events(t), self.keys.calls(t)]
+        args = [
+            self.worker_id,
+            epoch,
+            status,
+            now_ms(),
+            reason,
+            self.settings.retention_s * 1000,
+            self.settings.events_maxlen,
+            self.keys.result(t, ""),
+            self.settings.result_ttl_s * 1000,
+            END_BATCH,
+        ]
+        while True:
+            left = int(await self.write(Op(END, keys, args, t, ours=bool(epoch))))
+            if left <= 0:
+                return left
+
+    async def release(self, traj_id: str, owner: str, epoch: str) -> int:
+        """Hand ``owner``'s trajectory back to the pool (ours, or a dead worker's);
+        1 when it did, 0 when it had ended, FENCED when ``owner`` had lost it."""
+        args = [owner, epoch, now_ms()]
+        op = Op(RELEASE, [self.keys.traj(traj_id)], args, traj_id, ours=owner == self.worker_id)
+        return int(await self.write(op))
+
+    def set_fields(self, traj: Traj, **values: str) -> asyncio.Future[Any]:
+        """Record fields of an owned trajectory (where it runs)."""
+        flat = [x for kv in values.items() for x in kv]
+        t = traj.traj_id
+        return self.send(
+            Op(SET_FIELDS, [self.keys.traj(t)], [self.worker_id, traj.epoch, *flat], t)
+        )
+
+    def bg_write(
+        self,
+        traj_id: str,
+        epoch: str,
+        task_id: str,
+        started_ms: int,
+        status: str,
+        fields: dict[str, str],
+    ) -> asyncio.Future[Any]:
+        """Record one background task's state (never over a final one)."""
+        t = traj_id
+        keys = [
+            self.keys.traj(t),
+            self.keys.bg(t, task_id),
+            self.keys.bg_index(t),
+            self.keys.events(t),
+        ]
+        args = [
+            self.worker_id,
+            epoch,
+            self.settings.retention_s * 1000,
+            self.settings.events_maxlen,
+            task_id,
+            started_ms,
+            status,
+            *(x for kv in fields.items() for x in kv),
+        ]
+        return self.send(Op(BG_WRITE, keys, args, t))
+
+    def bg_lost(self, traj_id: str, epoch: str) -> asyncio.Future[Any]:
+        """Mark the trajectory's running background tasks lost (their agent is gone)."""
+        t = traj_id
+        keys = [self.keys.traj(t), self.keys.bg_index(t), self.keys.events(t)]
+        args = [self.worker_id, epoch, self.settings.events_maxlen, now_ms(), self.keys.bg(t, "")]
+        return self.send(Op(BG_LOST, keys, args, t))
+
+    # -------------------------------------------------------------- loop
+    async def run(self) -> None:
+        """Flush whatever is queued, forever (a bad op never stops later ones)."""
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                replies = await self._flush_with_retry(batch)
+            except Exception as exc:  # a bug, or an error Redis gives the whole batch
+                log.exception("writing %d ops failed", len(batch))
+                replies = [exc] * len(batch)
+            self._remember(batch)
+            for op, reply in zip(batch, replies, strict=True):
+                try:
+                    await self._settle(op, reply)
+                except Exception:
+                    log.exception("settling a write for %s failed", op.traj_id)
+                self._queue.task_done()
+
+    async def _flush_with_retry(self, batch: list[Op]) -> list[Any]:
+        """Flush, retrying through Redis outages; after one, replay recent writes first."""
+        delay_s = 0.05
+        while True:
+            try:
+                if self._catch_up.due():
+                    await self._replay()
+                return await self._flush(batch)
+            except (RedisError, OSError) as exc:
+                if not _is_connection_error(exc):
+                    raise
+                self.health.failed()
+                log.warning("redis write failed (%s); retrying in %.2fs", exc, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 5.0)
+
+    async def _flush(self, batch: list[Op]) -> list[Any]:
+        """One pipelined round trip; a reply is Redis's answer or the op's own error."""
+        replies = await self._pipeline(batch)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:  # a restarted Redis forgot the scripts; rerunning them is safe
+            for script in ALL_SCRIPTS:
+                await self.redis.script_load(script.source)
+            again = await self._pipeline([batch[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline(self, ops: list[Op]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for op in ops:
+            pipe.evalsha(op.script.sha, len(op.keys), *op.keys, *op.args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def _settle(self, op: Op, reply: Any) -> None:
+        if isinstance(reply, Exception) and op.fallback is not None:
+            log.error("write for %s failed (%s): writing its fallback", op.traj_id, reply)
+            retry = op.fallback(reply)
+            reply = (await self._flush_with_retry([retry]))[0]
+            op = retry if op.done is None else op
+        if isinstance(reply, Exception):
+            log.error("write for %s failed: %s", op.traj_id, reply)
+        elif reply == lua.FENCED and op.ours:
+            log.warning("trajectory %s belongs to another worker now: dropping it", op.traj_id)
+            maybe = self.on_fenced(op.traj_id)
+            if maybe is not None:
+                await maybe
+        if op.done is not None:
+            op.done(reply)
+        if op.future is not None and not op.future.done():
+            op.future.set_result(reply)
+
+    # ------------------------------------------------------------ replay
+    def _remember(self, batch: list[Op]) -> None:
+        now = time.monotonic()
+        self._journal.extend((now, op) for op in batch)
+        while self._journal and self._journal[0][0] < now - REPLAY_WINDOW_S:
+            self._journal.popleft()
+
+    async def _replay(self) -> None:
+        """Write the last seconds' ops again: a restarted Redis may have lost them."""
+        generation = self.health.generation
+        ops = [op for at, op in self._journal if at >= time.monotonic() - REPLAY_WINDOW_S]
+        if ops:
+            log.warning("replaying %d recent writes after Redis errors", len(ops))
+            await self._flush(ops)  # raises on a connection error: the caller retries
+        self._catch_up.done(generation)
+
+
+def internal_error(result: Result, why: str) -> Result:
+    """What a result becomes when it cannot be stored as it is."""
+    return Result(
+        call_id=result.call_id,
+        traj=result.traj,
+        tool=result.tool,
+        ok=False,
+        error_code=ErrorCode.INTERNAL_ERROR.value,
+        error=f"the result could not be stored: {why}",
+        worker=result.worker,
+        finished_ms=now_ms(),
+    )
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError))
