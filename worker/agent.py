@@ -403,14 +403,13 @@ def pump_output(proc, timeout_s, max_output):
 
 
 def call_timeout(req, args):
-    timeout = args.get("timeout_s", req.get("timeout_s"))
-    if timeout is None:
-        timeout = 60.0
-    timeout = float(timeout)
+    """The call's timeout: the worker's (which already weighed the call's own
+    ``timeout_s`` against every cap), never longer."""
+    asked = [float(t) for t in (req.get("timeout_s"), args.get("timeout_s")) if t is not None]
+    timeout = min(asked) if asked else 60.0
     if timeout <= 0:
         raise ValueError("timeout_s must be > 0")
-    cap = req.get("max_timeout_s")
-    return min(timeout, float(cap)) if cap else timeout
+    return timeout
 
 
 def max_output_of(req):

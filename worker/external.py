@@ -1,61 +1,37 @@
-"""External tools: Python callables run as RQ jobs, answered like sandbox tools.
+"""External tools, the RQ worker's half: the job function and its callbacks.
 
-Two halves:
-
-* In the RQ worker (``toolq rq-worker``): ``run_tool`` is the one job function
-  toolq ever enqueues. It looks the tool up *by name* in the registry loaded
-  from the RQ worker's own ``--tools`` modules (``TOOLQ_TOOLS``), so a message
-  can never name an import path. RQ callbacks (``on_success`` / ``on_failure``
-  / ``on_stopped``) push the final reply to the owning toolq worker.
-* In the toolq worker: ``ExternalRunner.call`` enqueues the job and waits for
-  that reply; the worker writes it with the same FINISH_CALL script as every
-  other result, so exactly-once and the result format hold unchanged.
-
-Why a pushed notice and not polling each job: a waiting call costs nothing
-while it waits, and one ``BLPOP`` on one per-worker list (``Keys.external_done``)
-serves every outstanding call of the worker, however many trajectories wait.
-RQ runs the callbacks *before* it records the job's final status, so a notice
-always precedes the status. Jobs that end without a callback (a killed work
-horse, a job that expired in its queue, a notice sent to a previous owner)
-are caught by one pipelined status read per second over all outstanding
-jobs: a final status seen twice in a row with no notice is read back from RQ.
+``run_tool`` is the one job function toolq ever enqueues (RQ imports it by
+this module's path). It looks the tool up *by name* in the registry loaded
+from the RQ worker's own ``--tools`` modules (``TOOLQ_TOOLS``), so a message
+can never name an import path. RQ callbacks (``on_success`` / ``on_failure``
+/ ``on_stopped``) push the final reply to the owning toolq worker, whose half
+is ``external_runner.ExternalRunner``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
-import math
 import os
 import re
 import time
 import traceback
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 from redis import Redis as SyncRedis
-from redis.asyncio import Redis as AsyncRedis
-from redis.exceptions import RedisError
-from rq import Queue, Retry
-from rq.callbacks import Callback
-from rq.command import send_stop_job_command
-from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.timeouts import JobTimeoutException
 
-from toolq.schemas import ErrorCode, Keys
+from toolq.schemas import ErrorCode
 
 from .registry import load_registry
 from .results import error_reply
-from .tools import Registry, Tool, format_validation_error
+from .tools import Registry, format_validation_error
 
 if TYPE_CHECKING:
-    from .plan import Plan
-    from .settings import WorkerSettings
-    from .state import Item, Traj
+    pass
 
 log = logging.getLogger("toolq.external")
 
@@ -64,7 +40,7 @@ RESULT_TTL_S = 600  # RQ keeps a job's return value this long (read by the fallb
 FAILURE_TTL_S = 24 * 3600  # failed jobs stay inspectable in RQ's failed registry
 NOTICE_TTL_MS = 24 * 3600 * 1000  # notices for a worker that died expire
 _FINAL = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
-_WAITING = {s.value for s in JobStatus} - {s.value for s in _FINAL}
+WAITING_STATUSES = {s.value for s in JobStatus} - {s.value for s in _FINAL}
 _UNSAFE = re.compile(r"[^A-Za-z0-9-]")
 
 
@@ -82,9 +58,6 @@ def _escape(part: str) -> str:
     return _UNSAFE.sub(lambda m: "".join(f"_{b:02x}" for b in m.group().encode()), part)
 
 
-# =====================================================================
-# RQ worker side
-# =====================================================================
 _registry: Registry | None = None
 
 
@@ -246,238 +219,3 @@ def outcome_of(connection: SyncRedis, job_id: str, queue: str) -> dict[str, Any]
         return error_reply(ErrorCode.TIMEOUT, f"external tool timed out after {job.timeout}s")
     last = trace.strip().splitlines()[-1] if trace.strip() else f"RQ job ended: {status}"
     return error_reply(ErrorCode.TOOL_ERROR, last, trace, run_ms=_run_ms(job))
-
-
-# =====================================================================
-# toolq worker side
-# =====================================================================
-@dataclass
-class Waiter:
-    """One outstanding external call."""
-
-    traj_id: str
-    queue: str
-    future: asyncio.Future[dict[str, Any]]
-    enqueued: bool = False
-    final_polls: int = 0  # consecutive status reads that found the job over
-
-
-@dataclass
-class ExternalRunner:
-    """Enqueues a worker's external calls and hands each its reply."""
-
-    settings: WorkerSettings
-    redis: AsyncRedis
-    registry: Registry
-    worker_id: str
-    waiting: dict[str, Waiter] = field(default_factory=dict)
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _side_tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _sync: SyncRedis | None = None
-
-    @property
-    def keys(self) -> Keys:
-        return Keys(self.settings.namespace)
-
-    def handles(self, tool_name: str) -> bool:
-        """True when ``tool_name`` (already resolved) is an external tool."""
-        found = self.registry.tools.get(tool_name)
-        return found is not None and found.external
-
-    async def call(self, traj: Traj, item: Item, plan: Plan) -> dict[str, Any]:
-        """Run one external call as an RQ job; returns its reply (never raises)."""
-        tool, args = plan.tool, plan.args
-        job_id = job_id_for(self.settings.namespace, traj.traj_id, item.call_id)
-        waiter = Waiter(traj.traj_id, tool.queue, asyncio.get_running_loop().create_future())
-        self.waiting[job_id] = waiter
-        self._start()
-        try:
-            try:
-                await asyncio.to_thread(
-                    self._enqueue, tool, job_id, traj, item, args, plan.timeout_s
-                )
-            except Exception as exc:  # the call must still get its one result
-                log.exception("enqueueing %s failed", job_id)
-                return error_reply(ErrorCode.INTERNAL_ERROR, f"could not enqueue the job: {exc}")
-            waiter.enqueued = True
-            if waiter.future.done():  # cancelled while it was being enqueued
-                self._spawn(self._stop_job(job_id))
-            return await waiter.future
-        finally:
-            self.waiting.pop(job_id, None)
-
-    def cancel(self, traj_id: str) -> None:
-        """Answer the trajectory's outstanding call ``cancelled``; stop its RQ job."""
-        for job_id, waiter in list(self.waiting.items()):
-            if waiter.traj_id != traj_id or waiter.future.done():
-                continue
-            waiter.future.set_result(cancelled_reply())
-            if waiter.enqueued:
-                self._spawn(self._stop_job(job_id))
-
-    def forget(self, traj_id: str) -> None:
-        """Stop waiting for the trajectory's calls (another worker owns it now and
-        adopts its job: the job id is the call's)."""
-        for job_id, waiter in list(self.waiting.items()):
-            if waiter.traj_id == traj_id:
-                self.waiting.pop(job_id, None)
-                if not waiter.future.done():
-                    waiter.future.cancel()
-
-    async def close(self) -> None:
-        """Stop the notice and poll tasks (outstanding jobs keep running in RQ)."""
-        for task in self._tasks + list(self._side_tasks):
-            task.cancel()
-        for task in self._tasks + list(self._side_tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
-        if self._sync is not None:
-            self._sync.close()
-
-    # -------------------------------------------------------- enqueueing
-    def _enqueue(
-        self,
-        tool: Tool,
-        job_id: str,
-        traj: Traj,
-        item: Item,
-        args: dict[str, Any],
-        timeout_s: float,
-    ) -> None:
-        """Create the job (in a thread: RQ is synchronous), or adopt an existing one.
-
-        An existing job is the same call started by a previous owner of the
-        trajectory: it is not run twice, its notice is redirected here.
-        """
-        conn = self._connection()
-        notify_key = self.keys.external_done(self.worker_id)
-        retry = Retry(max=tool.retries, interval=tool.retry_interval_s) if tool.retries else None
-        try:
-            Queue(tool.queue, connection=conn).enqueue_call(
-                run_tool,
-                kwargs={
-                    "tool": tool.name,
-                    "args": args,
-                    "max_output_bytes": traj.spec.limits.max_output_bytes,
-                },
-                job_id=job_id,
-                unique=True,
-                timeout=max(1, math.ceil(timeout_s)),
-                retry=retry,
-                # A job no RQ worker takes within the trajectory's idle timeout
-                # expires; the poll then answers the call instead of waiting forever.
-                ttl=max(1, int(traj.spec.limits.idle_timeout_s)),
-                result_ttl=RESULT_TTL_S,
-                failure_ttl=FAILURE_TTL_S,
-                description=f"toolq {tool.name} {traj.traj_id}/{item.call_id}",
-                meta={"toolq_notify": notify_key, "toolq_traj": traj.traj_id},
-                on_success=Callback(on_success),
-                on_failure=Callback(on_failure),
-                on_stopped=Callback(on_stopped),
-            )
-        except DuplicateJobError:
-            job: Any = Job.fetch(job_id, connection=conn)  # Any: save_meta is unannotated
-            job.meta["toolq_notify"] = notify_key
-            job.save_meta()
-
-    def _connection(self) -> SyncRedis:
-        """A synchronous Redis client for RQ, to the worker's Redis."""
-        if self._sync is None:
-            if self.settings.redis_url:
-                self._sync = SyncRedis.from_url(self.settings.redis_url)
-            else:
-                kw = self.redis.connection_pool.connection_kwargs
-                self._sync = SyncRedis(
-                    host=kw.get("host", "localhost"),
-                    port=kw.get("port", 6379),
-                    db=kw.get("db", 0),
-                    username=kw.get("username"),
-                    password=kw.get("password"),
-                )
-        return self._sync
-
-    async def _stop_job(self, job_id: str) -> None:
-        """Cancel a queued job, stop a running one (best effort: it may just have ended)."""
-        await asyncio.to_thread(self._stop_job_sync, job_id)
-
-    def _stop_job_sync(self, job_id: str) -> None:
-        conn = self._connection()
-        try:
-            job = Job.fetch(job_id, connection=conn)
-            if job.get_status() == JobStatus.STARTED:
-                send_stop_job_command(conn, job_id)
-            else:
-                job.cancel()
-        except (NoSuchJobError, InvalidJobOperation):
-            pass
-        except Exception:
-            log.exception("stopping RQ job %s failed", job_id)
-
-    # ----------------------------------------------------- waiting tasks
-    def _start(self) -> None:
-        if not self._tasks:  # started on first use: workers without external tools pay nothing
-            self._tasks = [
-                asyncio.create_task(self._notice_loop(), name="external-notices"),
-                asyncio.create_task(self._poll_loop(), name="external-poll"),
-            ]
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._side_tasks.add(task)
-        task.add_done_callback(self._side_tasks.discard)
-
-    async def _notice_loop(self) -> None:
-        key = self.keys.external_done(self.worker_id)
-        while True:
-            try:
-                got = await self.redis.blpop([key], timeout=5)
-                if got is None:
-                    continue
-                more = await self.redis.lpop(key, 500) or []
-                for raw in [got[1], *more]:
-                    self._deliver(raw)
-            except (RedisError, OSError) as exc:
-                log.warning("reading external notices failed (%s); retrying", exc)
-                await asyncio.sleep(1.0)
-
-    def _deliver(self, raw: Any) -> None:
-        try:
-            notice = json.loads(raw)
-            waiter = self.waiting.get(str(notice["job"]))
-            reply = notice["reply"]
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring a malformed external notice: %r", raw[:200])
-            return
-        if waiter is not None and not waiter.future.done() and isinstance(reply, dict):
-            waiter.future.set_result(reply)
-
-    async def _poll_loop(self) -> None:
-        while True:
-            await asyncio.sleep(POLL_S)
-            try:
-                await self._poll_once()
-            except Exception:  # never let the fallback die
-                log.exception("polling external jobs failed")
-
-    async def _poll_once(self) -> None:
-        ids = [j for j, w in self.waiting.items() if w.enqueued and not w.future.done()]
-        if not ids:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hget(Job.key_for(job_id), "status")
-        statuses = await pipe.execute()
-        for job_id, raw in zip(ids, statuses, strict=True):
-            waiter = self.waiting.get(job_id)
-            if waiter is None or waiter.future.done():
-                continue
-            status = raw.decode() if isinstance(raw, bytes) else raw
-            waiter.final_polls = 0 if status in _WAITING else waiter.final_polls + 1
-            # Twice: a notice pushed just before the status changed is read by now.
-            if waiter.final_polls >= 2:
-                reply = await asyncio.to_thread(
-                    outcome_of, self._connection(), job_id, waiter.queue
-                )
-                if not waiter.future.done():
-                    waiter.future.set_result(reply)

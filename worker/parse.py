@@ -33,28 +33,29 @@ def _s(value: Any) -> str:
 
 
 def json_depth_exceeded(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
-    """True when ``text`` nests objects/arrays deeper than ``limit`` (strings skipped).
+    """True when the JSON ``text`` nests objects/arrays deeper than ``limit``.
 
-    Checked before ``json.loads``: a deeply nested value makes the parser (and
-    later pydantic) recurse until ``RecursionError``.
+    Checked before the models parse it: a deeply nested value makes parsers
+    and validators recurse until ``RecursionError``. Text with fewer brackets
+    than ``limit`` cannot nest that deep and is not parsed here at all.
     """
-    depth, in_string, escaped = 0, False, False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        return True
+    except ValueError:
+        return False  # not JSON: the model says so
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
             if depth > limit:
                 return True
-        elif ch in "]}":
-            depth -= 1
+            stack.extend((child, depth + 1) for child in node)
     return False
 
 

@@ -24,7 +24,7 @@ from toolq.schemas import ErrorCode, Keys, TrajStatus, lua
 from .backends.base import Backend, SandboxError, Slot
 from .bgtasks import BgRecorder
 from .channel import ChannelClosedError
-from .external import ExternalRunner
+from .external_runner import ExternalRunner
 from .lease import Lease, RedisHealth, retrying
 from .metrics import Observer
 from .plan import Plan, Refusal, deadline_left_s, plan_call

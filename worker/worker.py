@@ -22,7 +22,7 @@ from toolq.schemas import GROUP, ErrorCode, Keys
 
 from .backends.base import Backend
 from .bgtasks import BgRecorder
-from .external import ExternalRunner
+from .external_runner import ExternalRunner
 from .fleet import Fleet
 from .intake import Intake
 from .lease import Lease, RedisHealth, retrying

@@ -1,0 +1,253 @@
+"""The Docker engine calls the backend makes, all blocking (run them in a thread).
+
+``Engine`` creates, provisions, starts and removes containers and starts the
+agent's exec; it remembers what it learned about images (their sandbox user)
+and the engine (docker-init, CPUs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tarfile
+from typing import Any
+
+from ..settings import WorkerSettings
+from .base import SandboxError
+from .docker_box import (
+    AGENT_PATH,
+    LABEL_MANAGED,
+    LABEL_NS,
+    LABEL_POOL,
+    LABEL_TRAJ,
+    LABEL_WORKER,
+    PYTHON_INIT_COMMAND,
+    SLEEP_COMMAND,
+    WORKSPACE,
+    Box,
+    SandboxUser,
+    Started,
+    api_message,
+    no_python_message,
+    payload_tar,
+    pick_user,
+)
+from .docker_stream import hijacked_socket
+
+log = logging.getLogger("toolq.worker.docker")
+
+
+class Engine:
+    """Blocking calls to one Docker engine."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        import docker
+
+        self.settings = settings
+        self.ns = settings.namespace
+        client = (
+            docker.DockerClient(base_url=settings.docker_host)
+            if settings.docker_host
+            else docker.from_env()
+        )
+        self.api: Any = client.api
+        self._ncpu: float | None = None
+        self._users: dict[str, SandboxUser] = {}
+        self._use_init = True
+
+    def start_container(self, box: Box) -> Started:
+        """Create, provision and start a container, then attach the agent's exec."""
+        from docker.errors import APIError, ImageNotFound
+
+        command = SLEEP_COMMAND if self._use_init else PYTHON_INIT_COMMAND
+        for _attempt in range(3):
+            try:
+                cid = self._create(box, command)
+            except ImageNotFound:
+                self._pull(box.config.image)
+                cid = self._create(box, command)
+            box.cid = cid  # so that a failure below still removes it
+            try:
+                user = self._user(box.config.image, cid)
+                self.api.put_archive(cid, "/", payload_tar(user))
+                self.api.start(cid)
+                exec_id = self._agent_exec(cid, user)
+            except APIError as exc:
+                retry = self._fallback(command, api_message(exc))
+                if retry is None:
+                    raise SandboxError(self._start_error(box, api_message(exc))) from exc
+                self.remove_now(cid)
+                command = retry
+                continue
+            sock, leftover = hijacked_socket(self.api.exec_start(exec_id, socket=True))
+            return Started(cid, exec_id, sock, leftover)
+        raise SandboxError(f"cannot start a container of {box.config.image}")
+
+    def attach_agent(self, box: Box) -> Started:
+        """Start a fresh agent in an adopted (running) container."""
+        user = self._user(box.config.image, box.cid)
+        self.api.put_archive(box.cid, "/", payload_tar(user, workspace=False))
+        exec_id = self._agent_exec(box.cid, user)
+        sock, leftover = hijacked_socket(self.api.exec_start(exec_id, socket=True))
+        return Started(box.cid, exec_id, sock, leftover)
+
+    def _agent_exec(self, cid: str, user: SandboxUser) -> str:
+        """Create (not start) the agent's exec, stdin attached."""
+        created = self.api.exec_create(
+            cid,
+            ["python3", "-u", AGENT_PATH],
+            stdin=True,
+            stdout=True,
+            stderr=True,
+            tty=False,
+            user=user.spec,
+            workdir="/",
+        )
+        return str(created["Id"])
+
+    def _fallback(self, command: list[str], message: str) -> list[str] | None:
+        """The next command to try after a start error, or None to give up."""
+        lowered = message.lower()
+        if ("docker-init" in lowered or "init binary" in lowered) and self._use_init:
+            self._use_init = False  # no docker-init on this engine: PID 1 reaps instead
+            log.warning("docker-init unavailable (%s); using a python3 PID 1", message)
+            return PYTHON_INIT_COMMAND
+        sleep_failed = '"sleep"' in message or "is not running" in lowered
+        if command == SLEEP_COMMAND and sleep_failed:
+            return PYTHON_INIT_COMMAND  # no `sleep`, or one that rejects "infinity"
+        return None
+
+    def _start_error(self, box: Box, message: str) -> str:
+        if '"python3"' in message and "not found" in message:
+            return no_python_message(box.config.image, message)
+        return f"cannot start a container of {box.config.image}: {message}"
+
+    def _host_cpus(self) -> float:
+        """CPUs of the engine's host: a container may not ask for more (packing multiplies)."""
+        if self._ncpu is None:
+            try:
+                self._ncpu = float(self.api.info().get("NCPU") or os.cpu_count() or 1)
+            except Exception:  # an engine that will not say: trust our own count
+                self._ncpu = float(os.cpu_count() or 1)
+        return self._ncpu
+
+    def _create(self, box: Box, command: list[str]) -> str:
+        config = box.config
+        per = self.settings.slots_per_container
+        # A tmpfs workspace is charged as memory: on top, so processes keep memory_mb.
+        memory = f"{(config.memory_mb + (config.disk_mb or 0)) * per}m"
+        tmpfs = None
+        if config.disk_mb:
+            user = self._image_user(config.image)  # the tmpfs is the sandbox user's from birth
+            tmpfs = {
+                WORKSPACE: f"rw,exec,nosuid,nodev,size={config.disk_mb * per}m,mode=0755,"
+                f"uid={user.uid},gid={user.gid}"
+            }
+        host_config = self.api.create_host_config(
+            init=self._use_init or None,
+            mem_limit=memory,
+            memswap_limit=memory,  # equal: no swap
+            nano_cpus=int(min(config.cpus * per, self._host_cpus()) * 1e9),
+            pids_limit=config.pids * per,
+            network_mode="bridge" if config.network else "none",
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            tmpfs=tmpfs,
+        )
+        labels = {
+            LABEL_MANAGED: "1",
+            LABEL_NS: self.ns,
+            LABEL_WORKER: self.settings.worker_id,
+            LABEL_TRAJ: box.traj,
+        }
+        if box.pool:
+            labels[LABEL_POOL] = box.pool
+        created = self.api.create_container(
+            config.image,
+            command=command,
+            name=box.name,
+            labels=labels,
+            host_config=host_config,
+            working_dir=WORKSPACE,
+        )
+        return str(created["Id"])
+
+    def _pull(self, image: str) -> None:
+        from docker.errors import APIError
+
+        log.info("pulling image %s", image)
+        try:
+            self.api.pull(image)  # docker-py splits "repo:tag" itself
+        except APIError as exc:
+            raise SandboxError(
+                f"image {image} not found and pull failed: {api_message(exc)}"
+            ) from exc
+
+    def _user(self, image: str, cid: str) -> SandboxUser:
+        """The agent's user for an image (cached): read the image's /etc/passwd once."""
+        if image not in self._users:
+            image_user = (self.api.inspect_image(image).get("Config") or {}).get("User") or ""
+            self._users[image] = pick_user(self._passwd(cid), image_user)
+        return self._users[image]
+
+    def _image_user(self, image: str) -> SandboxUser:
+        """The agent's user for an image before any container of it exists (a probe one)."""
+        if image in self._users:
+            return self._users[image]
+        labels = {
+            LABEL_MANAGED: "1",
+            LABEL_NS: self.ns,
+            LABEL_WORKER: self.settings.worker_id,
+            LABEL_TRAJ: "",
+        }
+        probe = self.api.create_container(
+            image,
+            command=["true"],
+            labels=labels,
+            host_config=self.api.create_host_config(network_mode="none"),
+        )
+        try:
+            return self._user(image, str(probe["Id"]))
+        finally:
+            self.remove_now(str(probe["Id"]))
+
+    def _passwd(self, cid: str) -> str:
+        from docker.errors import NotFound
+
+        try:
+            chunks, _ = self.api.get_archive(cid, "/etc/passwd")
+            data = b"".join(chunks)
+        except NotFound:
+            return ""
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar.getmembers():
+                fh = tar.extractfile(member) if member.isfile() else None
+                if fh is not None:
+                    return fh.read().decode("utf-8", "replace")
+        return ""  # /etc/passwd is a symlink or missing: run as root
+
+    def remove_now(self, cid: str) -> None:
+        from docker.errors import APIError
+
+        try:
+            self.api.remove_container(cid, force=True)
+        except APIError as exc:
+            if getattr(exc, "status_code", None) != 404:
+                log.warning("removing container %s failed: %s", cid[:12], api_message(exc))
+        except Exception as exc:  # engine unreachable: a later start()'s sweep removes it
+            log.warning("removing container %s failed: %s", cid[:12], exc)
+
+    def log_loss(self, cid: str, name: str) -> None:
+        """Say why a container died (OOM, killed, exited) before it is removed."""
+        with contextlib.suppress(Exception):
+            state = self.api.inspect_container(cid).get("State") or {}
+            log.warning(
+                "container %s lost: status=%s exit_code=%s oom_killed=%s error=%s",
+                name,
+                state.get("Status"),
+                state.get("ExitCode"),
+                state.get("OOMKilled"),
+                state.get("Error") or "-",
+            )
