@@ -12,9 +12,8 @@ import time
 
 import click
 
+from toolq.schemas import BG_FINAL_STATUSES as FINAL_STATUSES
 from toolq.schemas import BgTask
-
-from .bg import FINAL_STATUSES
 
 
 def _duration_s(task: BgTask) -> float:

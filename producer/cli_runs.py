@@ -10,7 +10,7 @@ import click
 
 from toolq.schemas import Result, TrajectoryRecord
 
-from . import _protocol as p
+from . import ops
 from .client import Client
 from .status import format_age
 
@@ -76,7 +76,7 @@ def last_results(client: Client, traj_id: str, count: int) -> list[Result]:
     """The trajectory's most recent results (newest last), from its events stream."""
     events: Any = client.redis.xrevrange(client.keys.events(traj_id), count=count * 4)
     call_ids = [
-        p.s(f[b"call_id"]) for _id, f in events if f.get(b"type") == b"result" and b"call_id" in f
+        ops.s(f[b"call_id"]) for _id, f in events if f.get(b"type") == b"result" and b"call_id" in f
     ][:count]
     pipe = client.redis.pipeline(transaction=False)
     for call_id in reversed(call_ids):

@@ -1,46 +1,66 @@
 """toolq clients: open a trajectory, submit calls, wait for results, close.
 
-``Client`` is synchronous, ``AsyncClient`` is the asyncio twin; both speak the
-protocol in PROTOCOL.md and need only Redis (no docker, rq or prometheus).
+``Client`` is synchronous, ``AsyncClient`` its asyncio twin: both are thin
+drivers over the same protocol logic (``ops``, ``waits``), with the same
+methods and docstrings. They need only Redis (no docker, rq or prometheus).
 
     with Client("redis://localhost:6379") as c:
         c.open("t1")
         r = c.call("t1", "bash", {"command": "echo hi"})
         print(r.output)
         c.close("t1")
+
+Every operation is safe to send again (calls carry a client call id), so a
+Redis restart or failover costs latency, not errors: connection failures are
+retried with jittered exponential backoff (redis-py's ``Retry``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from toolq.schemas import (
     BgTask,
-    CallEntry,
     Keys,
     Result,
     ToolInfo,
     TrajectoryRecord,
     TrajectorySpec,
-    lua,
+    TrajStatus,
 )
 
-from . import _protocol as p
-from . import bg
+from . import ops
 from . import tools as tools_mod
 from .config import resolve_redis_url
+from .ops import Cmd, Op, ToolqError, TrajectoryEnded, UnknownTrajectory, WaitTimeout
+from .waits import EventHub, WaitSet, cursor_before, wait_op
 
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "ToolqError",
+    "TrajectoryEnded",
+    "UnknownTrajectory",
+    "WaitTimeout",
+]
+
+#: Connection failures are retried this many times (about 30 s of backoff in all).
+RETRIES = 20
+_BACKOFF = {"base": 0.05, "cap": 2.0}
+_RETRY_ON = [RedisConnectionError, RedisTimeoutError]
 # Waits block in XREAD for as long as the caller asked: no socket read timeout
 # (redis-py >= 8 defaults to 5 s), and RESP2 replies, which the parsing expects.
-# Every wait holds a connection while it blocks, and one client may wait for
-# hundreds of trajectories at once: redis-py's default pool stops at 100.
 # Connecting includes the handshake, which a busy Redis or a starved event loop
 # can delay for seconds: allow for a loaded machine.
 CONNECT_KW: dict[str, Any] = {
@@ -48,37 +68,30 @@ CONNECT_KW: dict[str, Any] = {
     "socket_connect_timeout": 30,
     "protocol": 2,
     "max_connections": 10_000,
+    "retry_on_error": _RETRY_ON,
 }
 
 
-class ToolqError(Exception):
-    """Base of the errors toolq clients raise."""
-
-
-class WaitTimeout(ToolqError, TimeoutError):
-    """No result arrived within the wait timeout (the call may still finish later)."""
-
-
-class TrajectoryEnded(ToolqError):
-    """The trajectory has already reached a final state."""
-
-
-# Connection-level failures a client rides out (Redis restarting, failing over).
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
-RETRIES = 20
-
-
-def _backoff_s(attempt: int) -> float:
-    return float(min(0.05 * 2**attempt, 2.0))
-
-
-def _wait_timeout(timeout_s: float | None) -> float:
+def _wait_s(timeout_s: float | None) -> float:
     return 60.0 if timeout_s is None else timeout_s
 
 
 def _call_wait_s(timeout_s: float | None) -> float:
     # Leave room past the call's own timeout for queueing and slot start.
     return (timeout_s or 60.0) + 60.0
+
+
+def _spec(spec: TrajectorySpec | dict[str, Any] | None) -> TrajectorySpec | None:
+    if spec is None or isinstance(spec, TrajectorySpec):
+        return spec
+    return TrajectorySpec.model_validate(spec)
+
+
+def _raise_errors(replies: list[Any]) -> list[Any]:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
 
 
 class Client:
@@ -91,12 +104,11 @@ class Client:
         redis_client: redis.Redis | None = None,
     ) -> None:
         self.redis = redis_client or redis.Redis.from_url(
-            resolve_redis_url(redis_url), **CONNECT_KW
+            resolve_redis_url(redis_url),
+            retry=Retry(ExponentialWithJitterBackoff(**_BACKOFF), RETRIES),
+            **CONNECT_KW,
         )
         self.keys = Keys(namespace)
-        self._open = self.redis.register_script(lua.OPEN)
-        self._submit = self.redis.register_script(lua.SUBMIT)
-        self._cancel = self.redis.register_script(lua.CANCEL)
 
     def __enter__(self) -> Client:
         return self
@@ -104,22 +116,47 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.redis.close()
 
-    def open(self, traj_id: str, spec: TrajectorySpec | dict[str, Any] | None = None) -> str:
+    # ------------------------------------------------------------- driver
+    def _drive(self, op: Op[ops.T]) -> ops.T:
+        try:
+            request = next(op)
+            while True:
+                request = op.send(self._execute(request))
+        except StopIteration as stop:
+            value: ops.T = stop.value
+            return value
+
+    def _execute(self, cmds: list[Cmd]) -> list[Any]:
+        replies = self._pipeline(cmds)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:  # a restarted Redis forgot the scripts: nothing of those ran
+            for source in {cmds[i].script or "" for i in missing} - {""}:
+                self.redis.script_load(source)
+            for i, reply in zip(missing, self._pipeline([cmds[i] for i in missing]), strict=True):
+                replies[i] = reply
+        return _raise_errors(replies)
+
+    def _pipeline(self, cmds: list[Cmd]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for cmd in cmds:
+            getattr(pipe, cmd.name)(*cmd.args, **cmd.kwargs)
+        return list(pipe.execute(raise_on_error=False))
+
+    # ---------------------------------------------------------- lifecycle
+    def open(
+        self,
+        traj_id: str,
+        spec: TrajectorySpec | dict[str, Any] | None = None,
+        *,
+        reuse: bool = False,
+    ) -> str:
         """Request a trajectory; returns its status (``new`` when just created).
 
-        Opening an open trajectory again is a no-op; an ended one raises.
+        Opening an open trajectory again is a no-op (and re-enqueues an open
+        request a crashed producer left half done). An ended one raises
+        ``TrajectoryEnded``, unless ``reuse`` starts it over under the same id.
         """
-        keys, args, entry = p.open_args(self.keys, traj_id, _spec(spec))
-        status = p.s(self._open(keys=keys, args=args))
-        if status == "new":
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zadd(self.keys.runs, {traj_id: args[1]}, nx=True)
-            pipe.zadd(self.keys.pending, {traj_id: args[1]}, nx=True)
-            pipe.xadd(self.keys.open, entry)
-            pipe.execute()
-        elif status not in ("pending", "running"):
-            raise TrajectoryEnded(f"trajectory {traj_id} has ended ({status})")
-        return status
+        return self._drive(ops.open_traj(self.keys, traj_id, _spec(spec), reuse))
 
     def submit(
         self,
@@ -131,20 +168,30 @@ class Client:
         timeout_s: float | None = None,
         idempotent: bool = False,
     ) -> str:
-        """Append a tool call; returns its call id at once."""
-        entry = p.make_call(tool, args, call_id, timeout_s, idempotent)
-        keys, argv = p.submit_args(self.keys, traj_id, entry)
-        entry_id = p.s(self._submit(keys=keys, args=argv))
-        return call_id or entry_id
+        """Append a tool call; returns its call id at once (a fresh one unless given).
 
-    def result(self, traj_id: str, call_id: str, timeout_s: float | None = 60.0) -> Result:
-        """Wait up to ``timeout_s`` for a call's result; raises WaitTimeout."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xrevrange(self.keys.events(traj_id), count=1)
-        pipe.hgetall(self.keys.result(traj_id, call_id))
-        cursor_reply, fields = pipe.execute()
-        return self._wait(traj_id, call_id, p.last_event_id(cursor_reply), fields, timeout_s)
+        A ``call_id`` that already has a result is not run again: its result stands.
+        """
+        entry = ops.make_call(tool, args, call_id, timeout_s, idempotent)
+        return self._drive(ops.submit(self.keys, traj_id, entry)).call_id
 
+    def close(self, traj_id: str) -> str:
+        """Close after the calls already submitted; frees the slot. Returns the entry id.
+
+        Raises ``UnknownTrajectory`` or ``TrajectoryEnded`` when there is nothing to close.
+        """
+        return self._drive(ops.close(self.keys, traj_id))
+
+    def cancel(self, traj_id: str) -> str:
+        """Cancel now: kill what runs, answer what waits with ``cancelled``.
+
+        Returns ``requested`` (its worker acts within a second), ``cancelled``
+        (no worker owned it: done here) or ``ended`` (it had ended already);
+        raises ``UnknownTrajectory`` for a trajectory never opened.
+        """
+        return self._drive(ops.cancel(self.keys, traj_id))
+
+    # -------------------------------------------------------------- calls
     def call(
         self,
         traj_id: str,
@@ -156,86 +203,26 @@ class Client:
         call_id: str | None = None,
         idempotent: bool = False,
     ) -> Result:
-        """Submit a call and wait for its result.
-
-        With a ``call_id`` the submission is retried across Redis restarts
-        (the worker runs a call id once); without one a lost connection raises.
-        """
-        entry = p.make_call(tool, args, call_id, timeout_s, idempotent)
-        keys, argv = p.submit_args(self.keys, traj_id, entry)
-        for attempt in range(RETRIES if call_id else 1):
-            try:
-                cursor, existing, entry_id = self._send_call(traj_id, call_id, (keys, argv))
-                break
-            except REDIS_DOWN:
-                if not call_id or attempt == RETRIES - 1:
-                    raise
-                time.sleep(_backoff_s(attempt))
-        cid = call_id or p.s(entry_id)
+        """Submit a call and wait for its result (``WaitTimeout`` after ``wait_s``)."""
+        entry = ops.make_call(tool, args, call_id, timeout_s, idempotent)
+        done = self._drive(ops.submit(self.keys, traj_id, entry))
         wait = wait_s if wait_s is not None else _call_wait_s(timeout_s)
-        return self._wait(traj_id, cid, cursor, existing, wait)
+        return self._await([done], wait)[0]
 
-    def _send_call(
-        self, traj_id: str, call_id: str | None, submit: tuple[list[str], list[Any]]
-    ) -> tuple[str, Any, Any]:
-        """One round trip: events cursor, existing result, submit (see ``p.queue_call``)."""
-        for loaded in (False, True):
-            pipe = self.redis.pipeline(transaction=False)
-            p.queue_call(pipe, self.keys, traj_id, call_id, self._submit.sha, submit)
-            try:
-                return p.call_replies(pipe.execute(), call_id)
-            except NoScriptError:  # a restarted Redis forgot the script: nothing was submitted
-                if loaded:
-                    raise
-                self.redis.script_load(lua.SUBMIT)
-        raise AssertionError("unreachable")
+    def result(self, traj_id: str, call_id: str, timeout_s: float | None = 60.0) -> Result:
+        """Wait up to ``timeout_s`` for a call's result; raises ``WaitTimeout``."""
+        done = ops.Submitted(traj_id, call_id, "")
+        return self._await([done], _wait_s(timeout_s), look_first=True)[0]
 
-    def _wait(
-        self, traj_id: str, call_id: str, cursor: str, fields: Any, timeout_s: float | None
-    ) -> Result:
-        found = p.parse_result(fields)
-        deadline = time.monotonic() + _wait_timeout(timeout_s)
-        events = self.keys.events(traj_id)
-        errors = 0
-        while found is None:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                raise WaitTimeout(f"no result for call {call_id} of {traj_id} yet")
-            try:
-                reply = self.redis.xread({events: cursor}, count=100, block=left_ms)
-                new_cursor, hit, found = p.scan_result(reply, call_id)
-                if found is None and (hit or new_cursor is None):  # seen, or timed out: look
-                    found = p.parse_result(self.redis.hgetall(self.keys.result(traj_id, call_id)))
-                cursor = new_cursor or cursor  # only once the look succeeded
-            except REDIS_DOWN:  # Redis restarting: wait, then look again
-                time.sleep(min(_backoff_s(errors), max(left_ms, 0) / 1000))
-                errors += 1
-        return found
+    def _await(
+        self, calls: list[ops.Submitted], wait_s: float, look_first: bool = False
+    ) -> list[Result]:
+        return self._drive(_await_op(self.keys, calls, wait_s, look_first))
 
-    def close(self, traj_id: str) -> str:
-        """Close after the calls already submitted; frees the slot. Returns the entry id."""
-        return self._control(traj_id, "close")
-
-    def cancel(self, traj_id: str) -> str:
-        """Cancel now: kill what runs, answer what waits with ``cancelled``.
-
-        Returns ``requested`` (its worker acts within a second), ``cancelled``
-        (no worker owned it: done here) or ``ended`` (it had ended already).
-        """
-        keys, argv = p.cancel_args(self.keys, traj_id)
-        outcome = p.s(self._cancel(keys=keys, args=argv))
-        if outcome == "cancelled":
-            self.redis.zrem(self.keys.pending, traj_id)
-        return outcome
-
-    def _control(self, traj_id: str, kind: str) -> str:
-        keys, argv = p.submit_args(self.keys, traj_id, CallEntry(type=kind))
-        return p.s(self._submit(keys=keys, args=argv))
-
+    # ------------------------------------------------------------ reading
     def trajectory(self, traj_id: str) -> TrajectoryRecord | None:
         """The trajectory record, or None if unknown (or expired)."""
-        fields = self.redis.hgetall(self.keys.traj(traj_id))
-        return TrajectoryRecord.from_fields(fields) if fields else None
+        return self._drive(ops.get_record(self.keys, traj_id))
 
     def runs(
         self,
@@ -244,47 +231,33 @@ class Client:
         limit: int = 100,
     ) -> list[TrajectoryRecord]:
         """Trajectories, newest first, filtered by status and labels (``k=v``)."""
-        labels = p.parse_labels(label)
-        found: list[TrajectoryRecord] = []
-        for start in range(0, 10**9, p.RUNS_PAGE):
-            ids = self.redis.zrevrange(self.keys.runs, start, start + p.RUNS_PAGE - 1)
-            if not ids:
-                break
-            pipe = self.redis.pipeline(transaction=False)
-            for traj_id in ids:
-                pipe.hgetall(self.keys.traj(p.s(traj_id)))
-            page, expired = p.select_runs(ids, pipe.execute(), status, labels)
-            found += page
-            if expired:  # records past their retention: forget them
-                self.redis.zrem(self.keys.runs, *expired)
-            if len(found) >= limit:
-                break
-        return found[:limit]
+        return self._drive(ops.runs(self.keys, status, ops.parse_labels(label), limit))
 
     def run_counts(self, label: dict[str, str] | list[str] | None = None) -> dict[str, int]:
         """How many trajectories are in each state (optionally with these labels)."""
-        return p.count_by_status(self.runs(label=label, limit=10**9))
+        return _count_by_status(self.runs(label=label, limit=10**9))
 
     def tools(self, names: Iterable[str] | None = None) -> list[ToolInfo]:
         """The tools workers published (name, description, JSON Schema, external)."""
-        return tools_mod.select(tools_mod.parse_tools(self.redis.hgetall(self.keys.tools)), names)
+        return self._drive(ops.tool_infos(self.keys, names))
 
     def tool_specs(self, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """OpenAI function-calling specs of the published tools (optionally only ``names``)."""
-        return tools_mod.tool_specs(self.redis.hgetall(self.keys.tools), names)
+        return [tools_mod.openai_spec(t) for t in self.tools(names)]
 
+    # --------------------------------------------------- background tasks
     def bg_list(self, traj_id: str) -> list[BgTask]:
         """The trajectory's background tasks, oldest first (read from Redis)."""
-        return bg.list_tasks(self.redis, self.keys, traj_id)
+        return self._drive(ops.bg_list(self.keys, traj_id))
 
     def bg_get(self, traj_id: str, task_id: str) -> BgTask | None:
         """One background task's state and output tails, or None if unknown."""
-        return bg.get_task(self.redis, self.keys, traj_id, task_id)
+        return self._drive(ops.bg_get(self.keys, traj_id, task_id))
 
     def bg_output(self, traj_id: str, task_id: str, *, wait_s: float = 0.0) -> BgTask | None:
         """A task with its output tails (``stdout_tail``, ``stderr_tail``, byte counts),
         after waiting up to ``wait_s`` for it to end; ``status`` says if it has."""
-        return bg.wait_task(self.redis, self.keys, traj_id, task_id, wait_s)
+        return self._drive(_bg_wait_op(self.keys, traj_id, task_id, wait_s))
 
     def bg_stop(self, traj_id: str, task_id: str, *, force: bool = False) -> Result:
         """Stop a task (a ``bg_stop`` tool call): SIGTERM, SIGKILL after a grace period."""
@@ -292,7 +265,11 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio toolq client; same methods as ``Client``, awaitable."""
+    """asyncio toolq client: the same methods as ``Client``, awaitable.
+
+    All its waits share one connection: one reader serves every concurrent
+    ``call``/``result`` of the client (``waits.EventHub``).
+    """
 
     def __init__(
         self,
@@ -301,32 +278,60 @@ class AsyncClient:
         redis_client: aioredis.Redis | None = None,
     ) -> None:
         self.redis = redis_client or aioredis.Redis.from_url(
-            resolve_redis_url(redis_url), **CONNECT_KW
+            resolve_redis_url(redis_url),
+            retry=AsyncRetry(ExponentialWithJitterBackoff(**_BACKOFF), RETRIES),
+            **CONNECT_KW,
         )
         self.keys = Keys(namespace)
-        self._open = self.redis.register_script(lua.OPEN)
-        self._submit = self.redis.register_script(lua.SUBMIT)
-        self._cancel = self.redis.register_script(lua.CANCEL)
+        self._hub = EventHub(self.redis, self.keys)
 
     async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the event reader and close the connections."""
+        await self._hub.close()
         await self.redis.aclose()
 
-    async def open(self, traj_id: str, spec: TrajectorySpec | dict[str, Any] | None = None) -> str:
-        """See ``Client.open``."""
-        keys, args, entry = p.open_args(self.keys, traj_id, _spec(spec))
-        status = p.s(await self._open(keys=keys, args=args))
-        if status == "new":
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zadd(self.keys.runs, {traj_id: args[1]}, nx=True)
-            pipe.zadd(self.keys.pending, {traj_id: args[1]}, nx=True)
-            pipe.xadd(self.keys.open, entry)
-            await pipe.execute()
-        elif status not in ("pending", "running"):
-            raise TrajectoryEnded(f"trajectory {traj_id} has ended ({status})")
-        return status
+    # ------------------------------------------------------------- driver
+    async def _drive(self, op: Op[ops.T]) -> ops.T:
+        try:
+            request = next(op)
+            while True:
+                request = op.send(await self._execute(request))
+        except StopIteration as stop:
+            value: ops.T = stop.value
+            return value
+
+    async def _execute(self, cmds: list[Cmd]) -> list[Any]:
+        replies = await self._pipeline(cmds)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            for source in {cmds[i].script or "" for i in missing} - {""}:
+                await self.redis.script_load(source)
+            again = await self._pipeline([cmds[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return _raise_errors(replies)
+
+    async def _pipeline(self, cmds: list[Cmd]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for cmd in cmds:
+            getattr(pipe, cmd.name)(*cmd.args, **cmd.kwargs)
+        return list(await pipe.execute(raise_on_error=False))
+
+    # ---------------------------------------------------------- lifecycle
+    async def open(
+        self,
+        traj_id: str,
+        spec: TrajectorySpec | dict[str, Any] | None = None,
+        *,
+        reuse: bool = False,
+    ) -> str:
+        return await self._drive(ops.open_traj(self.keys, traj_id, _spec(spec), reuse))
 
     async def submit(
         self,
@@ -338,19 +343,16 @@ class AsyncClient:
         timeout_s: float | None = None,
         idempotent: bool = False,
     ) -> str:
-        """See ``Client.submit``."""
-        entry = p.make_call(tool, args, call_id, timeout_s, idempotent)
-        keys, argv = p.submit_args(self.keys, traj_id, entry)
-        return call_id or p.s(await self._submit(keys=keys, args=argv))
+        entry = ops.make_call(tool, args, call_id, timeout_s, idempotent)
+        return (await self._drive(ops.submit(self.keys, traj_id, entry))).call_id
 
-    async def result(self, traj_id: str, call_id: str, timeout_s: float | None = 60.0) -> Result:
-        """See ``Client.result``."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xrevrange(self.keys.events(traj_id), count=1)
-        pipe.hgetall(self.keys.result(traj_id, call_id))
-        cursor_reply, fields = await pipe.execute()
-        return await self._wait(traj_id, call_id, p.last_event_id(cursor_reply), fields, timeout_s)
+    async def close(self, traj_id: str) -> str:
+        return await self._drive(ops.close(self.keys, traj_id))
 
+    async def cancel(self, traj_id: str) -> str:
+        return await self._drive(ops.cancel(self.keys, traj_id))
+
+    # -------------------------------------------------------------- calls
     async def call(
         self,
         traj_id: str,
@@ -362,79 +364,26 @@ class AsyncClient:
         call_id: str | None = None,
         idempotent: bool = False,
     ) -> Result:
-        """See ``Client.call``."""
-        entry = p.make_call(tool, args, call_id, timeout_s, idempotent)
-        keys, argv = p.submit_args(self.keys, traj_id, entry)
-        for attempt in range(RETRIES if call_id else 1):
-            try:
-                cursor, existing, entry_id = await self._send_call(traj_id, call_id, (keys, argv))
-                break
-            except REDIS_DOWN:
-                if not call_id or attempt == RETRIES - 1:
-                    raise
-                await asyncio.sleep(_backoff_s(attempt))
-        cid = call_id or p.s(entry_id)
+        entry = ops.make_call(tool, args, call_id, timeout_s, idempotent)
+        done = await self._drive(ops.submit(self.keys, traj_id, entry))
         wait = wait_s if wait_s is not None else _call_wait_s(timeout_s)
-        return await self._wait(traj_id, cid, cursor, existing, wait)
+        return await self._await(done, wait)
 
-    async def _send_call(
-        self, traj_id: str, call_id: str | None, submit: tuple[list[str], list[Any]]
-    ) -> tuple[str, Any, Any]:
-        """See ``Client._send_call``."""
-        for loaded in (False, True):
-            pipe = self.redis.pipeline(transaction=False)
-            p.queue_call(pipe, self.keys, traj_id, call_id, self._submit.sha, submit)
-            try:
-                return p.call_replies(await pipe.execute(), call_id)
-            except NoScriptError:
-                if loaded:
-                    raise
-                await self.redis.script_load(lua.SUBMIT)
-        raise AssertionError("unreachable")
+    async def result(self, traj_id: str, call_id: str, timeout_s: float | None = 60.0) -> Result:
+        return await self._await(ops.Submitted(traj_id, call_id, ""), _wait_s(timeout_s))
 
-    async def _wait(
-        self, traj_id: str, call_id: str, cursor: str, fields: Any, timeout_s: float | None
-    ) -> Result:
-        found = p.parse_result(fields)
-        deadline = time.monotonic() + _wait_timeout(timeout_s)
-        events = self.keys.events(traj_id)
-        errors = 0
-        while found is None:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                raise WaitTimeout(f"no result for call {call_id} of {traj_id} yet")
-            try:
-                reply = await self.redis.xread({events: cursor}, count=100, block=left_ms)
-                new_cursor, hit, found = p.scan_result(reply, call_id)
-                if found is None and (hit or new_cursor is None):
-                    fields = await self.redis.hgetall(self.keys.result(traj_id, call_id))
-                    found = p.parse_result(fields)
-                cursor = new_cursor or cursor  # only once the look succeeded
-            except REDIS_DOWN:
-                await asyncio.sleep(min(_backoff_s(errors), max(left_ms, 0) / 1000))
-                errors += 1
-        return found
+    async def _await(self, done: ops.Submitted, wait_s: float) -> Result:
+        if done.entry_id:
+            cursor = cursor_before(done.entry_id)
+        else:  # answered at once, or an older call: look first, then wait from now
+            cursor, found = await self._drive(_look_op(self.keys, done))
+            if found is not None:
+                return found
+        return await self._hub.wait(done.traj_id, done.call_id, cursor, wait_s)
 
-    async def close(self, traj_id: str) -> str:
-        """See ``Client.close``."""
-        return await self._control(traj_id, "close")
-
-    async def cancel(self, traj_id: str) -> str:
-        """See ``Client.cancel``."""
-        keys, argv = p.cancel_args(self.keys, traj_id)
-        outcome = p.s(await self._cancel(keys=keys, args=argv))
-        if outcome == "cancelled":
-            await self.redis.zrem(self.keys.pending, traj_id)
-        return outcome
-
-    async def _control(self, traj_id: str, kind: str) -> str:
-        keys, argv = p.submit_args(self.keys, traj_id, CallEntry(type=kind))
-        return p.s(await self._submit(keys=keys, args=argv))
-
+    # ------------------------------------------------------------ reading
     async def trajectory(self, traj_id: str) -> TrajectoryRecord | None:
-        """See ``Client.trajectory``."""
-        fields = await self.redis.hgetall(self.keys.traj(traj_id))
-        return TrajectoryRecord.from_fields(fields) if fields else None
+        return await self._drive(ops.get_record(self.keys, traj_id))
 
     async def runs(
         self,
@@ -442,49 +391,89 @@ class AsyncClient:
         label: dict[str, str] | list[str] | None = None,
         limit: int = 100,
     ) -> list[TrajectoryRecord]:
-        """See ``Client.runs``."""
-        labels = p.parse_labels(label)
-        found: list[TrajectoryRecord] = []
-        start = 0
-        while len(found) < limit:
-            ids = await self.redis.zrevrange(self.keys.runs, start, start + p.RUNS_PAGE - 1)
-            if not ids:
-                break
-            pipe = self.redis.pipeline(transaction=False)
-            for traj_id in ids:
-                pipe.hgetall(self.keys.traj(p.s(traj_id)))
-            page, _expired = p.select_runs(ids, await pipe.execute(), status, labels)
-            found += page
-            start += p.RUNS_PAGE
-        return found[:limit]
+        return await self._drive(ops.runs(self.keys, status, ops.parse_labels(label), limit))
+
+    async def run_counts(self, label: dict[str, str] | list[str] | None = None) -> dict[str, int]:
+        return _count_by_status(await self.runs(label=label, limit=10**9))
 
     async def tools(self, names: Iterable[str] | None = None) -> list[ToolInfo]:
-        """See ``Client.tools``."""
-        raw = await self.redis.hgetall(self.keys.tools)
-        return tools_mod.select(tools_mod.parse_tools(raw), names)
+        return await self._drive(ops.tool_infos(self.keys, names))
 
     async def tool_specs(self, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
-        """See ``Client.tool_specs``."""
-        return tools_mod.tool_specs(await self.redis.hgetall(self.keys.tools), names)
+        return [tools_mod.openai_spec(t) for t in await self.tools(names)]
 
+    # --------------------------------------------------- background tasks
     async def bg_list(self, traj_id: str) -> list[BgTask]:
-        """See ``Client.bg_list``."""
-        return await bg.list_tasks_async(self.redis, self.keys, traj_id)
+        return await self._drive(ops.bg_list(self.keys, traj_id))
 
     async def bg_get(self, traj_id: str, task_id: str) -> BgTask | None:
-        """See ``Client.bg_get``."""
-        return await bg.get_task_async(self.redis, self.keys, traj_id, task_id)
+        return await self._drive(ops.bg_get(self.keys, traj_id, task_id))
 
     async def bg_output(self, traj_id: str, task_id: str, *, wait_s: float = 0.0) -> BgTask | None:
-        """See ``Client.bg_output``."""
-        return await bg.wait_task_async(self.redis, self.keys, traj_id, task_id, wait_s)
+        return await self._drive(_bg_wait_op(self.keys, traj_id, task_id, wait_s))
 
     async def bg_stop(self, traj_id: str, task_id: str, *, force: bool = False) -> Result:
-        """See ``Client.bg_stop``."""
         return await self.call(traj_id, "bg_stop", {"task_id": task_id, "force": force})
 
 
-def _spec(spec: TrajectorySpec | dict[str, Any] | None) -> TrajectorySpec | None:
-    if spec is None or isinstance(spec, TrajectorySpec):
-        return spec
-    return TrajectorySpec.model_validate(spec)
+# The asyncio client's methods carry the sync client's docstrings.
+for _name, _method in vars(AsyncClient).items():
+    _twin = getattr(Client, _name, None)
+    if callable(_method) and not _name.startswith("_") and _twin is not None and _twin.__doc__:
+        _method.__doc__ = _method.__doc__ or _twin.__doc__
+
+
+# ------------------------------------------------------- shared wait ops
+def _look_op(keys: Keys, done: ops.Submitted) -> Op[tuple[str, Result | None]]:
+    """The events cursor now and the result if it exists (one round trip)."""
+    last, fields = yield [
+        Cmd("xrevrange", (keys.events(done.traj_id),), {"count": 1}),
+        Cmd("hgetall", (keys.result(done.traj_id, done.call_id),)),
+    ]
+    return (ops.s(last[0][0]) if last else "0-0"), ops.result_of(fields)
+
+
+def _await_op(
+    keys: Keys, calls: list[ops.Submitted], wait_s: float, look_first: bool
+) -> Op[list[Result]]:
+    """Results of ``calls`` in their order, waiting up to ``wait_s`` in all."""
+    deadline = time.monotonic() + wait_s
+    waits, found = WaitSet(keys), {}
+    for done in calls:
+        if done.entry_id and not look_first:
+            waits.add(done.traj_id, done.call_id, cursor_before(done.entry_id))
+            continue
+        cursor, result = yield from _look_op(keys, done)
+        if result is not None:
+            found[(done.traj_id, done.call_id)] = result
+        else:
+            waits.add(done.traj_id, done.call_id, cursor)
+    found.update((yield from wait_op(waits, deadline)))
+    return [found[(d.traj_id, d.call_id)] for d in calls]
+
+
+def _bg_wait_op(keys: Keys, traj_id: str, task_id: str, wait_s: float) -> Op[BgTask | None]:
+    """The task once it has ended, or as it is after ``wait_s`` seconds."""
+    task = yield from ops.bg_get(keys, traj_id, task_id)
+    last = yield from ops.one(Cmd("xrevrange", (keys.events(traj_id),), {"count": 1}))
+    cursor = ops.s(last[0][0]) if last else "0-0"
+    deadline = time.monotonic() + wait_s
+    while task is not None and task.status == "running":
+        left_ms = int((deadline - time.monotonic()) * 1000)
+        if left_ms <= 0:
+            break
+        block = min(left_ms, 2000)
+        reply = yield from ops.one(
+            Cmd("xread", ({keys.events(traj_id): cursor},), {"count": 100, "block": block})
+        )
+        for _stream, entries in reply or []:
+            cursor = ops.s(entries[-1][0])
+        task = yield from ops.bg_get(keys, traj_id, task_id)
+    return task
+
+
+def _count_by_status(records: list[TrajectoryRecord]) -> dict[str, int]:
+    counts = {status.value: 0 for status in TrajStatus}
+    for rec in records:
+        counts[rec.status.value] += 1
+    return counts

@@ -147,13 +147,19 @@ def check(directory: Path = SCHEMA_DIR) -> list[str]:
 
 
 #: The scripts other-language clients carry, by the name their copies use.
-SCRIPT_COPIES = {"OPEN_LUA": lua.OPEN, "SUBMIT_LUA": lua.SUBMIT, "CANCEL_LUA": lua.CANCEL}
+SCRIPT_COPIES = {
+    "OPEN_LUA": lua.OPEN,
+    "ENQUEUED_LUA": lua.ENQUEUED,
+    "SUBMIT_LUA": lua.SUBMIT,
+    "CANCEL_LUA": lua.CANCEL,
+}
 #: The scripts the redis-cli walkthrough uses.
-WALKTHROUGH_SCRIPTS = ("OPEN_LUA", "SUBMIT_LUA")
+WALKTHROUGH_SCRIPTS = ("OPEN_LUA", "ENQUEUED_LUA", "SUBMIT_LUA")
 
 
 def sync_script_copies(root: Path) -> list[Path]:
-    """Rewrite the copies of the producer scripts in a checkout rooted at ``root``."""
+    """Rewrite the copies of the producer scripts in a checkout rooted at ``root``,
+    and the redis-cli walkthrough's lines that PROTOCOL.md shows."""
     import re
 
     def sub(path: Path, pattern: str, names: Sequence[str]) -> Path:
@@ -168,6 +174,17 @@ def sync_script_copies(root: Path) -> list[Path]:
         path.write_text(text, encoding="utf-8")
         return path
 
+    walkthrough = (root / "examples/redis-cli/walkthrough.sh").read_text(encoding="utf-8")
+    regions = dict(re.findall(r"^# doc:(\w+)\n(.*?)\n# /doc$", walkthrough, re.S | re.M))
+    protocol = (root / "PROTOCOL.md").read_text(encoding="utf-8")
+    for name, body in regions.items():  # PROTOCOL.md shows the walkthrough's own lines
+
+        def keep_ends(m: re.Match[str], body: str = body) -> str:
+            return m.group(1) + body + m.group(2)
+
+        pattern = rf"(<!-- walkthrough:{name} -->\n```\w*\n).*?(\n```)"
+        protocol = re.sub(pattern, keep_ends, protocol, flags=re.S)
+    (root / "PROTOCOL.md").write_text(protocol, encoding="utf-8")
     return [
         sub(
             root / "PROTOCOL.md", r"(<!-- lua:{name} -->\n```lua\n).*?(\n```)", list(SCRIPT_COPIES)

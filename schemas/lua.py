@@ -58,73 +58,127 @@ local function field(flat, name)
   for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
   return nil
 end
+-- A call's id: its call_id when that is a valid id ([A-Za-z0-9._:-]{1,200}),
+-- else its entry id (as the workers answer it).
+local function call_id_of(flat, entry_id)
+  local cid = field(flat, 'call_id')
+  if cid and #cid <= 200 and string.match(cid, '^[%w%.:_%-]+$') then return cid end
+  return entry_id
+end
+-- Only close and cancel are control entries; anything else is a call (and an
+-- unknown type gets an error result like any other malformed call).
+local function is_call(flat)
+  local kind = field(flat, 'type')
+  return kind ~= 'close' and kind ~= 'cancel'
+end
 """
 
 # ---------------------------------------------------------------- producers
 
-# KEYS: traj   ARGV: traj_id, now_ms, spec_json
-# Creates the trajectory record once; returns its status ('new' when created).
-OPEN = """
+# KEYS: traj, calls, events, bg index   ARGV: traj_id, now_ms, spec_json, reuse ('1' or '0')
+# Creates the trajectory record once. Returns 'new' (created: enqueue its open
+# request), 'requeue' (created earlier but its open request may never have
+# been enqueued: a producer died in between; enqueue it again), or its status.
+# With reuse = '1' an ended trajectory starts over under the same id.
+OPEN = (
+    FINAL_LUA
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
-if st then return st end
+if st and final[st] and ARGV[4] == '1' then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  st = false
+end
+if st then
+  if st == 'pending' and not redis.call('HGET', KEYS[1], 'enqueued_ms') then
+    return 'requeue'
+  end
+  return st
+end
 redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[1], 'status', 'pending',
            'created_ms', ARGV[2], 'spec', ARGV[3], 'calls_total', '0', 'calls_failed', '0')
 return 'new'
 """
+)
+
+# KEYS: traj   ARGV: now_ms
+# The open request is on <ns>:open: a later open need not enqueue it again.
+ENQUEUED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'enqueued_ms', ARGV[1])
+end
+return 1
+"""
 
 # KEYS: traj, calls, events   ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms,
 #                                   then the entry's field/value pairs
-# Appends the entry. A call to a trajectory that already ended is answered at
-# once with `trajectory_ended`, and one to a trajectory never opened (or
-# expired) with `bad_request`, so that no call is ever left without a result.
+# Returns {call_id, entry_id}: where the call's result will be, and the entry
+# added to the calls stream ('' when none was kept). A call whose `call_id`
+# already has a result is not added again. A call to a trajectory that ended
+# is answered at once with `trajectory_ended`, one to a trajectory never
+# opened (or expired) with `bad_request`: no call is ever left without a
+# result. A close or cancel entry for such a trajectory is not added (both ids '').
 SUBMIT = (
     FINAL_LUA
     + _ANSWER_LUA
     + """
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
 local entry = {unpack(ARGV, 5)}
-local kind = field(entry, 'type') or 'call'
-if kind ~= 'call' then return id end
+local cid = call_id_of(entry, false)
 local st = redis.call('HGET', KEYS[1], 'status')
+if not is_call(entry) then
+  if not st or final[st] then return {'', ''} end
+  return {'', redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))}
+end
+if cid and redis.call('EXISTS', ARGV[1] .. cid) == 1 then return {cid, ''} end
+if st and not final[st] then
+  local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+  redis.call('HINCRBY', KEYS[1], 'calls_submitted', 1)
+  return {cid or id, id}
+end
+if not cid then  -- the entry id names the call: take one, keep nothing
+  cid = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+  redis.call('XDEL', KEYS[2], cid)
+  if redis.call('XLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
+end
 if not st then
-  answer(ARGV[1], field(entry, 'call_id') or id, 'bad_request',
-         'the trajectory is not open: open it before submitting calls',
+  answer(ARGV[1], cid, 'bad_request', 'the trajectory is not open: open it before submitting calls',
          ARGV[2], KEYS[3], ARGV[3], ARGV[4])
-  for i = 2, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
-elseif final[st] then
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+else
   local reason = redis.call('HGET', KEYS[1], 'reason') or st
-  answer(ARGV[1], field(entry, 'call_id') or id, 'trajectory_ended',
+  answer(ARGV[1], cid, 'trajectory_ended',
          'the trajectory has ended (' .. st .. ': ' .. reason .. ')',
          ARGV[2], KEYS[3], ARGV[3], ARGV[4])
-else
-  redis.call('HINCRBY', KEYS[1], 'calls_submitted', 1)
 end
-return id
+return {cid, ''}
 """
 )
 
 # KEYS: traj, calls, events   ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms,
 #                                   retention_ms, traj_id
-# Cancels a trajectory no worker owns (pending, or never opened) right here:
-# every call in its stream gets a `cancelled` result. An owned one gets a
-# cancel entry, which its worker acts on at once. Returns what happened.
+# Cancels a trajectory no worker owns (pending) right here: every call in its
+# stream gets a `cancelled` result. An owned one gets a cancel entry, which its
+# worker acts on as soon as it reads it, and `cancel_requested_ms` in its record,
+# which the worker looks at while the entry waits behind a full read-ahead.
+# Returns 'requested', 'cancelled', 'ended' (it had ended already) or 'unknown'
+# (never opened, or expired).
 CANCEL = (
     FINAL_LUA
     + _ANSWER_LUA
     + """
 local st = redis.call('HGET', KEYS[1], 'status')
-if st and final[st] then return 'ended' end
+if not st then return 'unknown' end
+if final[st] then return 'ended' end
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if st == 'running' or (owner and owner ~= '') then
   redis.call('XADD', KEYS[2], '*', 'v', '1', 'type', 'cancel')
+  redis.call('HSET', KEYS[1], 'cancel_requested_ms', ARGV[4])
   return 'requested'
 end
-redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[6], 'status', 'cancelled',
-           'ended_ms', ARGV[4], 'reason', 'cancelled by client before it started')
-redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[4])
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'ended_ms', ARGV[4],
+           'reason', 'cancelled by client before it started')
 for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
-  if (field(e[2], 'type') or 'call') == 'call' then
-    answer(ARGV[1], field(e[2], 'call_id') or e[1], 'cancelled', 'trajectory cancelled',
+  if is_call(e[2]) then
+    answer(ARGV[1], call_id_of(e[2], e[1]), 'cancelled', 'trajectory cancelled',
            ARGV[2], KEYS[3], ARGV[3], ARGV[4])
   end
 end
@@ -141,8 +195,9 @@ return 'cancelled'
 # KEYS: traj, calls
 # ARGV: worker, now_ms, spec_json, traj_id, group, previous owner ('' if none: the
 #       open request re-queues that worker's trajectory, so it may be displaced)
-# Takes ownership and starts a new ownership epoch. Returns {'ok', epoch},
-# {'ended', status} or {'owned', owner}. Creates the calls stream's group.
+# Takes ownership and starts a new ownership epoch. Returns {'ok', epoch, now_ms
+# by Redis's clock}, {'ended', status} or {'owned', owner}. Creates the calls
+# stream's group.
 CLAIM = (
     FINAL_LUA
     + """
@@ -158,7 +213,8 @@ local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[4], 'status', 'running', 'owner', ARGV[1],
            'spec', ARGV[3], 'last_activity_ms', ARGV[2])
 pcall(redis.call, 'XGROUP', 'CREATE', KEYS[2], ARGV[5], '0', 'MKSTREAM')
-return {'ok', tostring(epoch)}
+local t = redis.call('TIME')
+return {'ok', tostring(epoch), tostring(t[1] * 1000 + math.floor(t[2] / 1000))}
 """
 )
 
@@ -240,8 +296,8 @@ local reason = redis.call('HGET', KEYS[1], 'reason') or st
 local message = 'the trajectory has ended (' .. st .. ': ' .. reason .. ')'
 local entries = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', ARGV[10])
 for _, e in ipairs(entries) do
-  if (field(e[2], 'type') or 'call') == 'call' then
-    answer(ARGV[8], field(e[2], 'call_id') or e[1], 'trajectory_ended', message,
+  if is_call(e[2]) then
+    answer(ARGV[8], call_id_of(e[2], e[1]), 'trajectory_ended', message,
            ARGV[9], KEYS[2], ARGV[7], ARGV[4])
   end
   redis.call('XDEL', KEYS[3], e[1])

@@ -220,13 +220,13 @@ def test_calls_to_an_unopened_trajectory_get_an_error(start_worker, client: Clie
 def test_an_invalid_spec_fails_the_trajectory_and_answers_its_calls(
     start_worker, client: Client, redis_url, ns
 ):
-    from toolq.producer import _protocol as p
+    from toolq.schemas import lua
 
     keys = Keys(ns)
     r = redis.Redis.from_url(redis_url)
     # what a client in another language might send: a record, then a bad spec
     bad_spec = '{"limits": {"memory_mb": "lots"}}'
-    client._open(keys=[keys.traj("bad")], args=["bad", p.now_ms(), bad_spec])
+    r.eval(lua.OPEN, 1, keys.traj("bad"), "bad", int(time.time() * 1000), bad_spec, 0)
     queued = client.submit("bad", "bash", {"command": "true"})
     r.xadd(keys.open, {"v": "1", "traj": "bad", "spec": bad_spec})
     start_worker("local")

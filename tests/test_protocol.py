@@ -194,8 +194,8 @@ def redis_cli() -> str:
 def run_walkthrough(redis_url: str, ns: str, traj: str, wait_s: int) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
-        "REDIS_URL": redis_url,
-        "TOOLQ_NS": ns,
+        "TOOLQ_REDIS_URL": redis_url,
+        "TOOLQ_NAMESPACE": ns,
         "TOOLQ_TRAJ": traj,
         "TOOLQ_WAIT_S": str(wait_s),
         "REDIS_CLI": redis_cli(),
@@ -252,7 +252,12 @@ def node_ready() -> str:
 def test_node_client_demo(start_worker, redis_url: str, ns: str):
     node = node_ready()
     worker = start_worker("local").worker
-    env = {**os.environ, "REDIS_URL": redis_url, "TOOLQ_NS": ns, "TOOLQ_TRAJ": "node-1"}
+    env = {
+        **os.environ,
+        "TOOLQ_REDIS_URL": redis_url,
+        "TOOLQ_NAMESPACE": ns,
+        "TOOLQ_TRAJ": "node-1",
+    }
     proc = subprocess.run(
         [node, str(NODE_DIR / "demo.js")], env=env, capture_output=True, text=True, timeout=180
     )

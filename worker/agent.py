@@ -489,6 +489,7 @@ def tool_read_file(slot, args, req):
         if encoding == "text"
         else base64.b64encode(data).decode("ascii")
     )
+    # Cut short by the cap: fewer bytes than asked for, although more remain.
     truncated = offset + len(data) < size and (limit is None or len(data) < int(limit))
     return {"output": text, "output_bytes": size, "truncated": truncated, "data": data_out}
 

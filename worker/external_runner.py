@@ -49,7 +49,7 @@ from .external import (
     run_tool,
 )
 from .results import error_reply
-from .tools import Registry, Tool
+from .tools import Registry
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -94,16 +94,14 @@ class ExternalRunner:
 
     async def call(self, traj: Traj, item: Item, plan: Plan) -> dict[str, Any]:
         """Run one external call as an RQ job; returns its reply (never raises)."""
-        tool, args = plan.tool, plan.args
+        tool = plan.tool
         job_id = job_id_for(self.settings.namespace, traj.traj_id, item.call_id)
         waiter = Waiter(traj.traj_id, tool.queue, asyncio.get_running_loop().create_future())
         self.waiting[job_id] = waiter
         self._start()
         try:
             try:
-                await asyncio.to_thread(
-                    self._enqueue, tool, job_id, traj, item, args, plan.timeout_s
-                )
+                await asyncio.to_thread(self._enqueue, job_id, traj, item, plan)
             except Exception as exc:  # the call must still get its one result
                 log.exception("enqueueing %s failed", job_id)
                 return error_reply(ErrorCode.INTERNAL_ERROR, f"could not enqueue the job: {exc}")
@@ -144,20 +142,13 @@ class ExternalRunner:
             self._sync.close()
 
     # -------------------------------------------------------- enqueueing
-    def _enqueue(
-        self,
-        tool: Tool,
-        job_id: str,
-        traj: Traj,
-        item: Item,
-        args: dict[str, Any],
-        timeout_s: float,
-    ) -> None:
+    def _enqueue(self, job_id: str, traj: Traj, item: Item, plan: Plan) -> None:
         """Create the job (in a thread: RQ is synchronous), or adopt an existing one.
 
         An existing job is the same call started by a previous owner of the
         trajectory: it is not run twice, its notice is redirected here.
         """
+        tool = plan.tool
         conn = self._connection()
         notify_key = self.keys.external_done(self.worker_id)
         retry = Retry(max=tool.retries, interval=tool.retry_interval_s) if tool.retries else None
@@ -166,12 +157,12 @@ class ExternalRunner:
                 run_tool,
                 kwargs={
                     "tool": tool.name,
-                    "args": args,
-                    "max_output_bytes": traj.spec.limits.max_output_bytes,
+                    "args": plan.args,
+                    "max_output_bytes": plan.max_output_bytes,
                 },
                 job_id=job_id,
                 unique=True,
-                timeout=max(1, math.ceil(timeout_s)),
+                timeout=max(1, math.ceil(plan.timeout_s)),
                 retry=retry,
                 # A job no RQ worker takes within the trajectory's idle timeout
                 # expires; the poll then answers the call instead of waiting forever.

@@ -75,6 +75,7 @@ class Fleet:
         backend_name: str,
         lost: Callable[[Traj], Awaitable[None]],
         reclaim: Callable[[], Awaitable[int]],
+        cancel: Callable[[Traj], None],
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -88,6 +89,7 @@ class Fleet:
         self.backend_name = backend_name
         self.lost = lost  # another worker owns it now: drop it
         self.reclaim = reclaim
+        self.cancel = cancel  # a cancel requested while its entry waits unread
         self.started_ms = now_ms()
         self._clock_offset_ms = 0  # Redis server time - our time
         self._redis_slow_at = time.monotonic()  # a heartbeat last took long (or start)
@@ -108,9 +110,11 @@ class Fleet:
             beats += 1
             try:
                 await self._beat_and_confirm()
+                await self._cancels_behind_full_queues()
                 await self.take_over_dead()
                 if beats % every == 0:
                     await self.trim_open()
+                    await self.prune_pending()
                     await self.reclaim()
             except (RedisError, OSError) as exc:
                 self.health.failed()
@@ -168,6 +172,23 @@ class Fleet:
         idle = len(trajs) - starting - busy
         free = max(0, self.settings.slots - len(trajs))
         self.observer.slots_sampled(busy=busy, idle=idle, starting=starting, free=free)
+
+    async def _cancels_behind_full_queues(self) -> None:
+        """A trajectory whose read-ahead is full reads no entries, so its cancel
+        entry may wait unread: the cancel script also marks the record."""
+        full = [
+            t
+            for t in self.owned.values()
+            if len(t.items) >= self.settings.read_ahead and t.ending is None and not t.dropped
+        ]
+        if not full:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for traj in full:
+            pipe.hget(self.keys.traj(traj.traj_id), "cancel_requested_ms")
+        for traj, requested in zip(full, await pipe.execute(), strict=True):
+            if requested and traj.ending is None:
+                self.cancel(traj)
 
     def redis_now_ms(self) -> int:
         """Now, by Redis's clock."""
@@ -234,9 +255,25 @@ class Fleet:
         req = OpenRequest(
             traj=traj_id, spec=_s(spec or "{}"), previous_owner=owner, graceful=graceful
         )
+        # Backlog first: the claim that the request below leads to removes it.
+        await self.redis.zadd(self.keys.pending, {traj_id: now_ms()}, nx=True)
         await self.redis.xadd(self.keys.open, req.to_fields())
-        if await self.writer.release(traj_id, owner, _s(epoch or b"")) == 1:
-            await self.redis.zadd(self.keys.pending, {traj_id: now_ms()}, nx=True)
+        if await self.writer.release(traj_id, owner, _s(epoch or b"")) != 1:
+            await self.redis.zrem(self.keys.pending, traj_id)  # ended, or claimed already
+
+    async def prune_pending(self) -> int:
+        """Drop backlog members whose trajectory is not pending any more (a
+        producer or worker that died between two steps)."""
+        members = [_s(m) for m in await self.redis.zrange(self.keys.pending, 0, 499)]
+        if not members:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for traj_id in members:
+            pipe.hget(self.keys.traj(traj_id), "status")
+        stale = [t for t, st in zip(members, await pipe.execute(), strict=True) if st != b"pending"]
+        if stale:
+            await self.redis.zrem(self.keys.pending, *stale)
+        return len(stale)
 
     async def release_open_entries(self, consumer: str) -> None:
         """Open requests ``consumer`` had read but not acted on go back to the stream;

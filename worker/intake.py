@@ -173,6 +173,7 @@ class Intake:
             await self.redis.srem(self.keys.worker_trajs(self.worker_id), traj_id)
             return False
         traj = Traj(traj_id, req.spec, epoch=value, previous_owner=req.previous_owner)
+        traj.claimed_ms = int(_s(got[2]))
         if req.previous_owner:  # taken over or handed back: its leftovers first
             await self.reader.adopt(traj, crashed=not req.graceful)
             self.bg.tasks_lost(traj)  # its tasks died with the previous owner's agent

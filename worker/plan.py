@@ -13,8 +13,12 @@ from typing import Any
 
 from toolq.schemas import CallEntry, ErrorCode, Limits, TrajectorySpec
 
+from .channel import LINE_LIMIT_BYTES
 from .settings import WorkerSettings
 from .tools import InvalidArgsError, Registry, Tool
+
+#: No setting may raise the output kept per call above this.
+MAX_OUTPUT_CAP_BYTES = LINE_LIMIT_BYTES // 8
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class Plan:
     tool: Tool
     args: dict[str, Any]
     timeout_s: float
+    max_output_bytes: int
 
 
 def canonical(registry: Registry, name: str) -> str:
@@ -115,4 +120,13 @@ def plan_call(
     timeout_s = call_timeout_s(tool, asked, limits, settings, left_s)
     if sandbox_arg is not None:  # the sandbox sees the timeout that holds, not the one asked
         args["timeout_s"] = timeout_s
-    return Plan(tool, args, timeout_s)
+    return Plan(tool, args, timeout_s, output_cap(limits, settings))
+
+
+def output_cap(limits: Limits, settings: WorkerSettings) -> int:
+    """Output kept per call: the spec's ``max_output_bytes``, capped by the worker's.
+
+    The worker's cap also stays well under what one agent reply line may
+    carry (output escaped as JSON can grow sixfold).
+    """
+    return min(limits.max_output_bytes, settings.max_output_bytes, MAX_OUTPUT_CAP_BYTES)

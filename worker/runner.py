@@ -30,7 +30,7 @@ from .metrics import Observer
 from .plan import Plan, Refusal, deadline_left_s, plan_call
 from .results import error_reply, make_result, requested_tool
 from .settings import WorkerSettings
-from .state import Item, Traj, now_ms
+from .state import Item, Traj, entry_ms, now_ms
 from .tools import Registry
 from .writer import Writer
 
@@ -184,11 +184,22 @@ class Runner:
 
     async def _answered_before(self, traj: Traj, item: Item) -> bool:
         """A client ``call_id`` whose result exists is not run again (its entry is
-        only released). Once that result expired, the id runs as a new call."""
-        if item.client_call_id is None:
+        only released); once that result expired, the id runs as a new call.
+
+        Redis is asked only when the id could have a result: it ran here before
+        (a client sent it twice), or its entry predates this ownership (a
+        previous owner may have answered it). Any other duplicate never reaches
+        a worker: the submit script adds no entry for an id that has a result.
+        """
+        call_id = item.client_call_id
+        if call_id is None:
+            return False
+        again = call_id in traj.seen_call_ids or entry_ms(item.entry_id) <= traj.claimed_ms
+        traj.seen_call_ids.add(call_id)
+        if not again:
             return False
         await traj.flushed.wait()  # an earlier entry with the same id: its result first
-        key = self.keys.result(traj.traj_id, item.client_call_id)
+        key = self.keys.result(traj.traj_id, call_id)
         return bool(await retrying(self.health, lambda: self.redis.exists(key), "result lookup"))
 
     async def _call_agent(self, traj: Traj, slot: Slot, plan: Plan) -> dict[str, Any] | None:
@@ -202,7 +213,7 @@ class Runner:
                     tool=plan.tool.name,
                     args=plan.args,
                     timeout_s=plan.timeout_s,
-                    max_output_bytes=traj.spec.limits.max_output_bytes,
+                    max_output_bytes=plan.max_output_bytes,
                     # The agent starts it only while our lease holds: a frame that
                     # reaches it after we stalled is not run.
                     start_by_ms=self.lease.expires_ms(),

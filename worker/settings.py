@@ -61,6 +61,9 @@ class WorkerSettings:
     shutdown_grace_s: float = _opt(30.0, "On SIGTERM, how long running calls may finish.")
     max_call_timeout_s: float = _opt(3600.0, "Cap over every call's timeout.")
     max_entry_bytes: int = _opt(16 * 1024 * 1024, "Larger call entries are refused.")
+    max_output_bytes: int = _opt(
+        16 * 1024 * 1024, "Cap over every spec's max_output_bytes (output kept per call)."
+    )
     default_image: str = _opt(
         DEFAULT_IMAGE, "Default sandbox image.", flag="--image", env="TOOLQ_IMAGE"
     )

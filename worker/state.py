@@ -81,6 +81,8 @@ class Traj:
     started: float = field(default_factory=time.monotonic)
     calls: int = 0
     last_entry_id: str = "0-0"  # newest entry dispatched (re-deliveries are skipped)
+    claimed_ms: int = 0  # when this ownership began, by Redis's clock
+    seen_call_ids: set[str] = field(default_factory=set)  # client call ids run here
     dropped: bool = False  # another worker owns it now: do nothing more for it
     unflushed: int = 0  # results handed to the writer, not yet in Redis
     flushed: asyncio.Event = field(default_factory=asyncio.Event)  # set while unflushed == 0

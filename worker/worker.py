@@ -84,6 +84,7 @@ class Worker:
         self.fleet = Fleet(
             settings, redis, self.owned, **shared, writer=self.writer, observer=self.observer,
             backend_name=backend.name, lost=self.runner.drop, reclaim=self.reader.reclaim,
+            cancel=self.runner.cancel,
         )  # fmt: skip
         backend.on_event = self._on_agent_event
         backend.worker_heartbeats = self.fleet.heartbeats

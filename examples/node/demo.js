@@ -4,7 +4,7 @@
  * step: open, a few tool calls, a background task, close; then cancel a
  * second trajectory in the middle of a long call.
  *
- *   REDIS_URL=redis://127.0.0.1:6379 TOOLQ_NS=toolq node demo.js
+ *   TOOLQ_REDIS_URL=redis://127.0.0.1:6379 TOOLQ_NAMESPACE=toolq node demo.js
  *
  * Exits non-zero if a step does not do what it should.
  */

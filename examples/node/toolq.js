@@ -13,6 +13,7 @@
  *   await tq.quit();
  */
 
+const crypto = require('node:crypto');
 const path = require('node:path');
 const { createClient } = require('redis');
 
@@ -27,11 +28,22 @@ const BG_FINAL = new Set(['completed', 'failed', 'stopped', 'lost']);
 const SCHEMA_DIR = path.join(__dirname, '..', '..', 'schemas', 'json');
 
 // The scripts of PROTOCOL.md, verbatim (tests/test_protocol.py checks they
-// match producer/_protocol.py).
+// match toolq.schemas.lua; `python -m toolq.schemas.export` rewrites them).
 // KEYS: traj   ARGV: traj_id, now_ms, spec_json
 const OPEN_LUA = `
+local final = {['cancelled']=1, ['completed']=1, ['failed']=1, ['timeout']=1}
+
 local st = redis.call('HGET', KEYS[1], 'status')
-if st then return st end
+if st and final[st] and ARGV[4] == '1' then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  st = false
+end
+if st then
+  if st == 'pending' and not redis.call('HGET', KEYS[1], 'enqueued_ms') then
+    return 'requeue'
+  end
+  return st
+end
 redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[1], 'status', 'pending',
            'created_ms', ARGV[2], 'spec', ARGV[3], 'calls_total', '0', 'calls_failed', '0')
 return 'new'
@@ -39,6 +51,13 @@ return 'new'
 
 // KEYS: traj, calls, events   ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms,
 //                                   then the entry's field/value pairs
+const ENQUEUED_LUA = `
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'enqueued_ms', ARGV[1])
+end
+return 1
+`;
+
 const SUBMIT_LUA = `
 local final = {['cancelled']=1, ['completed']=1, ['failed']=1, ['timeout']=1}
 
@@ -60,26 +79,49 @@ local function field(flat, name)
   for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
   return nil
 end
+-- A call's id: its call_id when that is a valid id ([A-Za-z0-9._:-]{1,200}),
+-- else its entry id (as the workers answer it).
+local function call_id_of(flat, entry_id)
+  local cid = field(flat, 'call_id')
+  if cid and #cid <= 200 and string.match(cid, '^[%w%.:_%-]+$') then return cid end
+  return entry_id
+end
+-- Only close and cancel are control entries; anything else is a call (and an
+-- unknown type gets an error result like any other malformed call).
+local function is_call(flat)
+  local kind = field(flat, 'type')
+  return kind ~= 'close' and kind ~= 'cancel'
+end
 
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
 local entry = {unpack(ARGV, 5)}
-local kind = field(entry, 'type') or 'call'
-if kind ~= 'call' then return id end
+local cid = call_id_of(entry, false)
 local st = redis.call('HGET', KEYS[1], 'status')
+if not is_call(entry) then
+  if not st or final[st] then return {'', ''} end
+  return {'', redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))}
+end
+if cid and redis.call('EXISTS', ARGV[1] .. cid) == 1 then return {cid, ''} end
+if st and not final[st] then
+  local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+  redis.call('HINCRBY', KEYS[1], 'calls_submitted', 1)
+  return {cid or id, id}
+end
+if not cid then  -- the entry id names the call: take one, keep nothing
+  cid = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+  redis.call('XDEL', KEYS[2], cid)
+  if redis.call('XLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
+end
 if not st then
-  answer(ARGV[1], field(entry, 'call_id') or id, 'bad_request',
-         'the trajectory is not open: open it before submitting calls',
+  answer(ARGV[1], cid, 'bad_request', 'the trajectory is not open: open it before submitting calls',
          ARGV[2], KEYS[3], ARGV[3], ARGV[4])
-  for i = 2, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
-elseif final[st] then
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+else
   local reason = redis.call('HGET', KEYS[1], 'reason') or st
-  answer(ARGV[1], field(entry, 'call_id') or id, 'trajectory_ended',
+  answer(ARGV[1], cid, 'trajectory_ended',
          'the trajectory has ended (' .. st .. ': ' .. reason .. ')',
          ARGV[2], KEYS[3], ARGV[3], ARGV[4])
-else
-  redis.call('HINCRBY', KEYS[1], 'calls_submitted', 1)
 end
-return id
+return {cid, ''}
 `;
 
 // KEYS: traj, calls, events   ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms,
@@ -105,20 +147,34 @@ local function field(flat, name)
   for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
   return nil
 end
+-- A call's id: its call_id when that is a valid id ([A-Za-z0-9._:-]{1,200}),
+-- else its entry id (as the workers answer it).
+local function call_id_of(flat, entry_id)
+  local cid = field(flat, 'call_id')
+  if cid and #cid <= 200 and string.match(cid, '^[%w%.:_%-]+$') then return cid end
+  return entry_id
+end
+-- Only close and cancel are control entries; anything else is a call (and an
+-- unknown type gets an error result like any other malformed call).
+local function is_call(flat)
+  local kind = field(flat, 'type')
+  return kind ~= 'close' and kind ~= 'cancel'
+end
 
 local st = redis.call('HGET', KEYS[1], 'status')
-if st and final[st] then return 'ended' end
+if not st then return 'unknown' end
+if final[st] then return 'ended' end
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if st == 'running' or (owner and owner ~= '') then
   redis.call('XADD', KEYS[2], '*', 'v', '1', 'type', 'cancel')
+  redis.call('HSET', KEYS[1], 'cancel_requested_ms', ARGV[4])
   return 'requested'
 end
-redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[6], 'status', 'cancelled',
-           'ended_ms', ARGV[4], 'reason', 'cancelled by client before it started')
-redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[4])
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'ended_ms', ARGV[4],
+           'reason', 'cancelled by client before it started')
 for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
-  if (field(e[2], 'type') or 'call') == 'call' then
-    answer(ARGV[1], field(e[2], 'call_id') or e[1], 'cancelled', 'trajectory cancelled',
+  if is_call(e[2]) then
+    answer(ARGV[1], call_id_of(e[2], e[1]), 'cancelled', 'trajectory cancelled',
            ARGV[2], KEYS[3], ARGV[3], ARGV[4])
   end
 end
@@ -145,6 +201,7 @@ class Keys {
   events(t) { return `${this.ns}:{${t}}:events`; }
   result(t, callId) { return `${this.ns}:{${t}}:result:${callId}`; }
   bg(t, taskId) { return `${this.ns}:{${t}}:bg:${taskId}`; }
+  bgIndex(t) { return `${this.ns}:{${t}}:bg`; }
   get runs() { return `${this.ns}:runs`; }
   get pending() { return `${this.ns}:pending`; }
   get tools() { return `${this.ns}:tools`; }
@@ -228,13 +285,16 @@ function checkTraj(traj) {
 // -------------------------------------------------------------- client -----
 
 class ToolqClient {
-  /** Connect; `url` defaults to $REDIS_URL, `namespace` to $TOOLQ_NS or "toolq". */
+  /**
+   * Connect; `url` defaults to $TOOLQ_REDIS_URL, `namespace` to $TOOLQ_NAMESPACE
+   * or "toolq", like every other toolq client and command.
+   */
   static async connect({ url, namespace } = {}) {
-    const redisUrl = url || process.env.REDIS_URL || 'redis://127.0.0.1:6379';
+    const redisUrl = url || process.env.TOOLQ_REDIS_URL || 'redis://127.0.0.1:6379';
     const redis = createClient({ url: redisUrl });
     redis.on('error', (err) => console.error('redis:', err.message));
     await redis.connect();
-    return new ToolqClient(redis, namespace || process.env.TOOLQ_NS || 'toolq');
+    return new ToolqClient(redis, namespace || process.env.TOOLQ_NAMESPACE || 'toolq');
   }
 
   constructor(redis, namespace) {
@@ -258,25 +318,34 @@ class ToolqClient {
     return this.redis.sendCommand(args.map(String));
   }
 
-  /** Request a trajectory; returns "new", or its status if it exists already. */
-  async open(traj, spec = {}) {
+  /**
+   * Request a trajectory; returns "new", or its status if it exists already.
+   * An open request a crashed producer never enqueued ("requeue") is enqueued
+   * again. With `reuse`, an ended trajectory starts over under the same id.
+   */
+  async open(traj, spec = {}, { reuse = false } = {}) {
     checkTraj(traj);
+    const k = this.keys;
     const now = Date.now();
     const specJson = JSON.stringify(spec);
-    const status = await this.send(['EVAL', OPEN_LUA, 1, this.keys.traj(traj), traj, now, specJson]);
-    if (status === 'new') {
+    const status = await this.send([
+      'EVAL', OPEN_LUA, 4, k.traj(traj), k.calls(traj), k.events(traj), k.bgIndex(traj),
+      traj, now, specJson, reuse ? 1 : 0,
+    ]);
+    if (status === 'new' || status === 'requeue') {
       await Promise.all([
-        this.send(['ZADD', this.keys.runs, 'NX', now, traj]),
-        this.send(['ZADD', this.keys.pending, 'NX', now, traj]),
-        this.send(['XADD', this.keys.open, '*', ...encode({ v: 1, traj, spec })]),
+        this.send(['ZADD', k.runs, 'NX', now, traj]),
+        this.send(['ZADD', k.pending, 'NX', now, traj]),
+        this.send(['XADD', k.open, '*', ...encode({ v: 1, traj, spec })]),
       ]);
-    } else if (FINAL_STATUSES.has(status)) {
-      throw new ToolqError(`trajectory ${traj} has ended (${status})`);
+      await this.send(['EVAL', ENQUEUED_LUA, 1, k.traj(traj), now]);
+      return status === 'new' ? 'new' : 'pending';
     }
+    if (FINAL_STATUSES.has(status)) throw new ToolqError(`trajectory ${traj} has ended (${status})`);
     return status;
   }
 
-  /** Append an entry to the calls stream with SUBMIT_LUA; returns the entry id. */
+  /** Append an entry with SUBMIT_LUA; returns [call id, entry id] ('' when none was kept). */
   appendEntry(traj, entry) {
     checkTraj(traj);
     if (entry.call_id !== undefined && !CALL_ID_RE.test(entry.call_id)) {
@@ -290,11 +359,15 @@ class ToolqClient {
     ]);
   }
 
-  /** Submit a tool call; returns its call id (the client's `callId`, else the entry id). */
+  /**
+   * Submit a tool call; returns its call id. A fresh call id is made unless
+   * given, so that sending it again (after a lost reply) never runs it twice.
+   */
   async submit(traj, tool, args = {}, { callId, timeoutS, idempotent } = {}) {
-    const entry = { type: 'call', tool, args, call_id: callId, timeout_s: timeoutS, idempotent };
-    const entryId = await this.appendEntry(traj, entry);
-    return callId || entryId;
+    const id = callId || crypto.randomUUID().replaceAll('-', '');
+    const entry = { type: 'call', tool, args, call_id: id, timeout_s: timeoutS, idempotent };
+    const [resultId] = await this.appendEntry(traj, entry);
+    return resultId;
   }
 
   /** Submit a call and wait for its result. */
@@ -374,14 +447,17 @@ class ToolqClient {
   }
 
   /** Close after the calls already submitted (FIFO); returns the entry id. */
-  close(traj) {
-    return this.appendEntry(traj, { type: 'close' });
+  async close(traj) {
+    const [, entryId] = await this.appendEntry(traj, { type: 'close' });
+    if (!entryId) throw new ToolqError(`trajectory ${traj} is not open`);
+    return entryId;
   }
 
   /**
    * Cancel now: what runs is killed, what waits is answered `cancelled`.
    * Returns "requested" (its worker acts on a cancel entry), "cancelled" (no
-   * worker owned it: done by the script) or "ended" (it had ended already).
+   * worker owned it: done by the script) or "ended" (it had ended already);
+   * throws for a trajectory never opened.
    */
   async cancel(traj) {
     checkTraj(traj);
@@ -390,6 +466,7 @@ class ToolqClient {
       'EVAL', CANCEL_LUA, 3, k.traj(traj), k.calls(traj), k.events(traj),
       k.result(traj, ''), RESULT_TTL_MS, EVENTS_MAXLEN, Date.now(), RETENTION_MS, traj,
     ]);
+    if (outcome === 'unknown') throw new ToolqError(`no trajectory ${traj}`);
     if (outcome === 'cancelled') await this.send(['ZREM', k.pending, traj]);
     return outcome;
   }
@@ -425,5 +502,6 @@ class ToolqClient {
 }
 
 module.exports = {
-  ToolqClient, ToolqError, WaitTimeout, Keys, encode, decode, OPEN_LUA, SUBMIT_LUA, CANCEL_LUA,
+  ToolqClient, ToolqError, WaitTimeout, Keys, encode, decode,
+  OPEN_LUA, ENQUEUED_LUA, SUBMIT_LUA, CANCEL_LUA,
 };

@@ -4,16 +4,16 @@
 # PROTOCOL.md quotes the blocks between "# doc:NAME" and "# /doc" verbatim
 # (tests/test_protocol.py keeps the two identical).
 #
-#   REDIS_URL=redis://127.0.0.1:6379 TOOLQ_NS=toolq examples/redis-cli/walkthrough.sh
+#   TOOLQ_REDIS_URL=redis://127.0.0.1:6379 TOOLQ_NAMESPACE=toolq examples/redis-cli/walkthrough.sh
 #
-# Environment: REDIS_URL (default redis://127.0.0.1:6379), TOOLQ_NS (default
-# toolq), TOOLQ_TRAJ (default walk-<pid>), TOOLQ_WAIT_S (default 60),
+# Environment: TOOLQ_REDIS_URL (default redis://127.0.0.1:6379), TOOLQ_NAMESPACE
+# (default toolq), like every toolq command and client; TOOLQ_TRAJ (default walk-<pid>), TOOLQ_WAIT_S (default 60),
 # REDIS_CLI (default redis-cli). Prints key=value lines; exits non-zero when a
 # step fails or times out.
 set -euo pipefail
 
-REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
-NS="${TOOLQ_NS:-toolq}"
+REDIS_URL="${TOOLQ_REDIS_URL:-redis://127.0.0.1:6379}"
+NS="${TOOLQ_NAMESPACE:-toolq}"
 T="${TOOLQ_TRAJ:-walk-$$}"
 WAIT_S="${TOOLQ_WAIT_S:-60}"
 REDIS_CLI="${REDIS_CLI:-redis-cli}"
@@ -25,14 +25,32 @@ r() { "$REDIS_CLI" -e -u "$REDIS_URL" "$@"; }   # -e: exit non-zero on an error 
 now_ms() { echo "$(date +%s)000"; }
 # /doc
 
-# The two scripts of PROTOCOL.md, verbatim (the tests check they match the
-# ones the Python client runs).
+# The scripts of PROTOCOL.md, verbatim (the tests check they match the ones
+# the Python client runs).
 OPEN_LUA=$(cat <<'LUA'
+local final = {['cancelled']=1, ['completed']=1, ['failed']=1, ['timeout']=1}
+
 local st = redis.call('HGET', KEYS[1], 'status')
-if st then return st end
+if st and final[st] and ARGV[4] == '1' then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  st = false
+end
+if st then
+  if st == 'pending' and not redis.call('HGET', KEYS[1], 'enqueued_ms') then
+    return 'requeue'
+  end
+  return st
+end
 redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[1], 'status', 'pending',
            'created_ms', ARGV[2], 'spec', ARGV[3], 'calls_total', '0', 'calls_failed', '0')
 return 'new'
+LUA
+)
+ENQUEUED_LUA=$(cat <<'LUA'
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'enqueued_ms', ARGV[1])
+end
+return 1
 LUA
 )
 SUBMIT_LUA=$(cat <<'LUA'
@@ -56,26 +74,49 @@ local function field(flat, name)
   for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
   return nil
 end
+-- A call's id: its call_id when that is a valid id ([A-Za-z0-9._:-]{1,200}),
+-- else its entry id (as the workers answer it).
+local function call_id_of(flat, entry_id)
+  local cid = field(flat, 'call_id')
+  if cid and #cid <= 200 and string.match(cid, '^[%w%.:_%-]+$') then return cid end
+  return entry_id
+end
+-- Only close and cancel are control entries; anything else is a call (and an
+-- unknown type gets an error result like any other malformed call).
+local function is_call(flat)
+  local kind = field(flat, 'type')
+  return kind ~= 'close' and kind ~= 'cancel'
+end
 
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
 local entry = {unpack(ARGV, 5)}
-local kind = field(entry, 'type') or 'call'
-if kind ~= 'call' then return id end
+local cid = call_id_of(entry, false)
 local st = redis.call('HGET', KEYS[1], 'status')
+if not is_call(entry) then
+  if not st or final[st] then return {'', ''} end
+  return {'', redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))}
+end
+if cid and redis.call('EXISTS', ARGV[1] .. cid) == 1 then return {cid, ''} end
+if st and not final[st] then
+  local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+  redis.call('HINCRBY', KEYS[1], 'calls_submitted', 1)
+  return {cid or id, id}
+end
+if not cid then  -- the entry id names the call: take one, keep nothing
+  cid = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+  redis.call('XDEL', KEYS[2], cid)
+  if redis.call('XLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
+end
 if not st then
-  answer(ARGV[1], field(entry, 'call_id') or id, 'bad_request',
-         'the trajectory is not open: open it before submitting calls',
+  answer(ARGV[1], cid, 'bad_request', 'the trajectory is not open: open it before submitting calls',
          ARGV[2], KEYS[3], ARGV[3], ARGV[4])
-  for i = 2, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
-elseif final[st] then
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+else
   local reason = redis.call('HGET', KEYS[1], 'reason') or st
-  answer(ARGV[1], field(entry, 'call_id') or id, 'trajectory_ended',
+  answer(ARGV[1], cid, 'trajectory_ended',
          'the trajectory has ended (' .. st .. ': ' .. reason .. ')',
          ARGV[2], KEYS[3], ARGV[3], ARGV[4])
-else
-  redis.call('HINCRBY', KEYS[1], 'calls_submitted', 1)
 end
-return id
+return {cid, ''}
 LUA
 )
 
@@ -97,21 +138,24 @@ wait_for() {
 # doc:open
 SPEC='{"limits":{"call_timeout_s":30},"labels":{"example":"redis-cli"}}'
 now=$(now_ms)
-status=$(r EVAL "$OPEN_LUA" 1 "$NS:{$T}" "$T" "$now" "$SPEC")
-if [ "$status" = new ]; then   # first open: announce it to the workers
+status=$(r EVAL "$OPEN_LUA" 4 "$NS:{$T}" "$NS:{$T}:calls" "$NS:{$T}:events" "$NS:{$T}:bg" \
+  "$T" "$now" "$SPEC" 0)
+if [ "$status" = new ] || [ "$status" = requeue ]; then   # announce it to the workers
   r ZADD "$NS:runs" NX "$now" "$T" >/dev/null
   r ZADD "$NS:pending" NX "$now" "$T" >/dev/null
   r XADD "$NS:open" '*' v 1 traj "$T" spec "$SPEC" >/dev/null
+  r EVAL "$ENQUEUED_LUA" 1 "$NS:{$T}" "$now" >/dev/null
 fi
 # /doc
-case "$status" in new | pending | running) ;; *) fail "trajectory $T has ended ($status)" ;; esac
+case "$status" in new | requeue | pending | running) ;; *) fail "trajectory $T has ended ($status)" ;; esac
 echo "traj=$T"
 echo "open=$status"
 
 # doc:call
-call_id=$(r EVAL "$SUBMIT_LUA" 3 "$NS:{$T}" "$NS:{$T}:calls" "$NS:{$T}:events" \
+call_id="c-$(now_ms)"   # a call id of our own: safe to submit again
+r EVAL "$SUBMIT_LUA" 3 "$NS:{$T}" "$NS:{$T}:calls" "$NS:{$T}:events" \
   "$NS:{$T}:result:" 86400000 10000 "$(now_ms)" \
-  v 1 type call tool bash args '{"command":"echo hi"}')
+  v 1 type call call_id "$call_id" tool bash args '{"command":"echo hi"}' >/dev/null
 # /doc
 echo "call_id=$call_id"
 

@@ -1,0 +1,298 @@
+"""The client's protocol logic, once, free of I/O ("sans-IO").
+
+Each operation is a generator: it yields a list of Redis commands (``Cmd``),
+receives their replies (sent back by a driver in one pipelined round trip),
+and finally returns its value. ``Client`` drives them with a blocking Redis
+client, ``AsyncClient`` with an asyncio one, so both speak exactly the same
+protocol. Scripts travel as EVALSHA; a driver loads them when Redis has
+forgotten them (NOSCRIPT) and sends the pipeline again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Generator, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from toolq.schemas import (
+    BgTask,
+    CallEntry,
+    Keys,
+    OpenRequest,
+    Result,
+    ToolInfo,
+    TrajectoryRecord,
+    TrajectorySpec,
+    check_part,
+    check_traj_id,
+    lua,
+)
+
+from . import tools as tools_mod
+
+T = TypeVar("T")
+
+RESULT_TTL_MS = 24 * 3600 * 1000
+EVENTS_MAXLEN = 10_000
+RETENTION_MS = 7 * 24 * 3600 * 1000
+RUNS_PAGE = 500
+
+
+@dataclass(frozen=True)
+class Cmd:
+    """One Redis command, by its redis-py method name."""
+
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    script: str | None = None  # the Lua source of an EVALSHA, loaded on NOSCRIPT
+
+
+Op = Generator[list[Cmd], list[Any], T]
+
+
+def script(source: str, keys: list[str], args: Iterable[Any]) -> Cmd:
+    """EVALSHA of ``source`` (the driver loads it if Redis does not know it)."""
+    sha = hashlib.sha1(source.encode()).hexdigest()
+    return Cmd("evalsha", (sha, len(keys), *keys, *args), script=source)
+
+
+def one(cmd: Cmd) -> Op[Any]:
+    """A single command's reply."""
+    return (yield [cmd])[0]
+
+
+class ToolqError(Exception):
+    """Base of the errors toolq clients raise."""
+
+
+class WaitTimeout(ToolqError, TimeoutError):
+    """No result arrived within the wait timeout (the call may still finish later)."""
+
+
+class TrajectoryEnded(ToolqError):
+    """The trajectory has already reached a final state."""
+
+
+class UnknownTrajectory(ToolqError, KeyError):
+    """No such trajectory: never opened, or its record expired."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "unknown trajectory"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def s(value: Any) -> str:
+    """Decode a Redis reply value."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def new_call_id() -> str:
+    """A client call id: makes a submission safe to send again after a lost reply."""
+    return uuid.uuid4().hex
+
+
+# ------------------------------------------------------------- lifecycle
+def open_traj(keys: Keys, traj_id: str, spec: TrajectorySpec | None, reuse: bool) -> Op[str]:
+    """Create the record and enqueue the open request (again, if an earlier
+    open died in between). Returns the status (``new`` when just created)."""
+    check_traj_id(traj_id)
+    req = OpenRequest(traj=traj_id, spec=spec or TrajectorySpec())
+    fields = req.to_fields()
+    at = now_ms()
+    record_keys = [keys.traj(traj_id), keys.calls(traj_id), keys.events(traj_id)]
+    record_keys.append(keys.bg_index(traj_id))
+    status = s(
+        (yield [script(lua.OPEN, record_keys, [traj_id, at, fields["spec"], int(reuse)])])[0]
+    )
+    if status in ("new", "requeue"):
+        yield [
+            Cmd("zadd", (keys.runs, {traj_id: at}), {"nx": True}),
+            Cmd("zadd", (keys.pending, {traj_id: at}), {"nx": True}),
+            Cmd("xadd", (keys.open, fields)),
+            script(lua.ENQUEUED, [keys.traj(traj_id)], [at]),
+        ]
+        return "new" if status == "new" else "pending"
+    if status not in ("pending", "running"):
+        raise TrajectoryEnded(
+            f"trajectory {traj_id} has ended ({status}); open(reuse=True) starts it over"
+        )
+    return status
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """Where a call's result will be (``call_id``) and its entry (``entry_id``, '' when
+    it was answered at once or had a result already)."""
+
+    traj_id: str
+    call_id: str
+    entry_id: str
+
+
+def submit(keys: Keys, traj_id: str, entry: CallEntry) -> Op[Submitted]:
+    """Append a call (the submit script); the entry carries a client call id."""
+    check_traj_id(traj_id)
+    if entry.call_id is not None:
+        check_part(entry.call_id, "call_id")
+    flat = [x for kv in entry.to_fields().items() for x in kv]
+    argv = [keys.result(traj_id, ""), RESULT_TTL_MS, EVENTS_MAXLEN, now_ms(), *flat]
+    reply = yield [
+        script(lua.SUBMIT, [keys.traj(traj_id), keys.calls(traj_id), keys.events(traj_id)], argv)
+    ]
+    call_id, entry_id = (s(x) for x in reply[0])
+    return Submitted(traj_id, call_id, entry_id)
+
+
+def make_call(
+    tool: str,
+    args: dict[str, Any] | None,
+    call_id: str | None,
+    timeout_s: float | None,
+    idempotent: bool,
+) -> CallEntry:
+    """A call entry, with a fresh client call id unless one is given."""
+    return CallEntry(
+        tool=tool,
+        args=args or {},
+        call_id=call_id or new_call_id(),
+        timeout_s=timeout_s,
+        idempotent=idempotent,
+    )
+
+
+def close(keys: Keys, traj_id: str) -> Op[str]:
+    """Append a close entry; returns its entry id."""
+    done = yield from submit(keys, traj_id, CallEntry(type="close"))
+    if not done.entry_id:
+        yield from _raise_ended(keys, traj_id)
+    return done.entry_id
+
+
+def cancel(keys: Keys, traj_id: str) -> Op[str]:
+    """The cancel script; returns 'requested', 'cancelled' or 'ended'."""
+    check_traj_id(traj_id)
+    argv = [keys.result(traj_id, ""), RESULT_TTL_MS, EVENTS_MAXLEN, now_ms(), RETENTION_MS, traj_id]
+    outcome = s(
+        (
+            yield [
+                script(
+                    lua.CANCEL,
+                    [keys.traj(traj_id), keys.calls(traj_id), keys.events(traj_id)],
+                    argv,
+                )
+            ]
+        )[0]
+    )
+    if outcome == "unknown":
+        raise UnknownTrajectory(f"no trajectory {traj_id}")
+    if outcome == "cancelled":
+        yield [Cmd("zrem", (keys.pending, traj_id))]
+    return outcome
+
+
+def _raise_ended(keys: Keys, traj_id: str) -> Op[None]:
+    record = yield from get_record(keys, traj_id)
+    if record is None:
+        raise UnknownTrajectory(f"no trajectory {traj_id}")
+    raise TrajectoryEnded(f"trajectory {traj_id} has ended ({record.status.value})")
+
+
+# --------------------------------------------------------------- reading
+def get_record(keys: Keys, traj_id: str) -> Op[TrajectoryRecord | None]:
+    """The trajectory record, or None if unknown (or expired)."""
+    check_traj_id(traj_id)
+    fields = yield from one(Cmd("hgetall", (keys.traj(traj_id),)))
+    return TrajectoryRecord.from_fields(fields) if fields else None
+
+
+def runs(
+    keys: Keys, status: str | None, labels: dict[str, str], limit: int
+) -> Op[list[TrajectoryRecord]]:
+    """Trajectories, newest first, by status and labels; forgets expired ones."""
+    found: list[TrajectoryRecord] = []
+    start = 0
+    while len(found) < limit:
+        ids = yield from one(Cmd("zrevrange", (keys.runs, start, start + RUNS_PAGE - 1)))
+        if not ids:
+            break
+        records = yield [Cmd("hgetall", (keys.traj(s(t)),)) for t in ids]
+        page, expired = select_runs(ids, records, status, labels)
+        found += page
+        if expired:  # records past their retention: forget them
+            yield [Cmd("zrem", (keys.runs, *expired))]
+        start += RUNS_PAGE - len(expired)
+    return found[:limit]
+
+
+def select_runs(
+    ids: list[Any], records: list[Any], status: str | None, labels: dict[str, str]
+) -> tuple[list[TrajectoryRecord], list[str]]:
+    """Records matching status and labels, and the ids whose record has expired."""
+    found, expired = [], []
+    for traj_id, fields in zip(ids, records, strict=True):
+        if not fields:
+            expired.append(s(traj_id))
+            continue
+        rec = TrajectoryRecord.from_fields(fields)
+        if status and rec.status.value != status:
+            continue
+        spec_labels = rec.spec.labels if rec.spec else {}
+        if all(spec_labels.get(k) == v for k, v in labels.items()):
+            found.append(rec)
+    return found, expired
+
+
+def published_tools(keys: Keys) -> Op[dict[Any, Any]]:
+    """The raw ``<ns>:tools`` hash."""
+    raw: dict[Any, Any] = yield from one(Cmd("hgetall", (keys.tools,)))
+    return raw
+
+
+def tool_infos(keys: Keys, names: Iterable[str] | None) -> Op[list[ToolInfo]]:
+    raw = yield from published_tools(keys)
+    return tools_mod.select(tools_mod.parse_tools(raw), names)
+
+
+def bg_list(keys: Keys, traj_id: str) -> Op[list[BgTask]]:
+    """Every background task of a trajectory, oldest first."""
+    check_traj_id(traj_id)
+    ids = yield from one(Cmd("zrange", (keys.bg_index(traj_id), 0, -1)))
+    found = yield [Cmd("hgetall", (keys.bg(traj_id, s(t)),)) for t in ids] if ids else []
+    return [BgTask.from_fields(f) for f in found if f]
+
+
+def bg_get(keys: Keys, traj_id: str, task_id: str) -> Op[BgTask | None]:
+    """One background task, or None if unknown."""
+    check_traj_id(traj_id)
+    check_part(task_id, "task id")
+    fields = yield from one(Cmd("hgetall", (keys.bg(traj_id, task_id),)))
+    return BgTask.from_fields(fields) if fields else None
+
+
+def parse_labels(labels: dict[str, str] | list[str] | tuple[str, ...] | None) -> dict[str, str]:
+    """``{"k": "v"}`` or ``["k=v", ...]`` -> dict; raises ValueError on a bad pair."""
+    if labels is None or isinstance(labels, dict):
+        return dict(labels or {})
+    out = {}
+    for pair in labels:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"label {pair!r} is not key=value")
+        out[key] = value
+    return out
+
+
+def result_of(fields: Mapping[Any, Any]) -> Result | None:
+    return Result.from_fields(dict(fields)) if fields else None
+
+
+def _traj_keys(keys: Keys, traj_id: str) -> list[str]:
+    """KEYS of the submit and cancel scripts."""
+    return [keys.traj(traj_id), keys.calls(traj_id), keys.events(traj_id)]
