@@ -23,7 +23,7 @@ from .config import NoRedisError
 def _json_arg(value: str, what: str) -> Any:
     try:
         return json.loads(value)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON, a 5,000-digit number, deep nesting
         raise click.UsageError(f"{what} is not valid JSON: {exc}") from None
 
 

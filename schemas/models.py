@@ -44,6 +44,7 @@ class ErrorCode(str, Enum):
     SANDBOX_ERROR = "sandbox_error"
     SANDBOX_LOST = "sandbox_lost"
     WORKER_LOST = "worker_lost"
+    EXTERNAL_LOST = "external_lost"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -76,6 +76,11 @@ def block(marker: str, release: str) -> str:
     return "released"
 
 
+@tool("big_dict", "Return a dict of n entries.")
+def big_dict(n: int) -> dict[str, int]:
+    return {f"key{i}": i for i in range(n)}
+
+
 @tool("die", "Kill the process running the tool (no RQ callback runs).")
 def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)

@@ -14,13 +14,15 @@ import json
 import logging
 import os
 import re
+import signal
+import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from redis import Redis as SyncRedis
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import AbandonedJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.timeouts import JobTimeoutException
 
@@ -28,10 +30,7 @@ from toolq.schemas import ErrorCode
 
 from .registry import load_registry
 from .results import error_reply
-from .tools import Registry, format_validation_error
-
-if TYPE_CHECKING:
-    pass
+from .tools import InvalidArgsError, Registry
 
 log = logging.getLogger("toolq.external")
 
@@ -40,6 +39,8 @@ RESULT_TTL_S = 600  # RQ keeps a job's return value this long (read by the fallb
 FAILURE_TTL_S = 24 * 3600  # failed jobs stay inspectable in RQ's failed registry
 NOTICE_TTL_MS = 24 * 3600 * 1000  # notices for a worker that died expire
 _FINAL = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
+# How RQ records a job whose worker died under it (not the tool's failure).
+RQ_SIDE_FAILURES = ("Work-horse terminated unexpectedly", "AbandonedJobError")
 WAITING_STATUSES = {s.value for s in JobStatus} - {s.value for s in _FINAL}
 _UNSAFE = re.compile(r"[^A-Za-z0-9-]")
 
@@ -80,14 +81,18 @@ def tools_from_env() -> list[str]:
     return [m for m in re.split(r"[\s,]+", os.environ.get("TOOLQ_TOOLS", "")) if m]
 
 
-def run_tool(tool: str, args: dict[str, Any], max_output_bytes: int = 65536) -> dict[str, Any]:
+def run_tool(
+    tool: str, args: dict[str, Any], max_output_bytes: int = 65536, timeout_s: float | None = None
+) -> dict[str, Any]:
     """The RQ job function: run registered external tool ``tool`` with ``args``.
 
     Returns the reply (a dict like the sandbox agent's). Exceptions and
     timeouts propagate so that RQ retries them; the failure callback turns the
-    last one into the error reply.
+    last one into the error reply. ``timeout_s`` holds to the fraction of a
+    second (RQ's own job timeout counts whole seconds).
     """
-    found = rq_registry().resolve(tool)
+    registry = rq_registry()
+    found = registry.resolve(tool)
     if found is None or not found.external:
         return error_reply(
             ErrorCode.UNKNOWN_TOOL,
@@ -95,13 +100,26 @@ def run_tool(tool: str, args: dict[str, Any], max_output_bytes: int = 65536) -> 
             f"(tools modules: {', '.join(tools_from_env()) or 'none'})",
         )
     try:
-        model = found.args_model.model_validate(args)
-    except ValidationError as exc:
-        return error_reply(ErrorCode.INVALID_ARGS, format_validation_error(found.name, exc))
+        valid = registry.validate(found, args)
+    except InvalidArgsError as exc:
+        return error_reply(ErrorCode.INVALID_ARGS, str(exc))
     assert found.func is not None
+    _precise_alarm(timeout_s)
     started = time.perf_counter()
-    value = found.func(**dict(model))
+    value = found.func(**dict(found.args_model.model_validate(valid)))
     return success_reply(value, (time.perf_counter() - started) * 1000, max_output_bytes)
+
+
+def _precise_alarm(timeout_s: float | None) -> None:
+    """Move RQ's whole-second job alarm to ``timeout_s`` (same timer, same handler).
+
+    Only where RQ set one up: in the work horse's main thread, with its SIGALRM
+    handler installed (without a handler, SIGALRM would kill the process).
+    """
+    if not timeout_s or threading.current_thread() is not threading.main_thread():
+        return
+    if callable(signal.getsignal(signal.SIGALRM)):
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
 
 
 def success_reply(value: Any, run_ms: float, max_output_bytes: int) -> dict[str, Any]:
@@ -153,6 +171,9 @@ def failure_reply(job: Job, exc_type: Any, exc_value: Any, tb: Any) -> dict[str,
         message = f"external tool {tool} timed out after {job.timeout}s"
         return error_reply(ErrorCode.TIMEOUT, message, output, timed_out=True, **extra)
     name = getattr(exc_type, "__name__", "Error")
+    if exc_type is not None and issubclass(exc_type, AbandonedJobError):
+        message = "the RQ worker running the job died (RQ abandoned it); the tool did not fail"
+        return error_reply(ErrorCode.EXTERNAL_LOST, message, output, **extra)
     return error_reply(ErrorCode.TOOL_ERROR, f"{name}: {exc_value}", output, **extra)
 
 
@@ -217,5 +238,8 @@ def outcome_of(connection: SyncRedis, job_id: str, queue: str) -> dict[str, Any]
     trace = (latest.exc_string if latest else None) or ""
     if "JobTimeoutException" in trace:
         return error_reply(ErrorCode.TIMEOUT, f"external tool timed out after {job.timeout}s")
+    if any(sign in trace for sign in RQ_SIDE_FAILURES):
+        message = f"the RQ side failed, not the tool: {trace.strip().splitlines()[0][:300]}"
+        return error_reply(ErrorCode.EXTERNAL_LOST, message, trace, run_ms=_run_ms(job))
     last = trace.strip().splitlines()[-1] if trace.strip() else f"RQ job ended: {status}"
     return error_reply(ErrorCode.TOOL_ERROR, last, trace, run_ms=_run_ms(job))

@@ -58,6 +58,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("toolq.external")
 
+#: How long past its timeout an external call may take before it is answered
+#: ``external_lost``: RQ's whole-second job timeout, queueing, a slow callback.
+GRACE_S = 10.0
+
 
 @dataclass
 class Waiter:
@@ -93,7 +97,12 @@ class ExternalRunner:
         return found is not None and found.external
 
     async def call(self, traj: Traj, item: Item, plan: Plan) -> dict[str, Any]:
-        """Run one external call as an RQ job; returns its reply (never raises)."""
+        """Run one external call as an RQ job; returns its reply (never raises).
+
+        The call ends by its timeout plus ``GRACE_S`` however RQ fares (waiting
+        in the queue counts): a job no RQ worker finished by then is stopped
+        and the call answered ``external_lost``.
+        """
         tool = plan.tool
         job_id = job_id_for(self.settings.namespace, traj.traj_id, item.call_id)
         waiter = Waiter(traj.traj_id, tool.queue, asyncio.get_running_loop().create_future())
@@ -108,7 +117,18 @@ class ExternalRunner:
             waiter.enqueued = True
             if waiter.future.done():  # cancelled while it was being enqueued
                 self._spawn(self._stop_job(job_id))
-            return await waiter.future
+            try:
+                return await asyncio.wait_for(
+                    asyncio.shield(waiter.future), plan.timeout_s + GRACE_S
+                )
+            except asyncio.TimeoutError:
+                self._spawn(self._stop_job(job_id))
+                return error_reply(
+                    ErrorCode.EXTERNAL_LOST,
+                    f"no RQ worker finished the job within its {plan.timeout_s:g}s timeout "
+                    f"and {GRACE_S:g}s of grace (is one serving queue {tool.queue!r}, "
+                    "and alive?); the tool did not fail",
+                )
         finally:
             self.waiting.pop(job_id, None)
 
@@ -159,6 +179,7 @@ class ExternalRunner:
                     "tool": tool.name,
                     "args": plan.args,
                     "max_output_bytes": plan.max_output_bytes,
+                    "timeout_s": plan.timeout_s,
                 },
                 job_id=job_id,
                 unique=True,

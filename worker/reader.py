@@ -56,6 +56,7 @@ class CallReader:
         observer: Observer,
         cancel: Callable[[Traj], None],
         answer: Callable[[Traj, Item, ErrorCode, str], None],
+        rerunnable: Callable[[Item], bool],
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -67,6 +68,7 @@ class CallReader:
         self.observer = observer
         self.cancel = cancel
         self.answer = answer
+        self.rerunnable = rerunnable
         self._changed = asyncio.Event()
         self._conn: aioredis.Redis | None = None
         self._conn_id: int | None = None
@@ -192,9 +194,10 @@ class CallReader:
         owner and never answered are queued here first.
 
         After a crash the first of them may have been running when its owner
-        died: it gets ``worker_lost`` unless it is idempotent (then it runs
-        again). Entries behind it never started (calls of one trajectory run
-        one after the other), so they simply run here.
+        died: it gets ``worker_lost`` unless it may start again (idempotent, or
+        an external call, whose RQ job is adopted rather than run twice).
+        Entries behind it never started (calls of one trajectory run one after
+        the other), so they simply run here.
         """
         entries = await self._claim_pending(traj, min_idle_ms=0)
         if crashed:
@@ -202,7 +205,7 @@ class CallReader:
                 item = parse_call(_s(entry_id), fields, self.settings.max_entry_bytes)
                 if item.kind != "call":
                     continue
-                if not item.idempotent:
+                if not self.rerunnable(item):
                     lost = f"the worker running this call ({traj.previous_owner}) died"
                     self.answer(traj, item, ErrorCode.WORKER_LOST, lost)
                     del entries[index]

@@ -8,9 +8,16 @@ runs RQ's scheduler too (retries with ``retry_interval_s`` need it). A plain
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import os
+import signal
+from typing import Any
 
 import click
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def run_rq_worker(
@@ -25,10 +32,16 @@ def run_rq_worker(
 ) -> None:
     """Serve ``queues`` (default: every queue the loaded external tools use)."""
     import redis
+    import rq.worker.base
     from rq import SimpleWorker, Worker
 
     from .external import set_registry
     from .registry import load_registry
+
+    # RQ forks its scheduler; one that outlived a killed worker would keep the
+    # scheduler lock (and with it every retry) to itself.
+    base: Any = rq.worker.base
+    base.RQScheduler = scheduler_class(base.RQScheduler)
 
     registry = load_registry(tools_modules)
     set_registry(registry)
@@ -38,6 +51,26 @@ def run_rq_worker(
     worker_class = SimpleWorker if simple else Worker
     worker = worker_class(names or ["toolq"], connection=redis.Redis.from_url(redis_url), name=name)
     worker.work(burst=burst, with_scheduler=True, logging_level=log_level.upper())
+
+
+def scheduler_class(base: Any) -> Any:
+    """RQ's scheduler, made to end with the worker that forked it, even a killed one."""
+
+    def work(self: Any) -> None:
+        die_with_parent()
+        base.work(self)
+
+    return type("ToolqScheduler", (base,), {"work": work})
+
+
+def die_with_parent() -> None:
+    """Have the kernel send SIGTERM when the parent process dies (Linux)."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @click.command("rq-worker")

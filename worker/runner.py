@@ -339,6 +339,15 @@ class Runner:
         await self.drop_slot(traj, keep=True)
         self.external.forget(traj.traj_id)
 
+    def rerunnable(self, item: Item) -> bool:
+        """May ``item`` start again after its worker crashed mid-call? When it is
+        idempotent, or an external call: its RQ job (named after the call) is
+        adopted, never run twice."""
+        if item.idempotent:
+            return True
+        tool = self.registry.resolve(item.entry.tool or "") if item.entry else None
+        return tool is not None and tool.external
+
     def traj_for_slot(self, slot_name: str) -> Traj | None:
         """The owned trajectory served by the slot the agent calls ``slot_name``."""
         for traj in self.owned.values():

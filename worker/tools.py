@@ -226,9 +226,13 @@ class Registry:
         return self._adapted[name]
 
     def validate(self, tool: Tool, args: dict[str, Any]) -> dict[str, Any]:
-        """Validated arguments as plain JSON values; raises InvalidArgsError."""
+        """Validated arguments as plain JSON values; raises InvalidArgsError.
+
+        Strict: arguments must have the JSON types the published schema names
+        (``"3"`` is not an integer, ``true`` is not a number).
+        """
         try:
-            model = tool.args_model.model_validate(args)
+            model = tool.args_model.model_validate(args, strict=True)
         except ValidationError as exc:
             raise InvalidArgsError(format_validation_error(tool.name, exc)) from None
         return model.model_dump(mode="json", exclude_none=True)

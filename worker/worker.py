@@ -75,7 +75,7 @@ class Worker:
         )  # fmt: skip
         self.reader = CallReader(
             settings, redis, self.owned, **shared, observer=self.observer,
-            cancel=self.runner.cancel, answer=self.runner.answer,
+            cancel=self.runner.cancel, answer=self.runner.answer, rerunnable=self.runner.rerunnable,
         )  # fmt: skip
         self.intake = Intake(
             settings, redis, self.owned, **shared, writer=self.writer, reader=self.reader,
@@ -148,11 +148,12 @@ class Worker:
         """Give a trajectory back to the pool; its unanswered calls stay in its stream.
 
         A call still running after the grace period gets ``worker_lost`` (or
-        stays to run again elsewhere, when idempotent). With ``keep`` the
+        stays to run again elsewhere, when idempotent; an external call's job
+        is adopted by the next owner). With ``keep`` the
         backend leaves the sandbox for the next owner to adopt.
         """
         running = traj.current
-        if running is not None and not running.idempotent:
+        if running is not None and not self.runner.rerunnable(running):
             message = "the worker shut down while the call ran"
             self.runner.answer(traj, running, ErrorCode.WORKER_LOST, message)
         if traj.ending is not None and traj.task is not None:
