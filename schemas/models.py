@@ -142,7 +142,8 @@ class Limits(BaseModel):
         None,
         ge=1,
         description="Workspace size cap: /workspace is a tmpfs of this size, charged as "
-        "memory on top of memory_mb (Docker backend).",
+        "memory on top of memory_mb (Docker backend; the worker's default_disk_mb, 2048, "
+        "when unset).",
     )
     network: bool = Field(False, description="Network access from the sandbox.")
     max_output_bytes: int = Field(
@@ -283,6 +284,10 @@ class TrajectoryRecord(WireModel):
     owner: str | None = None
     epoch: int = Field(0, description="Ownership epoch: incremented by every claim.")
     slot: str | None = None
+    host: str | None = Field(None, description="Host name of the worker that serves it now.")
+    sandbox: str | None = Field(
+        None, description="What serves it: the Docker container id, or the local agent's pid."
+    )
     created_ms: int | None = None
     started_ms: int | None = None
     ended_ms: int | None = None

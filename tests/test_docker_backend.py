@@ -78,7 +78,9 @@ def test_safe_defaults_and_worker_caps(start_worker, client: Client, dc):
     assert lines[1] == "/workspace"
     assert "0000000000000000" in lines and lines[-1] == "1"  # no capabilities, no-new-privs
     host = container_of(dc, r.slot).attrs["HostConfig"]
-    assert host["Memory"] == 256 * 1024 * 1024 == host["MemorySwap"]  # capped, no swap
+    # capped, no swap; the default workspace cap (a tmpfs) is charged on top
+    assert host["Memory"] == (256 + 2048) * 1024 * 1024 == host["MemorySwap"]
+    assert "size=2048m" in host["Tmpfs"]["/workspace"]
     assert host["PidsLimit"] == 100
     assert host["NanoCpus"] == 500_000_000
     assert host["NetworkMode"] == "none"
@@ -151,7 +153,8 @@ def test_network_request_refused_when_the_worker_forbids_it(start_worker, client
 
 def test_memory_hog_is_killed_and_the_slot_still_serves(start_worker, client: Client):
     start_worker("docker")
-    client.open("t", {"limits": {"memory_mb": 64}})
+    # a small workspace cap: its tmpfs is charged on top of memory_mb (see README)
+    client.open("t", {"limits": {"memory_mb": 64, "disk_mb": 16}})
     hog = client.call(
         "t", "bash", {"command": "python3 -c \"x = b'x' * (512 << 20); print('survived')\""}
     )

@@ -8,8 +8,10 @@ worker thread. The module ends by checking that no container of its namespaces i
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -127,6 +129,47 @@ def test_a_killed_workers_container_is_adopted_with_its_files(
     # the dead worker's agent saw its stream end and killed what it ran
     assert "sleep 4321" not in processes(box)
     assert container_ids(dc, ns) == {box.id}
+
+
+def test_after_a_takeover_what_toolq_says_about_the_slot_is_true(
+    worker_process, start_worker, client: Client, dc, ns: str
+):
+    dying = worker_process("dying")
+    client.open("t")
+    started = client.call("t", "bg_start", {"command": "while true; do echo tick; sleep 0.2; done"})
+    assert started.ok and started.worker == "dying", started
+    task_id = started.data["task_id"]
+    wait_for(lambda: (t := client.bg_get("t", task_id)) and t.status == "running", what="task")
+    box = dc.containers.get(short_id(started.slot))
+    start_worker("docker", **FAST)
+    dying.send_signal(signal.SIGKILL)
+    dying.wait()
+    after = client.call("t", "bash", {"command": "true", "timeout_s": 30})
+    assert after.ok and after.worker != "dying" and short_id(after.slot) == box.id[:12], after
+    # 1. the task died with the killed worker's agent: Redis says so, with an event
+    wait_for(lambda: client.bg_get("t", task_id).status == "lost", what="the task marked lost")
+    events = client.redis.xrange(client.keys.events("t"))
+    lost = [f for _, f in events if f.get(b"type") == b"bg" and f.get(b"status") == b"lost"]
+    assert [f[b"task_id"].decode() for f in lost] == [task_id]
+    # 2. the record, not the label, says who serves it now, where, in which container
+    rec = client.trajectory("t")
+    assert rec is not None and rec.owner == after.worker
+    assert rec.host == socket.gethostname() and rec.sandbox == box.id
+    assert box.labels["toolq.worker"] == "dying"  # labels name the worker that started it
+    shown = subprocess.run(
+        [*TOOLQ, "--namespace", ns, "show", "t"],
+        env=dict(os.environ, TOOLQ_REDIS_URL=_url(client)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    doc = json.loads(shown.stdout)
+    assert (doc["owner"], doc["host"], doc["sandbox"]) == (after.worker, rec.host, box.id)
+
+
+def _url(client: Client) -> str:
+    kw = client.redis.connection_pool.connection_kwargs
+    return f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
 
 
 def test_sigterm_hands_over_the_container_to_a_live_worker(

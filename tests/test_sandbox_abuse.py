@@ -228,7 +228,8 @@ def test_fork_bomb_is_contained_and_others_are_served(docker_only, start_worker,
 
 def test_memory_hogs_are_killed_inside_the_slot(docker_only, start_worker, client):
     start_worker(docker_only)
-    client.open("hog", {"limits": {"memory_mb": 64}})
+    # a small workspace cap: its tmpfs is charged on top of memory_mb (see README)
+    client.open("hog", {"limits": {"memory_mb": 64, "disk_mb": 16}})
     client.open("bystander")
     hog = "python3 -c \"x = [b'x' * (1 << 20) for _ in range(512)]; print('survived')\""
     for tool in ("bash", "shell"):
@@ -251,7 +252,7 @@ def test_disk_fill_stops_at_the_workspace_cap_and_the_slot_keeps_working(
     fill = client.call("t", "bash", {"command": "dd if=/dev/zero of=big bs=1M count=64"})
     assert not fill.ok and "No space left on device" in fill.output, fill
     more = client.call("t", "write_file", {"path": "more.txt", "content": "y" * (1 << 20)})
-    assert not more.ok and "No space left" in (more.error or ""), more
+    assert more.error_code == "limit_exceeded" and "disk_mb" in (more.error or ""), more
     after = client.call(
         "t", "bash", {"command": "rm big; echo ok > small; cat small; df -m /workspace | tail -1"}
     )
@@ -273,6 +274,21 @@ def test_the_worker_caps_every_workspace(docker_only, start_worker, client):
         assert "No space left on device" in fill.output, (traj, fill)
         size = client.call(traj, "bash", {"command": "df -m /workspace | tail -1"})
         assert size.output.split()[1] == "8", size
+
+
+def test_a_default_disk_cap_stops_one_trajectory_and_spares_the_others(
+    docker_only, start_worker, client: Client
+):
+    start_worker(docker_only, default_disk_mb=8)  # no spec sets disk_mb
+    client.open("hog")
+    client.open("calm")
+    fill = client.call("hog", "bash", {"command": "dd if=/dev/zero of=big bs=1M count=32"})
+    assert not fill.ok and "No space left on device" in fill.output, fill
+    write = client.call("hog", "write_file", {"path": "more", "content": "x" * 1_000_000})
+    assert write.error_code == "limit_exceeded" and "disk_mb" in (write.error or ""), write
+    calm = client.call("calm", "bash", {"command": "echo fine > f && cat f && df -m . | tail -1"})
+    assert calm.ok and calm.output.startswith("fine\n"), calm  # its own, empty workspace
+    assert client.call("hog", "bash", {"command": "rm big && echo freed"}).output == "freed\n"
 
 
 @pytest.fixture

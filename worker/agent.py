@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import io
 import json
@@ -291,7 +292,11 @@ def run_call(slot, req):
         except (KeyError, TypeError, ValueError) as exc:
             reply = error_reply(req, "invalid_args", "bad arguments for %s: %s" % (tool, exc))
         except OSError as exc:
-            reply = error_reply(req, "io_error", "%s: %s" % (type(exc).__name__, exc))
+            if exc.errno == errno.ENOSPC:
+                message = "no space left in the workspace: its size cap (disk_mb) is reached"
+                reply = error_reply(req, "limit_exceeded", message)
+            else:
+                reply = error_reply(req, "io_error", "%s: %s" % (type(exc).__name__, exc))
         except Exception as exc:  # a tool bug must not kill the agent
             reply = error_reply(req, "tool_error", "%s: %s" % (type(exc).__name__, exc))
     reply["run_ms"] = round((time.monotonic() - started) * 1000.0, 3)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,6 +37,7 @@ from .writer import Writer
 
 log = logging.getLogger("toolq.worker.runner")
 
+HOST = socket.gethostname()
 # The agent enforces call timeouts; this is how much longer the worker waits
 # before it declares the sandbox unresponsive.
 AGENT_GRACE_S = 15.0
@@ -281,7 +283,9 @@ class Runner:
         if traj.previous_owner and not traj.slot.adopted:
             traj.slot_reset = True  # the previous owner's workspace is gone
         traj.previous_owner = None
-        self.writer.set_fields(traj, slot=traj.slot.slot_id)
+        # The record says what serves it now (container labels name only who started it).
+        slot = traj.slot
+        self.writer.set_fields(traj, slot=slot.slot_id, host=HOST, sandbox=slot.sandbox_id)
         return True
 
     async def drop_slot(self, traj: Traj, keep: bool = False) -> None:

@@ -83,6 +83,11 @@ class WorkerSettings:
     max_disk_mb: int | None = _opt(
         None, "Every workspace is a tmpfs of at most this size (counts as memory)."
     )
+    default_disk_mb: int = _opt(
+        2048,
+        "Docker workspace size cap (MiB) for specs that set no disk_mb: /workspace is a "
+        "tmpfs of this size (counts as memory). 0: no cap (the container's writable layer).",
+    )
     sweep_s: float = _opt(30.0, "How often containers dead workers left are looked at.")
     # metrics
     metrics_port: int | None = _opt(None, "Serve Prometheus metrics on this port (0: any).")

@@ -83,7 +83,7 @@ def box_config(spec: TrajectorySpec, settings: WorkerSettings) -> BoxConfig:
         memory_mb=min(limits.memory_mb or settings.max_memory_mb, settings.max_memory_mb),
         pids=min(limits.pids or settings.max_pids, settings.max_pids),
         network=limits.network,
-        disk_mb=_capped(limits.disk_mb, settings.max_disk_mb),
+        disk_mb=_capped(limits.disk_mb or settings.default_disk_mb or None, settings.max_disk_mb),
     )
 
 
