@@ -17,16 +17,18 @@ retried with jittered exponential backoff (redis-py's ``Retry``).
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ClusterDownError, NoScriptError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -42,7 +44,7 @@ from toolq.schemas import (
 
 from . import ops
 from . import tools as tools_mod
-from .config import resolve_redis_url
+from .config import redis_target, resolve_redis_url
 from .ops import Cmd, Op, ToolqError, TrajectoryEnded, UnknownTrajectory, WaitTimeout
 from .waits import EventHub, WaitSet, cursor_before, wait_op
 
@@ -70,6 +72,19 @@ CONNECT_KW: dict[str, Any] = {
     "max_connections": 10_000,
     "retry_on_error": _RETRY_ON,
 }
+_CLUSTER_KW: dict[str, Any] = {
+    k: v for k, v in CONNECT_KW.items() if k not in ("max_connections", "retry_on_error")
+}
+
+
+# What a restarting Redis or a cluster failing over answers for a while: wait and
+# send again (redis-py's own cluster retries do not back off).
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError)
+
+
+def _backoff_s(attempt: int) -> float:
+    """Exponential backoff with full jitter, capped at 2 s (about 30 s over RETRIES)."""
+    return float(random.uniform(0, min(0.05 * 2**attempt, 2.0)))
 
 
 def _wait_s(timeout_s: float | None) -> float:
@@ -85,6 +100,22 @@ def _spec(spec: TrajectorySpec | dict[str, Any] | None) -> TrajectorySpec | None
     if spec is None or isinstance(spec, TrajectorySpec):
         return spec
     return TrajectorySpec.model_validate(spec)
+
+
+def queue(pipe: Any, cmd: Cmd) -> None:
+    """Add ``cmd`` to a pipeline; scripts as plain EVALSHA/EVAL commands, which a
+    cluster pipeline routes by their keys (its ``evalsha`` method refuses)."""
+    if cmd.name in ("evalsha", "eval"):
+        pipe.execute_command(cmd.name.upper(), *cmd.args)
+    else:
+        getattr(pipe, cmd.name)(*cmd.args, **cmd.kwargs)
+
+
+def with_source(cmd: Cmd) -> Cmd:
+    """An EVALSHA as EVAL of its source: runs (and caches) a script Redis forgot."""
+    if cmd.name != "evalsha" or not cmd.script:
+        return cmd
+    return Cmd("eval", (cmd.script, *cmd.args[1:]), script=cmd.script)
 
 
 def _raise_errors(replies: list[Any]) -> list[Any]:
@@ -103,11 +134,17 @@ class Client:
         namespace: str = "toolq",
         redis_client: redis.Redis | None = None,
     ) -> None:
-        self.redis = redis_client or redis.Redis.from_url(
-            resolve_redis_url(redis_url),
-            retry=Retry(ExponentialWithJitterBackoff(**_BACKOFF), RETRIES),
-            **CONNECT_KW,
-        )
+        target, self.cluster = redis_target(resolve_redis_url(redis_url))
+        retry = Retry(ExponentialWithJitterBackoff(**_BACKOFF), RETRIES)
+        if redis_client is not None:
+            self.redis = redis_client
+            self.cluster = isinstance(redis_client, redis.RedisCluster)
+        elif self.cluster:
+            self.redis = cast(
+                redis.Redis, redis.RedisCluster.from_url(target, retry=retry, **_CLUSTER_KW)
+            )
+        else:
+            self.redis = redis.Redis.from_url(target, retry=retry, **CONNECT_KW)
         self.keys = Keys(namespace)
 
     def __enter__(self) -> Client:
@@ -127,19 +164,28 @@ class Client:
             return value
 
     def _execute(self, cmds: list[Cmd]) -> list[Any]:
+        for attempt in range(RETRIES + 1):
+            try:
+                return self._execute_once(cmds)
+            except REDIS_DOWN:  # safe to send again: every operation is idempotent
+                if attempt == RETRIES:
+                    raise
+                time.sleep(_backoff_s(attempt))
+        raise AssertionError("unreachable")
+
+    def _execute_once(self, cmds: list[Cmd]) -> list[Any]:
         replies = self._pipeline(cmds)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:  # a restarted Redis forgot the scripts: nothing of those ran
-            for source in {cmds[i].script or "" for i in missing} - {""}:
-                self.redis.script_load(source)
-            for i, reply in zip(missing, self._pipeline([cmds[i] for i in missing]), strict=True):
+            again = self._pipeline([with_source(cmds[i]) for i in missing])
+            for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return _raise_errors(replies)
 
     def _pipeline(self, cmds: list[Cmd]) -> list[Any]:
         pipe = self.redis.pipeline(transaction=False)
         for cmd in cmds:
-            getattr(pipe, cmd.name)(*cmd.args, **cmd.kwargs)
+            queue(pipe, cmd)
         return list(pipe.execute(raise_on_error=False))
 
     # ---------------------------------------------------------- lifecycle
@@ -217,7 +263,7 @@ class Client:
     def _await(
         self, calls: list[ops.Submitted], wait_s: float, look_first: bool = False
     ) -> list[Result]:
-        return self._drive(_await_op(self.keys, calls, wait_s, look_first))
+        return self._drive(_await_op(self.keys, calls, wait_s, look_first, self.cluster))
 
     # ------------------------------------------------------------ reading
     def trajectory(self, traj_id: str) -> TrajectoryRecord | None:
@@ -277,13 +323,18 @@ class AsyncClient:
         namespace: str = "toolq",
         redis_client: aioredis.Redis | None = None,
     ) -> None:
-        self.redis = redis_client or aioredis.Redis.from_url(
-            resolve_redis_url(redis_url),
-            retry=AsyncRetry(ExponentialWithJitterBackoff(**_BACKOFF), RETRIES),
-            **CONNECT_KW,
-        )
+        target, self.cluster = redis_target(resolve_redis_url(redis_url))
+        retry = AsyncRetry(ExponentialWithJitterBackoff(**_BACKOFF), RETRIES)
+        if redis_client is not None:
+            self.redis = redis_client
+            self.cluster = isinstance(redis_client, aioredis.RedisCluster)
+        elif self.cluster:
+            cluster = aioredis.RedisCluster.from_url(target, retry=retry, **_CLUSTER_KW)
+            self.redis = cast(aioredis.Redis, cluster)
+        else:
+            self.redis = aioredis.Redis.from_url(target, retry=retry, **CONNECT_KW)
         self.keys = Keys(namespace)
-        self._hub = EventHub(self.redis, self.keys)
+        self._hub = EventHub(self.redis, self.keys, self.cluster)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -307,12 +358,20 @@ class AsyncClient:
             return value
 
     async def _execute(self, cmds: list[Cmd]) -> list[Any]:
+        for attempt in range(RETRIES + 1):
+            try:
+                return await self._execute_once(cmds)
+            except REDIS_DOWN:  # safe to send again: every operation is idempotent
+                if attempt == RETRIES:
+                    raise
+                await asyncio.sleep(_backoff_s(attempt))
+        raise AssertionError("unreachable")
+
+    async def _execute_once(self, cmds: list[Cmd]) -> list[Any]:
         replies = await self._pipeline(cmds)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-        if missing:
-            for source in {cmds[i].script or "" for i in missing} - {""}:
-                await self.redis.script_load(source)
-            again = await self._pipeline([cmds[i] for i in missing])
+        if missing:  # a restarted Redis forgot the scripts: nothing of those ran
+            again = await self._pipeline([with_source(cmds[i]) for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return _raise_errors(replies)
@@ -320,7 +379,7 @@ class AsyncClient:
     async def _pipeline(self, cmds: list[Cmd]) -> list[Any]:
         pipe = self.redis.pipeline(transaction=False)
         for cmd in cmds:
-            getattr(pipe, cmd.name)(*cmd.args, **cmd.kwargs)
+            queue(pipe, cmd)
         return list(await pipe.execute(raise_on_error=False))
 
     # ---------------------------------------------------------- lifecycle
@@ -434,11 +493,11 @@ def _look_op(keys: Keys, done: ops.Submitted) -> Op[tuple[str, Result | None]]:
 
 
 def _await_op(
-    keys: Keys, calls: list[ops.Submitted], wait_s: float, look_first: bool
+    keys: Keys, calls: list[ops.Submitted], wait_s: float, look_first: bool, cluster: bool
 ) -> Op[list[Result]]:
     """Results of ``calls`` in their order, waiting up to ``wait_s`` in all."""
     deadline = time.monotonic() + wait_s
-    waits, found = WaitSet(keys), {}
+    waits, found = WaitSet(keys, cluster), {}
     for done in calls:
         if done.entry_id and not look_first:
             waits.add(done.traj_id, done.call_id, cursor_before(done.entry_id))

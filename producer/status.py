@@ -102,7 +102,8 @@ def collect(
     window_min: int = WINDOW_MIN,
     now_ms: int | None = None,
 ) -> Status:
-    """Read the deployment's state from Redis (two round trips)."""
+    """Read the deployment's state from Redis (two round trips; a Redis Cluster
+    client splits each pipeline by node)."""
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     minutes = [now // 60_000 - i for i in range(window_min)]
     pipe = r.pipeline(transaction=False)
@@ -110,7 +111,7 @@ def collect(
     pipe.zcard(keys.pending)
     pipe.zrange(keys.pending, 0, 0, withscores=True)
     pipe.zcard(keys.runs)
-    pipe.zrevrange(keys.runs, 0, max(0, runs_sample - 1)) if runs_sample > 0 else pipe.echo("")
+    pipe.zrevrange(keys.runs, 0, max(0, runs_sample - 1))  # (ECHO is refused on a cluster)
     for minute in minutes:
         pipe.hgetall(keys.minute_stats(minute))
     beats, pending, oldest, runs_total, run_ids, *stats = pipe.execute()

@@ -1,16 +1,19 @@
-"""Waiting for results: one blocking read over the events streams of every wait.
+"""Waiting for results: one blocking read over the events streams of many waits.
 
 A worker appends ``{type: result, call_id, result?}`` to ``<ns>:{T}:events``
 when it writes a call's result; small results ride inline. ``WaitSet`` is the
 pure part: which streams to read from which cursors, and what an ``XREAD``
 reply resolves. ``wait_op`` drives it for the sync client (one ``XREAD`` over
 all the streams a caller waits on); ``EventHub`` drives it for the asyncio
-client: one background reader, on one connection, serves every concurrent
-wait of the client, woken with ``CLIENT UNBLOCK`` when a wait joins.
+client: one background reader serves every concurrent wait of the client. A
+read may not span hash slots on Redis Cluster, so there the streams are read
+in groups, one per slot. A wait that joins a blocked read ends it by adding
+to the reader's *wake stream* (``Keys.wake``, in the group's slot), which the
+read includes.
 
 Streams are read from the submit's entry id onwards, so no event of the call
-can be missed; when a read times out (or an event was trimmed away) the
-result hashes themselves are looked at.
+can be missed; and every ``LOOK_EVERY_MS`` the result hashes of what is still
+awaited are looked at, in case an event was trimmed away.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.crc import key_slot
+from redis.exceptions import ClusterDownError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from toolq.schemas import Keys, Result
@@ -35,6 +40,7 @@ Call = tuple[str, str]  # (trajectory id, call id)
 #: Longest single blocking read: then result hashes are looked at directly.
 LOOK_EVERY_MS = 2000
 MAX_U64 = 2**64 - 1
+WAKE_TTL_MS = 3600 * 1000  # a gone client's wake streams expire
 
 
 def cursor_before(entry_id: str) -> str:
@@ -69,6 +75,7 @@ class WaitSet:
     """Calls being waited for, the events cursor of each of their trajectories."""
 
     keys: Keys
+    cluster: bool = False
     cursors: dict[str, str] = field(default_factory=dict)  # trajectory -> events cursor
     pending: dict[Call, bool] = field(default_factory=dict)
 
@@ -85,6 +92,16 @@ class WaitSet:
 
     def streams(self) -> dict[str, str]:
         return {self.keys.events(t): c for t, c in self.cursors.items()}
+
+    def groups(self) -> list[dict[str, str]]:
+        """The streams, in reads that never span a hash slot (one read off a cluster)."""
+        if not self.cluster:
+            return [self.streams()] if self.cursors else []
+        by_slot: dict[int, dict[str, str]] = {}
+        for traj_id, cursor in self.cursors.items():
+            stream = self.keys.events(traj_id)
+            by_slot.setdefault(key_slot(stream.encode()), {})[stream] = cursor
+        return list(by_slot.values())
 
     def scan(self, reply: Any) -> tuple[dict[Call, Result], list[Call]]:
         """What an XREAD reply resolves: results carried inline, and calls whose
@@ -121,18 +138,31 @@ def fetch_cmds(keys: Keys, calls: Iterable[Call]) -> list[Cmd]:
 
 def wait_op(waits: WaitSet, deadline: float) -> Op[dict[Call, Result]]:
     """Wait (blocking reads) until every call in ``waits`` has a result, or the
-    deadline (monotonic) passes: raises WaitTimeout naming the first missing."""
+    deadline (monotonic) passes: raises WaitTimeout naming the first missing.
+
+    Reads spanning several hash slots (a cluster) are sent together without
+    blocking, then the first one blocks briefly."""
     done: dict[Call, Result] = {}
+    look_at = time.monotonic() + LOOK_EVERY_MS / 1000
     while waits.pending:
         left_ms = int((deadline - time.monotonic()) * 1000)
         if left_ms <= 0:
             traj_id, call_id = next(iter(waits.pending))
             raise WaitTimeout(f"no result for call {call_id} of {traj_id} yet")
-        block_ms = min(left_ms, LOOK_EVERY_MS)
-        reply = (yield [Cmd("xread", (waits.streams(),), {"count": 1000, "block": block_ms})])[0]
-        found, fetch = waits.scan(reply)
-        if not reply:  # quiet for a while: look at the hashes themselves
+        groups = waits.groups()
+        block_ms = max(1, min(left_ms, LOOK_EVERY_MS, 100 if len(groups) > 1 else LOOK_EVERY_MS))
+        reads = [Cmd("xread", (g,), {"count": 1000}) for g in groups[1:]]
+        reads.insert(0, Cmd("xread", (groups[0],), {"count": 1000, "block": block_ms}))
+        replies = yield reads[::-1]  # the blocking read last: the others answer at once
+        found: dict[Call, Result] = {}
+        fetch: list[Call] = []
+        for reply in replies:
+            got, missing = waits.scan(reply)
+            found.update(got)
+            fetch += missing
+        if time.monotonic() >= look_at:  # an event may have been trimmed: look at the hashes
             fetch = list(waits.pending)
+            look_at = time.monotonic() + LOOK_EVERY_MS / 1000
         if fetch:
             for call, fields in zip(fetch, (yield fetch_cmds(waits.keys, fetch)), strict=True):
                 result = result_of(fields)
@@ -145,21 +175,17 @@ def wait_op(waits: WaitSet, deadline: float) -> Op[dict[Call, Result]]:
 
 
 class EventHub:
-    """Every wait of one asyncio client, served by one reader on one connection."""
+    """Every wait of one asyncio client: a reader per hash-slot group of streams
+    (one group off a cluster), woken through its wake stream when a wait joins."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, cluster: bool = False) -> None:
         self.redis = redis
         self.keys = keys
-        self.waits = WaitSet(keys)
+        self.cluster = cluster
+        self.reader_id = uuid.uuid4().hex[:12]
         self._futures: dict[Call, asyncio.Future[Result]] = {}
         self._waiters: dict[Call, int] = {}
-        self._reader: asyncio.Task[None] | None = None
-        self._conn: aioredis.Redis | None = None
-        self._conn_id: int | None = None
-        self._blocked = False
-        self._unblocking = False
-        self._woken = False  # the blocked read was ended by us, not by its timeout
-        self._has_waits = asyncio.Event()
+        self._groups: dict[int, _HubGroup] = {}
 
     async def wait(self, traj_id: str, call_id: str, cursor: str, timeout_s: float) -> Result:
         """The call's result, once its event (or its hash) shows it."""
@@ -167,8 +193,9 @@ class EventHub:
         if call not in self._futures:
             self._futures[call] = asyncio.get_running_loop().create_future()
         self._waiters[call] = self._waiters.get(call, 0) + 1
-        self.waits.add(traj_id, call_id, cursor)
-        self._wake()
+        group = self._group_of(traj_id)
+        group.waits.add(traj_id, call_id, cursor)
+        group.joined()
         try:
             return await asyncio.wait_for(asyncio.shield(self._futures[call]), timeout_s)
         except asyncio.TimeoutError:
@@ -178,76 +205,110 @@ class EventHub:
             if not self._waiters[call]:
                 del self._waiters[call]
                 self._futures.pop(call, None)
-                self.waits.discard(call)
+                group.waits.discard(call)
 
-    def _wake(self) -> None:
-        """Start the reader, or restart its blocked read so that it covers the new wait."""
+    def _group_of(self, traj_id: str) -> _HubGroup:
+        slot = key_slot(self.keys.events(traj_id).encode()) if self.cluster else 0
+        if slot not in self._groups:
+            tag = traj_id if self.cluster else ""
+            self._groups[slot] = _HubGroup(self, self.keys.wake(self.reader_id, tag))
+        return self._groups[slot]
+
+    def resolve(self, found: dict[Call, Result]) -> None:
+        for call, result in found.items():
+            fut = self._futures.get(call)
+            if fut is not None and not fut.done():
+                fut.set_result(result)
+
+    async def close(self) -> None:
+        for group in self._groups.values():
+            await group.close()
+
+
+class _HubGroup:
+    """One blocking XREAD over the events streams of one slot, plus its wake stream."""
+
+    def __init__(self, hub: EventHub, wake_key: str) -> None:
+        self.hub = hub
+        self.redis = hub.redis
+        self.wake_key = wake_key
+        self.waits = WaitSet(hub.keys)
+        self.wake_cursor = "$"
+        self.blocked = False
+        self._waking = False
+        self._has_waits = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def joined(self) -> None:
+        """A wait joined: start the reader, or end its blocked read to cover the wait."""
         self._has_waits.set()
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read_loop(), name="toolq-events")
-        elif self._blocked and self._conn_id is not None and not self._unblocking:
-            self._unblocking = self._woken = True
-            asyncio.get_running_loop().create_task(self._unblock(self._conn_id))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._read_loop(), name="toolq-events")
+        elif self.blocked and not self._waking:
+            self._waking = True
+            asyncio.get_running_loop().create_task(self._wake())
 
-    async def _unblock(self, conn_id: int) -> None:
+    async def _wake(self) -> None:
         try:
-            await self.redis.client_unblock(conn_id)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xadd(self.wake_key, {"w": "1"}, maxlen=16)
+            pipe.pexpire(self.wake_key, WAKE_TTL_MS)
+            await pipe.execute()
         except (RedisError, OSError):
             pass  # the read ends by itself within LOOK_EVERY_MS
         finally:
-            self._unblocking = False
+            self._waking = False
 
     async def _read_loop(self) -> None:
-        """Read while anything is waited for; sleep (holding its connection) otherwise."""
-        self._conn = self.redis.client()
         errors = 0
-        try:
-            while True:
-                if not self.waits.pending:
-                    self._has_waits.clear()
-                    await self._has_waits.wait()
-                    continue
-                try:
-                    await self._read_once()
-                    errors = 0
-                except (RedisConnectionError, RedisTimeoutError, OSError):
-                    self._conn_id = None  # it reconnects with another id
-                    await asyncio.sleep(min(0.05 * 2**errors, 2.0))
-                    errors += 1
-        finally:
-            with contextlib.suppress(Exception):
-                await self._conn.aclose()
+        look_at = time.monotonic() + LOOK_EVERY_MS / 1000
+        while True:
+            if not self.waits.pending:
+                self._has_waits.clear()
+                await self._has_waits.wait()
+                continue
+            try:
+                if self.wake_cursor == "$":  # the wake stream's end, before the first read
+                    last: Any = await self.redis.xrevrange(self.wake_key, count=1)
+                    self.wake_cursor = s(last[0][0]) if last else "0-0"
+                look_at = await self._read_once(look_at)
+                errors = 0
+            except (RedisConnectionError, RedisTimeoutError, ClusterDownError, OSError):
+                await asyncio.sleep(min(0.05 * 2**errors, 2.0))
+                errors += 1
 
-    async def _read_once(self) -> None:
-        assert self._conn is not None
-        if self._conn_id is None:
-            self._conn_id = int(await self._conn.client_id())
-        self._blocked = True
+    async def _read_once(self, look_at: float) -> float:
+        streams: Any = {**self.waits.streams(), self.wake_key: self.wake_cursor}
+        self.blocked = True
         try:
-            streams: Any = self.waits.streams()
-            reply = await self._conn.xread(streams, count=1000, block=LOOK_EVERY_MS)
+            reply: Any = await self.redis.xread(streams, count=1000, block=LOOK_EVERY_MS)
         finally:
-            self._blocked = False
-        found, fetch = self.waits.scan(reply)
-        woken, self._woken = self._woken, False
-        if not reply and not woken:  # quiet for a while: look at the hashes themselves
+            self.blocked = False
+        events = [(st, es) for st, es in reply or [] if s(st) != self.wake_key]
+        for st, es in reply or []:
+            if s(st) == self.wake_key and es:
+                self.wake_cursor = s(es[-1][0])
+        found, fetch = self.waits.scan(events)
+        if time.monotonic() >= look_at:  # an event may have been trimmed: look at the hashes
             fetch = list(self.waits.pending)
+            look_at = time.monotonic() + LOOK_EVERY_MS / 1000
         if fetch:
             pipe = self.redis.pipeline(transaction=False)
-            for cmd in fetch_cmds(self.keys, fetch):
+            for cmd in fetch_cmds(self.hub.keys, fetch):
                 getattr(pipe, cmd.name)(*cmd.args)
             for call, fields in zip(fetch, await pipe.execute(), strict=True):
                 result = result_of(fields)
                 if result is not None:
                     found[call] = result
-        for call, result in found.items():
-            fut = self._futures.get(call)
-            if fut is not None and not fut.done():
-                fut.set_result(result)
+        self.hub.resolve(found)
+        for call in found:
             self.waits.discard(call)
+        return look_at
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        if self._task is not None:
+            self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+                await self._task
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.delete(self.wake_key)

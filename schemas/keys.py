@@ -115,6 +115,12 @@ class Keys:
         """Sorted set: the trajectory's background task ids -> start time (ms)."""
         return f"{self.ns}:{{{traj_id}}}:bg"
 
+    def wake(self, reader: str, tag: str = "") -> str:
+        """Stream: wakes one blocked reader (a worker's call reader, a client's event
+        reader) when what it should read changes. ``tag`` puts it in the hash slot
+        of the streams it is read with (``{tag}``) on Redis Cluster."""
+        return f"{self.ns}:{{{tag}}}:wake:{reader}" if tag else f"{self.ns}:wake:{reader}"
+
     def traj_pattern(self) -> str:
         """SCAN pattern that matches every trajectory record hash."""
         return f"{self.ns}:{{*}}"

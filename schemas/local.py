@@ -43,3 +43,19 @@ def resolve_redis_url(url: str | None = None) -> str:
             "or start `toolq worker`, which runs an embedded Redis"
         )
     return found
+
+
+#: URL schemes that name a Redis Cluster (any of its nodes): ``redis+cluster://host:port``.
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def redis_target(url: str) -> tuple[str, bool]:
+    """``(url for redis-py, is it a Redis Cluster)``.
+
+    A cluster is named by the scheme (``redis+cluster://``, ``rediss+cluster://``)
+    or by ``TOOLQ_REDIS_CLUSTER=1`` with a plain ``redis://`` URL of any node.
+    """
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in CLUSTER_SCHEMES:
+        return f"{CLUSTER_SCHEMES[scheme]}://{rest}", True
+    return url, os.environ.get("TOOLQ_REDIS_CLUSTER", "") in ("1", "true", "yes")

@@ -19,6 +19,7 @@ import pytest
 
 from toolq.producer import AsyncClient, Client
 from toolq.worker.embedded import EmbeddedRedis
+from toolq.worker.embedded_cluster import EmbeddedCluster
 from toolq.worker.service import connect, docker_available, make_backend
 from toolq.worker.settings import WorkerSettings
 from toolq.worker.worker import Worker
@@ -71,9 +72,39 @@ def redis_server() -> Iterator[EmbeddedRedis]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[EmbeddedCluster]:
+    """One real 3-master Redis Cluster for the session (same redis-server binary)."""
+    with EmbeddedCluster(masters=3) as cluster:
+        yield cluster
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``redis_kinds`` run against one Redis and against a Redis Cluster."""
+    marker = metafunc.definition.get_closest_marker("redis_kinds")
+    if marker is not None and "redis_kind" in metafunc.fixturenames:
+        metafunc.parametrize("redis_kind", marker.args, indirect=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "redis_kinds(*kinds): run the test on each kind ('single', 'cluster')"
+    )
+
+
 @pytest.fixture
-def redis_url(redis_server: EmbeddedRedis) -> str:
-    return redis_server.url
+def redis_kind(request: pytest.FixtureRequest) -> str:
+    """``single`` unless the test is marked ``redis_kinds``."""
+    return str(getattr(request, "param", "single"))
+
+
+@pytest.fixture
+def redis_url(redis_kind: str, request: pytest.FixtureRequest) -> str:
+    if redis_kind == "cluster":
+        cluster: EmbeddedCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    server: EmbeddedRedis = request.getfixturevalue("redis_server")
+    return server.url
 
 
 @pytest.fixture

@@ -24,6 +24,14 @@ TOOLQ = [sys.executable, "-m", "toolq.producer.cli"]
 LABELS = "toolq.managed=1"
 
 
+def redis_client(url: str) -> Any:
+    """A plain redis-py client for a toolq Redis URL: a Redis, or a RedisCluster."""
+    from toolq.schemas.local import redis_target
+
+    target, cluster = redis_target(url)
+    return redis.RedisCluster.from_url(target) if cluster else redis.Redis.from_url(target)
+
+
 def unique_sleep() -> str:
     """A ``sleep`` argument no other test (or engineer) uses, to find it with ps."""
     return f"1000.{uuid.uuid4().int % 10**6:06d}"
@@ -66,7 +74,7 @@ def worker_process(  # a real `toolq worker` process, local backend, fast takeov
         stdout=subprocess.DEVNULL,
         stderr=open(f"{log_dir}/{worker_id}.log", "w") if log_dir else subprocess.DEVNULL,  # noqa: SIM115
     )
-    r = redis.Redis.from_url(url)
+    r = redis_client(url)
     deadline = time.monotonic() + 30
     while r.zscore(Keys(ns).workers, worker_id) is None:
         assert time.monotonic() < deadline, "worker did not register"

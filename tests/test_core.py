@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import time
 
-import redis
+import pytest
 
-from tests.helpers import unique_sleep
+from tests.helpers import redis_client, unique_sleep
 from toolq.producer import Client
 from toolq.schemas import Keys
+
+pytestmark = pytest.mark.redis_kinds("single", "cluster")
 
 
 def test_echo_round_trip(backend, start_worker, client: Client):
@@ -136,7 +138,7 @@ def test_garbage_entries_get_error_results_or_dead_letters(
 ):
     start_worker("local")
     keys = Keys(ns)
-    r = redis.Redis.from_url(redis_url)
+    r = redis_client(redis_url)
     client.open("t")
     client.call("t", "bash", {"command": "true"})  # trajectory is live
     junk_ids = [

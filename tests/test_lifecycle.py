@@ -8,10 +8,13 @@ import sys
 import time
 import uuid
 
-import redis
+import pytest
 
+from tests.helpers import redis_client
 from toolq.producer import Client
 from toolq.schemas import Keys
+
+pytestmark = pytest.mark.redis_kinds("single", "cluster")
 
 
 def wait_status(client: Client, traj: str, status: str, timeout_s: float = 20) -> None:
@@ -182,7 +185,7 @@ def test_ended_records_expire_after_retention(start_worker, client: Client, redi
     client.call("t", "bash", {"command": "true"})
     client.close("t")
     wait_status(client, "t", "completed")
-    r = redis.Redis.from_url(redis_url)
+    r = redis_client(redis_url)
     deadline = time.monotonic() + 10
     while r.exists(Keys(ns).traj("t")) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -223,7 +226,7 @@ def test_an_invalid_spec_fails_the_trajectory_and_answers_its_calls(
     from toolq.schemas import lua
 
     keys = Keys(ns)
-    r = redis.Redis.from_url(redis_url)
+    r = redis_client(redis_url)
     # what a client in another language might send: a record, then a bad spec
     bad_spec = '{"limits": {"memory_mb": "lots"}}'
     r.eval(lua.OPEN, 1, keys.traj("bad"), "bad", int(time.time() * 1000), bad_spec, 0)

@@ -149,7 +149,8 @@ class Fleet:
             heartbeat_ms=self.redis_now_ms(),
         )
         pipe = self.redis.pipeline(transaction=False)
-        pipe.time()
+        # Redis's clock, from the node that holds the heartbeats (one clock on a cluster)
+        pipe.execute_command("EVAL", "return redis.call('TIME')", 1, self.keys.workers)
         pipe.zadd(self.keys.workers, {self.worker_id: info.heartbeat_ms})
         pipe.hset(self.keys.worker(self.worker_id), mapping=info.to_fields())
         pipe.pexpire(self.keys.worker(self.worker_id), int(self.settings.dead_after_s * 4000))

@@ -26,7 +26,6 @@ from toolq.schemas import (
     OpenRequest,
     TrajStatus,
     check_traj_id,
-    lua,
 )
 
 from .bgtasks import BgRecorder
@@ -36,7 +35,7 @@ from .parse import parse_open, preview, traj_field
 from .reader import CallReader
 from .settings import WorkerSettings
 from .state import Traj, now_ms
-from .writer import Writer
+from .writer import CLAIM, Writer, run_script
 
 log = logging.getLogger("toolq.worker.intake")
 
@@ -79,7 +78,6 @@ class Intake:
         self.serve = serve
         self.drop = drop
         self._room = asyncio.Event()
-        self._claim_script = redis.register_script(lua.CLAIM)
 
     @property
     def free_slots(self) -> int:
@@ -156,9 +154,11 @@ class Intake:
         pipe.sadd(self.keys.worker_trajs(self.worker_id), traj_id)
         pipe.zrem(self.keys.pending, traj_id)  # owned or ended: not waiting
         await pipe.execute()
-        got = await self._claim_script(
-            keys=[self.keys.traj(traj_id), self.keys.calls(traj_id)],
-            args=[
+        got = await run_script(
+            self.redis,
+            CLAIM,
+            [self.keys.traj(traj_id), self.keys.calls(traj_id)],
+            [
                 self.worker_id,
                 now_ms(),
                 req.spec.model_dump_json(exclude_none=True),
@@ -180,7 +180,7 @@ class Intake:
         self.owned[traj_id] = traj
         self.observer.traj_claimed()
         self.serve(traj)
-        self.reader.wake()
+        self.reader.wake(traj)
         return True
 
     async def _fail_unopenable(self, traj_id: str, reason: str) -> None:

@@ -343,17 +343,29 @@ def _error_kind(exc: BaseException) -> str | None:
     return None
 
 
-def instrument_redis(redis: aioredis.Redis, metrics: WorkerMetrics) -> None:
+def instrument_redis(redis: Any, metrics: WorkerMetrics) -> None:
     """Count round trips and errors of every connection ``redis`` opens from now on.
 
-    One ``send_packed_command`` is one round trip (a pipeline sends once).
-    Connections already open in the pool are not counted: call this before
-    the client's first command.
+    One ``send_packed_command`` is one round trip (a pipeline sends once per
+    node). Connections already open are not counted: call this before the
+    client's first command. A Redis Cluster client gets it on every node,
+    and on nodes it discovers later.
     """
-    pool = redis.connection_pool
-    base: type[AbstractConnection] = pool.connection_class
+    pool = getattr(redis, "connection_pool", None)
+    if pool is not None:
+        pool.connection_class = _observed(pool.connection_class, metrics)
+        return
+    observed = _observed(redis.connection_kwargs["connection_class"], metrics)
+    for kwargs in (redis.connection_kwargs, redis.nodes_manager.connection_kwargs):
+        kwargs["connection_class"] = observed
+    for node in redis.get_nodes():
+        node.connection_class = observed
+
+
+def _observed(base: type[AbstractConnection], metrics: WorkerMetrics) -> Any:
+    """``base`` with its sends and reads counted (once: an observed class is kept)."""
     if getattr(base, "_toolq_metrics", None) is not None:
-        return  # already instrumented
+        return base  # already instrumented
 
     class ObservedConnection(base):  # type: ignore[misc,valid-type]
         _toolq_metrics = metrics
@@ -384,7 +396,7 @@ def instrument_redis(redis: aioredis.Redis, metrics: WorkerMetrics) -> None:
                 raise
 
     ObservedConnection.__name__ = f"Observed{base.__name__}"
-    pool.connection_class = ObservedConnection
+    return ObservedConnection
 
 
 def _count_error(metrics: WorkerMetrics, exc: BaseException) -> None:

@@ -1,12 +1,12 @@
 """The call reader: reads owned trajectories' calls streams and hands out their entries.
 
-One blocking ``XREADGROUP`` over the streams of every owned trajectory whose
-read-ahead has room, on a connection of its own; when the set of streams
-changes (a claim, an end, a drop, a queue with room again), the blocked read
-is interrupted with ``CLIENT UNBLOCK`` and issued again. Entries become
-``Item``s (``parse.parse_call``) queued on their trajectory; a cancel acts at
-once. Reads stop while the worker's lease has lapsed, so a stalled worker
-that comes back takes no entry off a stream another worker serves now.
+Trajectories are read in groups, one blocking ``XREADGROUP`` per group
+(``read_group.ReadGroup``): one group on a single Redis, one per hash slot on
+Redis Cluster, where a command may not span slots. A trajectory's stream is
+read while its read-ahead has room. Entries become ``Item``s
+(``parse.parse_call``) queued on their trajectory; a cancel acts at once.
+Reads stop while the worker's lease has lapsed, so a stalled worker that comes
+back takes no entry off a stream another worker serves now.
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.crc import key_slot
+from redis.exceptions import ResponseError
 
 from toolq.schemas import GROUP, ErrorCode, Keys
 
 from .lease import CatchUp, Lease, RedisHealth
 from .metrics import Observer
 from .parse import parse_call
+from .read_group import ReadGroup, run_loop
 from .settings import WorkerSettings
 from .state import Item, Traj, entry_key
 
@@ -57,6 +59,7 @@ class CallReader:
         cancel: Callable[[Traj], None],
         answer: Callable[[Traj, Item, ErrorCode, str], None],
         rerunnable: Callable[[Item], bool],
+        cluster: bool = False,
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -69,99 +72,108 @@ class CallReader:
         self.cancel = cancel
         self.answer = answer
         self.rerunnable = rerunnable
-        self._changed = asyncio.Event()
-        self._conn: aioredis.Redis | None = None
-        self._conn_id: int | None = None
-        self._blocked = False
-        self._unblocking: asyncio.Task[None] | None = None
+        self.cluster = cluster
+        self._groups: dict[str, tuple[ReadGroup, asyncio.Task[None]]] = {}
+        self._members: dict[str, set[str]] = {}
+        self._catch_up = CatchUp(health)
+        self._catching_up = asyncio.Lock()
+        self._backoff_s = 0.1
 
     # ------------------------------------------------------------- reading
     async def run(self) -> None:
-        """Read until cancelled; Redis errors are waited out and caught up on."""
-        catch_up = CatchUp(self.health)
-        backoff_s = 0.1
-        self._conn = self.redis.client()
+        """Serve the read groups until cancelled."""
         try:
-            while True:
-                try:
-                    await self.lease.wait_valid()
-                    if catch_up.due():
-                        generation = self.health.generation
-                        await self._catch_up()
-                        catch_up.done(generation)
-                    await self._read_once()
-                    backoff_s = 0.1
-                except (RedisError, OSError) as exc:
-                    if isinstance(exc, ResponseError) and str(exc).startswith("UNBLOCKED"):
-                        continue  # an ended trajectory's stream was deleted under the read
-                    self.health.failed()
-                    self._conn_id = None
-                    log.warning("reading calls failed (%s); retrying in %.1fs", exc, backoff_s)
-                    await asyncio.sleep(backoff_s)
-                    backoff_s = min(backoff_s * 2, 5.0)
-                except Exception:  # a bug here must not stop the worker serving
-                    log.exception("call reader error; retrying in %.1fs", backoff_s)
-                    await asyncio.sleep(backoff_s)
-                    backoff_s = min(backoff_s * 2, 5.0)
+            await asyncio.Event().wait()
         finally:
-            with contextlib.suppress(Exception):
-                await self._conn.aclose()
+            for _group, task in self._groups.values():
+                task.cancel()
+            for _group, task in self._groups.values():
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
-    def _wanted(self) -> dict[str, str]:
-        """The streams to read now: owned, live, with read-ahead room."""
-        budget = self.settings.read_ahead_bytes - sum(t.queued_bytes for t in self.owned.values())
-        if budget <= 0:
-            return {}
-        return {
-            self.keys.calls(t.traj_id): ">"
-            for t in self.owned.values()
-            if not t.dropped and t.ending is None and len(t.items) < self.settings.read_ahead
-        }
+    def group_of(self, traj_id: str) -> str:
+        """The read group of a trajectory: its hash slot on a cluster, else the one group."""
+        return str(key_slot(self.keys.calls(traj_id).encode())) if self.cluster else ""
 
-    async def _read_once(self) -> None:
-        assert self._conn is not None
-        self._changed.clear()
-        streams = self._wanted()
-        if not streams:
-            await self._changed.wait()
+    def wake(self, traj: Traj | None = None) -> None:
+        """What to read changed (for ``traj``, or for everyone): its group reads anew."""
+        if traj is None:
+            for group, _task in self._groups.values():
+                group.changed()
             return
-        if self._conn_id is None:
-            self._conn_id = int(await self._conn.client_id())
-        self._blocked = True
-        try:
-            resp: Any = await self._conn.xreadgroup(
-                GROUP,
-                self.worker_id,
-                streams,  # type: ignore[arg-type]
-                count=self.settings.read_ahead,
-                block=self.settings.block_ms,
-            )
-        finally:
-            self._blocked = False
-        self.observer.batch_read(sum(len(entries) for _, entries in resp or []))
-        for stream, entries in resp or []:
-            traj = self.owned.get(traj_of_stream(_s(stream)))
-            if traj is not None:
-                self.dispatch(traj, entries)
+        key = self.group_of(traj.traj_id)
+        members = self._members.setdefault(key, set())
+        if self.owned.get(traj.traj_id) is traj and not traj.dropped:
+            members.add(traj.traj_id)
+        else:
+            members.discard(traj.traj_id)
+        if members and key not in self._groups:
+            self._start_group(key, traj.traj_id)
+        elif not members and key in self._groups:
+            self._stop_group(key)
+        elif key in self._groups:
+            self._groups[key][0].changed()
 
-    def wake(self) -> None:
-        """The streams to read changed: interrupt a blocked read so the next one sees it."""
-        self._changed.set()
-        if self._blocked and self._conn_id is not None and self._unblocking is None:
-            self._unblocking = asyncio.create_task(self._unblock(self._conn_id))
+    def _start_group(self, key: str, tag_traj: str) -> None:
+        wake_key = self.keys.wake(self.worker_id, tag_traj if self.cluster else "")
+        group = ReadGroup(
+            self.redis,
+            self.worker_id,
+            wake_key,
+            streams=lambda: self._wanted(key),
+            deliver=self._deliver,
+            block_ms=self.settings.block_ms,
+            count=self.settings.read_ahead,
+        )
+        task = asyncio.create_task(
+            run_loop(group, ready=self._ready, failed=self._failed), name=f"reader-{key or 'all'}"
+        )
+        self._groups[key] = (group, task)
 
-    async def _unblock(self, conn_id: int) -> None:
-        try:
-            await self.redis.client_unblock(conn_id)
-        except (RedisError, OSError) as exc:  # the read ends by itself within block_ms
-            log.debug("CLIENT UNBLOCK failed: %s", exc)
-        finally:
-            self._unblocking = None
+    def _stop_group(self, key: str) -> None:
+        group, task = self._groups.pop(key)
+        self._members.pop(key, None)
+        task.cancel()
+        asyncio.get_running_loop().create_task(group.forget())
+
+    def _wanted(self, key: str) -> dict[str, str]:
+        """The group's streams to read now: live members with read-ahead room."""
+        if sum(t.queued_bytes for t in self.owned.values()) >= self.settings.read_ahead_bytes:
+            return {}
+        found = {}
+        for traj_id in self._members.get(key, ()):
+            t = self.owned.get(traj_id)
+            if t and not t.dropped and t.ending is None and len(t.items) < self.settings.read_ahead:
+                found[self.keys.calls(traj_id)] = ">"
+        return found
+
+    def _deliver(self, stream: str, entries: list[Any]) -> None:
+        self.observer.batch_read(len(entries))
+        traj = self.owned.get(traj_of_stream(stream))
+        if traj is not None:
+            self.dispatch(traj, entries)
+
+    async def _ready(self) -> None:
+        """Before each read: a valid lease, and the catch-up after Redis errors done."""
+        await self.lease.wait_valid()
+        if self._catch_up.due():
+            async with self._catching_up:
+                if self._catch_up.due():
+                    generation = self.health.generation
+                    await self._catch_up_reads()
+                    self._catch_up.done(generation)
+        self._backoff_s = 0.1
+
+    async def _failed(self, exc: BaseException) -> None:
+        self.health.failed()
+        log.warning("reading calls failed (%s); retrying in %.1fs", exc, self._backoff_s)
+        await asyncio.sleep(self._backoff_s)
+        self._backoff_s = min(self._backoff_s * 2, 5.0)
 
     def queue_shrunk(self, traj: Traj) -> None:
         """The runner took an entry: a queue that was full has room again."""
         if len(traj.items) == self.settings.read_ahead - 1:
-            self.wake()
+            self.wake(traj)
 
     # ------------------------------------------------------------ dispatch
     def dispatch(self, traj: Traj, entries: Iterable[Any], reclaimed: bool = False) -> None:
@@ -244,7 +256,7 @@ class CallReader:
         entries.sort(key=lambda e: entry_key(_s(e[0])))
         return entries
 
-    async def _catch_up(self) -> None:
+    async def _catch_up_reads(self) -> None:
         """After Redis errors: recreate groups a Redis without persistence forgot,
         and re-read entries delivered to this worker whose reply never arrived."""
         for traj_id in list(self.owned):
@@ -252,11 +264,10 @@ class CallReader:
                 await self.redis.xgroup_create(
                     self.keys.calls(traj_id), GROUP, id="0", mkstream=True
                 )
-        streams = {self.keys.calls(t): "0" for t in self.owned}
-        if not streams:
-            return
-        resp: Any = await self.redis.xreadgroup(GROUP, self.worker_id, streams, count=1000)  # type: ignore[arg-type]
-        for stream, entries in resp or []:
-            traj = self.owned.get(traj_of_stream(_s(stream)))
-            if traj is not None:
-                self.dispatch(traj, entries)
+            resp: Any = await self.redis.xreadgroup(
+                GROUP, self.worker_id, {self.keys.calls(traj_id): "0"}, count=1000
+            )
+            traj = self.owned.get(traj_id)
+            for _stream, entries in resp or []:
+                if traj is not None:
+                    self.dispatch(traj, entries)

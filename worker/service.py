@@ -6,10 +6,13 @@ import asyncio
 import logging
 import os
 import signal
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+from toolq.schemas.local import redis_target
 
 from .backends.base import Backend
 from .backends.local import LocalBackend
@@ -50,21 +53,28 @@ def make_backend(settings: WorkerSettings) -> Backend:
 
 
 def connect(url: str) -> aioredis.Redis:
-    """The worker's Redis client.
+    """The worker's Redis client: a Redis, or a Redis Cluster (``redis+cluster://``
+    or ``TOOLQ_REDIS_CLUSTER=1``).
 
     No socket timeout: reads block for up to block_ms on purpose. No automatic
-    retries: a command redis-py re-sent after a broken connection could be
-    applied twice (an XREADGROUP's entries delivered to nobody); the worker
-    retries itself and catches up after errors.
+    retries on one Redis: a command redis-py re-sent after a broken connection
+    could be applied twice (an XREADGROUP's entries delivered to nobody); the
+    worker retries itself and catches up after errors. A cluster client keeps
+    its own retries (MOVED, failovers); entries a retried read left in this
+    worker's pending list are reclaimed within 30 s.
     """
+    target, cluster = redis_target(url)
+    common: dict[str, Any] = {
+        "socket_timeout": None,
+        "socket_connect_timeout": 30,
+        "protocol": 2,
+        "socket_keepalive": True,
+    }
+    if cluster:
+        client: Any = aioredis.RedisCluster.from_url(target, **common)
+        return cast(aioredis.Redis, client)
     return aioredis.Redis.from_url(
-        url,
-        socket_timeout=None,
-        socket_connect_timeout=30,
-        protocol=2,
-        health_check_interval=30,
-        socket_keepalive=True,
-        retry=Retry(NoBackoff(), 0),
+        target, health_check_interval=30, retry=Retry(NoBackoff(), 0), **common
     )
 
 

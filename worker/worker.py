@@ -76,6 +76,7 @@ class Worker:
         self.reader = CallReader(
             settings, redis, self.owned, **shared, observer=self.observer,
             cancel=self.runner.cancel, answer=self.runner.answer, rerunnable=self.runner.rerunnable,
+            cluster=isinstance(redis, aioredis.RedisCluster),
         )  # fmt: skip
         self.intake = Intake(
             settings, redis, self.owned, **shared, writer=self.writer, reader=self.reader,
@@ -180,7 +181,7 @@ class Worker:
         if self.owned.get(traj.traj_id) is traj:
             del self.owned[traj.traj_id]
         self.intake.slot_freed()
-        self.reader.wake()
+        self.reader.wake(traj)
         index = self.keys.worker_trajs(self.id)
         await retrying(self.health, lambda: self.redis.srem(index, traj.traj_id), "unindexing")
 

@@ -60,7 +60,18 @@ RELEASE = LuaScript(lua.RELEASE)
 SET_FIELDS = LuaScript(lua.SET_FIELDS)
 BG_WRITE = LuaScript(lua.BG_WRITE)
 BG_LOST = LuaScript(lua.BG_LOST)
-ALL_SCRIPTS = (FINISH, ACK, END, RELEASE, SET_FIELDS, BG_WRITE, BG_LOST)
+CLAIM = LuaScript(lua.CLAIM)
+
+
+async def run_script(
+    redis: aioredis.Redis, script: LuaScript, keys: list[str], args: list[Any]
+) -> Any:
+    """One script call outside the writer's batches: EVALSHA, the source if needed."""
+    client: Any = redis  # a Redis or a RedisCluster
+    try:
+        return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return await client.execute_command("EVAL", script.source, len(keys), *keys, *args)
 
 
 @dataclass
@@ -299,18 +310,20 @@ class Writer:
         """One pipelined round trip; a reply is Redis's answer or the op's own error."""
         replies = await self._pipeline(batch)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-        if missing:  # a restarted Redis forgot the scripts; rerunning them is safe
-            for script in ALL_SCRIPTS:
-                await self.redis.script_load(script.source)
-            again = await self._pipeline([batch[i] for i in missing])
+        if missing:  # a restarted Redis forgot the scripts: send their source (rerun is safe)
+            again = await self._pipeline([batch[i] for i in missing], source=True)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
 
-    async def _pipeline(self, ops: list[Op]) -> list[Any]:
+    async def _pipeline(self, ops: list[Op], source: bool = False) -> list[Any]:
         pipe = self.redis.pipeline(transaction=False)
         for op in ops:
-            pipe.evalsha(op.script.sha, len(op.keys), *op.keys, *op.args)
+            # EVAL with the source caches the script on the node that ran it (on a
+            # cluster, the one that holds the keys); EVALSHA as a plain command,
+            # which a cluster pipeline routes by its keys.
+            head = ("EVAL", op.script.source) if source else ("EVALSHA", op.script.sha)
+            pipe.execute_command(*head, len(op.keys), *op.keys, *op.args)
         return list(await pipe.execute(raise_on_error=False))
 
     async def _settle(self, op: Op, reply: Any) -> None:
