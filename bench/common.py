@@ -83,6 +83,8 @@ def per_call(redis: dict[str, Any] | None, calls: int) -> dict[str, Any]:
         "worker_rt_per_call": round(redis["worker_rt"] / calls, 2),
         "worker_cmds_per_call": round(redis["worker_cmds"] / calls, 2),
         "server_cmds_per_call": round(sum(server.values()) / calls, 2),
+        "worker_cpu_ms_per_call": round(1000 * redis.get("worker_cpu_s", 0.0) / calls, 3),
+        "redis_cpu_us_per_call": round(1e6 * redis.get("redis_cpu_s", 0.0) / calls, 1),
         "server_cmds": server,
     }
 
@@ -151,6 +153,22 @@ def commandstats(redis: Any) -> dict[str, int]:
     """Server-side command counts (``INFO commandstats``), by command name."""
     info = redis.info("commandstats")
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
+
+
+def redis_cpu_s(redis: Any) -> float:
+    """CPU seconds the Redis server has used (user + system, main thread and all)."""
+    info = redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds a process has used (user + system; 0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:

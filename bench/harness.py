@@ -15,7 +15,17 @@ from typing import Any
 
 import redis
 from calls import CALLS, MAX_OUTPUT_BYTES, SETUP_ARGS, Call, bench_spec, check_output
-from common import BENCH_DIR, OUT_DIR, Budget, RedisCounter, Run, commandstats, diff
+from common import (
+    BENCH_DIR,
+    OUT_DIR,
+    Budget,
+    RedisCounter,
+    Run,
+    commandstats,
+    diff,
+    process_cpu_s,
+    redis_cpu_s,
+)
 
 from toolq.producer import AsyncClient
 from toolq.schemas import Keys
@@ -46,7 +56,10 @@ class WorkerProc:
         self._wait_ready()
 
     def _wait_ready(self, timeout_s: float = 60.0) -> None:
-        client = redis.Redis.from_url(self.redis_url)
+        from toolq.schemas.local import redis_target
+
+        target, cluster = redis_target(self.redis_url)
+        client: Any = (redis.RedisCluster if cluster else redis.Redis).from_url(target)
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
@@ -159,12 +172,14 @@ class Accounting:
         self.client0 = RedisCounter.snapshot()
         self.worker0 = self.worker.stats()
         self.server0 = commandstats(self.sync)
+        self.cpu0 = (process_cpu_s(self.worker.pid), redis_cpu_s(self.sync))
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.client1 = RedisCounter.snapshot()
         self.worker1 = self.worker.stats()
         self.server1 = commandstats(self.sync)
+        self.cpu1 = (process_cpu_s(self.worker.pid), redis_cpu_s(self.sync))
 
     def counts(self) -> dict[str, Any]:
         """Round trips and commands during the run (``Run.merge`` adds them up)."""
@@ -176,6 +191,8 @@ class Accounting:
             "worker_rt": self.worker1["round_trips"] - self.worker0["round_trips"],
             "worker_cmds": self.worker1["commands"] - self.worker0["commands"],
             "server_cmds": server,
+            "worker_cpu_s": self.cpu1[0] - self.cpu0[0],
+            "redis_cpu_s": self.cpu1[1] - self.cpu0[1],
         }
 
 

@@ -239,18 +239,22 @@ def _redis_section(rows: list[dict[str, Any]]) -> list[str]:
         "## Redis round trips per call",
         "",
         "Counted in redis-py (a pipeline is one round trip) in the client process and in "
-        "the worker process; server commands from `INFO commandstats` (heartbeats included).",
+        "the worker process; server commands from `INFO commandstats` (heartbeats included); "
+        "CPU per call of the worker process (`/proc`) and of the Redis server (`INFO cpu`), "
+        "everything they did during the run divided by the calls.",
         "",
         "| path | tool | trajectories | client round trips | client commands "
-        "| worker round trips | worker commands | server commands (incl. inside Lua) |",
-        "|---|---|--:|--:|--:|--:|--:|--:|",
+        "| worker round trips | worker commands | server commands (incl. inside Lua) "
+        "| worker CPU ms | Redis CPU µs |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in _sorted(counted):
         lines.append(
             f"| {PATHS.get(r['path'], (r['path'],))[0]} | `{r['tool']}` | {r['concurrency']} "
             f"| {r['client_rt_per_call']:.2f} | {r['client_cmds_per_call']:.2f} "
             f"| {r['worker_rt_per_call']:.2f} | {r['worker_cmds_per_call']:.2f} "
-            f"| {r['server_cmds_per_call']:.2f} |"
+            f"| {r['server_cmds_per_call']:.2f} | {r.get('worker_cpu_ms_per_call', 0):.3f} "
+            f"| {r.get('redis_cpu_us_per_call', 0):.0f} |"
         )
     return lines
 

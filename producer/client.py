@@ -46,7 +46,7 @@ from . import ops
 from . import tools as tools_mod
 from .config import redis_target, resolve_redis_url
 from .ops import Cmd, Op, ToolqError, TrajectoryEnded, UnknownTrajectory, WaitTimeout
-from .waits import EventHub, WaitSet, cursor_before, wait_op
+from .waits import EventHub, WaitSet, cursor_before, wait_op, xread_args
 
 __all__ = [
     "AsyncClient",
@@ -183,10 +183,21 @@ class Client:
         return _raise_errors(replies)
 
     def _pipeline(self, cmds: list[Cmd]) -> list[Any]:
+        if self.cluster and all(c.name == "xread" for c in cmds):
+            return [self._routed_xread(c) for c in cmds]
         pipe = self.redis.pipeline(transaction=False)
         for cmd in cmds:
             queue(pipe, cmd)
         return list(pipe.execute(raise_on_error=False))
+
+    def _routed_xread(self, cmd: Cmd) -> Any:
+        """An XREAD sent to its slot's node outright (see ``waits.xread``)."""
+        (streams,) = cmd.args
+        client: Any = self.redis
+        node = client.get_node_from_key(next(iter(streams)))
+        return client.execute_command(
+            *xread_args(streams, cmd.kwargs.get("block")), target_nodes=node
+        )
 
     # ---------------------------------------------------------- lifecycle
     def open(

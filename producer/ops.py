@@ -35,9 +35,11 @@ from . import tools as tools_mod
 
 T = TypeVar("T")
 
-RESULT_TTL_MS = 24 * 3600 * 1000
-EVENTS_MAXLEN = 10_000
-RETENTION_MS = 7 * 24 * 3600 * 1000
+# What the submit and cancel scripts use for the answers they write (the
+# workers' defaults: result_ttl_s, events_maxlen, retention_s).
+RESULT_TTL_MS = 3600 * 1000
+EVENTS_MAXLEN = 64
+RETENTION_MS = 24 * 3600 * 1000
 RUNS_PAGE = 500
 
 
@@ -94,8 +96,9 @@ def s(value: Any) -> str:
 
 
 def new_call_id() -> str:
-    """A client call id: makes a submission safe to send again after a lost reply."""
-    return uuid.uuid4().hex
+    """A client call id (64 random bits, in hex): makes a submission safe to send
+    again after a lost reply."""
+    return uuid.uuid4().hex[:16]
 
 
 # ------------------------------------------------------------- lifecycle

@@ -174,6 +174,22 @@ def wait_op(waits: WaitSet, deadline: float) -> Op[dict[Call, Result]]:
     return done
 
 
+def xread_args(streams: dict[str, str], block_ms: int | None) -> list[Any]:
+    """A raw XREAD of ``streams`` (COUNT 1000)."""
+    head: list[Any] = ["XREAD", "COUNT", 1000]
+    if block_ms is not None:
+        head += ["BLOCK", block_ms]
+    return [*head, "STREAMS", *streams, *streams.values()]
+
+
+async def xread(redis: Any, streams: dict[str, str], block_ms: int | None) -> Any:
+    """XREAD; on a cluster sent to the node of the streams' slot outright (else
+    redis-py asks the server for the keys of every read, one more round trip)."""
+    node_of = getattr(redis, "get_node_from_key", None)
+    route = {"target_nodes": node_of(next(iter(streams)))} if node_of else {}
+    return await redis.execute_command(*xread_args(streams, block_ms), **route)
+
+
 class EventHub:
     """Every wait of one asyncio client: a reader per hash-slot group of streams
     (one group off a cluster), woken through its wake stream when a wait joins."""
@@ -278,10 +294,10 @@ class _HubGroup:
                 errors += 1
 
     async def _read_once(self, look_at: float) -> float:
-        streams: Any = {**self.waits.streams(), self.wake_key: self.wake_cursor}
+        streams = {**self.waits.streams(), self.wake_key: self.wake_cursor}
         self.blocked = True
         try:
-            reply: Any = await self.redis.xread(streams, count=1000, block=LOOK_EVERY_MS)
+            reply: Any = await xread(self.redis, streams, LOOK_EVERY_MS)
         finally:
             self.blocked = False
         events = [(st, es) for st, es in reply or [] if s(st) != self.wake_key]

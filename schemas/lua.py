@@ -192,9 +192,48 @@ return 'cancelled'
 
 # ------------------------------------------------------------------ workers
 
+# The heartbeats (`<ns>:workers`, worker -> unix ms by Redis's clock). A worker
+# declared dead has minus the time of that declaration as its score until the
+# others have re-queued its trajectories: its own next heartbeat then tells it
+# so, and it drops everything it held before acting again.
+
+# KEYS: workers   ARGV: worker, heartbeat_ms, force ('1': a worker (re)starting)
+# Returns 1 (beaten) or 0: the fleet declared this worker dead (not beaten).
+BEAT = """
+local s = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if s and s < 0 and ARGV[3] ~= '1' then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return 1
+"""
+
+# KEYS: workers   ARGV: worker, dead_after_ms
+# Declares a worker dead when its heartbeat is older than dead_after_ms by
+# Redis's clock, atomically (a worker that beat since is left alone). Returns
+# when it was declared dead (now, or earlier by another worker), or 0: alive.
+DECLARE_DEAD = """
+local s = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if not s then return 0 end
+if s < 0 then return -s end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if now - s < tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], -now, ARGV[1])
+return now
+"""
+
+# KEYS: workers   ARGV: worker
+# Forgets a worker declared dead once its trajectories are re-queued (not one
+# that beat again since). Returns 1 when it did.
+FORGET_DEAD = """
+local s = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if s and s < 0 then redis.call('ZREM', KEYS[1], ARGV[1]) return 1 end
+return 0
+"""
+
 # KEYS: traj, calls
 # ARGV: worker, now_ms, spec_json, traj_id, group, previous owner ('' if none: the
-#       open request re-queues that worker's trajectory, so it may be displaced)
+#       open request re-queues that worker's trajectory, so it may be displaced),
+#       previous epoch ('' if none: then only that ownership may be displaced)
 # Takes ownership and starts a new ownership epoch. Returns {'ok', epoch, now_ms
 # by Redis's clock}, {'ended', status} or {'owned', owner}. Creates the calls
 # stream's group.
@@ -203,18 +242,20 @@ CLAIM = (
     + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if st and final[st] then return {'ended', st} end
-local owner = redis.call('HGET', KEYS[1], 'owner')
-if owner and owner ~= '' and owner ~= ARGV[1] and owner ~= ARGV[6] then
+local owner, held = unpack(redis.call('HMGET', KEYS[1], 'owner', 'epoch'))
+local displaced = owner == ARGV[6] and (ARGV[7] == nil or ARGV[7] == '' or held == ARGV[7])
+if owner and owner ~= '' and owner ~= ARGV[1] and not displaced then
   return {'owned', owner}
 end
 redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[2])
 redis.call('HSETNX', KEYS[1], 'started_ms', ARGV[2])
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[4], 'status', 'running', 'owner', ARGV[1],
-           'spec', ARGV[3], 'last_activity_ms', ARGV[2])
-pcall(redis.call, 'XGROUP', 'CREATE', KEYS[2], ARGV[5], '0', 'MKSTREAM')
 local t = redis.call('TIME')
-return {'ok', tostring(epoch), tostring(t[1] * 1000 + math.floor(t[2] / 1000))}
+local claimed_ms = tostring(t[1] * 1000 + math.floor(t[2] / 1000))
+redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[4], 'status', 'running', 'owner', ARGV[1],
+           'spec', ARGV[3], 'last_activity_ms', ARGV[2], 'claimed_ms', claimed_ms)
+pcall(redis.call, 'XGROUP', 'CREATE', KEYS[2], ARGV[5], '0', 'MKSTREAM')
+return {'ok', tostring(epoch), claimed_ms}
 """
 )
 
@@ -268,7 +309,8 @@ return 1
 # KEYS: traj, events, calls
 # ARGV: worker, epoch ('' : only a trajectory nobody owns, i.e. whose open request
 #       was invalid), status, now_ms, reason, retention_ms, events_maxlen,
-#       result_key_prefix, result_ttl_ms, batch (entries answered per run)
+#       result_key_prefix, result_ttl_ms, batch (entries answered per run),
+#       events kept after the end
 # Fenced. Moves the trajectory to a final state once, then answers the calls
 # still in its stream with `trajectory_ended` (at most `batch` per run) and
 # deletes the stream once empty. Returns how many entries are left (call it
@@ -303,7 +345,18 @@ for _, e in ipairs(entries) do
   redis.call('XDEL', KEYS[3], e[1])
 end
 local left = redis.call('XLEN', KEYS[3])
-if left == 0 then redis.call('DEL', KEYS[3]) end
+if left == 0 then
+  redis.call('DEL', KEYS[3])
+  -- Nobody waits on an ended trajectory's old events: keep the last few. The
+  -- stream is written anew, because trimming inside a stream node frees no memory.
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[11])
+  local ttl = redis.call('PTTL', KEYS[2])
+  redis.call('DEL', KEYS[2])
+  for i = #last, 1, -1 do
+    redis.call('XADD', KEYS[2], last[i][1], unpack(last[i][2]))
+  end
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+end
 return left
 """
 )

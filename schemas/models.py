@@ -82,6 +82,8 @@ def _to_str(value: Any) -> str:
         return value.model_dump_json(exclude_none=True)
     if isinstance(value, (dict, list)):
         return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))  # "52", not "52.0": Redis stores it as a small integer
     return str(value)
 
 
@@ -97,6 +99,12 @@ class WireModel(BaseModel):
         ``dict[str, str]`` even though every key and value is a ``str``.
         """
         return {k: _to_str(v) for k, v in self.model_dump(exclude_none=True).items()}
+
+    def compact_fields(self) -> dict[Any, Any]:
+        """``to_fields`` without the fields at their default (readers fill them in):
+        what a stored result holds, to keep Redis small."""
+        dumped = self.model_dump(exclude_none=True, exclude_defaults=True)
+        return {k: _to_str(v) for k, v in dumped.items()}
 
     @classmethod
     def from_fields(cls: type[_M], fields: dict[Any, Any]) -> _M:
@@ -173,6 +181,10 @@ class OpenRequest(WireModel):
     spec: TrajectorySpec = Field(default_factory=TrajectorySpec)
     previous_owner: str | None = Field(
         None, description="Set by workers when re-queueing another worker's trajectory."
+    )
+    previous_epoch: int | None = Field(
+        None,
+        description="With previous_owner: the ownership it displaces (a newer one stays).",
     )
     graceful: bool = Field(
         False, description="The previous owner handed it back cleanly (nothing was running)."
@@ -290,6 +302,9 @@ class TrajectoryRecord(WireModel):
     )
     created_ms: int | None = None
     started_ms: int | None = None
+    claimed_ms: int | None = Field(
+        None, description="When the current owner claimed it (Redis's clock)."
+    )
     ended_ms: int | None = None
     last_activity_ms: int | None = None
     calls_total: int = Field(0, description="Calls answered (a final result written).")

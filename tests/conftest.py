@@ -143,6 +143,8 @@ class WorkerThread:
         task = asyncio.create_task(self.worker.run())
         ready = asyncio.create_task(self.worker.ready.wait())
         await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+        if task.done() and not task.cancelled():  # it failed to start: say so before started
+            self.error = task.exception()
         self.started.set()
         await task
         await redis.aclose()

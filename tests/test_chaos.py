@@ -39,6 +39,11 @@ def start_worker(url: str, ns: str, worker_id: str) -> subprocess.Popen:
         "2",
         "--shutdown-grace-s",
         "5",
+        # every result event is kept, so that the test can count them all
+        "--events-maxlen",
+        "1000000",
+        "--events-after-end",
+        "1000000",
     ]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

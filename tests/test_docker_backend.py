@@ -30,9 +30,18 @@ def docker_ns(ns: str, docker_namespaces: set[str]) -> str:
 
 
 def containers(dc: Any, ns: str, **labels: str) -> list[Any]:
-    """This namespace's toolq containers (optionally with more label values)."""
+    """This namespace's toolq containers (optionally with more label values);
+    one removed while being listed (a short-lived probe, say) is left out."""
+    import docker
+
     wanted = [LABELS, f"toolq.ns={ns}"] + [f"{k}={v}" for k, v in labels.items()]
-    return list(dc.containers.list(all=True, filters={"label": wanted}))
+    found = []
+    for sparse in dc.containers.list(all=True, sparse=True, filters={"label": wanted}):
+        try:
+            found.append(dc.containers.get(sparse.id))
+        except docker.errors.NotFound:
+            continue
+    return found
 
 
 def container_of(dc: Any, slot: str) -> Any:

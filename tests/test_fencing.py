@@ -25,6 +25,8 @@ from toolq.schemas import FINAL_STATUSES, Keys
 LOOPS, BURSTS, BURST = 16, 8, 10
 WORKERS, SLOTS = 3, 10
 STALLS = 3
+# Every result event is kept, so that the test can count them all.
+KEEP_EVENTS = ("--events-maxlen", "1000000", "--events-after-end", "1000000")
 
 
 class Load:
@@ -84,7 +86,9 @@ def test_a_stalled_worker_loses_nothing_and_runs_nothing_twice(tmp_path: Path, n
         url, keys = server.url, Keys(ns)
         r = redis.Redis.from_url(url)
         workers = {
-            f"w{i}": worker_process(url, ns, f"w{i}", "--slots", str(SLOTS), log_dir=str(tmp_path))
+            f"w{i}": worker_process(
+                url, ns, f"w{i}", "--slots", str(SLOTS), *KEEP_EVENTS, log_dir=str(tmp_path)
+            )
             for i in range(WORKERS)
         }
         load = Load(url, ns, logs)
@@ -160,3 +164,33 @@ def test_a_stalled_worker_loses_nothing_and_runs_nothing_twice(tmp_path: Path, n
             assert status == "completed", (
                 f"{traj} ended {status}: {r.hget(keys.traj(traj), 'reason')}"
             )
+
+
+def test_a_worker_is_declared_dead_inside_redis_and_learns_it(redis_url: str, ns: str):
+    """The judgement is atomic (a worker that beat since a stale read stays alive),
+    and the worker declared dead is told so by its next heartbeat."""
+    from toolq.schemas import lua
+
+    r, workers = redis.Redis.from_url(redis_url), Keys(ns).workers
+    seconds, micros = r.time()
+    now_ms = seconds * 1000 + micros // 1000
+
+    def beat(worker: str, at_ms: int, force: str = "0") -> int:
+        return int(r.eval(lua.BEAT, 1, workers, worker, at_ms, force))
+
+    def declare(worker: str) -> int:
+        return int(r.eval(lua.DECLARE_DEAD, 1, workers, worker, 15_000))
+
+    assert beat("alive", now_ms) == 1 and beat("stalled", now_ms - 60_000) == 1
+    assert declare("alive") == 0  # its heartbeat is fresh: whatever a stale read said
+    assert declare("nobody") == 0
+    declared_ms = declare("stalled")
+    assert declared_ms >= now_ms
+    assert r.zscore(workers, "stalled") == -declared_ms
+    assert declare("stalled") == declared_ms  # a second judge gets the same time
+    assert beat("stalled", now_ms + 1) == 0  # it comes back: told, not beaten
+    assert r.zscore(workers, "stalled") == -declared_ms
+    assert int(r.eval(lua.FORGET_DEAD, 1, workers, "alive")) == 0
+    assert beat("stalled", now_ms + 2, force="1") == 1  # it starts over
+    assert int(r.eval(lua.FORGET_DEAD, 1, workers, "stalled")) == 0  # back: not forgotten
+    assert r.zscore(workers, "stalled") == now_ms + 2

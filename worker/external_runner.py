@@ -34,6 +34,7 @@ from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
 from toolq.schemas import ErrorCode, Keys
+from toolq.schemas.local import redis_target
 
 from .external import (
     FAILURE_TTL_S,
@@ -63,6 +64,10 @@ log = logging.getLogger("toolq.external")
 GRACE_S = 10.0
 
 
+class ExternalToolsError(RuntimeError):
+    """External tools cannot run with this configuration."""
+
+
 @dataclass
 class Waiter:
     """One outstanding external call."""
@@ -86,6 +91,7 @@ class ExternalRunner:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _side_tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _sync: SyncRedis | None = None
+    _async: AsyncRedis | None = None
 
     @property
     def keys(self) -> Keys:
@@ -160,6 +166,8 @@ class ExternalRunner:
         self._tasks.clear()
         if self._sync is not None:
             self._sync.close()
+        if self._async is not None and self._async is not self.redis:
+            await self._async.aclose()
 
     # -------------------------------------------------------- enqueueing
     def _enqueue(self, job_id: str, traj: Traj, item: Item, plan: Plan) -> None:
@@ -201,11 +209,32 @@ class ExternalRunner:
             job.meta["toolq_notify"] = notify_key
             job.save_meta()
 
+    def rq_url(self) -> str | None:
+        """The Redis RQ uses; raises ExternalToolsError for a Redis Cluster."""
+        url = self.settings.rq_redis_url or self.settings.redis_url
+        if url and redis_target(url)[1]:
+            raise ExternalToolsError(
+                "external tools run on RQ, which does not support Redis Cluster: set "
+                "--rq-redis-url (TOOLQ_RQ_REDIS_URL) to a plain Redis for them, and point "
+                "`toolq rq-worker` at it"
+            )
+        return url
+
+    def _rq_async(self) -> AsyncRedis:
+        """An asyncio client for RQ's Redis (notices, job states)."""
+        if self._async is None:
+            url = self.rq_url()
+            self._async = (
+                AsyncRedis.from_url(url) if url != self.settings.redis_url and url else self.redis
+            )
+        return self._async
+
     def _connection(self) -> SyncRedis:
-        """A synchronous Redis client for RQ, to the worker's Redis."""
+        """A synchronous Redis client for RQ, to RQ's Redis."""
         if self._sync is None:
-            if self.settings.redis_url:
-                self._sync = SyncRedis.from_url(self.settings.redis_url)
+            url = self.rq_url()
+            if url:
+                self._sync = SyncRedis.from_url(url)
             else:
                 kw = self.redis.connection_pool.connection_kwargs
                 self._sync = SyncRedis(
@@ -251,10 +280,10 @@ class ExternalRunner:
         key = self.keys.external_done(self.worker_id)
         while True:
             try:
-                got = await self.redis.blpop([key], timeout=5)
+                got = await self._rq_async().blpop([key], timeout=5)
                 if got is None:
                     continue
-                more = await self.redis.lpop(key, 500) or []
+                more = await self._rq_async().lpop(key, 500) or []
                 for raw in [got[1], *more]:
                     self._deliver(raw)
             except (RedisError, OSError) as exc:
@@ -284,7 +313,7 @@ class ExternalRunner:
         ids = [j for j, w in self.waiting.items() if w.enqueued and not w.future.done()]
         if not ids:
             return
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self._rq_async().pipeline(transaction=False)
         for job_id in ids:
             pipe.hget(Job.key_for(job_id), "status")
         statuses = await pipe.execute()

@@ -33,6 +33,7 @@ from toolq.schemas import (
     TrajStatus,
     WorkerInfo,
     __version__,
+    lua,
 )
 
 from .backends.base import TrajState
@@ -40,7 +41,7 @@ from .lease import Lease, RedisHealth
 from .metrics import Observer
 from .settings import WorkerSettings
 from .state import Traj, entry_key, now_ms
-from .writer import Writer
+from .writer import DECLARE_DEAD, FORGET_DEAD, Writer, run_script
 
 log = logging.getLogger("toolq.worker.fleet")
 
@@ -97,7 +98,7 @@ class Fleet:
     # ---------------------------------------------------------- heartbeat
     async def register(self) -> None:
         """First heartbeat; what "we" owned before a restart under this id is re-queued."""
-        await self.beat()
+        await self.beat(force=True)
         self.lease.renew(time.monotonic())
         for traj_id in await self.redis.smembers(self.keys.worker_trajs(self.worker_id)):
             await self.requeue(_s(traj_id), self.worker_id, graceful=False)
@@ -115,6 +116,7 @@ class Fleet:
                 if beats % every == 0:
                     await self.trim_open()
                     await self.prune_pending()
+                    await self.prune_runs()
                     await self.reclaim()
             except (RedisError, OSError) as exc:
                 self.health.failed()
@@ -124,7 +126,8 @@ class Fleet:
         """Beat; after our lease lapsed, confirm what we own before acting again."""
         lapsed = not self.lease.valid()
         sent_at = time.monotonic()
-        await self.beat()
+        if not await self.beat():
+            await self._declared_dead()
         took_s = time.monotonic() - sent_at
         if took_s > max(3 * self.settings.heartbeat_s, 1.0):
             # Redis itself stalled: nobody could beat, so others' heartbeats look stale.
@@ -136,7 +139,21 @@ class Fleet:
         await self.confirm_ownership(everything=lapsed)
         self.lease.renew(sent_at)
 
-    async def beat(self) -> None:
+    async def _declared_dead(self) -> None:
+        """The fleet took us for dead (we stalled): what we held is another's or
+        about to be. Drop it all, then start over as a restarted worker would."""
+        log.error(
+            "this worker was declared dead (it stalled): dropping %d trajectories", len(self.owned)
+        )
+        held = list(self.owned.values())
+        for traj in held:
+            await self.lost(traj)
+        await self.register()
+        for traj in held:  # what the fleet has not re-queued yet (that ownership only)
+            await self.requeue(traj.traj_id, self.worker_id, graceful=False)
+
+    async def beat(self, force: bool = False) -> bool:
+        """Send a heartbeat; False when the fleet had declared us dead (see ``lua.BEAT``)."""
         info = WorkerInfo(
             worker=self.worker_id,
             host=socket.gethostname(),
@@ -151,7 +168,8 @@ class Fleet:
         pipe = self.redis.pipeline(transaction=False)
         # Redis's clock, from the node that holds the heartbeats (one clock on a cluster)
         pipe.execute_command("EVAL", "return redis.call('TIME')", 1, self.keys.workers)
-        pipe.zadd(self.keys.workers, {self.worker_id: info.heartbeat_ms})
+        beat = [self.worker_id, info.heartbeat_ms, "1" if force else "0"]
+        pipe.execute_command("EVAL", lua.BEAT, 1, self.keys.workers, *beat)
         pipe.hset(self.keys.worker(self.worker_id), mapping=info.to_fields())
         pipe.pexpire(self.keys.worker(self.worker_id), int(self.settings.dead_after_s * 4000))
         pipe.zcard(self.keys.pending)
@@ -165,6 +183,7 @@ class Fleet:
         oldest_age_s = (self.redis_now_ms() - oldest[0][1]) / 1000 if oldest else 0.0
         self.observer.backlog_sampled(int(backlog), max(0.0, oldest_age_s))
         self._sample_slots()
+        return bool(replies[1])
 
     def _sample_slots(self) -> None:
         trajs = list(self.owned.values())
@@ -229,38 +248,84 @@ class Fleet:
         quiet_s = time.monotonic() - max(self._redis_slow_at, self.health.failed_at)
         if quiet_s < self.settings.dead_after_s:
             return
-        cutoff = self.redis_now_ms() - int(self.settings.dead_after_s * 1000)
+        dead_after_ms = int(self.settings.dead_after_s * 1000)
+        cutoff = self.redis_now_ms() - dead_after_ms
         for raw in await self.redis.zrangebyscore(self.keys.workers, "-inf", cutoff):
             dead = _s(raw)
             if dead == self.worker_id:
                 continue
-            for traj_id in await self.redis.smembers(self.keys.worker_trajs(dead)):
-                await self.requeue(_s(traj_id), dead, graceful=False)
-            await self.release_open_entries(dead)
-            await self.redis.zrem(self.keys.workers, dead)
-            await self.redis.delete(self.keys.worker_trajs(dead), self.keys.worker(dead))
-            log.warning("worker %s is dead: its trajectories were re-queued", dead)
+            # Judged again inside Redis: a worker that beat since our read stays alive.
+            args = [dead, dead_after_ms]
+            declared_ms = int(await run_script(self.redis, DECLARE_DEAD, [self.keys.workers], args))
+            if declared_ms:
+                await self._take_over(dead, declared_ms)
 
-    async def requeue(self, traj_id: str, owner: str, graceful: bool) -> None:
+    async def _take_over(self, dead: str, declared_ms: int) -> None:
+        """Re-queue what ``dead`` held when it was declared dead at ``declared_ms``.
+
+        Its next heartbeat tells it, and it drops everything before acting
+        again; what it claimed after that (it came back) is its own and stays.
+        """
+        back = False
+        for raw in await self.redis.smembers(self.keys.worker_trajs(dead)):
+            traj_id = _s(raw)
+            if await self.requeue(traj_id, dead, graceful=False, claimed_before_ms=declared_ms):
+                await self.redis.srem(self.keys.worker_trajs(dead), traj_id)
+            else:
+                back = True
+        if back:
+            log.warning("worker %s came back: it keeps what it claimed since", dead)
+            return
+        await self.release_open_entries(dead)
+        if await run_script(self.redis, FORGET_DEAD, [self.keys.workers], [dead]):
+            await self.redis.delete(self.keys.worker(dead))
+        log.warning("worker %s is dead: its trajectories were re-queued", dead)
+
+    async def requeue(
+        self, traj_id: str, owner: str, graceful: bool, claimed_before_ms: int | None = None
+    ) -> bool:
         """Give ``owner``'s trajectory back to the pool (any worker may claim it).
 
         The open request goes first: a crash between the two steps leaves a
-        request that can still displace ``owner``, never a trajectory nobody
-        will claim. Repeating it (several workers at once) is harmless.
+        request that can still displace ``owner`` (that ownership epoch only),
+        never a trajectory nobody will claim. Repeating it (several workers at
+        once) is harmless. Returns False when ``owner`` claimed it at or after
+        ``claimed_before_ms`` (it is alive): then nothing is done.
         """
-        owner_now, spec, epoch = await self.redis.hmget(
-            self.keys.traj(traj_id), ["owner", "spec", "epoch"]
+        owner_now, spec, epoch, claimed_ms = await self.redis.hmget(
+            self.keys.traj(traj_id), ["owner", "spec", "epoch", "claimed_ms"]
         )
         if _s(owner_now or b"") != owner:
-            return  # ended, gone, or already re-queued and claimed
+            return True  # ended, gone, or already re-queued and claimed
+        if claimed_before_ms is not None and _int(claimed_ms) >= claimed_before_ms:
+            return False
         req = OpenRequest(
-            traj=traj_id, spec=_s(spec or "{}"), previous_owner=owner, graceful=graceful
+            traj=traj_id,
+            spec=_s(spec or "{}"),
+            previous_owner=owner,
+            previous_epoch=_int(epoch) if epoch else None,
+            graceful=graceful,
         )
         # Backlog first: the claim that the request below leads to removes it.
         await self.redis.zadd(self.keys.pending, {traj_id: now_ms()}, nx=True)
         await self.redis.xadd(self.keys.open, req.to_fields())
         if await self.writer.release(traj_id, owner, _s(epoch or b"")) != 1:
             await self.redis.zrem(self.keys.pending, traj_id)  # ended, or claimed already
+        return True
+
+    async def prune_runs(self) -> int:
+        """Drop the oldest ``<ns>:runs`` members whose record has expired (the
+        index would otherwise grow by one per trajectory forever)."""
+        members = [_s(m) for m in await self.redis.zrange(self.keys.runs, 0, 499)]
+        if not members:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for traj_id in members:
+            pipe.exists(self.keys.traj(traj_id))
+        gone = [t for t, n in zip(members, await pipe.execute(), strict=True) if not n]
+        if gone:
+            await self.redis.zrem(self.keys.runs, *gone)
+        return len(gone)
 
     async def prune_pending(self) -> int:
         """Drop backlog members whose trajectory is not pending any more (a

@@ -165,6 +165,7 @@ class Intake:
                 traj_id,
                 GROUP,
                 req.previous_owner or "",
+                "" if req.previous_epoch is None else str(req.previous_epoch),
             ],
         )
         outcome, value = _s(got[0]), _s(got[1])

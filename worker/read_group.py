@@ -71,15 +71,13 @@ class ReadGroup:
                 await self.redis.xgroup_create(self.wake_key, GROUP, id="$", mkstream=True)
             await self.redis.pexpire(self.wake_key, WAKE_TTL_MS)
             self._ready = True
+        names = [*streams, self.wake_key]
+        args = ["XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", self.count]
+        args += ["BLOCK", self.block_ms, "STREAMS", *names, *([">"] * len(names))]
         self.blocked = True
         try:
-            resp: Any = await self.redis.xreadgroup(
-                GROUP,
-                self.consumer,
-                {**streams, self.wake_key: ">"},  # type: ignore[dict-item]
-                count=self.count,
-                block=self.block_ms,
-            )
+            client: Any = self.redis
+            resp: Any = await client.execute_command(*args, **self._route())
         finally:
             self.blocked = False
         entries = 0
@@ -96,6 +94,12 @@ class ReadGroup:
         ids = [e[0] for e in got]
         if ids:
             await self.redis.xack(self.wake_key, GROUP, *ids)
+
+    def _route(self) -> dict[str, Any]:
+        """On a cluster, the node of the group's slot, named outright: a read's keys
+        are otherwise looked up with COMMAND GETKEYS, a round trip per read."""
+        node_of = getattr(self.redis, "get_node_from_key", None)
+        return {"target_nodes": node_of(self.wake_key)} if node_of else {}
 
     def changed(self) -> None:
         """The members changed: end a blocked read (an idle group just looks again)."""

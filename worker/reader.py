@@ -87,9 +87,10 @@ class CallReader:
         finally:
             for _group, task in self._groups.values():
                 task.cancel()
-            for _group, task in self._groups.values():
+            for group, task in self._groups.values():
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+                await group.forget()  # its wake stream goes with the worker
 
     def group_of(self, traj_id: str) -> str:
         """The read group of a trajectory: its hash slot on a cluster, else the one group."""
@@ -212,6 +213,11 @@ class CallReader:
         the other), so they simply run here.
         """
         entries = await self._claim_pending(traj, min_idle_ms=0)
+        if traj.previous_owner and traj.previous_owner != self.worker_id:
+            with contextlib.suppress(ResponseError):  # its pending list is ours now: empty
+                await self.redis.xgroup_delconsumer(
+                    self.keys.calls(traj.traj_id), GROUP, traj.previous_owner
+                )
         if crashed:
             for index, (entry_id, fields) in enumerate(entries):
                 item = parse_call(_s(entry_id), fields, self.settings.max_entry_bytes)

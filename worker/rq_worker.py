@@ -106,13 +106,18 @@ def rq_worker(
     With --simple a job that must be stopped (its trajectory was cancelled)
     runs to its end; the call is answered `cancelled` at once either way.
     """
-    from toolq.schemas.local import NoRedisError, resolve_redis_url
+    from toolq.schemas.local import NoRedisError, redis_target, resolve_redis_url
 
     obj = ctx.find_root().obj or {}
     try:
         url = resolve_redis_url(obj.get("redis_url"))
     except NoRedisError as exc:
         raise click.UsageError(str(exc)) from None
+    if redis_target(url)[1]:
+        raise click.UsageError(
+            "RQ does not support Redis Cluster: run `toolq rq-worker` against a plain Redis "
+            "and give the toolq workers the same one with --rq-redis-url"
+        )
     run_rq_worker(
         url,
         list(queues),

@@ -35,6 +35,11 @@ class WorkerSettings:
     """
 
     redis_url: str | None = _opt(None, "Redis URL.", cli=False)
+    rq_redis_url: str | None = _opt(
+        None,
+        "Redis for external tools' RQ jobs [default: the worker's Redis]; RQ does not "
+        "run on Redis Cluster, so a cluster deployment names a plain Redis here.",
+    )
     namespace: str = _opt("toolq", "Key prefix.", cli=False)
     backend: str = _opt(
         "auto",
@@ -55,9 +60,10 @@ class WorkerSettings:
     dead_after_s: float = _opt(
         15.0, "A worker silent this long is dead; its trajectories are taken over."
     )
-    result_ttl_s: int = _opt(24 * 3600, "How long results are kept.")
-    retention_s: int = _opt(7 * 24 * 3600, "How long ended trajectories' records are kept.")
-    events_maxlen: int = _opt(10_000, "Cap of each trajectory's events stream.")
+    result_ttl_s: int = _opt(3600, "How long results are kept.")
+    retention_s: int = _opt(24 * 3600, "How long ended trajectories' records and events are kept.")
+    events_maxlen: int = _opt(64, "Cap of each trajectory's events stream (approximate).")
+    events_after_end: int = _opt(16, "Events an ended trajectory keeps (exact).")
     shutdown_grace_s: float = _opt(30.0, "On SIGTERM, how long running calls may finish.")
     max_call_timeout_s: float = _opt(3600.0, "Cap over every call's timeout.")
     max_entry_bytes: int = _opt(16 * 1024 * 1024, "Larger call entries are refused.")

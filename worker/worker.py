@@ -111,6 +111,8 @@ class Worker:
         self._stopping.set()
 
     async def startup(self) -> None:
+        if any(t.external for t in self.registry.tools.values()):
+            self.external.rq_url()  # fails early and clearly on a cluster without an RQ Redis
         await self.observer.worker_started(self.id, self.backend.name, self.redis)
         self._tasks.append(asyncio.create_task(self.writer.run(), name="writer"))
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already

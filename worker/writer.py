@@ -23,7 +23,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    NoScriptError,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from toolq.schemas import GROUP, ErrorCode, Keys, Result, lua
 
@@ -61,6 +70,8 @@ SET_FIELDS = LuaScript(lua.SET_FIELDS)
 BG_WRITE = LuaScript(lua.BG_WRITE)
 BG_LOST = LuaScript(lua.BG_LOST)
 CLAIM = LuaScript(lua.CLAIM)
+DECLARE_DEAD = LuaScript(lua.DECLARE_DEAD)
+FORGET_DEAD = LuaScript(lua.FORGET_DEAD)
 
 
 async def run_script(
@@ -155,7 +166,7 @@ class Writer:
         self.send(op)
 
     def _finish_op(self, traj: Traj, item: Item, result: Result) -> Op:
-        as_fields = result.to_fields()
+        as_fields = result.compact_fields()
         # bytes, not str: a lone surrogate in a tool's output must not fail the write
         fields = [x.encode("utf-8", "replace") for kv in as_fields.items() for x in kv]
         size = sum(len(k) + len(v) for k, v in as_fields.items())
@@ -213,6 +224,7 @@ class Writer:
             self.keys.result(t, ""),
             self.settings.result_ttl_s * 1000,
             END_BATCH,
+            self.settings.events_after_end,
         ]
         while True:
             left = int(await self.write(Op(END, keys, args, t, ours=bool(epoch))))
@@ -291,20 +303,37 @@ class Writer:
                 self._queue.task_done()
 
     async def _flush_with_retry(self, batch: list[Op]) -> list[Any]:
-        """Flush, retrying through Redis outages; after one, replay recent writes first."""
+        """Flush, retrying through Redis outages; after one, replay recent writes first.
+
+        An outage shows as an exception (a connection lost) or, on a cluster,
+        as the reply of some ops (CLUSTERDOWN, TRYAGAIN while a master
+        restarts): those ops are sent again until Redis takes them. Nothing is
+        dropped: a result lost here could let a resubmitted call run twice.
+        """
         delay_s = 0.05
+        replies: list[Any] = [None] * len(batch)
+        todo = list(range(len(batch)))
         while True:
+            failure: Any
             try:
                 if self._catch_up.due():
                     await self._replay()
-                return await self._flush(batch)
+                got = await self._flush([batch[i] for i in todo])
             except (RedisError, OSError) as exc:
-                if not _is_connection_error(exc):
+                if not _is_outage(exc):
                     raise
-                self.health.failed()
-                log.warning("redis write failed (%s); retrying in %.2fs", exc, delay_s)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 5.0)
+                failure = exc  # every op of the batch goes again (they are idempotent)
+            else:
+                for i, reply in zip(todo, got, strict=True):
+                    replies[i] = reply
+                todo = [i for i in todo if _is_outage(replies[i])]
+                if not todo:
+                    return replies
+                failure = replies[todo[0]]
+            self.health.failed()
+            log.warning("redis write failed (%s); retrying in %.2fs", failure, delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 5.0)
 
     async def _flush(self, batch: list[Op]) -> list[Any]:
         """One pipelined round trip; a reply is Redis's answer or the op's own error."""
@@ -375,8 +404,17 @@ def internal_error(result: Result, why: str) -> Result:
     )
 
 
-def _is_connection_error(exc: BaseException) -> bool:
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
-    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError))
+def _is_outage(value: Any) -> bool:
+    """Redis is away or busy (not: this op is wrong): the write is sent again."""
+    return isinstance(
+        value,
+        (
+            RedisConnectionError,
+            RedisTimeoutError,
+            ClusterDownError,
+            TryAgainError,
+            MasterDownError,
+            BusyLoadingError,
+            OSError,
+        ),
+    )

@@ -11,6 +11,11 @@
  *   const r = await tq.call('t1', 'bash', { command: 'echo hi' });
  *   await tq.close('t1');
  *   await tq.quit();
+ *
+ * On Redis Cluster: every command it sends names the keys of one trajectory
+ * (or one global key), and each wait reads one trajectory's events stream, so
+ * nothing spans hash slots; connect node-redis with `createCluster` instead of
+ * `createClient` (its `sendCommand` then needs the key to route by).
  */
 
 const crypto = require('node:crypto');
@@ -20,9 +25,9 @@ const { createClient } = require('redis');
 const PROTOCOL_VERSION = '1';
 const TRAJ_ID_RE = /^[A-Za-z0-9._:-]{1,128}$/;
 const CALL_ID_RE = /^[A-Za-z0-9._:-]{1,200}$/;
-const RESULT_TTL_MS = 24 * 3600 * 1000;
-const EVENTS_MAXLEN = 10000;
-const RETENTION_MS = 7 * 24 * 3600 * 1000;
+const RESULT_TTL_MS = 3600 * 1000; // the workers' defaults: result_ttl_s,
+const EVENTS_MAXLEN = 64; //           events_maxlen,
+const RETENTION_MS = 24 * 3600 * 1000; // retention_s
 const FINAL_STATUSES = new Set(['completed', 'failed', 'timeout', 'cancelled']);
 const BG_FINAL = new Set(['completed', 'failed', 'stopped', 'lost']);
 const SCHEMA_DIR = path.join(__dirname, '..', '..', 'schemas', 'json');

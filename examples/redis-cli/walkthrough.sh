@@ -10,6 +10,11 @@
 # (default toolq), like every toolq command and client; TOOLQ_TRAJ (default walk-<pid>), TOOLQ_WAIT_S (default 60),
 # REDIS_CLI (default redis-cli). Prints key=value lines; exits non-zero when a
 # step fails or times out.
+#
+# On Redis Cluster, run redis-cli with -c (REDIS_CLI="redis-cli -c" does not
+# work: set REDIS_CLI to a wrapper script that adds it): each command names
+# the keys of one trajectory or one global key, so redis-cli follows MOVED to
+# the right node.
 set -euo pipefail
 
 REDIS_URL="${TOOLQ_REDIS_URL:-redis://127.0.0.1:6379}"
@@ -154,7 +159,7 @@ echo "open=$status"
 # doc:call
 call_id="c-$(now_ms)"   # a call id of our own: safe to submit again
 r EVAL "$SUBMIT_LUA" 3 "$NS:{$T}" "$NS:{$T}:calls" "$NS:{$T}:events" \
-  "$NS:{$T}:result:" 86400000 10000 "$(now_ms)" \
+  "$NS:{$T}:result:" 3600000 64 "$(now_ms)" \
   v 1 type call call_id "$call_id" tool bash args '{"command":"echo hi"}' >/dev/null
 # /doc
 echo "call_id=$call_id"
@@ -172,7 +177,7 @@ echo "exit_code=$(r HGET "$NS:{$T}:result:$call_id" exit_code)"
 
 # doc:close
 r EVAL "$SUBMIT_LUA" 3 "$NS:{$T}" "$NS:{$T}:calls" "$NS:{$T}:events" \
-  "$NS:{$T}:result:" 86400000 10000 "$(now_ms)" v 1 type close >/dev/null
+  "$NS:{$T}:result:" 3600000 64 "$(now_ms)" v 1 type close >/dev/null
 wait_for "$NS:{$T}" ended_ms || fail "trajectory did not end within ${WAIT_S}s"
 final=$(r HGET "$NS:{$T}" status)                      # completed
 # /doc
