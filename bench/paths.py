@@ -103,11 +103,18 @@ class ToolqPath(Path):
     """toolq end to end: AsyncClient here, a worker process, Redis, the backend."""
 
     def __init__(
-        self, size: int, url: str, per_container: int = 1, local: bool = False, cold: int = 0
+        self,
+        size: int,
+        url: str,
+        per_container: int = 1,
+        local: bool = False,
+        cold: int = 0,
+        slots: int | None = None,
     ) -> None:
         super().__init__(size)
         self.name = "toolq_local" if local else "toolq"
         self.url, self.per_container, self.local, self.cold = url, per_container, local, cold
+        self.slots = slots or size  # the worker's (more than size: room to open others)
         self.ns = f"bench{uuid.uuid4().hex[:6]}"
         self.trajs = [f"t{i}" for i in range(size)]
         self.worker: WorkerProc | None = None
@@ -118,7 +125,7 @@ class ToolqPath(Path):
         backend = "local" if self.local else "docker"
         self.worker = await asyncio.to_thread(
             WorkerProc, self.url, self.ns, backend=backend, default_image=IMAGE,
-            slots=self.size, slots_per_container=self.per_container,
+            slots=self.slots, slots_per_container=self.per_container,
         )  # fmt: skip
         self.client = AsyncClient(self.url, self.ns)
         if self.cold:
@@ -153,6 +160,8 @@ class ToolqPath(Path):
             "slots": self.size,
             "per_container": per,
             "worker_kib_per_slot": (tree_rss_kb(self.worker.pid) - rss0) / self.size,
+            "worker_rss_mib": round(tree_rss_kb(self.worker.pid) / 1024, 1),
+            "redis_used_mib": round(self.sync.info("memory")["used_memory"] / 2**20, 1),
         }
         if self.local:  # no containers: the agents are the worker's children
             found["per_container"] = "-"

@@ -38,7 +38,7 @@ from common import (
     stage,
     write_json,
 )
-from harness import WorkerProc
+from harness import WorkerProc, close_all, open_all
 from paths import ExecPath, LimitPath, Path, RqPath, ToolqPath
 from report import add_ratios, markdown, plots
 
@@ -72,6 +72,10 @@ class Config:
     warm_pool: int = 2
     profile_level: int = 64
     rounds: int = 3  # each measurement in this many slices, interleaved across paths
+    scale: int = 1000  # the scale row: this many trajectories calling at once,
+    scale_pack: int = 8  # this many slots per container
+    beside_running: int = 8  # claims beside calls: these trajectories call in a loop
+    beside_opened: int = 64  # while this many are opened at once
 
     def tool_budget(self, exec_path: bool = False) -> Budget:
         if exec_path:
@@ -105,6 +109,9 @@ QUICK = Config(
     warm_pool=1,
     profile_level=4,
     rounds=2,
+    scale=0,
+    beside_running=1,
+    beside_opened=2,
 )
 
 
@@ -115,6 +122,7 @@ class Results:
     memory: dict[str, dict[str, Any]] = field(default_factory=dict)
     stages: list[dict[str, Any]] = field(default_factory=list)
     profiles: dict[str, str] = field(default_factory=dict)
+    beside: dict[str, Any] = field(default_factory=dict)
 
     def add(self, run: Run) -> Run:
         s = run.stats()
@@ -282,6 +290,66 @@ async def open_storm(res: Results, url: str, size: int) -> None:
     res.memory[f"toolq, {size} unpacked"] = path.memory
 
 
+async def scale_row(cfg: Config, res: Results, url: str) -> None:
+    """The scale row: ``cfg.scale`` trajectories packed ``cfg.scale_pack`` per
+    container, each calling in a loop; with the worker's RSS and Redis's memory."""
+    path = ToolqPath(cfg.scale, url, cfg.scale_pack)
+    try:
+        await path.start()
+        for name, seconds in path.lifecycle.items():
+            res.life(name, seconds, "start cap 4 (start_concurrency)")
+        res.memory[f"toolq, {cfg.scale} trajectories, {cfg.scale_pack} per container"] = path.memory
+        res.add(await path.run(TRUE, cfg.scale, cfg.sweep_budget(cfg.scale)))
+    finally:
+        await path.stop()
+
+
+async def claims_beside_calls(cfg: Config, res: Results, url: str) -> None:
+    """``beside_running`` trajectories call ``true`` in a loop; then
+    ``beside_opened`` more are opened at once (a container each). The running
+    ones' latency before and while the others are claimed and started."""
+    running, opened = cfg.beside_running, cfg.beside_opened
+    path = ToolqPath(running, url, slots=running + opened)
+    try:
+        await path.start()
+        assert path.client is not None
+        client = path.client
+        before = await path.run(TRUE, running, Budget(cfg.sweep_s, cfg.sweep_calls, 4 * running))
+        during: list[float] = []
+        stop = asyncio.Event()
+
+        async def loop(traj: str) -> None:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                r = await client.call(traj, "bash", {"command": "true"}, wait_s=120)
+                during.append((time.perf_counter() - t0) * 1000)
+                if not r.ok:
+                    raise RuntimeError(f"{traj}: {r.error}")
+
+        loops = [asyncio.create_task(loop(t)) for t in path.trajs]
+        new = [f"new{i}" for i in range(opened)]
+        ready_s = await open_all(client, new, 1)
+        stop.set()
+        await asyncio.gather(*loops)
+        await close_all(client, new)
+    finally:
+        await path.stop()
+    b = before.stats()
+    res.beside = {
+        "running": running,
+        "opened": opened,
+        "opened_ready_p50_s": round(statistics.median(ready_s), 3),
+        "opened_ready_max_s": round(max(ready_s), 3),
+        "before_p50_ms": b["p50_ms"],
+        "before_p99_ms": b["p99_ms"],
+        "during_n": len(during),
+        "during_p50_ms": round(statistics.median(during), 2),
+        "during_p99_ms": round(sorted(during)[int(0.99 * (len(during) - 1))], 2),
+        "during_max_ms": round(max(during), 2),
+    }
+    print(f"[bench] claims beside calls: {res.beside}", flush=True)
+
+
 async def wait_warm(ns: str, count: int, timeout_s: float = 60.0) -> None:
     """Until ``count`` idle warm containers exist, plus time for their agents to boot."""
     import docker
@@ -331,6 +399,12 @@ async def run_all(args: argparse.Namespace, cfg: Config, out: str) -> Results:
         if args.storm:
             with stage(f"open {args.storm} unpacked trajectories at once", res.stages):
                 await open_storm(res, url, args.storm)
+        if "toolq" in want and cfg.beside_opened:
+            with stage("claims beside running calls", res.stages):
+                await claims_beside_calls(cfg, res, url)
+        if "toolq" in want and cfg.scale:
+            with stage(f"scale: {cfg.scale} trajectories", res.stages):
+                await scale_row(cfg, res, url)
         if "toolq" in want and cfg.warm:
             with stage("warm pool", res.stages):
                 await warm_pool_opens(cfg, res, url)
@@ -355,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default=None, help="concurrency levels, e.g. 1,16,64,256")
     parser.add_argument("--pack", type=int, default=None, help="slots per container above 64")
     parser.add_argument("--rq-workers", type=int, default=None)
+    parser.add_argument(
+        "--scale", type=int, default=None, help="the scale row's trajectories (0: none)"
+    )
     parser.add_argument("--out", default=None, help="output directory")
     parser.add_argument("--from-json", default=None, help="only render this report.json again")
     parser.add_argument(
@@ -376,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.pack = args.pack
     if args.rq_workers:
         cfg.rq_workers = args.rq_workers
+    if args.scale is not None:
+        cfg.scale = args.scale
     out = args.out or os.path.join(OUT_DIR, time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
 
@@ -406,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory": res.memory,
         "stages": res.stages,
         "profiles": res.profiles,
+        "beside": res.beside,
         "samples_ms": {
             f"{r.path}|{r.tool}|{r.concurrency}": [round(x, 3) for x in r.samples_ms]
             for r in res.rows

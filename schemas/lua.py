@@ -261,8 +261,8 @@ return {'ok', tostring(epoch), claimed_ms}
 
 # KEYS: traj, result, events, calls
 # ARGV: worker, epoch, group, entry_id, result_ttl_ms, events_maxlen, ok, error_code,
-#       call_id, now_ms, inline ('' or the result's fields as a JSON object, carried by
-#       the event), then the result's field/value pairs.
+#       call_id, now_ms, the result's fields as one JSON object of strings, inline ('1':
+#       the event carries that JSON too, so a waiting client needs no HGETALL)
 # Fenced. Writes the result only if none exists (exactly one final result per
 # call), then acknowledges and deletes the entry: an answered call leaves the
 # stream. Returns 1 (written), 0 (it had a result already) or FENCED.
@@ -272,11 +272,16 @@ FINISH = (
 if not owns() then return -1 end
 local written = 0
 if redis.call('EXISTS', KEYS[2]) == 0 then
-  redis.call('HSET', KEYS[2], unpack(ARGV, 12))
+  local fields = {}
+  for name, value in pairs(cjson.decode(ARGV[11])) do
+    fields[#fields + 1] = name
+    fields[#fields + 1] = value
+  end
+  redis.call('HSET', KEYS[2], unpack(fields))
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
   local event = {'v', '1', 'type', 'result', 'call_id', ARGV[9], 'ok', ARGV[7],
                  'error_code', ARGV[8]}
-  if ARGV[11] ~= '' then
+  if ARGV[12] == '1' then
     event[#event + 1] = 'result'
     event[#event + 1] = ARGV[11]
   end

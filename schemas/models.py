@@ -8,6 +8,7 @@ worker reads a newer client's messages.
 
 from __future__ import annotations
 
+import functools
 import json
 from enum import Enum
 from typing import Any, Literal, TypeVar, get_args
@@ -100,17 +101,32 @@ class WireModel(BaseModel):
         """
         return {k: _to_str(v) for k, v in self.model_dump(exclude_none=True).items()}
 
-    def compact_fields(self) -> dict[Any, Any]:
+    def compact_fields(self) -> dict[str, str]:
         """``to_fields`` without the fields at their default (readers fill them in):
-        what a stored result holds, to keep Redis small."""
-        dumped = self.model_dump(exclude_none=True, exclude_defaults=True)
-        return {k: _to_str(v) for k, v in dumped.items()}
+        what a stored result holds, to keep Redis small. (Read from the instance
+        directly: it runs once per call, and ``model_dump`` costs several times more.)"""
+        defaults = _defaults(type(self))
+        return {
+            k: _to_str(v)
+            for k, v in self.__dict__.items()
+            if v is not None and not (k in defaults and v == defaults[k])
+        }
 
     @classmethod
     def from_fields(cls: type[_M], fields: dict[Any, Any]) -> _M:
         """Decode flat fields (bytes or str) as read from Redis."""
         decoded = {_s(k): _s(v) for k, v in fields.items()}
         return cls.model_validate(decoded)
+
+
+@functools.cache
+def _defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's fields that have a plain default, with it."""
+    return {
+        name: info.get_default(call_default_factory=True)
+        for name, info in model.model_fields.items()
+        if not info.is_required()
+    }
 
 
 def _s(value: Any) -> Any:

@@ -44,8 +44,8 @@ log = logging.getLogger("toolq.worker.writer")
 
 # After Redis errors, writes of this many recent seconds are replayed.
 REPLAY_WINDOW_S = 10.0
-# Results up to this size (as JSON) are copied into their result event, so that
-# a waiting client needs no HGETALL; larger ones are only in the result hash.
+# Results up to this size (as UTF-8 JSON) are copied into their result event, so
+# that a waiting client needs no HGETALL; larger ones are only in the result hash.
 INLINE_RESULT_MAX_BYTES = 4096
 # Entries END answers per run (it runs again until the stream is empty).
 END_BATCH = 500
@@ -56,10 +56,10 @@ class LuaScript:
     """A script and its SHA1, for EVALSHA in pipelines (loaded on NOSCRIPT)."""
 
     source: str
+    sha: str = field(init=False)
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode()).hexdigest()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
 FINISH = LuaScript(lua.FINISH)
@@ -166,13 +166,10 @@ class Writer:
         self.send(op)
 
     def _finish_op(self, traj: Traj, item: Item, result: Result) -> Op:
-        as_fields = result.compact_fields()
-        # bytes, not str: a lone surrogate in a tool's output must not fail the write
-        fields = [x.encode("utf-8", "replace") for kv in as_fields.items() for x in kv]
-        size = sum(len(k) + len(v) for k, v in as_fields.items())
-        inline = ""
-        if size <= INLINE_RESULT_MAX_BYTES:
-            inline = json.dumps(as_fields, separators=(",", ":"))
+        # Encoded once, for the hash and the event alike; bytes, not str: a lone
+        # surrogate in a tool's output must not fail the write.
+        as_json = json.dumps(result.compact_fields(), separators=(",", ":"), ensure_ascii=False)
+        blob = as_json.encode("utf-8", "replace")
         t = traj.traj_id
         return Op(
             FINISH,
@@ -193,8 +190,8 @@ class Writer:
                 result.error_code or "",
                 result.call_id,
                 result.finished_ms,
-                inline,
-                *fields,
+                blob,
+                "1" if len(blob) <= INLINE_RESULT_MAX_BYTES else "0",
             ],
             t,
         )
