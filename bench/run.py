@@ -22,9 +22,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from calls import CALLS, SMALL_FILE, Call
 from common import (
@@ -38,13 +38,23 @@ from common import (
     stage,
     write_json,
 )
-from harness import WorkerProc, close_all, open_all
+from harness import (
+    CallFn,
+    WorkerProc,
+    acquire_all,
+    agent_call_fn,
+    close_all,
+    open_all,
+    release_all,
+    toolq_call_fn,
+)
 from paths import ExecPath, LimitPath, Path, RqPath, ToolqPath
 from report import add_ratios, markdown, plots
 
 from toolq.producer import AsyncClient
 from toolq.worker.embedded import EmbeddedRedis
 
+T = TypeVar("T")
 ALL_PATHS = ["exec", "limit", "toolq", "rq", "toolq_local", "limit_local"]
 TRUE = CALLS["true"]
 
@@ -307,37 +317,69 @@ async def scale_row(cfg: Config, res: Results, url: str) -> None:
 async def claims_beside_calls(cfg: Config, res: Results, url: str) -> None:
     """``beside_running`` trajectories call ``true`` in a loop; then
     ``beside_opened`` more are opened at once (a container each). The running
-    ones' latency before and while the others are claimed and started."""
+    ones' latency before, and while the others are claimed and started; the
+    same for the limit (the agent driven from here) while this process starts
+    as many containers, which shows what the container starts alone cost."""
     running, opened = cfg.beside_running, cfg.beside_opened
-    path = ToolqPath(running, url, slots=running + opened)
+    budget = Budget(cfg.sweep_s, cfg.sweep_calls, 4 * running)
+    toolq = ToolqPath(running, url, slots=running + opened)
     try:
-        await path.start()
-        assert path.client is not None
-        client = path.client
-        before = await path.run(TRUE, running, Budget(cfg.sweep_s, cfg.sweep_calls, 4 * running))
-        during: list[float] = []
-        stop = asyncio.Event()
-
-        async def loop(traj: str) -> None:
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                r = await client.call(traj, "bash", {"command": "true"}, wait_s=120)
-                during.append((time.perf_counter() - t0) * 1000)
-                if not r.ok:
-                    raise RuntimeError(f"{traj}: {r.error}")
-
-        loops = [asyncio.create_task(loop(t)) for t in path.trajs]
+        await toolq.start()
+        assert toolq.client is not None
+        client = toolq.client
+        before = await toolq.run(TRUE, running, budget)
         new = [f"new{i}" for i in range(opened)]
-        ready_s = await open_all(client, new, 1)
-        stop.set()
-        await asyncio.gather(*loops)
+        fn = toolq_call_fn(client, toolq.trajs, TRUE)
+        during, ready_s = await _latency_beside(fn, running, lambda: open_all(client, new, 1))
         await close_all(client, new)
     finally:
-        await path.stop()
+        await toolq.stop()
+    res.beside["toolq"] = _beside_figures(before, during, ready_s)
+    limit = LimitPath(running)
+    try:
+        await limit.start()
+        assert limit.backend is not None
+        backend = limit.backend
+        before = await limit.run(TRUE, running, budget)
+        fn = agent_call_fn(limit.slots, TRUE)
+        during, (slots, ready_s) = await _latency_beside(
+            fn, running, lambda: acquire_all(backend, opened)
+        )
+        await release_all(backend, slots)
+    finally:
+        await limit.stop()
+    res.beside["limit"] = _beside_figures(before, during, ready_s)
+    res.beside.update(running=running, opened=opened)
+    print(f"[bench] claims beside calls: {res.beside}", flush=True)
+
+
+async def _latency_beside(
+    fn: CallFn, n: int, storm: Callable[[], Awaitable[T]]
+) -> tuple[list[float], T]:
+    """Latencies (ms) of ``n`` loops calling ``fn`` while ``storm`` runs; its result."""
+    during: list[float] = []
+    stop = asyncio.Event()
+
+    async def loop(index: int) -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            ok, output = await fn(index)
+            during.append((time.perf_counter() - t0) * 1000)
+            if not ok:
+                raise RuntimeError(f"a call failed beside the storm: {output[:200]}")
+
+    loops = [asyncio.create_task(loop(i)) for i in range(n)]
+    try:
+        got = await storm()
+    finally:
+        stop.set()
+        await asyncio.gather(*loops)
+    return during, got
+
+
+def _beside_figures(before: Run, during: list[float], ready_s: list[float]) -> dict[str, Any]:
     b = before.stats()
-    res.beside = {
-        "running": running,
-        "opened": opened,
+    return {
         "opened_ready_p50_s": round(statistics.median(ready_s), 3),
         "opened_ready_max_s": round(max(ready_s), 3),
         "before_p50_ms": b["p50_ms"],
@@ -347,7 +389,6 @@ async def claims_beside_calls(cfg: Config, res: Results, url: str) -> None:
         "during_p99_ms": round(sorted(during)[int(0.99 * (len(during) - 1))], 2),
         "during_max_ms": round(max(during), 2),
     }
-    print(f"[bench] claims beside calls: {res.beside}", flush=True)
 
 
 async def wait_warm(ns: str, count: int, timeout_s: float = 60.0) -> None:

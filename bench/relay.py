@@ -1,0 +1,82 @@
+"""The floor of any Redis-queued executor on this host: a call's hops, no work.
+
+    python bench/relay.py [--calls 2000]
+
+A client XADDs a tiny entry to a stream and blocks in XREAD on a reply stream;
+a relay process (asyncio, redis-py, hiredis: what the worker uses) blocks in
+XREADGROUP, answers each entry with one XADD and acknowledges it. No tool
+runs. toolq adds the same two Redis round trips to every call (the submit
+and the worker's read; the result and the client's read), so on a machine
+where waking a process costs what it costs here, this p50 is what toolq's
+own overhead cannot go below. Prints p50/p99 of the round trip and of a
+PING for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import statistics
+import time
+
+import redis
+import redis.asyncio as aioredis
+
+from toolq.worker.embedded import EmbeddedRedis
+
+CALLS, REPLIES = "relay:calls", "relay:replies"
+
+
+def relay(url: str) -> None:
+    async def main() -> None:
+        r = aioredis.Redis.from_url(url)
+        while True:
+            got = await r.xreadgroup("g", "relay", {CALLS: ">"}, count=100, block=0)
+            for _stream, entries in got:
+                pipe = r.pipeline(transaction=False)
+                for entry_id, fields in entries:
+                    pipe.xadd(REPLIES, {"id": fields[b"id"]}, maxlen=1000)
+                    pipe.xack(CALLS, "g", entry_id)
+                    pipe.xdel(CALLS, entry_id)
+                await pipe.execute()
+
+    asyncio.run(main())
+
+
+def pct(samples: list[float], q: float) -> float:
+    return sorted(samples)[int(q * (len(samples) - 1))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    args = parser.parse_args()
+    with EmbeddedRedis() as server:
+        r = redis.Redis.from_url(server.url)
+        r.xgroup_create(CALLS, "g", id="0", mkstream=True)
+        proc = multiprocessing.Process(target=relay, args=(server.url,), daemon=True)
+        proc.start()
+        cursor, hops, pings = "0-0", [], []
+        for i in range(args.calls):
+            t0 = time.perf_counter()
+            r.xadd(CALLS, {"id": i})
+            while True:
+                got = r.xread({REPLIES: cursor}, block=5000, count=10)
+                cursor = got[0][1][-1][0]
+                if int(got[0][1][-1][1][b"id"]) == i:
+                    break
+            hops.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            r.ping()
+            pings.append((time.perf_counter() - t0) * 1000)
+        proc.terminate()
+        hops, pings = hops[100:], pings[100:]  # warm-up
+        print(
+            f"relay round trip: p50 {statistics.median(hops):.2f} ms, p99 {pct(hops, 0.99):.2f} ms"
+        )
+        print(f"PING: p50 {statistics.median(pings):.3f} ms, p99 {pct(pings, 0.99):.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
