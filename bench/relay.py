@@ -9,7 +9,8 @@ runs. toolq adds the same two Redis round trips to every call (the submit
 and the worker's read; the result and the client's read), so on a machine
 where waking a process costs what it costs here, this p50 is what toolq's
 own overhead cannot go below. Prints p50/p99 of the round trip and of a
-PING for scale.
+PING for scale, and what the submit script costs Redis by itself
+(`INFO commandstats`, the script and the commands inside it, no contention).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 import redis
 import redis.asyncio as aioredis
 
+from toolq.schemas import Keys, lua
 from toolq.worker.embedded import EmbeddedRedis
 
 CALLS, REPLIES = "relay:calls", "relay:replies"
@@ -76,6 +78,24 @@ def main() -> None:
             f"relay round trip: p50 {statistics.median(hops):.2f} ms, p99 {pct(hops, 0.99):.2f} ms"
         )
         print(f"PING: p50 {statistics.median(pings):.3f} ms, p99 {pct(pings, 0.99):.3f} ms")
+        print(f"submit script alone: {submit_script_us(r, args.calls):.1f} µs of Redis per call")
+
+
+def submit_script_us(r: redis.Redis, calls: int) -> float:
+    """Redis's own time for the submit script (EVALSHA and what runs inside)."""
+    keys = Keys("relay")
+    r.hset(keys.traj("t"), mapping={"status": "running", "traj": "t"})
+    submit = r.register_script(lua.SUBMIT)
+    r.config_resetstat()
+    for i in range(calls):
+        fields = ["v", "1", "type", "call", "tool", "bash", "args", '{"command":"true"}']
+        argv = [keys.result("t", ""), 3_600_000, 64, int(time.time() * 1000), *fields]
+        submit(
+            keys=[keys.traj("t"), keys.calls("t"), keys.events("t")],
+            args=[*argv, "call_id", f"c{i}"],
+        )
+    stats = r.info("commandstats")
+    return float(stats["cmdstat_evalsha"]["usec"]) / calls
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def targets(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         if mem:
             extra = (
                 f"; worker RSS {mem.get('worker_rss_mib', 0):.0f} MiB, "
-                f"Redis {mem.get('redis_used_mib', 0):.0f} MiB"
+                f"Redis used_memory {mem.get('redis_used_mib', 0):.0f} MiB (all the run stored)"
             )
         out.append(
             (
@@ -231,7 +231,6 @@ def markdown(report: dict[str, Any]) -> str:
         "redis",
         "python",
         "commit",
-        "toolq_source",
     ):
         if key in host:
             lines.append(f"| {key} | {host[key]} |")
@@ -325,7 +324,8 @@ def _memory_section(report: dict[str, Any]) -> list[str]:
         "of the worker's RSS from before opening to all slots open, per slot.",
         "",
         "| setup | slots | slots per container | container MiB | container MiB per slot "
-        "| worker RSS KiB per slot | worker RSS MiB | Redis used MiB |",
+        "| worker RSS KiB per slot | worker RSS MiB "
+        "| Redis used_memory MiB (all the run stored so far) |",
         "|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for name, m in memory.items():
