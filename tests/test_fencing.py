@@ -194,3 +194,45 @@ def test_a_worker_is_declared_dead_inside_redis_and_learns_it(redis_url: str, ns
     assert beat("stalled", now_ms + 2, force="1") == 1  # it starts over
     assert int(r.eval(lua.FORGET_DEAD, 1, workers, "stalled")) == 0  # back: not forgotten
     assert r.zscore(workers, "stalled") == now_ms + 2
+
+
+def test_a_worker_declared_dead_while_stopped_hands_back_and_serves_again(tmp_path: Path, ns: str):
+    """Declared dead while stopped, and no takeover yet (the judge stopped there):
+    once continued, the worker learns it from its heartbeat, hands its
+    trajectory back under a new ownership epoch, and the trajectory goes on."""
+    from toolq.schemas import lua
+    from toolq.worker.embedded import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        url, keys = server.url, Keys(ns)
+        r = redis.Redis.from_url(url)
+        worker = worker_process(url, ns, "w", log_dir=str(tmp_path))
+        try:
+            with Client(url, ns) as c:
+                c.open("t")
+                assert c.call("t", "bash", {"command": "echo 1"}, wait_s=60).output == "1\n"
+                epoch = int(r.hget(keys.traj("t"), "epoch") or 0)
+                worker.send_signal(signal.SIGSTOP)
+                try:  # the worker's own dead_after_s is 2 s
+                    wait_for(
+                        lambda: int(r.eval(lua.DECLARE_DEAD, 1, keys.workers, "w", 2000)) > 0,
+                        what="the stopped worker's heartbeat to be older than dead_after_s",
+                    )
+                finally:
+                    worker.send_signal(signal.SIGCONT)
+                wait_for(
+                    lambda: (
+                        int(r.hget(keys.traj("t"), "epoch") or 0) > epoch
+                        and r.hget(keys.traj("t"), "owner") == b"w"
+                    ),
+                    what="the trajectory handed back and claimed again",
+                )
+                assert (r.zscore(keys.workers, "w") or -1) > 0  # it beats again
+                again = c.call("t", "bash", {"command": "echo 2"}, wait_s=60)
+                assert again.output == "2\n", again
+                c.close("t")
+                wait_for(lambda: r.hget(keys.traj("t"), "status") == b"completed", what="the close")
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(60) == 0
+    assert "declared dead" in (tmp_path / "w.log").read_text()

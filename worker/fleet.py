@@ -140,17 +140,18 @@ class Fleet:
         self.lease.renew(sent_at)
 
     async def _declared_dead(self) -> None:
-        """The fleet took us for dead (we stalled): what we held is another's or
-        about to be. Drop it all, then start over as a restarted worker would."""
+        """The fleet took us for dead (we stalled; our lease lapsed, so nothing
+        started since). Hand back what is still ours (that ownership only; the
+        fleet may have re-queued it already), drop it all, then beat again.
+        An error part way leaves the declaration in place: the next heartbeat
+        goes on with what is left."""
         log.error(
             "this worker was declared dead (it stalled): dropping %d trajectories", len(self.owned)
         )
-        held = list(self.owned.values())
-        for traj in held:
+        for traj in list(self.owned.values()):
+            await self.requeue(traj.traj_id, self.worker_id, graceful=False)
             await self.lost(traj)
         await self.register()
-        for traj in held:  # what the fleet has not re-queued yet (that ownership only)
-            await self.requeue(traj.traj_id, self.worker_id, graceful=False)
 
     async def beat(self, force: bool = False) -> bool:
         """Send a heartbeat; False when the fleet had declared us dead (see ``lua.BEAT``)."""
