@@ -9,8 +9,11 @@ runs. toolq adds the same two Redis round trips to every call (the submit
 and the worker's read; the result and the client's read), so on a machine
 where waking a process costs what it costs here, this p50 is what toolq's
 own overhead cannot go below. Prints p50/p99 of the round trip and of a
-PING for scale, and what the submit script costs Redis by itself
-(`INFO commandstats`, the script and the commands inside it, no contention).
+PING for scale, what the submit script costs Redis by itself
+(`INFO commandstats`, the script and the commands inside it, no contention),
+and what redis-py's asyncio client adds to one pipelined `EVALSHA` round
+trip (the worker's result flush) over the same bytes sent on a bare asyncio
+connection and parsed by hiredis.
 """
 
 from __future__ import annotations
@@ -79,6 +82,36 @@ def main() -> None:
         )
         print(f"PING: p50 {statistics.median(pings):.3f} ms, p99 {pct(pings, 0.99):.3f} ms")
         print(f"submit script alone: {submit_script_us(r, args.calls):.1f} µs of Redis per call")
+        py, bare = asyncio.run(flush_round_trip_ms(server.url, server.port, args.calls))
+        print(f"pipelined EVALSHA round trip: redis-py asyncio p50 {py:.3f} ms, bare {bare:.3f} ms")
+
+
+async def flush_round_trip_ms(url: str, port: int, calls: int) -> tuple[float, float]:
+    """p50 of one pipelined EVALSHA: through redis-py's asyncio client, and bare."""
+    import hiredis
+
+    client = aioredis.Redis.from_url(url)
+    sha = await client.script_load("return 1")
+    through = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        pipe = client.pipeline(transaction=False)
+        pipe.execute_command("EVALSHA", sha, 0)
+        await pipe.execute(raise_on_error=False)
+        through.append((time.perf_counter() - t0) * 1000)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    parser, frame = hiredis.Reader(), b"*3\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n"
+    bare = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        writer.write(frame % sha.encode())
+        while parser.gets() is False:
+            parser.feed(await reader.read(65536))
+        bare.append((time.perf_counter() - t0) * 1000)
+    writer.close()
+    await client.aclose()
+    skip = calls // 10
+    return statistics.median(through[skip:]), statistics.median(bare[skip:])
 
 
 def submit_script_us(r: redis.Redis, calls: int) -> float:
