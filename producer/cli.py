@@ -2,6 +2,7 @@
 
 Producer commands need only Redis; ``toolq worker``, ``toolq rq-worker`` and
 ``toolq demo`` dispatch to the worker package (``pip install toolq[worker]``).
+Errors are one line with a documented exit status (``cli_errors``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from typing import Any
 
 import click
 
-from toolq.schemas import InvalidIdError, TrajectorySpec
+from toolq.schemas import Keys, Limits, TrajectorySpec
 
 from . import cli_bg, cli_status
+from .cli_errors import EXIT_TIMEOUT, EXIT_USAGE, CliError, ToolqGroup
 from .cli_tools import tools_cmd
-from .client import Client, ToolqError
-from .config import NoRedisError
+from .client import Client
+from .ops import WaitTimeout
 
 
 def _json_arg(value: str, what: str) -> Any:
@@ -30,15 +32,35 @@ def _json_arg(value: str, what: str) -> Any:
 def _client(ctx: click.Context) -> Client:
     obj = ctx.ensure_object(dict)
     if "client" not in obj:
-        try:
-            obj["client"] = Client(obj.get("redis_url"), obj.get("namespace", "toolq"))
-        except NoRedisError as exc:
-            raise click.UsageError(str(exc)) from None
+        # A command gives up on an unreachable Redis after a few seconds (exit 3).
+        obj["client"] = Client(obj.get("redis_url"), obj.get("namespace", "toolq"), retries=2)
     client: Client = obj["client"]
     return client
 
 
-@click.group()
+def _spec(spec_json: str) -> TrajectorySpec:
+    """A spec from the command line: a field it does not know is a typo, named."""
+    data = _json_arg(spec_json, "--spec")
+    if not isinstance(data, dict):
+        raise click.UsageError("--spec must be a JSON object")
+    unknown = sorted(set(data) - set(TrajectorySpec.model_fields))
+    limits = data.get("limits")
+    if isinstance(limits, dict):
+        unknown += sorted(f"limits.{k}" for k in set(limits) - set(Limits.model_fields))
+    if unknown:
+        raise CliError(f"unknown spec field(s): {', '.join(unknown)}", EXIT_USAGE)
+    return TrajectorySpec.model_validate(data)
+
+
+def _workers_alive(client: Client) -> bool:
+    """Has any worker of the namespace beaten within the last 30 s (its clock)?"""
+    beats: Any = client.redis.zrange(Keys(client.keys.ns).workers, 0, -1, withscores=True)
+    now_ms = client.redis.time()
+    cutoff = now_ms[0] * 1000 + now_ms[1] // 1000 - 30_000
+    return any(score >= cutoff for _, score in beats)
+
+
+@click.group(cls=ToolqGroup)
 @click.option("--redis-url", envvar="TOOLQ_REDIS_URL", help="Redis URL [env TOOLQ_REDIS_URL].")
 @click.option(
     "--namespace",
@@ -47,11 +69,19 @@ def _client(ctx: click.Context) -> Client:
     show_default=True,
     help="Key prefix [env TOOLQ_NAMESPACE].",
 )
+@click.option(
+    "--debug", is_flag=True, envvar="TOOLQ_DEBUG", help="Show tracebacks [env TOOLQ_DEBUG]."
+)
 @click.version_option(package_name="toolq")
 @click.pass_context
-def main(ctx: click.Context, redis_url: str | None, namespace: str) -> None:
-    """toolq: run AI agents' tool calls from Redis streams in sticky sandboxes."""
-    ctx.ensure_object(dict).update(redis_url=redis_url, namespace=namespace)
+def main(ctx: click.Context, redis_url: str | None, namespace: str, debug: bool) -> None:
+    """toolq: run AI agents' tool calls from Redis streams in sticky sandboxes.
+
+    Exit status: 0 done (for `call`: the tool succeeded), 1 the tool failed or
+    what was asked for does not exist, 2 usage, 3 Redis or the Docker engine
+    cannot be reached, 124 a wait timed out.
+    """
+    ctx.ensure_object(dict).update(redis_url=redis_url, namespace=namespace, debug=debug)
 
 
 @main.command("open")
@@ -60,8 +90,8 @@ def main(ctx: click.Context, redis_url: str | None, namespace: str) -> None:
 @click.pass_context
 def open_cmd(ctx: click.Context, traj: str, spec_json: str | None) -> None:
     """Open trajectory TRAJ (no-op if it is open already)."""
-    spec = TrajectorySpec.model_validate(_json_arg(spec_json, "--spec")) if spec_json else None
-    status = _run(lambda: _client(ctx).open(traj, spec))
+    spec = _spec(spec_json) if spec_json else None
+    status = _client(ctx).open(traj, spec)
     click.echo(json.dumps({"traj": traj, "status": status}))
 
 
@@ -71,6 +101,7 @@ def open_cmd(ctx: click.Context, traj: str, spec_json: str | None) -> None:
 @click.argument("args", default="{}")
 @click.option("--timeout", "timeout_s", type=float, default=None, help="Call timeout (s).")
 @click.option("--call-id", default=None, help="Client call id (idempotent resubmission).")
+@click.option("--wait", "wait_s", type=float, default=None, help="Seconds to wait for the result.")
 @click.pass_context
 def call_cmd(
     ctx: click.Context,
@@ -79,18 +110,33 @@ def call_cmd(
     args: str,
     timeout_s: float | None,
     call_id: str | None,
+    wait_s: float | None,
 ) -> None:
     """Run TOOL with ARGS (JSON) in TRAJ and print the result as JSON.
 
     Opens TRAJ with the default spec if needed. Exit status: 0 when the tool
-    succeeded, 1 when it failed, 2 on usage errors.
+    succeeded, 1 when it failed, 2 on usage errors, 3 when Redis cannot be
+    reached, 124 when no result came in time (says so when no worker is alive).
     """
     parsed = _json_arg(args, "ARGS")
     if not isinstance(parsed, dict):
         raise click.UsageError("ARGS must be a JSON object")
     client = _client(ctx)
-    _run(lambda: client.open(traj))
-    result = _run(lambda: client.call(traj, tool, parsed, timeout_s=timeout_s, call_id=call_id))
+    client.open(traj)
+    alive = _workers_alive(client)
+    if not alive:
+        click.echo(
+            f"toolq: no worker is alive in namespace {client.keys.ns!r}: the call waits "
+            "until one starts (`toolq worker`)",
+            err=True,
+        )
+    try:
+        result = client.call(
+            traj, tool, parsed, timeout_s=timeout_s, call_id=call_id, wait_s=wait_s
+        )
+    except WaitTimeout as exc:
+        hint = "" if alive else " (no worker is alive: start one with `toolq worker`)"
+        raise CliError(f"{exc}{hint}", EXIT_TIMEOUT) from None
     click.echo(result.model_dump_json())
     sys.exit(0 if result.ok else 1)
 
@@ -100,7 +146,7 @@ def call_cmd(
 @click.pass_context
 def close_cmd(ctx: click.Context, traj: str) -> None:
     """Close TRAJ after its submitted calls; frees its slot."""
-    entry = _run(lambda: _client(ctx).close(traj))
+    entry = _client(ctx).close(traj)
     click.echo(json.dumps({"traj": traj, "close_entry": entry}))
 
 
@@ -109,17 +155,8 @@ def close_cmd(ctx: click.Context, traj: str) -> None:
 @click.pass_context
 def cancel_cmd(ctx: click.Context, traj: str) -> None:
     """Cancel TRAJ now: kill what runs, answer pending calls with `cancelled`."""
-    entry = _run(lambda: _client(ctx).cancel(traj))
+    entry = _client(ctx).cancel(traj)
     click.echo(json.dumps({"traj": traj, "cancel_entry": entry}))
-
-
-def _run(fn: Any) -> Any:
-    try:
-        return fn()
-    except (InvalidIdError, ValueError) as exc:
-        raise click.UsageError(str(exc)) from None
-    except ToolqError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 def _load_producer_commands() -> None:

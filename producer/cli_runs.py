@@ -50,16 +50,16 @@ def runs(
 
     Pending ones show how long they have waited for a slot (the backlog).
     """
-    from .cli import _client, _run
+    from .cli import _client
 
     client: Client = _client(ctx)
     if count_only:
-        counts = _run(lambda: client.run_counts(label=list(labels)))
+        counts = client.run_counts(label=list(labels))
         click.echo(
             json.dumps(counts) if as_json else "  ".join(f"{k}: {v}" for k, v in counts.items())
         )
         return
-    records = _run(lambda: client.runs(status=status, label=list(labels), limit=limit))
+    records = client.runs(status=status, label=list(labels), limit=limit)
     if as_json:
         for rec in records:
             click.echo(rec.model_dump_json(exclude_none=True))

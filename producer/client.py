@@ -133,9 +133,13 @@ class Client:
         redis_url: str | None = None,
         namespace: str = "toolq",
         redis_client: redis.Redis | None = None,
+        retries: int = RETRIES,
     ) -> None:
+        """``retries``: how often a command is sent again while Redis is unreachable
+        (about 30 s with the default; the CLI gives up after a few seconds)."""
         target, self.cluster = redis_target(resolve_redis_url(redis_url))
-        retry = Retry(ExponentialWithJitterBackoff(**_BACKOFF), RETRIES)
+        self.retries = retries
+        retry = Retry(ExponentialWithJitterBackoff(**_BACKOFF), retries)
         if redis_client is not None:
             self.redis = redis_client
             self.cluster = isinstance(redis_client, redis.RedisCluster)
@@ -164,11 +168,11 @@ class Client:
             return value
 
     def _execute(self, cmds: list[Cmd]) -> list[Any]:
-        for attempt in range(RETRIES + 1):
+        for attempt in range(self.retries + 1):
             try:
                 return self._execute_once(cmds)
             except REDIS_DOWN:  # safe to send again: every operation is idempotent
-                if attempt == RETRIES:
+                if attempt == self.retries:
                     raise
                 time.sleep(_backoff_s(attempt))
         raise AssertionError("unreachable")

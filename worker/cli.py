@@ -42,7 +42,13 @@ def _settings_options(func: Any) -> Any:
 
 @click.command("worker")
 @_settings_options
-@click.option("--log-level", envvar="TOOLQ_LOG_LEVEL", default="INFO", show_default=True)
+@click.option(
+    "--log-level",
+    envvar="TOOLQ_LOG_LEVEL",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
 @click.pass_context
 def worker(ctx: click.Context, /, log_level: str, **opts: Any) -> None:
     """Run a worker until SIGTERM/SIGINT.
