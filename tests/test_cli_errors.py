@@ -81,3 +81,10 @@ def test_call_exit_status_follows_the_tool(cli_env, worker_proc):  # noqa: F811
 def test_a_bad_log_level_is_a_usage_error(cli_env):  # noqa: F811
     r = run(["worker", "--backend", "local", "--log-level", "LOUD"], cli_env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_an_unreachable_docker_engine_is_one_line_and_exit_3(cli_env, tmp_path):  # noqa: F811
+    env = dict(cli_env, DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock")
+    r = run(["worker", "--backend", "docker"], env)
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    assert "Docker" in one_line_error(r.stderr)
