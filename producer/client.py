@@ -46,7 +46,7 @@ from . import ops
 from . import tools as tools_mod
 from .config import redis_target, resolve_redis_url
 from .ops import Cmd, Op, ToolqError, TrajectoryEnded, UnknownTrajectory, WaitTimeout
-from .waits import EventHub, WaitSet, cursor_before, wait_op, xread_args
+from .waits import EventHub, WaitSet, cursor_before, wait_op, xread_args, xread_route
 
 __all__ = [
     "AsyncClient",
@@ -57,7 +57,7 @@ __all__ = [
     "WaitTimeout",
 ]
 
-#: Connection failures are retried this many times (about 30 s of backoff in all).
+#: Connection failures are retried this many times (15–30 s of backoff in all).
 RETRIES = 20
 _BACKOFF = {"base": 0.05, "cap": 2.0}
 _RETRY_ON = [RedisConnectionError, RedisTimeoutError]
@@ -83,7 +83,7 @@ REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgai
 
 
 def _backoff_s(attempt: int) -> float:
-    """Exponential backoff with full jitter, capped at 2 s (about 30 s over RETRIES)."""
+    """Exponential backoff with full jitter, capped at 2 s (15–30 s over RETRIES)."""
     return float(random.uniform(0, min(0.05 * 2**attempt, 2.0)))
 
 
@@ -136,10 +136,11 @@ class Client:
         retries: int = RETRIES,
     ) -> None:
         """``retries``: how often a command is sent again while Redis is unreachable
-        (about 30 s with the default; the CLI gives up after a few seconds)."""
+        (15–30 s with the default; the CLI gives up after about a second)."""
         target, self.cluster = redis_target(resolve_redis_url(redis_url))
         self.retries = retries
-        retry = Retry(ExponentialWithJitterBackoff(**_BACKOFF), retries)
+        # One layer of retries, ours (``_execute``): redis-py's own would multiply it.
+        retry = Retry(ExponentialWithJitterBackoff(**_BACKOFF), 0)
         if redis_client is not None:
             self.redis = redis_client
             self.cluster = isinstance(redis_client, redis.RedisCluster)
@@ -198,10 +199,8 @@ class Client:
         """An XREAD sent to its slot's node outright (see ``waits.xread``)."""
         (streams,) = cmd.args
         client: Any = self.redis
-        node = client.get_node_from_key(next(iter(streams)))
-        return client.execute_command(
-            *xread_args(streams, cmd.kwargs.get("block")), target_nodes=node
-        )
+        args = xread_args(streams, cmd.kwargs.get("block"))
+        return client.execute_command(*args, **xread_route(client, streams))
 
     # ---------------------------------------------------------- lifecycle
     def open(
@@ -339,7 +338,8 @@ class AsyncClient:
         redis_client: aioredis.Redis | None = None,
     ) -> None:
         target, self.cluster = redis_target(resolve_redis_url(redis_url))
-        retry = AsyncRetry(ExponentialWithJitterBackoff(**_BACKOFF), RETRIES)
+        # One layer of retries, ours (``_execute``): redis-py's own would multiply it.
+        retry = AsyncRetry(ExponentialWithJitterBackoff(**_BACKOFF), 0)
         if redis_client is not None:
             self.redis = redis_client
             self.cluster = isinstance(redis_client, aioredis.RedisCluster)

@@ -182,12 +182,17 @@ def xread_args(streams: dict[str, str], block_ms: int | None) -> list[Any]:
     return [*head, "STREAMS", *streams, *streams.values()]
 
 
-async def xread(redis: Any, streams: dict[str, str], block_ms: int | None) -> Any:
-    """XREAD; on a cluster sent to the node of the streams' slot outright (else
-    redis-py asks the server for the keys of every read, one more round trip)."""
+def xread_route(redis: Any, streams: dict[str, str]) -> dict[str, Any]:
+    """On a cluster, the node of the streams' slot, named outright (else redis-py
+    asks the server for the keys of every read, one more round trip)."""
     node_of = getattr(redis, "get_node_from_key", None)
-    route = {"target_nodes": node_of(next(iter(streams)))} if node_of else {}
-    return await redis.execute_command(*xread_args(streams, block_ms), **route)
+    return {"target_nodes": node_of(next(iter(streams)))} if node_of else {}
+
+
+async def xread(redis: Any, streams: dict[str, str], block_ms: int | None) -> Any:
+    """XREAD, routed by ``xread_route``."""
+    args = xread_args(streams, block_ms)
+    return await redis.execute_command(*args, **xread_route(redis, streams))
 
 
 class EventHub:
