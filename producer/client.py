@@ -57,7 +57,7 @@ __all__ = [
     "WaitTimeout",
 ]
 
-#: Connection failures are retried this many times (15–30 s of backoff in all).
+#: Connection failures are retried this many times (15-30 s of backoff in all).
 RETRIES = 20
 _BACKOFF = {"base": 0.05, "cap": 2.0}
 _RETRY_ON = [RedisConnectionError, RedisTimeoutError]
@@ -83,7 +83,7 @@ REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgai
 
 
 def _backoff_s(attempt: int) -> float:
-    """Exponential backoff with full jitter, capped at 2 s (15–30 s over RETRIES)."""
+    """Exponential backoff with full jitter, capped at 2 s (15-30 s over RETRIES)."""
     return float(random.uniform(0, min(0.05 * 2**attempt, 2.0)))
 
 
@@ -136,7 +136,7 @@ class Client:
         retries: int = RETRIES,
     ) -> None:
         """``retries``: how often a command is sent again while Redis is unreachable
-        (15–30 s with the default; the CLI gives up after about a second)."""
+        (15-30 s with the default; the CLI gives up after about a second)."""
         target, self.cluster = redis_target(resolve_redis_url(redis_url))
         self.retries = retries
         # One layer of retries, ours (``_execute``): redis-py's own would multiply it.
