@@ -88,3 +88,14 @@ def test_an_unreachable_docker_engine_is_one_line_and_exit_3(cli_env, tmp_path):
     r = run(["worker", "--backend", "docker"], env)
     assert r.returncode == 3, (r.returncode, r.stderr)
     assert "Docker" in one_line_error(r.stderr)
+
+
+def test_the_python_client_gives_up_on_a_redis_that_stays_down():
+    """One layer of retries, about 15-30 s in all: an error, not a hang."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from toolq.producer import Client
+
+    client = Client(f"redis://127.0.0.1:{closed_port()}/0", "gone")
+    with pytest.raises(RedisConnectionError):
+        client.open("t")
