@@ -236,9 +236,10 @@ class Client:
         return self._drive(ops.submit(self.keys, traj_id, entry)).call_id
 
     def close(self, traj_id: str) -> str:
-        """Close after the calls already submitted; frees the slot. Returns the entry id.
+        """Close after the calls already submitted; frees the slot. Returns the entry id
+        ('' when a close had ended it already: sending a close again is no error).
 
-        Raises ``UnknownTrajectory`` or ``TrajectoryEnded`` when there is nothing to close.
+        Raises ``UnknownTrajectory`` or ``TrajectoryEnded`` (it ended otherwise).
         """
         return self._drive(ops.close(self.keys, traj_id))
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from toolq.schemas import (
+    CLOSED_REASON,
     BgTask,
     CallEntry,
     Keys,
@@ -171,9 +172,13 @@ def make_call(
 
 
 def close(keys: Keys, traj_id: str) -> Op[str]:
-    """Append a close entry; returns its entry id."""
+    """Append a close entry; returns its entry id ('' when a close had ended it
+    already: a close retried after a lost reply is no error)."""
     done = yield from submit(keys, traj_id, CallEntry(type="close"))
     if not done.entry_id:
+        record = yield from get_record(keys, traj_id)
+        if record is not None and record.reason == CLOSED_REASON:
+            return ""
         yield from _raise_ended(keys, traj_id)
     return done.entry_id
 

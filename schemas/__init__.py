@@ -8,6 +8,7 @@ from .keys import GROUP, TRAJ_ID_PATTERN, InvalidIdError, Keys, check_part, chec
 from .models import (
     BG_FINAL_STATUSES,
     BG_STATUSES,
+    CLOSED_REASON,
     DEFAULT_IMAGE,
     FINAL_STATUSES,
     PROTOCOL_VERSION,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BG_FINAL_STATUSES",
     "BG_STATUSES",
+    "CLOSED_REASON",
     "DEFAULT_IMAGE",
     "FINAL_STATUSES",
     "GROUP",

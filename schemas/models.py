@@ -67,6 +67,8 @@ class TrajStatus(str, Enum):
 
 #: Trajectory statuses a trajectory never leaves.
 FINAL_STATUSES = frozenset(s.value for s in TrajStatus if s.final)
+#: The ``reason`` of a trajectory that its client's close ended.
+CLOSED_REASON = "closed by client"
 
 BgStatus = Literal["running", "completed", "failed", "stopped", "lost"]
 #: Every background-task status, and the final ones (a final one is never overwritten).

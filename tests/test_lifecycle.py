@@ -47,6 +47,26 @@ def test_states_and_times_from_pending_to_completed(start_worker, client: Client
     assert rec is not None and rec.ended_ms and rec.ended_ms >= (rec.started_ms or 0)
 
 
+def test_a_close_sent_again_is_no_error_but_closing_a_cancelled_one_is(
+    start_worker, client: Client
+):
+    """A close retried after its reply was lost (a Redis restart) finds the
+    trajectory closed by itself: that is no error. Other ends still are."""
+    from toolq.producer import TrajectoryEnded
+
+    start_worker("local")
+    for traj in ("closed", "cancelled"):
+        client.open(traj)
+        assert client.call(traj, "bash", {"command": "true"}).ok
+    assert client.close("closed")
+    wait_status(client, "closed", "completed")
+    assert client.close("closed") == ""
+    client.cancel("cancelled")
+    wait_status(client, "cancelled", "cancelled")
+    with pytest.raises(TrajectoryEnded):
+        client.close("cancelled")
+
+
 def test_failed_when_the_slot_cannot_start(start_worker, client: Client):
     start_worker("local")
     client.open("t", {"workdir": "../../escape"})

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from toolq.schemas import ErrorCode, Keys, TrajStatus, lua
+from toolq.schemas import CLOSED_REASON, ErrorCode, Keys, TrajStatus, lua
 
 from .backends.base import Backend, SandboxError, Slot
 from .bgtasks import BgRecorder
@@ -108,7 +108,7 @@ class Runner:
             item = traj.items.popleft()
             self.queue_shrunk(traj)
             if item.kind == "close" and item.error is None:
-                traj.request_end(TrajStatus.COMPLETED, "closed by client")
+                traj.request_end(TrajStatus.COMPLETED, CLOSED_REASON)
                 return
             traj.current = item
             try:
