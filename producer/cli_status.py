@@ -1,17 +1,87 @@
-"""``toolq status``: workers, backlog, trajectories and recent errors, from Redis."""
+"""``toolq status``: workers, backlog, trajectories, what runs now, calls/s and
+latency, from Redis. ``--watch`` rides out Redis restarts."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from functools import partial
 
 import click
+from redis.exceptions import ClusterDownError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rich.console import Console, Group
+from rich.live import Live
 
-from .status import DEAD_AFTER_S, RUNS_SAMPLE, WINDOW_MIN, collect, render
+from .status import DEAD_AFTER_S, RUNS_SAMPLE, WINDOW_MIN, Status, collect
+from .status_render import down_reason, render, to_text, unreachable, view
+
+# What a restarting Redis (BusyLoadingError is a ConnectionError) or a cluster
+# failing over answers for a while; anything else is a real error.
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError)
+
+
+class _Screen:
+    """Where refreshes go: JSON lines, plain text (pipes) or a live terminal view."""
+
+    def __init__(self, as_json: bool, interval_s: float, live: Live | None) -> None:
+        self.as_json = as_json
+        self.interval_s = interval_s
+        self.live = live
+        self.last: Status | None = None
+        self.frames = 0
+
+    def show(self, status: Status) -> None:
+        """One answered refresh."""
+        self.last = status
+        if self.as_json:
+            click.echo(json.dumps(status.summary()))
+        elif self.live is not None:
+            self.live.update(view(status), refresh=True)
+        else:
+            self._plain(render(status))
+
+    def down(self, error: BaseException) -> None:
+        """One refresh Redis did not answer: a single line, the last view kept below
+        it on a terminal so the operator still sees what was there."""
+        last_ok_ms = self.last.at_ms if self.last else None
+        line = unreachable(error, self.interval_s, last_ok_ms)
+        if self.as_json:
+            now_ms = int(time.time() * 1000)
+            click.echo(json.dumps({"at_ms": now_ms, "error": down_reason(error)}))
+        elif self.live is not None:
+            below = [view(self.last)] if self.last else []
+            self.live.update(Group(line, *below), refresh=True)
+        else:
+            self._plain(to_text(line))
+
+    def _plain(self, text: str) -> None:
+        if self.frames:
+            click.echo("")  # a blank line between refreshes in a pipe
+        click.echo(text)
+        self.frames += 1
+
+
+def _watch(
+    read: Callable[[], Status], screen: _Screen, interval_s: float, refreshes: int | None
+) -> None:
+    shown = 0
+    while refreshes is None or shown < refreshes:
+        if shown:
+            time.sleep(interval_s)
+        try:
+            status = read()
+        except REDIS_DOWN as exc:  # a restart or failover: show it and try again
+            screen.down(exc)
+        else:
+            screen.show(status)
+        shown += 1
 
 
 @click.command("status")
-@click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl-C, through Redis restarts.")
 @click.option(
     "--interval", "interval_s", type=float, default=2.0, show_default=True, help="Seconds."
 )
@@ -30,7 +100,7 @@ from .status import DEAD_AFTER_S, RUNS_SAMPLE, WINDOW_MIN, collect, render
     type=click.IntRange(1, 120),
     default=WINDOW_MIN,
     show_default=True,
-    help="Minutes of calls the error rate covers.",
+    help="Minutes of calls the error rate, calls/s and latency cover.",
 )
 @click.option(
     "--runs",
@@ -52,32 +122,35 @@ def status(
     runs_sample: int,
     refreshes: int | None,
 ) -> None:
-    """Show workers (heartbeat, slots), backlog, trajectories by state and recent errors.
+    """Show workers, backlog, trajectories by state, what runs now, calls/s,
+    p50/p95 latency and recent errors.
 
-    Reads Redis only. Exit status 0 whenever Redis answers.
+    Reads Redis only. Exit status 0 whenever Redis answers; without --watch an
+    unreachable Redis is exit 3, with --watch it is shown and retried.
     """
     from .cli import _client
 
     client = _client(ctx)
-    shown = 0
-    while True:
-        snapshot = collect(
-            client.redis,
-            client.keys,
-            dead_after_s=dead_after_s,
-            runs_sample=runs_sample,
-            window_min=window_min,
-        )
-        if as_json:
-            click.echo(json.dumps(snapshot.summary()))
+    read = partial(
+        collect,
+        client.redis,
+        client.keys,
+        dead_after_s=dead_after_s,
+        runs_sample=runs_sample,
+        window_min=window_min,
+    )
+    console = Console()
+    if not watch:
+        if as_json or not console.is_terminal:
+            _Screen(as_json, interval_s, None).show(read())
         else:
-            if watch:
-                click.clear()
-            click.echo(render(snapshot))
-        shown += 1
-        if not watch or (refreshes is not None and shown >= refreshes):
+            console.print(view(read()))
+        return
+    try:
+        if as_json or not console.is_terminal:
+            _watch(read, _Screen(as_json, interval_s, None), interval_s, refreshes)
             return
-        try:
-            time.sleep(interval_s)
-        except KeyboardInterrupt:
-            return
+        with Live(console=console, auto_refresh=False) as live:
+            _watch(read, _Screen(as_json, interval_s, live), interval_s, refreshes)
+    except KeyboardInterrupt:  # Ctrl-C is how --watch ends: no "Aborted!", exit 0
+        return
