@@ -187,7 +187,9 @@ def unreachable(error: BaseException, interval_s: float, last_ok_ms: int | None)
 
 
 def plain_console(width: int = PLAIN_WIDTH) -> Console:
-    """A console that writes plain text (no colour, no cursor codes) to a buffer."""
+    """A console that writes plain text (no colour, no cursor codes) to a buffer;
+    a line of text is never wrapped (one line stays one line for grep), tables
+    are laid out to ``width``."""
     return Console(
         file=io.StringIO(),
         width=width,
@@ -195,7 +197,7 @@ def plain_console(width: int = PLAIN_WIDTH) -> Console:
         force_terminal=False,
         force_interactive=False,
         force_jupyter=False,
-        soft_wrap=False,
+        soft_wrap=True,
     )
 
 

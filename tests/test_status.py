@@ -87,6 +87,9 @@ def test_status_shows_live_and_dead_workers(start_worker, client: Client, redis_
     assert data["calls"]["calls"] == 3 and data["calls"]["failed"] == 1
     assert data["calls"]["errors"] == {"exit_status": 1}
     assert abs(data["calls"]["error_rate"] - 1 / 3) < 1e-3
+    latency = data["calls"]["latency"]  # the workers' own latency buckets
+    assert latency["samples"] == 3 and sum(latency["buckets_ms"].values()) == 3
+    assert 0 < latency["p50_ms"] <= latency["p95_ms"]
 
     text = _status(redis_url, ns)
     assert "2 alive, 1 dead" in text
