@@ -8,6 +8,7 @@ producer-only install still loads the CLI).
 from __future__ import annotations
 
 import asyncio
+import logging
 import statistics
 import time
 import uuid
@@ -28,21 +29,35 @@ print(f"{len(primes)} primes below {n}")
 """
 
 
-def pick_backend(choice: str, image: str) -> str:
-    """Docker only when an engine answers and the sandbox image is there."""
-    from toolq.worker.service import docker_available
+def pick_backend(choice: str, image: str) -> tuple[str, str]:
+    """``(backend, why)``: Docker only when an engine answers and the sandbox image
+    is there; ``why`` says why ``auto`` chose local ('' otherwise)."""
+    from toolq.worker.service import docker_unavailable
 
     if choice != "auto":
-        return choice
-    if not docker_available():
-        return "local"
+        return choice, ""
+    why = docker_unavailable()
+    if why is not None:
+        return "local", f"no Docker engine answered ({why})"
     import docker
 
     try:
         docker.from_env().images.get(image)
-        return "docker"
+        return "docker", ""
     except Exception:
-        return "local"
+        return "local", f"the Docker engine has no image {image}"
+
+
+def warn_local(why: str) -> None:
+    """Say plainly, before anything runs, that the local backend is no sandbox."""
+    from toolq.worker.backends.local import NOT_A_SANDBOX
+
+    # The backend logs the same warning when it starts; with no logging set up
+    # Python would print it again, in the middle of the progress bar.
+    logging.getLogger("toolq.worker.local").addHandler(logging.NullHandler())
+    if why:
+        click.secho(f"warning: backend auto chose local: {why}", fg="yellow", err=True)
+    click.secho(f"warning: {NOT_A_SANDBOX}", fg="yellow", err=True)
 
 
 async def agent_loop(
@@ -130,7 +145,9 @@ def run_demo(
     """Run the demo; with no URL, on a private embedded Redis."""
     from toolq.worker.embedded import EmbeddedRedis
 
-    backend = pick_backend(backend, image)
+    backend, why = pick_backend(backend, image)
+    if backend == "local":
+        warn_local(why)
     if url:
         return asyncio.run(_demo(url, namespace, trajectories, rounds, backend, image))
     with EmbeddedRedis() as embedded:

@@ -4,7 +4,16 @@ This package is the only code the producer and the worker share.
 """
 
 from . import lua
-from .keys import GROUP, TRAJ_ID_PATTERN, InvalidIdError, Keys, check_part, check_traj_id
+from .keys import (
+    GROUP,
+    LATENCY_BUCKETS_MS,
+    TRAJ_ID_PATTERN,
+    InvalidIdError,
+    Keys,
+    check_part,
+    check_traj_id,
+    latency_field,
+)
 from .models import (
     BG_FINAL_STATUSES,
     BG_STATUSES,
@@ -36,6 +45,7 @@ __all__ = [
     "DEFAULT_IMAGE",
     "FINAL_STATUSES",
     "GROUP",
+    "LATENCY_BUCKETS_MS",
     "PROTOCOL_VERSION",
     "TRAJ_ID_PATTERN",
     "BgTask",
@@ -56,5 +66,6 @@ __all__ = [
     "__version__",
     "check_part",
     "check_traj_id",
+    "latency_field",
     "lua",
 ]

@@ -17,6 +17,20 @@ TRAJ_ID_PATTERN = r"[A-Za-z0-9._:-]{1,128}"
 _TRAJ_ID_RE = re.compile(rf"\A{TRAJ_ID_PATTERN}\Z")
 _PART_RE = re.compile(r"\A[A-Za-z0-9._:-]{1,200}\Z")
 
+#: Upper bounds (ms) of the call-latency buckets in ``Keys.minute_stats``: field
+#: ``lat_ms:<bound>`` counts the minute's calls whose latency (``queued_ms`` +
+#: ``run_ms``) was above the previous bound and at most this one; ``lat_ms:inf``
+#: counts the slower ones. Counts are per bucket, not cumulative.
+LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000)
+
+
+def latency_field(latency_ms: float) -> str:
+    """The ``minute_stats`` field that counts a call of this latency."""
+    for bound in LATENCY_BUCKETS_MS:
+        if latency_ms <= bound:
+            return f"lat_ms:{bound}"
+    return "lat_ms:inf"
+
 
 class InvalidIdError(ValueError):
     """An id that would break key naming (or is simply not allowed)."""
@@ -87,7 +101,8 @@ class Keys:
 
     def minute_stats(self, minute: int) -> str:
         """Hash, 2 h TTL: calls answered in one unix minute (``calls``, ``failed``,
-        ``error:<code>``), summed over workers; ``toolq status`` reads it."""
+        ``error:<code>``, ``lat_ms:<bound>``: see ``LATENCY_BUCKETS_MS``), summed over
+        workers; ``toolq status`` reads it."""
         return f"{self.ns}:stats:{minute}"
 
     # -- per-trajectory keys (hash-tagged) ---------------------------------

@@ -253,6 +253,11 @@ class Result(WireModel):
     timed_out: bool = False
     slot_reset: bool = False
     queued_ms: float = 0.0
+    behind_ms: float = Field(
+        0.0,
+        description="The part of queued_ms spent behind this trajectory's earlier calls (they "
+        "run one at a time); queued_ms - behind_ms is the wait for toolq itself.",
+    )
     run_ms: float = 0.0
     worker: str = ""
     slot: str = ""
@@ -318,6 +323,11 @@ class TrajectoryRecord(WireModel):
     sandbox: str | None = Field(
         None, description="What serves it: the Docker container id, or the local agent's pid."
     )
+    unenforced: list[str] | None = Field(
+        None,
+        description="Spec fields the backend serving it does not enforce (the local backend "
+        "is no sandbox: e.g. limits.network, limits.memory_mb); absent when all are.",
+    )
     created_ms: int | None = None
     started_ms: int | None = None
     claimed_ms: int | None = Field(
@@ -331,6 +341,18 @@ class TrajectoryRecord(WireModel):
     last_call_id: str | None = None
     reason: str | None = None
     spec: TrajectorySpec | None = None
+
+    @field_validator("unenforced", mode="before")
+    @classmethod
+    def _parse_unenforced(cls, value: Any) -> Any:
+        if value in (None, ""):  # written empty by a backend that enforces everything
+            return None
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                return [value]  # keep the record readable, and the text visible
+        return value if isinstance(value, list) else [str(value)]
 
     @property
     def calls_in_flight(self) -> int:

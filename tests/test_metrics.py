@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -18,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import require_docker
 from toolq.producer import Client
-from toolq.schemas import Keys, Result
+from toolq.schemas import LATENCY_BUCKETS_MS, Keys, Result, latency_field
 from toolq.worker.metrics import WorkerMetrics
 from toolq.worker.settings import WorkerSettings
 from toolq.worker.tools import builtin_registry
@@ -79,6 +80,7 @@ def test_calls_are_counted_by_tool_and_outcome(start_worker, client: Client, ns:
     assert value(s, "toolq_calls_total", tool="bash", outcome="exit_status") == 1
     assert value(s, "toolq_calls_total", tool="other", outcome="unknown_tool") == 1
     assert value(s, "toolq_call_queue_seconds_count", tool="bash") == 5
+    assert value(s, "toolq_call_wait_seconds_count", tool="bash") == 5  # all of them
     assert value(s, "toolq_call_run_seconds_count", tool="bash") == 5
     assert value(s, "toolq_call_run_seconds_sum", tool="bash") > 0
     assert value(s, "toolq_call_queue_seconds_count", tool="other") == 1
@@ -119,12 +121,47 @@ def test_minute_counts_reach_redis_for_toolq_status(start_worker, client: Client
         if totals.get("calls") == 3:
             break
         time.sleep(0.1)
-    assert totals == {
+    latency = {f: n for f, n in totals.items() if f.startswith("lat_ms:")}
+    assert {f: n for f, n in totals.items() if f not in latency} == {
         "calls": 3,
         "failed": 2,
         "error:exit_status": 1,
         "error:not_found": 1,
     }
+    # Every call counted once in a latency bucket, so `toolq status` can take percentiles.
+    assert sum(latency.values()) == 3
+    assert set(latency) <= {latency_field(b) for b in (*LATENCY_BUCKETS_MS, math.inf)}
+
+
+def test_minute_latency_buckets_place_each_call_by_its_latency(
+    start_worker, client: Client, ns: str
+):
+    start_worker("local")
+    client.open("lat")
+    results = [client.call("lat", "bash", {"command": "true"})]
+    results.append(client.call("lat", "bash", {"command": "sleep 1.2"}))
+    client.close("lat")
+    expected: dict[str, int] = {}
+    for result in results:
+        field = latency_field(result.queued_ms + result.run_ms)
+        expected[field] = expected.get(field, 0) + 1
+    slow = latency_field(results[1].queued_ms + results[1].run_ms)
+    assert slow in ("lat_ms:2000", "lat_ms:5000", "lat_ms:10000")  # it slept 1.2 s
+    keys = Keys(ns)
+    minutes = {r.finished_ms // 60_000 for r in results}
+
+    def counted() -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for minute in minutes:
+            for field, n in client.redis.hgetall(keys.minute_stats(minute)).items():
+                if field.startswith(b"lat_ms:"):
+                    totals[field.decode()] = totals.get(field.decode(), 0) + int(n)
+        return totals
+
+    deadline = time.monotonic() + 20
+    while counted() != expected:
+        assert time.monotonic() < deadline, f"{counted()} != {expected}"
+        time.sleep(0.1)
 
 
 def test_slot_states_backlog_and_cancel(start_worker, client: Client):

@@ -7,8 +7,9 @@ hook a no-op; ``WorkerMetrics`` implements it with
 
 - a Prometheus registry per worker (several workers can share a process),
   served over HTTP when ``settings.metrics_port`` is set (0: any free port);
-- per-minute call counts in Redis (``Keys.minute_stats``), written with the
-  heartbeat, which ``toolq status`` reads for its recent error rate.
+- per-minute call counts and latency buckets in Redis (``Keys.minute_stats``),
+  written with the heartbeat, which ``toolq status`` reads for its recent error
+  rate and latency percentiles.
 
 Label values are bounded: tools are registered tool names or ``other``,
 outcomes are ``ok`` or an ``ErrorCode`` value or ``other``; no trajectory,
@@ -37,7 +38,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from toolq.schemas import FINAL_STATUSES, ErrorCode, Keys, Result, __version__
+from toolq.schemas import FINAL_STATUSES, ErrorCode, Keys, Result, __version__, latency_field
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -142,6 +143,14 @@ class WorkerMetrics(Observer):
         self.queue_s = Histogram(
             "toolq_call_queue_seconds",
             "Time from XADD of a call to the worker starting it.",
+            ["tool"],
+            buckets=QUEUE_BUCKETS_S,
+            registry=r,
+        )
+        self.wait_s = Histogram(
+            "toolq_call_wait_seconds",
+            "Time a call waited for toolq: its queue wait minus the part spent behind its "
+            "trajectory's earlier calls (which run one at a time).",
             ["tool"],
             buckets=QUEUE_BUCKETS_S,
             registry=r,
@@ -264,10 +273,14 @@ class WorkerMetrics(Observer):
         outcome = self.outcome_label(result)
         self.calls.labels(tool, outcome).inc()
         self.queue_s.labels(tool).observe(result.queued_ms / 1000)
+        # Waiting for one's turn is the agent's doing (parallel tool calls of one
+        # trajectory run in order); only the rest says whether toolq keeps up.
+        self.wait_s.labels(tool).observe(max(0.0, result.queued_ms - result.behind_ms) / 1000)
         if result.slot:  # it ran in a sandbox (refused calls never did)
             self.run_s.labels(tool).observe(result.run_ms / 1000)
         minute = self._minutes.setdefault(result.finished_ms // 60_000, Tally())
         minute["calls"] += 1
+        minute[latency_field(result.queued_ms + result.run_ms)] += 1
         if outcome != "ok":
             minute["failed"] += 1
             minute[f"error:{outcome}"] += 1

@@ -29,15 +29,18 @@ def make_result(
     slot_id: str = "",
     slot_reset: bool = False,
     started_ms: int | None = None,
+    behind_ms: float = 0.0,
 ) -> Result:
     """The one result of ``item``, from the reply of whatever ran (or refused) it.
 
     ``started_ms`` is when the worker started it (now, for a refusal): the
-    time from the entry's XADD to then is its ``queued_ms``.
+    time from the entry's XADD to then is its ``queued_ms``, of which
+    ``behind_ms`` was spent behind the trajectory's earlier calls.
     """
     output = str(reply.get("output", ""))
     data = reply.get("data")
     started = now_ms() if started_ms is None else started_ms
+    queued_ms = max(0.0, float(started - entry_ms(item.entry_id)))
     return Result(
         call_id=item.call_id,
         traj=traj_id,
@@ -51,7 +54,8 @@ def make_result(
         output_bytes=int(reply.get("output_bytes") or len(output)),
         timed_out=bool(reply.get("timed_out")),
         slot_reset=slot_reset,
-        queued_ms=max(0.0, float(started - entry_ms(item.entry_id))),
+        queued_ms=queued_ms,
+        behind_ms=min(behind_ms, queued_ms),
         run_ms=float(reply.get("run_ms") or 0.0),
         worker=worker_id,
         slot=slot_id,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import time
@@ -119,6 +120,7 @@ class Runner:
             finally:
                 traj.current = None
                 traj.last_activity = time.monotonic()
+                traj.free_since_ms = now_ms()
 
     async def _run(self, traj: Traj, item: Item) -> None:
         started_ms = now_ms()
@@ -163,7 +165,8 @@ class Runner:
             if ran is None:
                 return
             reply = ran
-        self.emit(traj, item, self._final_reply(traj, reply), plan.tool.name, started_ms)
+        behind_ms = traj.behind_ms(item, started_ms)
+        self.emit(traj, item, self._final_reply(traj, reply), plan.tool.name, started_ms, behind_ms)
 
     async def _hold_lease(self) -> None:
         """Return once the lease is valid: at once, unless the worker stalled.
@@ -237,9 +240,15 @@ class Runner:
 
     # ----------------------------------------------------------- results
     def emit(
-        self, traj: Traj, item: Item, reply: dict[str, Any], tool: str, started_ms: int
+        self,
+        traj: Traj,
+        item: Item,
+        reply: dict[str, Any],
+        tool: str,
+        started_ms: int,
+        behind_ms: float = 0.0,
     ) -> None:
-        """Hand a call's result to the writer."""
+        """Hand a call's result to the writer (``behind_ms``: see ``Traj.behind_ms``)."""
         reset, traj.slot_reset = traj.slot_reset, False
         result = make_result(
             traj.traj_id,
@@ -250,14 +259,22 @@ class Runner:
             slot_id=traj.slot.slot_id if traj.slot else "",
             slot_reset=reset,
             started_ms=started_ms,
+            behind_ms=behind_ms,
         )
         self.writer.finish(traj, item, result)
 
     def answer(self, traj: Traj, item: Item, code: ErrorCode, message: str) -> None:
         """Give a call an error result without running it."""
         reply = error_reply(code, message)
+        started_ms = now_ms()
         result = make_result(
-            traj.traj_id, item, reply, tool=requested_tool(item), worker_id=self.worker_id
+            traj.traj_id,
+            item,
+            reply,
+            tool=requested_tool(item),
+            worker_id=self.worker_id,
+            started_ms=started_ms,
+            behind_ms=traj.behind_ms(item, started_ms),
         )
         self.writer.finish(traj, item, result)
 
@@ -285,8 +302,20 @@ class Runner:
         traj.previous_owner = None
         # The record says what serves it now (container labels name only who started it).
         slot = traj.slot
-        self.writer.set_fields(traj, slot=slot.slot_id, host=HOST, sandbox=slot.sandbox_id)
+        unenforced = self._unenforced(traj)
+        self.writer.set_fields(
+            traj, slot=slot.slot_id, host=HOST, sandbox=slot.sandbox_id, unenforced=unenforced
+        )
         return True
+
+    def _unenforced(self, traj: Traj) -> str:
+        """The record's ``unenforced``: spec fields this backend does not enforce, as a
+        JSON list ('' when it enforces all). Written at every slot start, so a
+        trajectory that moved to another backend's worker says what holds now."""
+        # A backend that cannot enforce everything says what (LocalBackend.unenforced).
+        check = getattr(self.backend, "unenforced", None)
+        fields = list(check(traj.spec)) if check is not None else []
+        return json.dumps(fields) if fields else ""
 
     async def drop_slot(self, traj: Traj, keep: bool = False) -> None:
         """Release the trajectory's sandbox; its background tasks end with it."""

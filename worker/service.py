@@ -23,25 +23,30 @@ from .worker import Worker
 log = logging.getLogger("toolq.worker")
 
 
-def docker_available(docker_host: str | None = None) -> bool:
-    """True when a Docker engine answers a ping."""
+def docker_unavailable(docker_host: str | None = None) -> str | None:
+    """Why no Docker engine answers a ping (None: one does)."""
     try:
         import docker
 
         client = docker.DockerClient(base_url=docker_host) if docker_host else docker.from_env()
         try:
-            return bool(client.ping())
+            return None if client.ping() else "the engine did not answer the ping"
         finally:
             client.close()
-    except Exception:
-        return False
+    except Exception as exc:  # no docker package, no socket, refused, TLS, ...
+        return f"{type(exc).__name__}: {exc}"
+
+
+def docker_available(docker_host: str | None = None) -> bool:
+    """True when a Docker engine answers a ping."""
+    return docker_unavailable(docker_host) is None
 
 
 def make_backend(settings: WorkerSettings) -> Backend:
     """The backend the settings ask for (``auto``: Docker if an engine answers)."""
     choice = settings.backend
     if choice == "auto":
-        choice = "docker" if docker_available(settings.docker_host) else "local"
+        choice = _auto_backend(settings.docker_host)
     if choice == "local":
         return LocalBackend(settings.workspace_dir)
     if choice == "docker":
@@ -50,6 +55,21 @@ def make_backend(settings: WorkerSettings) -> Backend:
         backend: Backend = DockerBackend(settings)
         return backend
     raise ValueError(f"unknown backend {settings.backend!r} (auto, local or docker)")
+
+
+def _auto_backend(docker_host: str | None) -> str:
+    """``docker`` when an engine answers; else ``local``, with a warning saying why."""
+    why = docker_unavailable(docker_host)
+    if why is None:
+        return "docker"
+    where = docker_host or os.environ.get("DOCKER_HOST") or "the default socket"
+    log.warning(
+        "backend=auto: no Docker engine answered at %s (%s); falling back to the local "
+        "backend, which is not a sandbox (set --backend docker to refuse to start instead)",
+        where,
+        why[:300],
+    )
+    return "local"
 
 
 def connect(url: str) -> aioredis.Redis:

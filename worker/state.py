@@ -80,6 +80,9 @@ class Traj:
     confirmed_at: float = field(default_factory=time.monotonic)  # ownership last confirmed
     started: float = field(default_factory=time.monotonic)
     calls: int = 0
+    # When its latest call finished here (unix ms, worker clock; 0: none yet). Its
+    # calls run one at a time, so a call submitted before then waited its turn.
+    free_since_ms: int = 0
     last_entry_id: str = "0-0"  # newest entry dispatched (re-deliveries are skipped)
     claimed_ms: int = 0  # when this ownership began, by Redis's clock
     seen_call_ids: set[str] = field(default_factory=set)  # client call ids run here
@@ -104,6 +107,15 @@ class Traj:
         if self.current is not None:
             ids.add(self.current.entry_id)
         return ids
+
+    def behind_ms(self, item: Item, started_ms: int) -> float:
+        """The part of ``item``'s queue wait (its XADD to ``started_ms``) spent behind
+        this trajectory's earlier calls; the rest was the wait for toolq itself."""
+        running_other = self.current is not None and self.current is not item
+        # While an earlier call still runs (a cancel answering queued calls), the
+        # whole wait is behind it; otherwise, up to the end of the latest call.
+        busy_until_ms = started_ms if running_other else min(self.free_since_ms, started_ms)
+        return float(max(0, busy_until_ms - entry_ms(item.entry_id)))
 
     def push(self, item: Item) -> None:
         self.items.append(item)

@@ -1,7 +1,10 @@
 """Local backend: the agent runs as a subprocess on the worker's host.
 
-Not a security boundary (no network, memory or pids isolation): use it for
-development, trusted code and machines without a Docker engine.
+Not a sandbox: tool calls run as the worker's user, with its network, its
+files and no memory, CPU or process limits. Use it for development, trusted
+code and machines without a Docker engine. It says so: a warning when it
+starts, and every trajectory's record lists the spec fields it does not
+enforce (``unenforced``).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import shutil
 import sys
@@ -19,8 +23,35 @@ from toolq.schemas import TrajectorySpec
 from ..channel import AgentChannel
 from .base import Backend, SandboxError, Slot
 
+log = logging.getLogger("toolq.worker.local")
+
 AGENT_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "agent.py")
 _STREAM_LIMIT = 256 * 1024 * 1024
+
+#: What an operator reads at worker start (and ``toolq demo`` prints).
+NOT_A_SANDBOX = (
+    "the local backend is not a sandbox: tool calls run as plain subprocesses of "
+    "this host, as the worker's user, with its network and files; spec limits "
+    "network, memory_mb, cpus, pids, disk_mb and image are not enforced"
+)
+
+
+def unenforced(spec: TrajectorySpec) -> list[str]:
+    """The fields of ``spec`` that ask for something the local backend does not do.
+
+    Time, call-count, output and tool-policy limits are enforced (by the worker
+    and the agent); isolation is not: there is no container to limit.
+    """
+    limits = spec.limits
+    asked = {
+        "image": spec.image is not None,  # the host's python3 runs the agent
+        "limits.network": not limits.network,  # the host's network is reachable
+        "limits.cpus": limits.cpus is not None,
+        "limits.memory_mb": limits.memory_mb is not None,
+        "limits.pids": limits.pids is not None,
+        "limits.disk_mb": limits.disk_mb is not None,
+    }
+    return [name for name, is_asked in asked.items() if is_asked]
 
 
 class LocalBackend(Backend):
@@ -32,6 +63,13 @@ class LocalBackend(Backend):
         self.base_dir = base_dir or tempfile.mkdtemp(prefix="toolq-local-")
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._seq = itertools.count(1)
+
+    #: The spec fields a trajectory's record flags as not enforced here.
+    unenforced = staticmethod(unenforced)
+
+    async def start(self) -> None:
+        """Say what this backend is, once, where operators look."""
+        log.warning("%s (workspaces under %s)", NOT_A_SANDBOX, self.base_dir)
 
     async def acquire(self, traj_id: str, spec: TrajectorySpec) -> Slot:
         slot_id = f"local-{next(self._seq)}"
