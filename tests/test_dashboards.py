@@ -33,6 +33,7 @@ from toolq.producer import Client
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
+TOOLQ_DASHBOARD = DEPLOY / "grafana" / "dashboards" / "toolq.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 REQUIRE_PROMETHEUS = os.environ.get("TOOLQ_REQUIRE_PROMETHEUS") == "1"
 
@@ -155,11 +156,38 @@ def alert_exprs() -> list[tuple[str, str]]:
     ]
 
 
-def substitute(expr: str) -> str:
-    """The query as Grafana sends it with "All" selected."""
-    for var, value in GRAFANA_VARS.items():
+def substitute(expr: str, variables: dict[str, str] | None = None) -> str:
+    """The query as Grafana sends it with "All" selected (``variables``: what "All"
+    stands for, see ``grafana_all``; default: match anything)."""
+    for var, value in {**GRAFANA_VARS, **(variables or {})}.items():
         expr = expr.replace(var, value)
     return expr
+
+
+def _regex_escape(value: str) -> str:
+    """A label value as Grafana escapes it inside a multi-value regex."""
+    return re.sub(r"([\\^$*+?.()|{}\[\]])", r"\\\1", value)
+
+
+def grafana_all(path: Path, label_values: Callable[[str, str], list[str]]) -> dict[str, str]:
+    """``$var`` -> what Grafana substitutes for "All" of each query variable: its
+    ``allValue`` if it has one, else every value its query finds, as ``(a|b)``.
+
+    ``label_values(selector, label)`` asks Prometheus, as Grafana does.
+    """
+    out: dict[str, str] = {}
+    for var in json.loads(path.read_text())["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        if var.get("allValue"):
+            out[f"${var['name']}"] = var["allValue"]
+            continue
+        query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+        parts = label_values_query(query)
+        assert parts, f"variable {var['name']}: not a label_values query"
+        values = label_values(substitute(parts[0], out), parts[1])
+        out[f"${var['name']}"] = "(" + "|".join(_regex_escape(v) for v in values) + ")"
+    return out
 
 
 def label_values_query(expr: str) -> tuple[str, str] | None:
@@ -270,6 +298,7 @@ class Prometheus:
     """A real Prometheus server on 127.0.0.1 scraping the given worker ports."""
 
     def __init__(self, binary: str, workdir: Path, worker_ports: list[int]) -> None:
+        self.url = f"http://127.0.0.1:{_free_port()}"
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(ALERTS)],
@@ -277,11 +306,14 @@ class Prometheus:
                 {
                     "job_name": "toolq-worker",
                     "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in worker_ports]}],
-                }
+                },
+                {  # as deploy/prometheus/prometheus.yml does: "All" jobs must not count it
+                    "job_name": "prometheus",
+                    "static_configs": [{"targets": [self.url.removeprefix("http://")]}],
+                },
             ],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.url = f"http://127.0.0.1:{_free_port()}"
         self.log = (workdir / "prometheus.log").open("w")
         self.proc = subprocess.Popen(
             [
@@ -316,6 +348,10 @@ class Prometheus:
         assert body["status"] == "success", body
         return body["data"]
 
+    def label_values(self, selector: str, label: str) -> list[str]:
+        """Values of ``label`` on the series ``selector`` matches (Grafana's label_values)."""
+        return sorted(self.api(f"label/{label}/values", **{"match[]": selector}))
+
     def query(self, expr: str) -> list[dict[str, Any]]:
         data = self.api("query", query=expr)
         assert data["resultType"] == "vector", (expr, data)
@@ -340,21 +376,30 @@ def prometheus(loaded_workers: list[int], tmp_path: Path) -> Iterator[Prometheus
     server.stop()
 
 
+def panel_expr(title: str) -> str:
+    """The one query of the toolq dashboard's panel ``title``."""
+    (panel,) = [p for p in dashboard_panels(TOOLQ_DASHBOARD) if p["title"] == title]
+    (target,) = panel["targets"]
+    return str(target["expr"])
+
+
 def _finite(result: list[dict[str, Any]]) -> list[float]:
     values = [float(series["value"][1]) for series in result]
     return [v for v in values if math.isfinite(v)]
 
 
 def test_dashboard_queries_return_data_from_prometheus(prometheus: Prometheus):
-    # Both workers scraped, and counters moving over a rate window.
+    # Both workers scraped (and Prometheus itself), counters moving over a rate window.
     prometheus.wait_for('count(up{job="toolq-worker"} == 1) == 2')
+    prometheus.wait_for('up{job="prometheus"} == 1')
     prometheus.wait_for("sum(rate(toolq_calls_total[10s])) > 0")
     prometheus.wait_for("sum(rate(toolq_call_run_seconds_count[10s])) > 0")
     empty, positive = [], set()
     for path in DASHBOARDS:
+        variables = grafana_all(path, prometheus.label_values)
         for panel in dashboard_panels(path):
             for target in panel.get("targets", []):
-                result = prometheus.query(substitute(target["expr"]))
+                result = prometheus.query(substitute(target["expr"], variables))
                 if not result:
                     empty.append(f"{panel['title']} {target['refId']}: {target['expr']}")
                 if any(v > 0 for v in _finite(result)):
@@ -362,7 +407,12 @@ def test_dashboard_queries_return_data_from_prometheus(prometheus: Prometheus):
     assert not empty, "queries with no data:\n" + "\n".join(empty)
     assert KEY_PANELS - positive == set(), "key panels with no positive number"
 
-    workers = prometheus.query(substitute('toolq_worker_info{job=~"$job"}'))
+    variables = grafana_all(TOOLQ_DASHBOARD, prometheus.label_values)
+    assert variables["$job"] == "(toolq-worker)"  # not Prometheus's own job
+    (up,) = prometheus.query(substitute(panel_expr("Workers up"), variables))
+    assert float(up["value"][1]) == 2.0  # two workers; Prometheus itself is up too
+    assert _finite(prometheus.query("count(up == 1)")) == [3.0]
+    workers = prometheus.query(substitute('toolq_worker_info{job=~"$job"}', variables))
     assert {w["metric"]["backend"] for w in workers} == {"local"}
     assert len({w["metric"]["worker"] for w in workers}) == 2
     slots = _finite(prometheus.query("sum(toolq_slots)"))
@@ -379,6 +429,8 @@ def test_dashboard_variables_resolve_in_prometheus(prometheus: Prometheus):
         selector, label = parts
         values = prometheus.api(f"label/{label}/values", **{"match[]": substitute(selector)})
         assert values, f"{where}: no values for {expr}"
+    jobs = prometheus.label_values("toolq_worker_info", "job")
+    assert jobs == ["toolq-worker"]  # the Job variable offers toolq's jobs only
 
 
 def test_alert_rules_load_and_evaluate(prometheus: Prometheus):
@@ -427,6 +479,98 @@ def test_dashboard_is_importable(path: Path):
         assert p["targets"] and p.get("description"), p["title"]
         for t in p["targets"]:
             assert t["datasource"] == p["datasource"] and t["expr"].strip()
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_all_jobs_means_toolq_jobs_only(path: Path):
+    """A catch-all "All" for the Job variable would match every job Prometheus
+    scrapes (itself included): All must stand for the values its query finds."""
+    (job,) = [v for v in json.loads(path.read_text())["templating"]["list"] if v["name"] == "job"]
+    assert job["includeAll"] and not job.get("allValue")
+    assert job["query"] == "label_values(toolq_worker_info, job)"
+
+
+# ------------------------------------------------------ deploy references
+ROOT = DEPLOY.parent
+COMPOSE = DEPLOY / "docker-compose.yml"
+# A file name or a deploy/ path inside any deploy file (a comment or a value).
+_PATH_REF = re.compile(r"(?<![\w$:/.-])(/?[\w.-]+(?:/[\w.-]+)*\.(?:ya?ml|json)|deploy/[\w./-]+)")
+
+
+def compose_mounts() -> dict[str, Path]:
+    """Container path -> host path of every bind mount in the compose file."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    mounts = {}
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            host, _, rest = volume.partition(":")
+            if host.startswith("."):
+                mounts[rest.split(":")[0]] = (DEPLOY / host).resolve()
+    return mounts
+
+
+def resolve_ref(ref: str, where: Path) -> Path | None:
+    """Where a reference made in file ``where`` points, if that exists: absolute
+    paths through the compose bind mounts, others beside the file or from the
+    repository root (the commands in comments run there)."""
+    if ref.startswith("/"):
+        for inside, host in sorted(compose_mounts().items(), key=lambda m: -len(m[0])):
+            if ref == inside or ref.startswith(inside.rstrip("/") + "/"):
+                candidate = host / ref[len(inside) :].lstrip("/")
+                return candidate if candidate.exists() else None
+        raise AssertionError(f"{where}: {ref} is inside no mount of {COMPOSE.name}")
+    for base in (where.parent, ROOT):
+        if (base / ref).exists():
+            return base / ref
+    return None
+
+
+def deploy_text_refs() -> list[tuple[Path, str]]:
+    """``(file, reference)`` for every path-like reference in deploy/'s text files."""
+    found = []
+    for path in sorted(DEPLOY.rglob("*")):
+        if path.is_file() and path.suffix != ".json":  # dashboards name no files
+            found += [(path, ref) for ref in _PATH_REF.findall(path.read_text())]
+    return found
+
+
+def structural_refs() -> list[tuple[Path, Path]]:
+    """``(file, path)`` for what the configs load: Prometheus rule files, compose
+    build contexts, Dockerfiles, bind mounts, and what each Dockerfile COPYs."""
+    found: list[tuple[Path, Path]] = []
+    for config in DEPLOY.rglob("prometheus*.yml"):
+        loaded = yaml.safe_load(config.read_text())
+        if "scrape_configs" in loaded:
+            found += [(config, config.parent / rule) for rule in loaded.get("rule_files", [])]
+    for service in yaml.safe_load(COMPOSE.read_text())["services"].values():
+        build = service.get("build")
+        if isinstance(build, dict):
+            context = (DEPLOY / build["context"]).resolve()
+            dockerfile = context / build.get("dockerfile", "Dockerfile")
+            found += [(COMPOSE, context), (COMPOSE, dockerfile)]
+            found += [(dockerfile, source) for source in copy_sources(dockerfile, context)]
+    found += [(COMPOSE, host) for host in compose_mounts().values()]
+    return found
+
+
+def copy_sources(dockerfile: Path, context: Path) -> list[Path]:
+    """What a Dockerfile COPYs from its build context (each glob's first match)."""
+    sources = []
+    for line in dockerfile.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(w.startswith("--from") for w in words):
+            for source in words[1:-1]:
+                matches = sorted(context.glob(source))
+                sources.append(matches[0] if matches else context / source)
+    return sources
+
+
+def test_every_path_the_deploy_configs_reference_exists():
+    text_refs = deploy_text_refs()
+    assert len(text_refs) > 10  # the scan finds what it looks for
+    missing = [f"{f.relative_to(ROOT)}: {ref}" for f, ref in text_refs if not resolve_ref(ref, f)]
+    missing += [f"{f.relative_to(ROOT)}: {p}" for f, p in structural_refs() if not p.exists()]
+    assert not missing, "references to nothing:\n" + "\n".join(missing)
 
 
 def test_grafana_provisioning_matches_compose():
