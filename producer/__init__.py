@@ -5,18 +5,32 @@ Needs only redis, pydantic and click: no docker, rq or prometheus-client.
 
 from toolq.schemas import Result, TrajectoryRecord, TrajectorySpec
 
-from .client import AsyncClient, Client, ToolqError, TrajectoryEnded, WaitTimeout
+from .client import (
+    AsyncClient,
+    AsyncTrajectory,
+    Client,
+    ToolCall,
+    ToolqError,
+    Trajectory,
+    TrajectoryEnded,
+    UnknownTrajectory,
+    WaitTimeout,
+)
 from .config import NoRedisError, resolve_redis_url
 
 __all__ = [
     "AsyncClient",
+    "AsyncTrajectory",
     "Client",
     "NoRedisError",
     "Result",
+    "ToolCall",
     "ToolqError",
+    "Trajectory",
     "TrajectoryEnded",
     "TrajectoryRecord",
     "TrajectorySpec",
+    "UnknownTrajectory",
     "WaitTimeout",
     "resolve_redis_url",
 ]

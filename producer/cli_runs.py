@@ -100,7 +100,7 @@ def show(ctx: click.Context, traj: str, n_calls: int) -> None:
     from .cli import _client
 
     client: Client = _client(ctx)
-    rec = client.trajectory(traj)
+    rec = client.record(traj)
     if rec is None:
         raise click.ClickException(f"no trajectory {traj!r} (never opened, or expired)")
     doc: dict[str, Any] = rec.model_dump(mode="json", exclude_none=True)

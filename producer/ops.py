@@ -11,6 +11,7 @@ forgotten them (NOSCRIPT) and sends the pipeline again.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import uuid
 from collections.abc import Generator, Iterable, Mapping
@@ -140,18 +141,63 @@ class Submitted:
     entry_id: str
 
 
-def submit(keys: Keys, traj_id: str, entry: CallEntry) -> Op[Submitted]:
+@dataclass(frozen=True)
+class ToolCall:
+    """One tool call to submit. ``args`` is a dict, or JSON text as a model wrote it:
+    text that is not a JSON object is submitted as it is, and the worker answers
+    it with an ``invalid_args`` result (so the model learns what it did wrong)."""
+
+    tool: str
+    args: dict[str, Any] | str | None = None
+    call_id: str | None = None
+    timeout_s: float | None = None
+    idempotent: bool = False
+
+
+def submit(keys: Keys, traj_id: str, entry: CallEntry | ToolCall) -> Op[Submitted]:
     """Append a call (the submit script); the entry carries a client call id."""
+    return (yield from submit_many(keys, traj_id, [entry]))[0]
+
+
+def submit_many(
+    keys: Keys, traj_id: str, entries: Iterable[CallEntry | ToolCall]
+) -> Op[list[Submitted]]:
+    """Append calls in order, in one round trip (all of a trajectory's keys are in
+    one hash slot, so a cluster sends the pipeline to one node, in order)."""
     check_traj_id(traj_id)
-    if entry.call_id is not None:
-        check_part(entry.call_id, "call_id")
-    flat = [x for kv in entry.to_fields().items() for x in kv]
+    cmds = [_submit_cmd(keys, traj_id, entry_fields(e)) for e in entries]
+    replies = yield cmds
+    return [Submitted(traj_id, *(s(x) for x in reply)) for reply in replies]
+
+
+def _submit_cmd(keys: Keys, traj_id: str, fields: dict[str, str]) -> Cmd:
+    flat = [x for kv in fields.items() for x in kv]
     argv = [keys.result(traj_id, ""), RESULT_TTL_MS, EVENTS_MAXLEN, now_ms(), *flat]
-    reply = yield [
-        script(lua.SUBMIT, [keys.traj(traj_id), keys.calls(traj_id), keys.events(traj_id)], argv)
-    ]
-    call_id, entry_id = (s(x) for x in reply[0])
-    return Submitted(traj_id, call_id, entry_id)
+    return script(lua.SUBMIT, [keys.traj(traj_id), keys.calls(traj_id), keys.events(traj_id)], argv)
+
+
+def entry_fields(entry: CallEntry | ToolCall) -> dict[str, str]:
+    """The stream fields of a call, with a fresh client call id unless it has one.
+
+    Arguments given as text are parsed here; text that is not a JSON object
+    travels as it is, for the worker to answer with ``invalid_args``.
+    """
+    if isinstance(entry, CallEntry):
+        fields: dict[str, str] = entry.to_fields()
+        if "call_id" in fields:
+            check_part(fields["call_id"], "call_id")
+        return fields
+    args = entry.args
+    raw: str | None = None
+    if isinstance(args, str):
+        parsed = _json_object_or_none(args)
+        args, raw = (parsed, None) if parsed is not None else ({}, args)
+    call = make_call(entry.tool, args, entry.call_id, entry.timeout_s, entry.idempotent)
+    fields = call.to_fields()
+    check_part(fields["call_id"], "call_id")
+    if raw is not None:
+        fields["args"] = raw
+    return fields
 
 
 def make_call(
@@ -169,6 +215,14 @@ def make_call(
         timeout_s=timeout_s,
         idempotent=idempotent,
     )
+
+
+def _json_object_or_none(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def close(keys: Keys, traj_id: str) -> Op[str]:

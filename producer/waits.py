@@ -78,6 +78,8 @@ class WaitSet:
     cluster: bool = False
     cursors: dict[str, str] = field(default_factory=dict)  # trajectory -> events cursor
     pending: dict[Call, bool] = field(default_factory=dict)
+    # When to look at the result hashes of what is still awaited (monotonic).
+    look_at: float = field(default_factory=lambda: time.monotonic() + LOOK_EVERY_MS / 1000)
 
     def add(self, traj_id: str, call_id: str, cursor: str) -> None:
         self.pending[(traj_id, call_id)] = True
@@ -138,13 +140,22 @@ def fetch_cmds(keys: Keys, calls: Iterable[Call]) -> list[Cmd]:
 
 def wait_op(waits: WaitSet, deadline: float) -> Op[dict[Call, Result]]:
     """Wait (blocking reads) until every call in ``waits`` has a result, or the
-    deadline (monotonic) passes: raises WaitTimeout naming the first missing.
+    deadline (monotonic) passes: raises WaitTimeout naming the first missing."""
+    done: dict[Call, Result] = {}
+    while waits.pending:
+        done.update((yield from wait_some_op(waits, deadline)))
+    return done
+
+
+def wait_some_op(waits: WaitSet, deadline: float) -> Op[dict[Call, Result]]:
+    """Wait until at least one call in ``waits`` has a result (or none is left);
+    returns the results found, which leave ``waits``. Raises WaitTimeout after
+    the deadline (monotonic).
 
     Reads spanning several hash slots (a cluster) are sent together without
     blocking, then the first one blocks briefly."""
-    done: dict[Call, Result] = {}
-    look_at = time.monotonic() + LOOK_EVERY_MS / 1000
-    while waits.pending:
+    found: dict[Call, Result] = {}
+    while waits.pending and not found:
         left_ms = int((deadline - time.monotonic()) * 1000)
         if left_ms <= 0:
             traj_id, call_id = next(iter(waits.pending))
@@ -154,24 +165,22 @@ def wait_op(waits: WaitSet, deadline: float) -> Op[dict[Call, Result]]:
         reads = [Cmd("xread", (g,), {"count": 1000}) for g in groups[1:]]
         reads.insert(0, Cmd("xread", (groups[0],), {"count": 1000, "block": block_ms}))
         replies = yield reads[::-1]  # the blocking read last: the others answer at once
-        found: dict[Call, Result] = {}
         fetch: list[Call] = []
         for reply in replies:
             got, missing = waits.scan(reply)
             found.update(got)
             fetch += missing
-        if time.monotonic() >= look_at:  # an event may have been trimmed: look at the hashes
+        if time.monotonic() >= waits.look_at:  # an event may have been trimmed: look
             fetch = list(waits.pending)
-            look_at = time.monotonic() + LOOK_EVERY_MS / 1000
+            waits.look_at = time.monotonic() + LOOK_EVERY_MS / 1000
         if fetch:
             for call, fields in zip(fetch, (yield fetch_cmds(waits.keys, fetch)), strict=True):
                 result = result_of(fields)
                 if result is not None:
                     found[call] = result
-        for call, result in found.items():
-            done[call] = result
+        for call in found:
             waits.discard(call)
-    return done
+    return found
 
 
 def xread_args(streams: dict[str, str], block_ms: int | None) -> list[Any]:

@@ -155,7 +155,7 @@ def test_a_task_that_outlives_its_trajectory_is_stopped(
     task_id = start(client, "t", f"sleep {secs} & sleep {secs}")
     getattr(client, how)("t")
     wait_for(
-        lambda: (rec := client.trajectory("t")) is not None and rec.status.final,
+        lambda: (rec := client.record("t")) is not None and rec.status.final,
         what="the trajectory to end",
     )
     task = client.bg_get("t", task_id)

@@ -151,8 +151,8 @@ def test_garbage_entries_get_error_results_or_dead_letters(
     ]
     codes = [client.result("t", i, timeout_s=20).error_code for i in junk_ids]
     assert codes == [
-        "bad_request",
-        "bad_request",
+        "invalid_args",  # args the model should hear about
+        "invalid_args",
         "bad_request",
         "bad_request",
         "unsupported_version",
@@ -179,7 +179,7 @@ def test_close_frees_the_slot_and_later_calls_get_errors(
     # the only slot is free again: a second trajectory gets served
     client.open("second")
     assert client.call("second", "bash", {"command": "echo ok"}, wait_s=30).ok
-    rec = client.trajectory("first")
+    rec = client.record("first")
     assert rec is not None and rec.status.value == "completed"
     if backend == "local":
         import os

@@ -151,7 +151,7 @@ def test_network_request_refused_when_the_worker_forbids_it(start_worker, client
     # The slot starts at claim time: a call that arrives after that failure finds
     # the trajectory ended; the record says why.
     assert r.error_code in ("sandbox_error", "trajectory_ended"), r
-    rec = wait_for(lambda: (x := client.trajectory("t")) and x.status.final and x)
+    rec = wait_for(lambda: (x := client.record("t")) and x.status.final and x)
     assert rec.status.value == "failed" and "allow_network" in (rec.reason or ""), rec
 
 
@@ -227,7 +227,7 @@ def test_image_without_python3_is_a_clear_sandbox_error(start_worker, client: Cl
     # The call normally waits for the container start (~0.3 s) and carries the error.
     assert r.error_code in ("sandbox_error", "trajectory_ended"), r
     assert r.error_code != "sandbox_error" or clear in (r.error or ""), r
-    rec = wait_for(lambda: (x := client.trajectory("t")) and x.status.final and x)
+    rec = wait_for(lambda: (x := client.record("t")) and x.status.final and x)
     assert rec.status.value == "failed" and clear in (rec.reason or ""), rec
     wait_for(lambda: not containers(dc, client.keys.ns), 30, "the failed container to go")
 

@@ -152,7 +152,7 @@ def test_after_a_takeover_what_toolq_says_about_the_slot_is_true(
     lost = [f for _, f in events if f.get(b"type") == b"bg" and f.get(b"status") == b"lost"]
     assert [f[b"task_id"].decode() for f in lost] == [task_id]
     # 2. the record, not the label, says who serves it now, where, in which container
-    rec = client.trajectory("t")
+    rec = client.record("t")
     assert rec is not None and rec.owner == after.worker
     assert rec.host == socket.gethostname() and rec.sandbox == box.id
     assert box.labels["toolq.worker"] == "dying"  # labels name the worker that started it
@@ -309,7 +309,7 @@ def test_a_handed_over_container_whose_trajectory_ends_meanwhile_is_swept(
     leaving.stop()
     kept = [c for c in containers(dc, ns) if c["Id"].startswith(short_id(first.slot))]
     assert len(kept) == 1 and kept[0]["State"] == "running"
-    rec = client.trajectory("t")
+    rec = client.record("t")
     assert rec is not None and rec.status.value == "pending"
     client.cancel("t")
     wait_for(

@@ -101,7 +101,7 @@ def test_success_lands_like_a_sandbox_result(worker: Any, client: Client):
     text = client.call("t", "shout", {"text": "hey", "times": 2})
     assert text.ok and text.output == "HEY HEY" and text.data is None
     assert result_events(client, "t") == [sandbox.call_id, r.call_id, aliased.call_id, text.call_id]
-    record = client.trajectory("t")
+    record = client.record("t")
     assert record is not None and record.calls_total == 4 and record.calls_failed == 0
 
 
@@ -114,7 +114,7 @@ def test_exception_is_an_error_result_with_the_message(worker: Any, client: Clie
     after = client.call("t", "add", {"a": 1, "b": 2})  # the trajectory goes on
     assert after.ok
     assert result_events(client, "t") == [r.call_id, after.call_id]
-    record = client.trajectory("t")
+    record = client.record("t")
     assert record is not None and record.calls_failed == 1
 
 
@@ -225,7 +225,7 @@ def test_cancel_answers_the_running_call_and_stops_the_jobs(
 
 
 def _status(client: Client, traj: str) -> str | None:
-    record = client.trajectory(traj)
+    record = client.record(traj)
     return record.status.value if record else None
 
 

@@ -59,7 +59,7 @@ def test_poison_entries_get_an_error_and_spare_their_batch(
     assert client.result("t", before).output == "before\n"
     for call_id in ("deep", through_client):
         r_ = client.result("t", call_id)
-        assert r_.error_code == "bad_request" and "deeper than 64" in (r_.error or ""), r_
+        assert r_.error_code == "invalid_args" and "deeper than 64" in (r_.error or ""), r_
     assert client.result("t", after).output == "after\n"
     assert raw.decode() not in result_events(r, keys, "t")  # answered under its call_id only
     assert client.call("t", "bash", {"command": "echo still"}).output == "still\n"
@@ -84,9 +84,12 @@ def test_a_malformed_entry_is_answered_under_its_call_id(start_worker, client, r
     start_worker("local")
     client.open("t")
     r.xadd(keys.calls("t"), {"tool": "bash", "args": "not json", "call_id": "my-1"})
+    r.xadd(keys.calls("t"), {"tool": "bash", "timeout_s": "-1", "call_id": "my-2"})
     got = client.result("t", "my-1")
-    assert got.call_id == "my-1" and got.error_code == "bad_request"
+    assert got.call_id == "my-1" and got.error_code == "invalid_args"  # the model's to fix
     assert "not valid JSON" in (got.error or "")
+    bad = client.result("t", "my-2")
+    assert bad.error_code == "bad_request" and "timeout_s" in (bad.error or ""), bad
 
 
 def test_async_submit_with_a_call_id_submits(start_worker, aclient_factory):
@@ -206,7 +209,7 @@ def test_no_key_is_left_without_a_ttl_by_an_invalid_open(start_worker, client, r
     r.xadd(keys.open, {"v": "1", "traj": "bad", "spec": bad_spec})
     start_worker("local")
     assert client.result("bad", queued).error_code == "trajectory_ended"
-    wait_for(lambda: client.trajectory("bad").status.value == "failed", what="failed")
+    wait_for(lambda: client.record("bad").status.value == "failed", what="failed")
     for key in r.scan_iter(f"{ns}:{{bad}}*"):
         assert r.pttl(key) > 0, key
 
@@ -217,7 +220,7 @@ def test_a_close_with_an_invalid_field_still_closes(start_worker, client, redis_
     client.open("t")
     assert client.call("t", "bash", {"command": "true"}).ok
     r.xadd(keys.calls("t"), {"v": "1", "type": "close", "timeout_s": "soon"})
-    wait_for(lambda: client.trajectory("t").status.value == "completed", what="completed")
+    wait_for(lambda: client.record("t").status.value == "completed", what="completed")
 
 
 def test_read_file_truncated_means_cut_by_the_cap(start_worker, client: Client):
@@ -234,7 +237,7 @@ def test_answers_of_the_submit_and_cancel_scripts_ride_in_their_event(start_work
     start_worker("local")
     client.open("t")
     client.close("t")
-    wait_for(lambda: client.trajectory("t").status.value == "completed", what="the end")
+    wait_for(lambda: client.record("t").status.value == "completed", what="the end")
     late = client.submit("t", "bash", {"command": "true"})
     last = client.redis.xrevrange(client.keys.events("t"), count=1)[0][1]
     inline = json.loads(last[b"result"])

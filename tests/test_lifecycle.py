@@ -21,7 +21,7 @@ def wait_status(client: Client, traj: str, status: str, timeout_s: float = 20) -
     deadline = time.monotonic() + timeout_s
     rec = None
     while time.monotonic() < deadline:
-        rec = client.trajectory(traj)
+        rec = client.record(traj)
         if rec is not None and rec.status.value == status:
             return
         time.sleep(0.05)
@@ -30,20 +30,20 @@ def wait_status(client: Client, traj: str, status: str, timeout_s: float = 20) -
 
 def test_states_and_times_from_pending_to_completed(start_worker, client: Client):
     client.open("t", {"labels": {"exp": "e1"}})
-    rec = client.trajectory("t")
+    rec = client.record("t")
     assert rec is not None and rec.status.value == "pending" and rec.created_ms
     assert [r.traj for r in client.runs(status="pending")] == ["t"]
     start_worker("local")
     r = client.call("t", "bash", {"command": "exit 2"})
     wait_status(client, "t", "running")
-    rec = client.trajectory("t")
+    rec = client.record("t")
     assert rec is not None and rec.owner and rec.slot and rec.started_ms
     assert rec.calls_total == 1 and rec.calls_failed == 1 and rec.calls_in_flight == 0
     assert rec.spec is not None and rec.spec.labels == {"exp": "e1"}
     assert not r.ok
     client.close("t")
     wait_status(client, "t", "completed")
-    rec = client.trajectory("t")
+    rec = client.record("t")
     assert rec is not None and rec.ended_ms and rec.ended_ms >= (rec.started_ms or 0)
 
 
@@ -105,7 +105,7 @@ def test_cancel_a_pending_trajectory_answers_its_calls_without_a_worker(
     start_worker("local")
     client.open("other")
     assert client.call("other", "bash", {"command": "echo yes"}).ok  # the worker is serving
-    rec = client.trajectory("p")
+    rec = client.record("p")
     assert rec is not None and rec.status.value == "cancelled" and not rec.owner
     assert client.cancel("p") == "ended"
 
@@ -118,12 +118,12 @@ def test_deadline_stops_a_running_call_and_the_late_result_keeps_timeout(
     r = client.call("t", "bash", {"command": "echo start; sleep 30"})
     assert r.timed_out and "deadline_s" in (r.error or "") and r.output == "start\n"
     wait_status(client, "t", "timeout")
-    rec = client.trajectory("t")
+    rec = client.record("t")
     assert rec is not None and "deadline_s" in (rec.reason or "")
     late = client.call("t", "bash", {"command": "true"})
     assert late.error_code == "trajectory_ended" and "deadline_s" in (late.error or "")
     time.sleep(0.5)
-    assert client.trajectory("t").status.value == "timeout"  # type: ignore[union-attr]
+    assert client.record("t").status.value == "timeout"  # type: ignore[union-attr]
 
 
 def test_close_twice_and_calls_after_close_each_get_an_error(start_worker, client: Client):
@@ -143,7 +143,7 @@ def test_idle_trajectory_is_reaped_while_its_client_is_gone(start_worker, client
     client.open("idle", {"limits": {"idle_timeout_s": 1}})
     assert client.call("idle", "bash", {"command": "true"}).ok
     wait_status(client, "idle", "timeout", timeout_s=20)
-    rec = client.trajectory("idle")
+    rec = client.record("idle")
     assert rec is not None and "idle_timeout_s" in (rec.reason or "")
     client.open("next")  # the single slot was freed
     assert client.call("next", "bash", {"command": "true"}, wait_s=20).ok
@@ -196,7 +196,7 @@ def test_oldest_pending_trajectory_is_served_first(start_worker, client: Client)
     assert {r.traj for r in client.runs(status="pending")} == {"b", "c"}
     client.close("a")
     wait_status(client, "b", "running")
-    assert client.trajectory("c").status.value == "pending"  # type: ignore[union-attr]
+    assert client.record("c").status.value == "pending"  # type: ignore[union-attr]
 
 
 def test_ended_records_expire_after_retention(start_worker, client: Client, redis_url, ns):
@@ -254,7 +254,7 @@ def test_an_invalid_spec_fails_the_trajectory_and_answers_its_calls(
     r.xadd(keys.open, {"v": "1", "traj": "bad", "spec": bad_spec})
     start_worker("local")
     wait_status(client, "bad", "failed")
-    rec = client.trajectory("bad")
+    rec = client.record("bad")
     assert rec is not None and "bad open request" in (rec.reason or "")
     assert client.result("bad", queued, timeout_s=10).error_code == "trajectory_ended"
     dead = r.xrange(keys.dead)

@@ -24,7 +24,7 @@ def test_answered_calls_leave_their_stream_and_events_stay_capped(
     assert r.xlen(keys.calls("t")) == 0  # every answered entry was deleted
     assert r.xlen(keys.events("t")) <= 8 + 100  # MAXLEN ~ trims whole stream nodes
     client.close("t")
-    wait_for(lambda: client.trajectory("t").status.value == "completed", what="the end")
+    wait_for(lambda: client.record("t").status.value == "completed", what="the end")
     wait_for(lambda: r.xlen(keys.events("t")) <= 4, what="events cut to the last few")
     assert not r.exists(keys.calls("t"))
     for key in (keys.traj("t"), keys.events("t")):

@@ -216,7 +216,7 @@ def test_walkthrough_drives_a_trajectory(start_worker, redis_url: str, ns: str, 
     # What the script did is what a Python client sees.
     result = client.result("walk-1", out["call_id"], timeout_s=1)
     assert result.ok and result.output == "hi\n" and result.tool == "bash"
-    record = client.trajectory("walk-1")
+    record = client.record("walk-1")
     assert record and record.status.value == "completed" and record.calls_total == 1
     assert record.spec and record.spec.labels == {"example": "redis-cli"}
 

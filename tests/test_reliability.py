@@ -42,7 +42,7 @@ def test_a_killed_workers_trajectory_is_taken_over(start_worker, client: Client,
     assert again.slot_reset  # the local workspace died with its worker
     outs = [client.result("t", q, timeout_s=30).output for q in queued]
     assert outs == ["0\n", "1\n", "2\n"]
-    rec = client.trajectory("t")
+    rec = client.record("t")
     assert rec is not None and rec.status.value == "running" and rec.owner != "dying"
     r = redis.Redis.from_url(redis_url)
     assert r.zscore(Keys(ns).workers, "dying") is None

@@ -102,7 +102,7 @@ def test_a_workdir_outside_the_workspace_fails_the_trajectory(on, start_worker, 
     client.open("t", {"workdir": "../../etc"})
     r = client.call("t", "bash", {"command": "pwd"})
     assert not r.ok and r.error_code in ("sandbox_error", "trajectory_ended"), r
-    rec = wait_for(lambda: (x := client.trajectory("t")) and x.status.final and x)
+    rec = wait_for(lambda: (x := client.record("t")) and x.status.final and x)
     assert rec.status.value == "failed" and "outside the workspace" in (rec.reason or ""), rec
 
 
@@ -358,5 +358,5 @@ def test_generated_garbage_on_a_docker_worker_gets_one_result_each(docker_garbag
     result = client.result("g", entry_id, timeout_s=30)
     assert result.call_id == entry_id
     assert result.ok or result.error_code
-    rec = client.trajectory("g")
+    rec = client.record("g")
     assert rec is not None and rec.status.value == "running", rec  # the slot survived it

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic import ValidationError
+
 from toolq.schemas import (
     PROTOCOL_VERSION,
     CallEntry,
@@ -90,13 +92,16 @@ def _parse_call(entry_id: str, fields: dict[Any, Any] | None, max_entry_bytes: i
         )
         return item
     if json_depth_exceeded(raw.get("args", "")):
-        item.error = (ErrorCode.BAD_REQUEST, f"args nest deeper than {MAX_JSON_DEPTH} levels")
+        item.error = (ErrorCode.INVALID_ARGS, f"args nest deeper than {MAX_JSON_DEPTH} levels")
         return item
     try:
         entry = CallEntry.from_fields(raw)
     except ValueError as exc:
         if item.kind != "call":  # a control entry's own fields are all it needs
             entry = CallEntry(type=item.kind)
+        elif _only_args_wrong(exc):  # e.g. a model's truncated JSON: the model should hear it
+            item.error = (ErrorCode.INVALID_ARGS, f"invalid arguments: {_short(exc)}")
+            return item
         else:
             item.error = (ErrorCode.BAD_REQUEST, f"malformed call entry: {_short(exc)}")
             return item
@@ -107,6 +112,13 @@ def _parse_call(entry_id: str, fields: dict[Any, Any] | None, max_entry_bytes: i
             f"protocol version {entry.v} is newer than this worker's ({PROTOCOL_VERSION})",
         )
     return item
+
+
+def _only_args_wrong(exc: ValueError) -> bool:
+    """True when validation failed on the ``args`` field alone."""
+    if not isinstance(exc, ValidationError):
+        return False
+    return all(err["loc"][:1] == ("args",) for err in exc.errors())
 
 
 def parse_open(fields: dict[Any, Any] | None) -> OpenRequest:
