@@ -25,7 +25,17 @@ def tools_cmd(ctx: click.Context, fmt: str, names: tuple[str, ...]) -> None:
     from .cli import _client
 
     client = _client(ctx)
-    tools = select(parse_tools(client.redis.hgetall(client.keys.tools)), names or None)
+    published = parse_tools(client.redis.hgetall(client.keys.tools))
+    if not published:  # say why the list is empty: the list itself stays valid output
+        click.echo(
+            f"toolq: no tools published in namespace {client.keys.ns!r}: no worker has "
+            "started there (start one with `toolq worker`)",
+            err=True,
+        )
+    unknown = sorted(set(names) - {n for t in published for n in (t.name, *t.aliases)})
+    if published and unknown:
+        raise click.BadParameter(f"no such tool: {', '.join(unknown)}", param_hint="--only")
+    tools = select(published, names or None)
     if fmt == "openai":
         click.echo(json.dumps([openai_spec(t) for t in tools], indent=2))
     elif fmt == "json":

@@ -72,6 +72,19 @@ def test_call_without_a_worker_says_so_and_times_out_with_124(cli_env):  # noqa:
     assert "no worker is alive" in one_line_error(r.stderr)
 
 
+def test_tools_without_a_worker_says_why_the_list_is_empty(cli_env):  # noqa: F811
+    r = run(["tools", "--format", "openai"], cli_env)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.returncode, r.stdout)
+    assert "no worker has started" in r.stderr
+
+
+def test_tools_only_an_unknown_name_is_a_usage_error(cli_env, worker_proc):  # noqa: F811
+    r = run(["tools", "--only", "bash", "--only", "no_such"], cli_env)
+    assert r.returncode == 2 and "no_such" in one_line_error(r.stderr), r.stderr
+    listed = run(["tools", "--only", "bash"], cli_env)
+    assert listed.returncode == 0 and listed.stdout.startswith("bash"), listed.stdout
+
+
 def test_call_exit_status_follows_the_tool(cli_env, worker_proc):  # noqa: F811
     assert run(["call", "t", "bash", '{"command": "true"}'], cli_env).returncode == 0
     failed = run(["call", "t", "bash", '{"command": "exit 3"}'], cli_env)
