@@ -83,7 +83,7 @@ def _backlog(status: Status) -> list[RenderableType]:
     heading = _heading("BACKLOG", f"{b.pending} trajectories waiting for a slot")
     if not b.pending:
         return [heading]
-    table = _table("WAITING", "OLDEST WAITING", "OLDEST", right=("WAITING", "OLDEST WAITING"))
+    table = _table("WAITING", "LONGEST WAIT", "TRAJECTORY", right=("WAITING", "LONGEST WAIT"))
     table.add_row(
         Text(str(b.pending)), Text(format_age(b.oldest_age_s)), Text(b.oldest_traj or "?")
     )

@@ -188,6 +188,7 @@ def _count_calls(client: Client, ns: str, minute: int, latencies_ms: dict[float,
         client.redis.hincrby(key, latency_field(latency_ms), n)
 
 
+@pytest.mark.redis_kinds("single", "cluster")
 def test_calls_per_second_and_latency_percentiles(client: Client, redis_url, ns):
     now_ms = (int(time.time()) // 60) * 60_000 + 30_000  # half way into this minute
     minute = now_ms // 60_000
@@ -242,6 +243,7 @@ def _running(client: Client, ns: str, traj: str, age_s: float, answered: int, se
     )
 
 
+@pytest.mark.redis_kinds("single", "cluster")
 def test_what_runs_now_newest_first_and_capped(client: Client, redis_url, ns):
     for i in range(13):
         _running(client, ns, f"run-{i:02d}", age_s=100 - i, answered=i, sent=i + 1)
