@@ -11,7 +11,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError
 
-from toolq.schemas import BgTask, Keys, Result, ToolInfo, TrajectoryRecord, TrajectorySpec
+from toolq.schemas import BgTask, Keys, Policy, Result, ToolInfo, TrajectoryRecord, TrajectorySpec
 
 from . import ops
 from . import tools as tools_mod
@@ -136,6 +136,24 @@ class AsyncClient:
         idempotent: bool = False,
     ) -> str:
         entry = ToolCall(tool, args, call_id, timeout_s, idempotent)
+        return (await self._drive(ops.submit(self.keys, traj_id, entry))).call_id
+
+    async def set_policy(
+        self,
+        traj_id: str,
+        *,
+        step: str | None = None,
+        allowed_tools: list[str] | None = None,
+        blocked_tools: list[str] | None = None,
+        call_timeout_s: float | None = None,
+    ) -> str:
+        policy = Policy(
+            step=step,
+            allowed_tools=allowed_tools,
+            blocked_tools=blocked_tools or [],
+            call_timeout_s=call_timeout_s,
+        )
+        entry = ops.policy_entry(policy)
         return (await self._drive(ops.submit(self.keys, traj_id, entry))).call_id
 
     async def submit_many(self, traj_id: str, calls: Iterable[CallLike]) -> list[str]:

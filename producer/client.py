@@ -26,7 +26,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from toolq.schemas import BgTask, Keys, Result, ToolInfo, TrajectoryRecord, TrajectorySpec
+from toolq.schemas import BgTask, Keys, Policy, Result, ToolInfo, TrajectoryRecord, TrajectorySpec
 
 from . import ops
 from . import tools as tools_mod
@@ -189,6 +189,27 @@ class Client:
         """
         entry = ToolCall(tool, args, call_id, timeout_s, idempotent)
         return self._drive(ops.submit(self.keys, traj_id, entry)).call_id
+
+    def set_policy(
+        self,
+        traj_id: str,
+        *,
+        step: str | None = None,
+        allowed_tools: list[str] | None = None,
+        blocked_tools: list[str] | None = None,
+        call_timeout_s: float | None = None,
+    ) -> str:
+        """Replace the tool policy for the calls submitted after this (a ``policy``
+        entry: calls submitted before it keep the old one). Returns the entry's call
+        id; its result says the policy is in force, or why it was refused (a
+        ``call_timeout_s`` above the spec's ``max_call_timeout_s``)."""
+        policy = Policy(
+            step=step,
+            allowed_tools=allowed_tools,
+            blocked_tools=blocked_tools or [],
+            call_timeout_s=call_timeout_s,
+        )
+        return self._drive(ops.submit(self.keys, traj_id, ops.policy_entry(policy))).call_id
 
     def submit_many(self, traj_id: str, calls: Iterable[CallLike]) -> list[str]:
         """Append several calls (``ToolCall``s or ``(tool, args)`` pairs) in one round

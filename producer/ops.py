@@ -24,6 +24,7 @@ from toolq.schemas import (
     CallEntry,
     Keys,
     OpenRequest,
+    Policy,
     Result,
     ToolInfo,
     TrajectoryRecord,
@@ -198,6 +199,11 @@ def entry_fields(entry: CallEntry | ToolCall) -> dict[str, str]:
     if raw is not None:
         fields["args"] = raw
     return fields
+
+
+def policy_entry(policy: Policy) -> CallEntry:
+    """A policy entry: ``policy`` holds for the calls submitted after it."""
+    return CallEntry(type="policy", policy=policy, call_id=new_call_id())
 
 
 def make_call(

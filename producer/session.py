@@ -74,6 +74,10 @@ class Trajectory:
         """Submit one call; returns its call id (see ``Client.submit``)."""
         return self.client.submit(self.traj_id, tool, args, **kw)
 
+    def set_policy(self, **policy: Any) -> str:
+        """Replace the tool policy for the calls after this (see ``Client.set_policy``)."""
+        return self.client.set_policy(self.traj_id, **policy)
+
     def call_many(self, calls: Iterable[CallLike], *, wait_s: float | None = None) -> list[Result]:
         """Submit calls at once, wait for all; results in the calls' order."""
         return self.client.call_many(self.traj_id, calls, wait_s=wait_s)
@@ -144,6 +148,9 @@ class AsyncTrajectory:
 
     async def submit(self, tool: str, args: dict[str, Any] | str | None = None, **kw: Any) -> str:
         return await self.client.submit(self.traj_id, tool, args, **kw)
+
+    async def set_policy(self, **policy: Any) -> str:
+        return await self.client.set_policy(self.traj_id, **policy)
 
     async def call_many(
         self, calls: Iterable[CallLike], *, wait_s: float | None = None

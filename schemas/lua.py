@@ -235,8 +235,8 @@ return 0
 #       open request re-queues that worker's trajectory, so it may be displaced),
 #       previous epoch ('' if none: then only that ownership may be displaced)
 # Takes ownership and starts a new ownership epoch. Returns {'ok', epoch, now_ms
-# by Redis's clock}, {'ended', status} or {'owned', owner}. Creates the calls
-# stream's group.
+# by Redis's clock, the policy in force (JSON, '' for the spec's own)}, {'ended',
+# status} or {'owned', owner}. Creates the calls stream's group.
 CLAIM = (
     FINAL_LUA
     + """
@@ -255,7 +255,7 @@ local claimed_ms = tostring(t[1] * 1000 + math.floor(t[2] / 1000))
 redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[4], 'status', 'running', 'owner', ARGV[1],
            'spec', ARGV[3], 'last_activity_ms', ARGV[2], 'claimed_ms', claimed_ms)
 pcall(redis.call, 'XGROUP', 'CREATE', KEYS[2], ARGV[5], '0', 'MKSTREAM')
-return {'ok', tostring(epoch), claimed_ms}
+return {'ok', tostring(epoch), claimed_ms, redis.call('HGET', KEYS[1], 'policy') or ''}
 """
 )
 
@@ -272,10 +272,11 @@ FINISH = (
 if not owns() then return -1 end
 local written = 0
 if redis.call('EXISTS', KEYS[2]) == 0 then
-  local fields = {}
+  local fields, infra = {}, false
   for name, value in pairs(cjson.decode(ARGV[11])) do
     fields[#fields + 1] = name
     fields[#fields + 1] = value
+    if name == 'infra' and value == '1' then infra = true end
   end
   redis.call('HSET', KEYS[2], unpack(fields))
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
@@ -288,6 +289,7 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(event))
   redis.call('HINCRBY', KEYS[1], 'calls_total', 1)
   if ARGV[7] == '0' then redis.call('HINCRBY', KEYS[1], 'calls_failed', 1) end
+  if infra then redis.call('HINCRBY', KEYS[1], 'calls_infra', 1) end
   redis.call('HSET', KEYS[1], 'last_activity_ms', ARGV[10], 'last_call_id', ARGV[9])
   written = 1
 end

@@ -49,6 +49,20 @@ class ErrorCode(str, Enum):
     INTERNAL_ERROR = "internal_error"
 
 
+#: Failures of the infrastructure, not of the call: a trainer masks rollouts with
+#: such results (``Result.infra``) instead of training on them.
+INFRA_ERROR_CODES = frozenset(
+    code.value
+    for code in (
+        ErrorCode.SANDBOX_ERROR,
+        ErrorCode.SANDBOX_LOST,
+        ErrorCode.WORKER_LOST,
+        ErrorCode.EXTERNAL_LOST,
+        ErrorCode.INTERNAL_ERROR,
+    )
+)
+
+
 class TrajStatus(str, Enum):
     """Trajectory lifecycle states; the last four are final."""
 
@@ -189,6 +203,28 @@ class TrajectorySpec(BaseModel):
     allowed_tools: list[str] | None = Field(None, description="Only these tools, if set.")
     blocked_tools: list[str] = Field(default_factory=list, description="Never these tools.")
     labels: dict[str, str] = Field(default_factory=dict, description="Free key/values.")
+    step: str | None = Field(
+        None, description="Workflow step the tool policy belongs to (policy entries change it)."
+    )
+    exit_tools: list[str] = Field(
+        default_factory=list,
+        description="Tools whose call ends the trajectory completed, its arguments recorded "
+        "as the final result (not run: they need not be registered tools).",
+    )
+
+
+class Policy(BaseModel):
+    """A ``policy`` entry's new tool policy: it replaces the allowed and blocked
+    tools for every call after it in the stream."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: str | None = Field(None, max_length=200, description="The workflow step it belongs to.")
+    allowed_tools: list[str] | None = Field(None, description="Only these tools, if set.")
+    blocked_tools: list[str] = Field(default_factory=list, description="Never these tools.")
+    call_timeout_s: float | None = Field(
+        None, gt=0, description="New default call timeout (capped by max_call_timeout_s)."
+    )
 
 
 class OpenRequest(WireModel):
@@ -214,7 +250,7 @@ class OpenRequest(WireModel):
         return _json_object(value, "spec")
 
 
-CallType = Literal["call", "close", "cancel"]
+CallType = Literal["call", "close", "cancel", "policy"]
 
 
 class CallEntry(WireModel):
@@ -229,11 +265,17 @@ class CallEntry(WireModel):
     )
     timeout_s: float | None = Field(None, gt=0)
     idempotent: bool = Field(False, description="Safe to re-run if its worker dies mid-call.")
+    policy: Policy | None = Field(None, description="A policy entry's new tool policy.")
 
     @field_validator("args", mode="before")
     @classmethod
     def _parse_args(cls, value: Any) -> Any:
         return _json_object(value, "args")
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _parse_policy(cls, value: Any) -> Any:
+        return None if value in (None, "") else _json_object(value, "policy")
 
 
 class Result(WireModel):
@@ -252,6 +294,11 @@ class Result(WireModel):
     output_bytes: int = 0
     timed_out: bool = False
     slot_reset: bool = False
+    infra: bool = Field(
+        False,
+        description="The infrastructure, not the call, is to blame: it failed with one of "
+        "INFRA_ERROR_CODES, or ran in a fresh sandbox after the old one was lost (slot_reset).",
+    )
     queued_ms: float = 0.0
     behind_ms: float = Field(
         0.0,
@@ -338,9 +385,31 @@ class TrajectoryRecord(WireModel):
     calls_total: int = Field(0, description="Calls answered (a final result written).")
     calls_failed: int = Field(0, description="Calls answered with ok=0.")
     calls_submitted: int = Field(0, description="Calls submitted while the trajectory was open.")
+    calls_infra: int = Field(0, description="Calls answered with infra = 1.")
     last_call_id: str | None = None
     reason: str | None = None
     spec: TrajectorySpec | None = None
+    step: str | None = Field(None, description="The step of the policy in force.")
+    policy: Policy | None = Field(None, description="The last policy entry applied.")
+    exit_tool: str | None = Field(None, description="The exit tool whose call ended it.")
+    final_result: dict[str, Any] | None = Field(
+        None, description="The arguments of that exit-tool call."
+    )
+
+    @property
+    def infra_affected(self) -> bool:
+        """The infrastructure failed some of its calls: mask the rollout, don't train on it."""
+        return self.calls_infra > 0
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _parse_policy(cls, value: Any) -> Any:
+        return None if value in (None, "") else _json_object(value, "policy")
+
+    @field_validator("final_result", mode="before")
+    @classmethod
+    def _parse_final_result(cls, value: Any) -> Any:
+        return None if value in (None, "") else _json_object(value, "final_result")
 
     @field_validator("unenforced", mode="before")
     @classmethod

@@ -103,7 +103,7 @@ def test_schemas_are_valid_and_describe_decoded_messages():
         jsonschema.validate({"call_id": "1-0", "traj": "t"}, files["result.json"])
     with pytest.raises(jsonschema.ValidationError):  # the trajectory id pattern
         jsonschema.validate({"traj": "a b"}, files["open_request.json"])
-    assert files["call_entry.json"]["x-toolq"]["json_fields"] == ["args"]
+    assert files["call_entry.json"]["x-toolq"]["json_fields"] == ["args", "policy"]
     assert set(files["error_code.json"]["enum"]) == {code.value for code in ErrorCode}
 
 

@@ -24,6 +24,8 @@ from toolq.schemas import (
     InvalidIdError,
     Keys,
     OpenRequest,
+    Policy,
+    TrajectorySpec,
     TrajStatus,
     check_traj_id,
 )
@@ -32,6 +34,7 @@ from .bgtasks import BgRecorder
 from .lease import CatchUp, Lease, RedisHealth, retrying
 from .metrics import Observer
 from .parse import parse_open, preview, traj_field
+from .plan import apply_policy
 from .reader import CallReader
 from .settings import WorkerSettings
 from .state import Traj, now_ms
@@ -40,6 +43,18 @@ from .writer import CLAIM, Writer, run_script
 log = logging.getLogger("toolq.worker.intake")
 
 DEAD_MAXLEN = 10_000
+
+
+def spec_in_force(spec: TrajectorySpec, policy_json: str) -> TrajectorySpec:
+    """The spec with the policy a policy entry put in force (the record keeps it
+    across owners); the spec as opened when there is none."""
+    if not policy_json:
+        return spec
+    try:
+        return apply_policy(spec, Policy.model_validate_json(policy_json))
+    except ValueError:  # it was checked when applied: only a hand-edited record gets here
+        log.warning("ignored an invalid policy in the record: %s", policy_json[:200])
+        return spec
 
 
 def _s(value: Any) -> str:
@@ -175,6 +190,7 @@ class Intake:
             return False
         traj = Traj(traj_id, req.spec, epoch=value, previous_owner=req.previous_owner)
         traj.claimed_ms = int(_s(got[2]))
+        traj.spec = spec_in_force(req.spec, _s(got[3]) if len(got) > 3 else "")
         if req.previous_owner:  # taken over or handed back: its leftovers first
             await self.reader.adopt(traj, crashed=not req.graceful)
             self.bg.tasks_lost(traj)  # its tasks died with the previous owner's agent

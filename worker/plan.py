@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from toolq.schemas import CallEntry, ErrorCode, Limits, TrajectorySpec
+from toolq.schemas import CallEntry, ErrorCode, Limits, Policy, TrajectorySpec
 
 from .channel import LINE_LIMIT_BYTES
 from .settings import WorkerSettings
@@ -39,6 +39,36 @@ class Plan:
     max_output_bytes: int
 
 
+@dataclass(frozen=True)
+class ExitPlan:
+    """A call of one of the spec's exit tools: it ends the trajectory ``completed``,
+    its arguments recorded as the final result; nothing runs."""
+
+    tool: str
+    args: dict[str, Any]
+
+
+def apply_policy(spec: TrajectorySpec, policy: Policy) -> TrajectorySpec:
+    """The spec with ``policy``'s tool lists, step and call timeout in force.
+
+    Raises ValueError when the call timeout passes the spec's ``max_call_timeout_s``.
+    """
+    limits = spec.limits
+    if policy.call_timeout_s is not None:
+        if policy.call_timeout_s > limits.max_call_timeout_s:
+            raise ValueError(
+                f"call_timeout_s {policy.call_timeout_s:g} passes the trajectory's "
+                f"max_call_timeout_s ({limits.max_call_timeout_s:g})"
+            )
+        limits = limits.model_copy(update={"call_timeout_s": policy.call_timeout_s})
+    update = {"allowed_tools": policy.allowed_tools, "blocked_tools": policy.blocked_tools}
+    return spec.model_copy(update={**update, "step": policy.step, "limits": limits})
+
+
+def _step(spec: TrajectorySpec) -> str:
+    return f" (step {spec.step!r})" if spec.step else ""
+
+
 def canonical(registry: Registry, name: str) -> str:
     """The registered tool a name (or alias) runs; unknown names stay as they are."""
     tool = registry.resolve(name)
@@ -51,11 +81,14 @@ def policy_refusal(registry: Registry, spec: TrajectorySpec, name: str) -> Refus
     tool = canonical(registry, name)
     if tool in {canonical(registry, n) for n in spec.blocked_tools}:
         return Refusal(
-            ErrorCode.TOOL_BLOCKED, f"tool {name!r} is blocked by the trajectory's policy"
+            ErrorCode.TOOL_BLOCKED,
+            f"tool {name!r} is blocked by the trajectory's policy{_step(spec)}",
         )
     allowed = spec.allowed_tools
     if allowed is not None and tool not in {canonical(registry, n) for n in allowed}:
-        return Refusal(ErrorCode.TOOL_BLOCKED, f"tool {name!r} is not in the allowed_tools policy")
+        return Refusal(
+            ErrorCode.TOOL_BLOCKED, f"tool {name!r} is not in the allowed_tools policy{_step(spec)}"
+        )
     return None
 
 
@@ -94,11 +127,13 @@ def plan_call(
     entry: CallEntry,
     calls_so_far: int,
     started: float,
-) -> Plan | Refusal:
+) -> Plan | ExitPlan | Refusal:
     """Check a call against tool registry, policy, limits and argument model."""
     name = entry.tool or ""
     if not name:
         return Refusal(ErrorCode.BAD_REQUEST, "call entry has no 'tool' field")
+    if name in spec.exit_tools:
+        return policy_refusal(registry, spec, name) or ExitPlan(name, entry.args)
     tool = registry.resolve(name)
     if tool is None:
         return Refusal(ErrorCode.UNKNOWN_TOOL, f"unknown tool {name!r}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from toolq.schemas import ErrorCode, Result
+from toolq.schemas import INFRA_ERROR_CODES, ErrorCode, Result
 
 from .state import Item, entry_ms, now_ms
 
@@ -54,6 +54,7 @@ def make_result(
         output_bytes=int(reply.get("output_bytes") or len(output)),
         timed_out=bool(reply.get("timed_out")),
         slot_reset=slot_reset,
+        infra=slot_reset or reply.get("error_code") in INFRA_ERROR_CODES,
         queued_ms=queued_ms,
         behind_ms=min(behind_ms, queued_ms),
         run_ms=float(reply.get("run_ms") or 0.0),
