@@ -7,6 +7,7 @@ is either a ``Plan`` or a ``Refusal`` (the error result to give instead).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,35 @@ def apply_policy(spec: TrajectorySpec, policy: Policy) -> TrajectorySpec:
         limits = limits.model_copy(update={"call_timeout_s": policy.call_timeout_s})
     update = {"allowed_tools": policy.allowed_tools, "blocked_tools": policy.blocked_tools}
     return spec.model_copy(update={**update, "step": policy.step, "limits": limits})
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A policy or exit call's reply, and the record fields to write before it."""
+
+    reply: dict[str, Any]
+    fields: dict[str, str]
+
+
+def policy_change(
+    spec: TrajectorySpec, policy: Policy | None
+) -> tuple[TrajectorySpec, Recorded] | Refusal:
+    """A policy entry: the spec it puts in force and what to record, or why not."""
+    if policy is None:
+        return Refusal(ErrorCode.BAD_REQUEST, "policy entry has no 'policy' field")
+    try:
+        changed = apply_policy(spec, policy)
+    except ValueError as exc:
+        return Refusal(ErrorCode.INVALID_ARGS, str(exc))
+    fields = {"policy": policy.model_dump_json(exclude_none=True), "step": policy.step or ""}
+    reply = {"ok": True, "output": f"policy applied{_step(changed)}", "data": policy.model_dump()}
+    return changed, Recorded(reply, fields)
+
+
+def exit_call(plan: ExitPlan) -> Recorded:
+    """An exit tool's call: answered ok, its arguments recorded as the final result."""
+    fields = {"exit_tool": plan.tool, "final_result": json.dumps(plan.args, separators=(",", ":"))}
+    return Recorded({"ok": True, "output": "the trajectory is complete", "data": plan.args}, fields)
 
 
 def _step(spec: TrajectorySpec) -> str:

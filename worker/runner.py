@@ -29,7 +29,7 @@ from .channel import ChannelClosedError
 from .external_runner import ExternalRunner
 from .lease import Lease, RedisHealth, retrying
 from .metrics import Observer
-from .plan import ExitPlan, Plan, Refusal, apply_policy, deadline_left_s, plan_call
+from .plan import ExitPlan, Plan, Refusal, deadline_left_s, exit_call, plan_call, policy_change
 from .results import error_reply, make_result, requested_tool
 from .settings import WorkerSettings
 from .state import Item, Traj, entry_ms, now_ms
@@ -136,7 +136,13 @@ class Runner:
             self.writer.ack(traj, item.entry_id)
             return
         if item.entry.type == "policy":  # in the stream: between the calls before and after it
-            self._apply_policy(traj, item, started_ms)
+            change = policy_change(traj.spec, item.entry.policy)
+            if isinstance(change, Refusal):
+                self.answer(traj, item, change.code, change.message)
+                return
+            traj.spec, recorded = change  # the record first: a new owner starts from it
+            self.writer.set_fields(traj, **recorded.fields)
+            self.emit(traj, item, recorded.reply, "policy", started_ms, 0.0)
             return
         traj.calls += 1  # refused calls count too
         plan = plan_call(
@@ -145,8 +151,11 @@ class Runner:
         if isinstance(plan, Refusal):
             self.answer(traj, item, plan.code, plan.message)
             return
-        if isinstance(plan, ExitPlan):
-            self._exit(traj, item, plan, started_ms)
+        if isinstance(plan, ExitPlan):  # ends it completed; later calls: trajectory_ended
+            recorded = exit_call(plan)
+            self.writer.set_fields(traj, **recorded.fields)
+            self.emit(traj, item, recorded.reply, plan.tool, started_ms, 0.0)
+            traj.request_end(TrajStatus.COMPLETED, f"exit tool {plan.tool} called")
             return
         if not plan.tool.external:
             needs_slot = traj.slot is None or not traj.slot.channel.alive
@@ -268,35 +277,6 @@ class Runner:
             behind_ms=behind_ms,
         )
         self.writer.finish(traj, item, result)
-
-    # ------------------------------------------------------ steps and exits
-    def _apply_policy(self, traj: Traj, item: Item, started_ms: int) -> None:
-        """Put a policy entry's tool policy in force for the calls after it. The record
-        gets it before the entry's result: a new owner starts from it."""
-        assert item.entry is not None
-        policy = item.entry.policy
-        if policy is None:
-            self.answer(traj, item, ErrorCode.BAD_REQUEST, "policy entry has no 'policy' field")
-            return
-        try:
-            traj.spec = apply_policy(traj.spec, policy)
-        except ValueError as exc:
-            self.answer(traj, item, ErrorCode.INVALID_ARGS, str(exc))
-            return
-        as_json = policy.model_dump_json(exclude_none=True)
-        self.writer.set_fields(traj, policy=as_json, step=policy.step or "")
-        step = f" (step {policy.step!r})" if policy.step else ""
-        reply = {"ok": True, "output": f"policy applied{step}", "data": policy.model_dump()}
-        self.emit(traj, item, reply, "policy", started_ms, 0.0)
-
-    def _exit(self, traj: Traj, item: Item, plan: ExitPlan, started_ms: int) -> None:
-        """An exit tool's call: record its arguments as the final result, answer it,
-        and end the trajectory ``completed`` (later calls get ``trajectory_ended``)."""
-        final = json.dumps(plan.args, separators=(",", ":"))
-        self.writer.set_fields(traj, exit_tool=plan.tool, final_result=final)
-        reply = {"ok": True, "output": "the trajectory is complete", "data": plan.args}
-        self.emit(traj, item, reply, plan.tool, started_ms, traj.behind_ms(item, started_ms))
-        traj.request_end(TrajStatus.COMPLETED, f"exit tool {plan.tool} called")
 
     def answer(self, traj: Traj, item: Item, code: ErrorCode, message: str) -> None:
         """Give a call an error result without running it."""
