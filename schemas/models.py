@@ -175,6 +175,15 @@ class Limits(BaseModel):
     max_output_bytes: int = Field(
         65536, ge=256, description="Output kept per call (head and tail)."
     )
+    max_children: int = Field(
+        16, ge=0, description="Children (specs naming it as parent) open at once."
+    )
+    max_depth: int = Field(
+        3,
+        ge=0,
+        description="How deep children may nest below it (a root is depth 0); a child's "
+        "effective max_depth is the smaller of its own and its parent's.",
+    )
 
 
 class TrajectorySpec(BaseModel):
@@ -189,6 +198,12 @@ class TrajectorySpec(BaseModel):
     allowed_tools: list[str] | None = Field(None, description="Only these tools, if set.")
     blocked_tools: list[str] = Field(default_factory=list, description="Never these tools.")
     labels: dict[str, str] = Field(default_factory=dict, description="Free key/values.")
+    parent: str | None = Field(
+        None,
+        pattern=rf"^{TRAJ_ID_PATTERN}$",
+        description="The trajectory this one is a child of: opening it is refused "
+        "(limit_exceeded) when the parent has ended or would pass its limits.",
+    )
 
 
 class OpenRequest(WireModel):
@@ -340,6 +355,12 @@ class TrajectoryRecord(WireModel):
     calls_submitted: int = Field(0, description="Calls submitted while the trajectory was open.")
     last_call_id: str | None = None
     reason: str | None = None
+    parent: str | None = Field(None, description="The parent trajectory (spec.parent).")
+    depth: int = Field(0, description="How deep it nests: 0 for a root, parent's + 1.")
+    max_depth: int | None = Field(
+        None, description="Effective max_depth: its own, capped by its parent's."
+    )
+    max_children: int | None = Field(None, description="Children it may have open at once.")
     spec: TrajectorySpec | None = None
 
     @field_validator("unenforced", mode="before")
