@@ -13,7 +13,7 @@ from redis.exceptions import NoScriptError
 
 from toolq.schemas import BgTask, Keys, Policy, Result, ToolInfo, TrajectoryRecord, TrajectorySpec
 
-from . import ops
+from . import children, ops
 from . import tools as tools_mod
 from .client import Client
 from .config import redis_target, resolve_redis_url
@@ -239,8 +239,13 @@ class AsyncClient:
         status: str | None = None,
         label: dict[str, str] | list[str] | None = None,
         limit: int = 100,
+        *,
+        parent: str | None = None,
     ) -> list[TrajectoryRecord]:
-        return await self._drive(ops.runs(self.keys, status, ops.parse_labels(label), limit))
+        labels = ops.parse_labels(label)
+        if parent is not None:
+            return await self._drive(children.child_runs(self.keys, parent, status, labels, limit))
+        return await self._drive(ops.runs(self.keys, status, labels, limit))
 
     async def run_counts(self, label: dict[str, str] | list[str] | None = None) -> dict[str, int]:
         return count_by_status(await self.runs(label=label, limit=10**9))

@@ -3,7 +3,7 @@
 | status | meaning |
 |--:|---|
 | 0 | done (for ``call``: the tool succeeded) |
-| 1 | the tool failed, or what was asked for does not exist |
+| 1 | the tool failed, what was asked for does not exist, or a limit refused it |
 | 2 | usage: a bad option, argument, URL or spec field (named) |
 | 3 | infrastructure: Redis or the Docker engine cannot be reached |
 | 124 | a wait timed out |

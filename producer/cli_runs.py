@@ -12,6 +12,7 @@ from toolq.schemas import Result, TrajectoryRecord
 
 from . import ops
 from .client import Client
+from .drive import count_by_status
 from .status import format_age
 
 
@@ -34,6 +35,7 @@ def _row(rec: TrajectoryRecord) -> str:
     default=None,
 )
 @click.option("--label", "labels", multiple=True, help="Filter by label k=v (repeatable).")
+@click.option("--parent", default=None, help="Only the children of this trajectory.")
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--count", "count_only", is_flag=True, help="Only count by status.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
@@ -42,6 +44,7 @@ def runs(
     ctx: click.Context,
     status: str | None,
     labels: tuple[str, ...],
+    parent: str | None,
     limit: int,
     count_only: bool,
     as_json: bool,
@@ -49,17 +52,23 @@ def runs(
     """List trajectories (newest first) or count them by status.
 
     Pending ones show how long they have waited for a slot (the backlog).
+    ``--parent P`` lists P's children: its open ones, and ended ones until a
+    later child's open frees their places.
     """
     from .cli import _client
 
     client: Client = _client(ctx)
     if count_only:
-        counts = client.run_counts(label=list(labels))
+        counts = (
+            count_by_status(client.runs(label=list(labels), limit=10**9, parent=parent))
+            if parent
+            else client.run_counts(label=list(labels))
+        )
         click.echo(
             json.dumps(counts) if as_json else "  ".join(f"{k}: {v}" for k, v in counts.items())
         )
         return
-    records = client.runs(status=status, label=list(labels), limit=limit)
+    records = client.runs(status=status, label=list(labels), limit=limit, parent=parent)
     if as_json:
         for rec in records:
             click.echo(rec.model_dump_json(exclude_none=True))

@@ -28,7 +28,7 @@ from redis.retry import Retry
 
 from toolq.schemas import BgTask, Keys, Policy, Result, ToolInfo, TrajectoryRecord, TrajectorySpec
 
-from . import ops
+from . import children, ops
 from . import tools as tools_mod
 from .config import redis_target, resolve_redis_url
 from .drive import (
@@ -54,6 +54,7 @@ from .drive import (
 )
 from .ops import (
     Cmd,
+    LimitExceeded,
     Op,
     ToolCall,
     ToolqError,
@@ -69,6 +70,7 @@ __all__ = [
     "AsyncTrajectory",
     "CallLike",
     "Client",
+    "LimitExceeded",
     "ToolCall",
     "ToolqError",
     "Trajectory",
@@ -168,6 +170,12 @@ class Client:
         Opening an open trajectory again is a no-op (and re-enqueues an open
         request a crashed producer left half done). An ended one raises
         ``TrajectoryEnded``, unless ``reuse`` starts it over under the same id.
+
+        A spec with a ``parent`` opens a child of that trajectory: refused with
+        ``LimitExceeded`` (nothing created) when the parent has ended or is being
+        cancelled, when the child would nest deeper than the parent's
+        ``limits.max_depth``, or when the parent has ``limits.max_children`` open
+        children. Cancelling the parent cancels its open children.
         """
         return self._drive(ops.open_traj(self.keys, traj_id, as_spec(spec), reuse))
 
@@ -318,9 +326,16 @@ class Client:
         status: str | None = None,
         label: dict[str, str] | list[str] | None = None,
         limit: int = 100,
+        *,
+        parent: str | None = None,
     ) -> list[TrajectoryRecord]:
-        """Trajectories, newest first, filtered by status and labels (``k=v``)."""
-        return self._drive(ops.runs(self.keys, status, ops.parse_labels(label), limit))
+        """Trajectories, newest first, filtered by status and labels (``k=v``);
+        with ``parent``, that trajectory's children (its open ones, and ended ones
+        until a later child's open frees their places)."""
+        labels = ops.parse_labels(label)
+        if parent is not None:
+            return self._drive(children.child_runs(self.keys, parent, status, labels, limit))
+        return self._drive(ops.runs(self.keys, status, labels, limit))
 
     def run_counts(self, label: dict[str, str] | list[str] | None = None) -> dict[str, int]:
         """How many trajectories are in each state (optionally with these labels)."""

@@ -82,6 +82,16 @@ class TrajectoryEnded(ToolqError):
     """The trajectory has already reached a final state."""
 
 
+class LimitExceeded(ToolqError):
+    """A limit refused the operation: e.g. a child's open, because its parent has
+    ended, is at its ``max_depth`` or has ``max_children`` open children. Nothing
+    was created. ``reason`` says which."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"limit_exceeded: {reason}")
+        self.reason = reason
+
+
 class UnknownTrajectory(ToolqError, KeyError):
     """No such trajectory: never opened, or its record expired."""
 
@@ -107,16 +117,42 @@ def new_call_id() -> str:
 # ------------------------------------------------------------- lifecycle
 def open_traj(keys: Keys, traj_id: str, spec: TrajectorySpec | None, reuse: bool) -> Op[str]:
     """Create the record and enqueue the open request (again, if an earlier
-    open died in between). Returns the status (``new`` when just created)."""
+    open died in between). Returns the status (``new`` when just created).
+
+    A spec that names a parent opens a child (``children.open_child``): raises
+    ``LimitExceeded`` when the parent refuses it."""
     check_traj_id(traj_id)
-    req = OpenRequest(traj=traj_id, spec=spec or TrajectorySpec())
-    fields = req.to_fields()
+    spec = spec or TrajectorySpec()
+    if spec.parent is not None:
+        from . import children  # it builds on this module
+
+        return (yield from children.open_child(keys, traj_id, spec, reuse))
+    return (yield from open_record(keys, traj_id, spec, reuse, lineage(spec, 0, None)))
+
+
+def lineage(spec: TrajectorySpec, depth: int, parent_max_depth: int | None) -> dict[str, str]:
+    """The record's parent, depth and effective limits (what RESERVE_CHILD reads
+    when this trajectory opens children of its own)."""
+    max_depth = spec.limits.max_depth
+    if parent_max_depth is not None:
+        max_depth = min(max_depth, parent_max_depth)
+    fields = {"depth": str(depth), "max_depth": str(max_depth)}
+    fields["max_children"] = str(spec.limits.max_children)
+    if spec.parent is not None:
+        fields["parent"] = spec.parent
+    return fields
+
+
+def open_record(
+    keys: Keys, traj_id: str, spec: TrajectorySpec, reuse: bool, extra: dict[str, str]
+) -> Op[str]:
+    """The open script (with ``extra`` fields in a new record), then the open request."""
+    fields = OpenRequest(traj=traj_id, spec=spec).to_fields()
     at = now_ms()
     record_keys = [keys.traj(traj_id), keys.calls(traj_id), keys.events(traj_id)]
-    record_keys.append(keys.bg_index(traj_id))
-    status = s(
-        (yield [script(lua.OPEN, record_keys, [traj_id, at, fields["spec"], int(reuse)])])[0]
-    )
+    record_keys += [keys.bg_index(traj_id), keys.children(traj_id)]
+    argv = [traj_id, at, fields["spec"], int(reuse), *(x for kv in extra.items() for x in kv)]
+    status = s((yield [script(lua.OPEN, record_keys, argv)])[0])
     if status in ("new", "requeue"):
         yield [
             Cmd("zadd", (keys.runs, {traj_id: at}), {"nx": True}),
@@ -244,25 +280,24 @@ def close(keys: Keys, traj_id: str) -> Op[str]:
 
 
 def cancel(keys: Keys, traj_id: str) -> Op[str]:
-    """The cancel script; returns 'requested', 'cancelled' or 'ended'."""
+    """The cancel script, then the same for its open children (and theirs);
+    returns 'requested', 'cancelled' or 'ended'."""
     check_traj_id(traj_id)
-    argv = [keys.result(traj_id, ""), RESULT_TTL_MS, EVENTS_MAXLEN, now_ms(), RETENTION_MS, traj_id]
-    outcome = s(
-        (
-            yield [
-                script(
-                    lua.CANCEL,
-                    [keys.traj(traj_id), keys.calls(traj_id), keys.events(traj_id)],
-                    argv,
-                )
-            ]
-        )[0]
-    )
+    outcome = s((yield [cancel_cmd(keys, traj_id)])[0])
     if outcome == "unknown":
         raise UnknownTrajectory(f"no trajectory {traj_id}")
     if outcome == "cancelled":
         yield [Cmd("zrem", (keys.pending, traj_id))]
+    from . import children  # it builds on this module
+
+    yield from children.cancel_children(keys, traj_id)
     return outcome
+
+
+def cancel_cmd(keys: Keys, traj_id: str) -> Cmd:
+    """The cancel script for one trajectory (its reply: see ``lua.CANCEL``)."""
+    argv = [keys.result(traj_id, ""), RESULT_TTL_MS, EVENTS_MAXLEN, now_ms(), RETENTION_MS, traj_id]
+    return script(lua.CANCEL, [*_traj_keys(keys, traj_id), keys.children(traj_id)], argv)
 
 
 def _raise_ended(keys: Keys, traj_id: str) -> Op[None]:

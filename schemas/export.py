@@ -4,9 +4,10 @@
                                               # checkout the producer scripts' copies
     python -m toolq.schemas.export --check    # exit 1 if the files drifted from the models
 
-The producer scripts (``lua.OPEN``, ``lua.SUBMIT``, ``lua.CANCEL``) are copied
-verbatim into PROTOCOL.md, the Node example and the redis-cli walkthrough;
-``sync_script_copies`` rewrites those copies (the tests check they match).
+The producer scripts (``lua.OPEN``, ``lua.SUBMIT``, ``lua.CANCEL``,
+``lua.RESERVE_CHILD``) are copied verbatim into PROTOCOL.md, the Node example and
+the redis-cli walkthrough; ``sync_script_copies`` rewrites those copies (the tests
+check they match).
 
 The schemas describe *decoded* values (``ok`` is a boolean, ``spec`` an
 object). On the wire every field is a flat string: booleans are ``"1"``/``"0"``,
@@ -152,6 +153,7 @@ SCRIPT_COPIES = {
     "ENQUEUED_LUA": lua.ENQUEUED,
     "SUBMIT_LUA": lua.SUBMIT,
     "CANCEL_LUA": lua.CANCEL,
+    "RESERVE_CHILD_LUA": lua.RESERVE_CHILD,
 }
 #: The scripts the redis-cli walkthrough uses.
 WALKTHROUGH_SCRIPTS = ("OPEN_LUA", "ENQUEUED_LUA", "SUBMIT_LUA")

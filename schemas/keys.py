@@ -130,6 +130,11 @@ class Keys:
         """Sorted set: the trajectory's background task ids -> start time (ms)."""
         return f"{self.ns}:{{{traj_id}}}:bg"
 
+    def children(self, traj_id: str) -> str:
+        """Hash: the trajectory's child ids -> when each was reserved (unix ms); its
+        open children (ended ones are pruned by the next child's open)."""
+        return f"{self.ns}:{{{traj_id}}}:children"
+
     def wake(self, reader: str, tag: str = "") -> str:
         """Stream: wakes one blocked reader (a worker's call reader, a client's event
         reader) when what it should read changes. ``tag`` puts it in the hash slot

@@ -14,7 +14,7 @@ another worker serves now.
 
 from __future__ import annotations
 
-from .models import BG_FINAL_STATUSES, FINAL_STATUSES
+from .models import BG_FINAL_STATUSES, FINAL_STATUSES, Limits
 
 #: What a fenced script returns when the caller no longer owns the trajectory.
 FENCED = -1
@@ -75,17 +75,20 @@ end
 
 # ---------------------------------------------------------------- producers
 
-# KEYS: traj, calls, events, bg index   ARGV: traj_id, now_ms, spec_json, reuse ('1' or '0')
+# KEYS: traj, calls, events, bg index[, children]
+# ARGV: traj_id, now_ms, spec_json, reuse ('1' or '0')[, then field/value pairs of
+#       the new record: parent, depth, max_depth, max_children]
 # Creates the trajectory record once. Returns 'new' (created: enqueue its open
 # request), 'requeue' (created earlier but its open request may never have
 # been enqueued: a producer died in between; enqueue it again), or its status.
-# With reuse = '1' an ended trajectory starts over under the same id.
+# With reuse = '1' an ended trajectory starts over under the same id (every key
+# given is deleted: the children key is optional, so older callers pass four).
 OPEN = (
     FINAL_LUA
     + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if st and final[st] and ARGV[4] == '1' then
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  redis.call('DEL', unpack(KEYS))
   st = false
 end
 if st then
@@ -96,7 +99,55 @@ if st then
 end
 redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[1], 'status', 'pending',
            'created_ms', ARGV[2], 'spec', ARGV[3], 'calls_total', '0', 'calls_failed', '0')
+if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
 return 'new'
+"""
+)
+
+_LIMITS = Limits()
+# KEYS: parent's record, parent's children   ARGV: child id, now_ms
+# Reserves a place for a child in its parent's slot, atomically with the checks
+# (a cluster puts the child elsewhere, so its own record cannot be written here).
+# Returns {'ok', child depth, parent's effective max_depth} or {'refused', reason}:
+# the parent does not exist, has ended or is being cancelled, the child would
+# nest deeper than the parent's max_depth, or the parent has max_children open
+# children. A child reserved already is ok again (an open retried after a lost
+# reply is not counted twice). A parent opened without the limit fields (another
+# client) has them read from its spec, else the defaults.
+RESERVE_CHILD = (
+    FINAL_LUA
+    + f"local defaults = {{max_depth = {_LIMITS.max_depth}, "
+    + f"max_children = {_LIMITS.max_children}}}\n"
+    + """
+local function limit(name)
+  local v = tonumber(redis.call('HGET', KEYS[1], name) or '')
+  if v then return v end
+  local ok, spec = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'spec') or '')
+  if ok and type(spec) == 'table' and type(spec.limits) == 'table' then
+    v = tonumber(spec.limits[name])
+  end
+  return v or defaults[name]
+end
+local st, parent, cancelling, depth = unpack(redis.call('HMGET', KEYS[1], 'status', 'traj',
+                                                        'cancel_requested_ms', 'depth'))
+if not st then return {'refused', 'the parent does not exist (never opened, or expired)'} end
+if final[st] then return {'refused', 'parent ' .. parent .. ' has ended (' .. st .. ')'} end
+if cancelling then return {'refused', 'parent ' .. parent .. ' is being cancelled'} end
+depth = (tonumber(depth) or 0) + 1
+local max_depth = limit('max_depth')
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {'ok', depth, max_depth} end
+if depth > max_depth then
+  return {'refused', 'depth ' .. depth .. ' would pass the max_depth (' .. max_depth ..
+          ') of parent ' .. parent}
+end
+local max_children = limit('max_children')
+local open = redis.call('HLEN', KEYS[2])
+if open >= max_children then
+  return {'refused', 'parent ' .. parent .. ' has ' .. open .. ' open children (max_children ' ..
+          max_children .. ')'}
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return {'ok', depth, max_depth}
 """
 )
 
@@ -153,14 +204,16 @@ return {cid, ''}
 """
 )
 
-# KEYS: traj, calls, events   ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms,
-#                                   retention_ms, traj_id
+# KEYS: traj, calls, events[, children]
+# ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms, retention_ms, traj_id
 # Cancels a trajectory no worker owns (pending) right here: every call in its
 # stream gets a `cancelled` result. An owned one gets a cancel entry, which its
 # worker acts on as soon as it reads it, and `cancel_requested_ms` in its record,
 # which the worker looks at while the entry waits behind a full read-ahead.
 # Returns 'requested', 'cancelled', 'ended' (it had ended already) or 'unknown'
-# (never opened, or expired).
+# (never opened, or expired). Its children are the caller's to cancel (they live
+# in other slots on a cluster); `cancel_requested_ms` makes RESERVE_CHILD refuse
+# new ones meanwhile.
 CANCEL = (
     FINAL_LUA
     + _ANSWER_LUA
@@ -185,7 +238,9 @@ end
 redis.call('DEL', KEYS[2])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'state',
            'status', 'cancelled')
-for _, i in ipairs({1, 3}) do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+for _, i in ipairs({1, 3, 4}) do
+  if KEYS[i] then redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+end
 return 'cancelled'
 """
 )
@@ -313,7 +368,7 @@ return 1
 """
 )
 
-# KEYS: traj, events, calls
+# KEYS: traj, events, calls[, children]
 # ARGV: worker, epoch ('' : only a trajectory nobody owns, i.e. whose open request
 #       was invalid), status, now_ms, reason, retention_ms, events_maxlen,
 #       result_key_prefix, result_ttl_ms, batch (entries answered per run),
@@ -339,7 +394,9 @@ if not (st and final[st]) then
   redis.call('HSET', KEYS[1], 'status', st, 'ended_ms', ARGV[4], 'reason', ARGV[5])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'v', '1', 'type', 'state',
              'status', st)
-  for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
+  for _, i in ipairs({1, 2, 4}) do
+    if KEYS[i] then redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
+  end
 end
 local reason = redis.call('HGET', KEYS[1], 'reason') or st
 local message = 'the trajectory has ended (' .. st .. ': ' .. reason .. ')'

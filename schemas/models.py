@@ -189,6 +189,15 @@ class Limits(BaseModel):
     max_output_bytes: int = Field(
         65536, ge=256, description="Output kept per call (head and tail)."
     )
+    max_children: int = Field(
+        16, ge=0, description="Children (specs naming it as parent) open at once."
+    )
+    max_depth: int = Field(
+        3,
+        ge=0,
+        description="How deep children may nest below it (a root is depth 0); a child's "
+        "effective max_depth is the smaller of its own and its parent's.",
+    )
 
 
 class TrajectorySpec(BaseModel):
@@ -210,6 +219,13 @@ class TrajectorySpec(BaseModel):
         default_factory=list,
         description="Tools whose call ends the trajectory completed, its arguments recorded "
         "as the final result (not run: they need not be registered tools).",
+    )
+
+    parent: str | None = Field(
+        None,
+        pattern=rf"^{TRAJ_ID_PATTERN}$",
+        description="The trajectory this one is a child of: opening it is refused "
+        "(limit_exceeded) when the parent has ended or would pass its limits.",
     )
 
 
@@ -388,6 +404,12 @@ class TrajectoryRecord(WireModel):
     calls_infra: int = Field(0, description="Calls answered with infra = 1.")
     last_call_id: str | None = None
     reason: str | None = None
+    parent: str | None = Field(None, description="The parent trajectory (spec.parent).")
+    depth: int = Field(0, description="How deep it nests: 0 for a root, parent's + 1.")
+    max_depth: int | None = Field(
+        None, description="Effective max_depth: its own, capped by its parent's."
+    )
+    max_children: int | None = Field(None, description="Children it may have open at once.")
     spec: TrajectorySpec | None = None
     step: str | None = Field(None, description="The step of the policy in force.")
     policy: Policy | None = Field(None, description="The last policy entry applied.")

@@ -209,7 +209,8 @@ class Writer:
         invalid). Returns the END reply of the last run: 0, or FENCED.
         """
         t = traj_id
-        keys = [self.keys.traj(t), self.keys.events(t), self.keys.calls(t)]
+        # The children key only gets the record's expiry (see lua.END).
+        keys = [self.keys.traj(t), self.keys.events(t), self.keys.calls(t), self.keys.children(t)]
         args = [
             self.worker_id,
             epoch,

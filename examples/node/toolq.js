@@ -40,7 +40,7 @@ local final = {['cancelled']=1, ['completed']=1, ['failed']=1, ['timeout']=1}
 
 local st = redis.call('HGET', KEYS[1], 'status')
 if st and final[st] and ARGV[4] == '1' then
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  redis.call('DEL', unpack(KEYS))
   st = false
 end
 if st then
@@ -51,6 +51,7 @@ if st then
 end
 redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[1], 'status', 'pending',
            'created_ms', ARGV[2], 'spec', ARGV[3], 'calls_total', '0', 'calls_failed', '0')
+if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
 return 'new'
 `;
 
@@ -186,8 +187,47 @@ end
 redis.call('DEL', KEYS[2])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'state',
            'status', 'cancelled')
-for _, i in ipairs({1, 3}) do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+for _, i in ipairs({1, 3, 4}) do
+  if KEYS[i] then redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+end
 return 'cancelled'
+`;
+
+// KEYS: parent's record, parent's children   ARGV: child id, now_ms. Before
+// opening a child (a spec with a parent): see "Child trajectories" in PROTOCOL.md.
+const RESERVE_CHILD_LUA = `
+local final = {['cancelled']=1, ['completed']=1, ['failed']=1, ['timeout']=1}
+local defaults = {max_depth = 3, max_children = 16}
+
+local function limit(name)
+  local v = tonumber(redis.call('HGET', KEYS[1], name) or '')
+  if v then return v end
+  local ok, spec = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'spec') or '')
+  if ok and type(spec) == 'table' and type(spec.limits) == 'table' then
+    v = tonumber(spec.limits[name])
+  end
+  return v or defaults[name]
+end
+local st, parent, cancelling, depth = unpack(redis.call('HMGET', KEYS[1], 'status', 'traj',
+                                                        'cancel_requested_ms', 'depth'))
+if not st then return {'refused', 'the parent does not exist (never opened, or expired)'} end
+if final[st] then return {'refused', 'parent ' .. parent .. ' has ended (' .. st .. ')'} end
+if cancelling then return {'refused', 'parent ' .. parent .. ' is being cancelled'} end
+depth = (tonumber(depth) or 0) + 1
+local max_depth = limit('max_depth')
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {'ok', depth, max_depth} end
+if depth > max_depth then
+  return {'refused', 'depth ' .. depth .. ' would pass the max_depth (' .. max_depth ..
+          ') of parent ' .. parent}
+end
+local max_children = limit('max_children')
+local open = redis.call('HLEN', KEYS[2])
+if open >= max_children then
+  return {'refused', 'parent ' .. parent .. ' has ' .. open .. ' open children (max_children ' ..
+          max_children .. ')'}
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return {'ok', depth, max_depth}
 `;
 
 class ToolqError extends Error {}
@@ -508,5 +548,5 @@ class ToolqClient {
 
 module.exports = {
   ToolqClient, ToolqError, WaitTimeout, Keys, encode, decode,
-  OPEN_LUA, ENQUEUED_LUA, SUBMIT_LUA, CANCEL_LUA,
+  OPEN_LUA, ENQUEUED_LUA, SUBMIT_LUA, CANCEL_LUA, RESERVE_CHILD_LUA,
 };

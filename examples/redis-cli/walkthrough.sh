@@ -37,7 +37,7 @@ local final = {['cancelled']=1, ['completed']=1, ['failed']=1, ['timeout']=1}
 
 local st = redis.call('HGET', KEYS[1], 'status')
 if st and final[st] and ARGV[4] == '1' then
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  redis.call('DEL', unpack(KEYS))
   st = false
 end
 if st then
@@ -48,6 +48,7 @@ if st then
 end
 redis.call('HSET', KEYS[1], 'v', '1', 'traj', ARGV[1], 'status', 'pending',
            'created_ms', ARGV[2], 'spec', ARGV[3], 'calls_total', '0', 'calls_failed', '0')
+if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
 return 'new'
 LUA
 )
