@@ -64,6 +64,10 @@ def _beat(url: str, ns: str, worker_id: str) -> None:
     r.close()
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _after_down(text: str) -> str:
     """What the command printed after the first refresh Redis did not answer."""
     return text.split(DOWN, 1)[1] if DOWN in text else ""
@@ -85,6 +89,9 @@ def test_watch_rides_out_a_redis_restart(ns: str, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # A test run in the background of a shell inherits SIGINT ignored, and a
+        # Python started so never raises KeyboardInterrupt: give it Ctrl-C back.
+        preexec_fn=_default_sigint,
     )
     out = Output(proc)
     try:
