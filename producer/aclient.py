@@ -11,7 +11,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError
 
-from toolq.schemas import BgTask, Keys, Policy, Result, ToolInfo, TrajectoryRecord, TrajectorySpec
+from toolq.schemas import BgTask, Keys, Result, ToolInfo, TrajectoryRecord, TrajectorySpec
 
 from . import children, ops
 from . import tools as tools_mod
@@ -147,13 +147,7 @@ class AsyncClient:
         blocked_tools: list[str] | None = None,
         call_timeout_s: float | None = None,
     ) -> str:
-        policy = Policy(
-            step=step,
-            allowed_tools=allowed_tools,
-            blocked_tools=blocked_tools or [],
-            call_timeout_s=call_timeout_s,
-        )
-        entry = ops.policy_entry(policy)
+        entry = ops.policy_entry(step, allowed_tools, blocked_tools, call_timeout_s)
         return (await self._drive(ops.submit(self.keys, traj_id, entry))).call_id
 
     async def submit_many(self, traj_id: str, calls: Iterable[CallLike]) -> list[str]:

@@ -26,7 +26,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from toolq.schemas import BgTask, Keys, Policy, Result, ToolInfo, TrajectoryRecord, TrajectorySpec
+from toolq.schemas import BgTask, Keys, Result, ToolInfo, TrajectoryRecord, TrajectorySpec
 
 from . import children, ops
 from . import tools as tools_mod
@@ -211,13 +211,8 @@ class Client:
         entry: calls submitted before it keep the old one). Returns the entry's call
         id; its result says the policy is in force, or why it was refused (a
         ``call_timeout_s`` above the spec's ``max_call_timeout_s``)."""
-        policy = Policy(
-            step=step,
-            allowed_tools=allowed_tools,
-            blocked_tools=blocked_tools or [],
-            call_timeout_s=call_timeout_s,
-        )
-        return self._drive(ops.submit(self.keys, traj_id, ops.policy_entry(policy))).call_id
+        entry = ops.policy_entry(step, allowed_tools, blocked_tools, call_timeout_s)
+        return self._drive(ops.submit(self.keys, traj_id, entry)).call_id
 
     def submit_many(self, traj_id: str, calls: Iterable[CallLike]) -> list[str]:
         """Append several calls (``ToolCall``s or ``(tool, args)`` pairs) in one round

@@ -237,8 +237,19 @@ def entry_fields(entry: CallEntry | ToolCall) -> dict[str, str]:
     return fields
 
 
-def policy_entry(policy: Policy) -> CallEntry:
-    """A policy entry: ``policy`` holds for the calls submitted after it."""
+def policy_entry(
+    step: str | None = None,
+    allowed_tools: list[str] | None = None,
+    blocked_tools: list[str] | None = None,
+    call_timeout_s: float | None = None,
+) -> CallEntry:
+    """A policy entry: the policy holds for the calls submitted after it."""
+    policy = Policy(
+        step=step,
+        allowed_tools=allowed_tools,
+        blocked_tools=blocked_tools or [],
+        call_timeout_s=call_timeout_s,
+    )
     return CallEntry(type="policy", policy=policy, call_id=new_call_id())
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import wait_for
 from toolq.producer import Client, ops
-from toolq.schemas import Policy, TrajectoryRecord
+from toolq.schemas import TrajectoryRecord
 
 
 def record_of(client: Client, traj_id: str) -> TrajectoryRecord:
@@ -82,7 +82,7 @@ def test_a_policy_racing_calls_from_several_producers_splits_them_by_stream_orde
         thread.start()
     wait_for(lambda: len(submitted) >= 20, what="calls on the way")  # then race the others
     policy = client._drive(
-        ops.submit(client.keys, "race", ops.policy_entry(Policy(blocked_tools=["bash"])))
+        ops.submit(client.keys, "race", ops.policy_entry(blocked_tools=["bash"]))
     )
     policy_sent.set()
     for thread in threads:
