@@ -18,6 +18,7 @@ from .client import (
     WaitTimeout,
 )
 from .config import NoRedisError, resolve_redis_url
+from .snapshots import SnapshotFailed
 
 __all__ = [
     "AsyncClient",
@@ -26,6 +27,7 @@ __all__ = [
     "LimitExceeded",
     "NoRedisError",
     "Result",
+    "SnapshotFailed",
     "ToolCall",
     "ToolqError",
     "Trajectory",

@@ -11,9 +11,17 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError
 
-from toolq.schemas import BgTask, Keys, Result, ToolInfo, TrajectoryRecord, TrajectorySpec
+from toolq.schemas import (
+    BgTask,
+    Keys,
+    Result,
+    SnapshotInfo,
+    ToolInfo,
+    TrajectoryRecord,
+    TrajectorySpec,
+)
 
-from . import children, ops
+from . import children, ops, snapshots
 from . import tools as tools_mod
 from .client import Client
 from .config import redis_target, resolve_redis_url
@@ -225,6 +233,36 @@ class AsyncClient:
         return AsyncTrajectory(self, traj_id, as_spec(spec), reuse)
 
     # ------------------------------------------------------------ reading
+    async def snapshot(
+        self, traj_id: str, name: str, *, ttl_s: float | None = None, wait_s: float = 600.0
+    ) -> Result:
+        """See ``Client.snapshot``."""
+        op = snapshots.take_op(self.keys, traj_id, name, ttl_s, wait_s, self.cluster)
+        return await self._drive(op)
+
+    async def fork(
+        self,
+        traj_id: str,
+        new_ids: Iterable[str],
+        spec: TrajectorySpec | dict[str, Any] | None = None,
+        *,
+        ttl_s: float | None = None,
+        wait_s: float = 600.0,
+    ) -> Result:
+        """See ``Client.fork``."""
+        op = snapshots.fork_op(
+            self.keys, traj_id, list(new_ids), as_spec(spec), ttl_s, wait_s, self.cluster
+        )
+        return await self._drive(op)
+
+    async def snapshots(self) -> list[SnapshotInfo]:
+        """See ``Client.snapshots``."""
+        return await self._drive(snapshots.list_op(self.keys))
+
+    async def delete_snapshot(self, name: str) -> bool:
+        """See ``Client.delete_snapshot``."""
+        return await self._drive(snapshots.delete_op(self.keys, name))
+
     async def record(self, traj_id: str) -> TrajectoryRecord | None:
         return await self._drive(ops.get_record(self.keys, traj_id))
 

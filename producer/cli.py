@@ -15,7 +15,7 @@ import click
 
 from toolq.schemas import Keys, Limits, TrajectorySpec
 
-from . import cli_bg, cli_status
+from . import cli_bg, cli_files, cli_status
 from .cli_errors import EXIT_TIMEOUT, EXIT_USAGE, CliError, ToolqGroup
 from .cli_tools import tools_cmd
 from .client import Client
@@ -191,6 +191,8 @@ _load_producer_commands()
 _load_worker_commands()
 main.add_command(tools_cmd)
 main.add_command(cli_bg.bg)
+for _files_cmd in (cli_files.upload, cli_files.download, cli_files.snapshot, cli_files.fork):
+    main.add_command(_files_cmd)
 
 
 if __name__ == "__main__":

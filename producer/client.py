@@ -26,9 +26,17 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from toolq.schemas import BgTask, Keys, Result, ToolInfo, TrajectoryRecord, TrajectorySpec
+from toolq.schemas import (
+    BgTask,
+    Keys,
+    Result,
+    SnapshotInfo,
+    ToolInfo,
+    TrajectoryRecord,
+    TrajectorySpec,
+)
 
-from . import children, ops
+from . import children, ops, snapshots
 from . import tools as tools_mod
 from .config import redis_target, resolve_redis_url
 from .drive import (
@@ -310,6 +318,40 @@ class Client:
         ``reuse`` starts an ended trajectory of the same id over (see ``open``).
         """
         return Trajectory(self, traj_id, as_spec(spec), reuse)
+
+    # ---------------------------------------------------------- snapshots
+    def snapshot(
+        self, traj_id: str, name: str, *, ttl_s: float | None = None, wait_s: float = 600.0
+    ) -> Result:
+        """Save the workspace's files and the spec in force under ``name``, after the
+        calls submitted before (running processes are not saved). Its result says
+        what was saved (``data``: bytes, entries, expires_ms), or why not."""
+        return self._drive(snapshots.take_op(self.keys, traj_id, name, ttl_s, wait_s, self.cluster))
+
+    def fork(
+        self,
+        traj_id: str,
+        new_ids: Iterable[str],
+        spec: TrajectorySpec | dict[str, Any] | None = None,
+        *,
+        ttl_s: float | None = None,
+        wait_s: float = 600.0,
+    ) -> Result:
+        """Snapshot ``traj_id`` and open each of ``new_ids`` from it: independent
+        copies of its workspace, with its spec under ``spec``'s non-default fields.
+        Returns the snapshot's result; raises ``SnapshotFailed`` (nothing opened)."""
+        op = snapshots.fork_op(
+            self.keys, traj_id, list(new_ids), as_spec(spec), ttl_s, wait_s, self.cluster
+        )
+        return self._drive(op)
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """The snapshots kept, oldest first."""
+        return self._drive(snapshots.list_op(self.keys))
+
+    def delete_snapshot(self, name: str) -> bool:
+        """Delete a snapshot; False when there was none of that name."""
+        return self._drive(snapshots.delete_op(self.keys, name))
 
     # ------------------------------------------------------------ reading
     def record(self, traj_id: str) -> TrajectoryRecord | None:

@@ -78,6 +78,18 @@ class Trajectory:
         """Replace the tool policy for the calls after this (see ``Client.set_policy``)."""
         return self.client.set_policy(self.traj_id, **policy)
 
+    def snapshot(self, name: str, *, ttl_s: float | None = None) -> Result:
+        """Save its workspace and spec under ``name`` (see ``Client.snapshot``)."""
+        return self.client.snapshot(self.traj_id, name, ttl_s=ttl_s)
+
+    def fork(
+        self, new_ids: Iterable[str], spec: TrajectorySpec | dict[str, Any] | None = None
+    ) -> list[Trajectory]:
+        """Open copies of it (see ``Client.fork``); handles on them (open already)."""
+        ids = list(new_ids)
+        self.client.fork(self.traj_id, ids, spec)
+        return [self.client.trajectory(new_id) for new_id in ids]
+
     def call_many(self, calls: Iterable[CallLike], *, wait_s: float | None = None) -> list[Result]:
         """Submit calls at once, wait for all; results in the calls' order."""
         return self.client.call_many(self.traj_id, calls, wait_s=wait_s)
@@ -151,6 +163,16 @@ class AsyncTrajectory:
 
     async def set_policy(self, **policy: Any) -> str:
         return await self.client.set_policy(self.traj_id, **policy)
+
+    async def snapshot(self, name: str, *, ttl_s: float | None = None) -> Result:
+        return await self.client.snapshot(self.traj_id, name, ttl_s=ttl_s)
+
+    async def fork(
+        self, new_ids: Iterable[str], spec: TrajectorySpec | dict[str, Any] | None = None
+    ) -> list[AsyncTrajectory]:
+        ids = list(new_ids)
+        await self.client.fork(self.traj_id, ids, spec)
+        return [self.client.trajectory(new_id) for new_id in ids]
 
     async def call_many(
         self, calls: Iterable[CallLike], *, wait_s: float | None = None

@@ -105,6 +105,16 @@ class Keys:
         workers; ``toolq status`` reads it."""
         return f"{self.ns}:stats:{minute}"
 
+    @property
+    def snapshots(self) -> str:
+        """Hash: snapshot name -> its ``SnapshotInfo`` as JSON (expired ones are
+        pruned by whoever lists them)."""
+        return f"{self.ns}:snapshots"
+
+    def snapshot_data(self, name: str) -> str:
+        """String with TTL: a snapshot's workspace files, a tar.gz."""
+        return f"{self.ns}:snap:{{{name}}}"
+
     # -- per-trajectory keys (hash-tagged) ---------------------------------
     def traj(self, traj_id: str) -> str:
         """Hash: the trajectory record (status, owner, slot, times, counts, spec)."""

@@ -47,6 +47,7 @@ class ErrorCode(str, Enum):
     WORKER_LOST = "worker_lost"
     EXTERNAL_LOST = "external_lost"
     INTERNAL_ERROR = "internal_error"
+    SNAPSHOT_NOT_FOUND = "snapshot_not_found"
 
 
 #: Failures of the infrastructure, not of the call: a trainer masks rollouts with
@@ -227,6 +228,12 @@ class TrajectorySpec(BaseModel):
         description="The trajectory this one is a child of: opening it is refused "
         "(limit_exceeded) when the parent has ended or would pass its limits.",
     )
+    snapshot: str | None = Field(
+        None,
+        pattern=rf"^{TRAJ_ID_PATTERN}$",
+        description="Start from this snapshot: its workspace files, and its spec under the "
+        "fields this spec sets to other than their defaults (snapshot_not_found if gone).",
+    )
 
 
 class Policy(BaseModel):
@@ -266,7 +273,7 @@ class OpenRequest(WireModel):
         return _json_object(value, "spec")
 
 
-CallType = Literal["call", "close", "cancel", "policy"]
+CallType = Literal["call", "close", "cancel", "policy", "snapshot"]
 
 
 class CallEntry(WireModel):
@@ -292,6 +299,34 @@ class CallEntry(WireModel):
     @classmethod
     def _parse_policy(cls, value: Any) -> Any:
         return None if value in (None, "") else _json_object(value, "policy")
+
+
+class SnapshotArgs(BaseModel):
+    """A ``snapshot`` entry's ``args``: save the workspace and spec under ``name``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=rf"^{TRAJ_ID_PATTERN}$", description="Replaces one of that name.")
+    ttl_s: float | None = Field(
+        None, gt=0, description="Kept this long (default and cap: the worker's settings)."
+    )
+
+
+class SnapshotInfo(BaseModel):
+    """What is known of a snapshot (``<ns>:snapshots``); its files are apart."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    source: str = Field("", description="The trajectory it was taken of.")
+    bytes: int = Field(0, description="Compressed size (tar.gz).")
+    uncompressed_bytes: int = 0
+    entries: int = 0
+    created_ms: int = 0
+    expires_ms: int = 0
+    worker: str = ""
+    sha256: str = ""
+    spec: TrajectorySpec = Field(default_factory=TrajectorySpec)
 
 
 class Result(WireModel):

@@ -35,6 +35,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import zlib
 
 AGENT_VERSION = "1"
 DEFAULT_MAX_OUTPUT = 65536
@@ -1483,6 +1484,167 @@ def archive_too_large(shown, cap, size, finished, counts):
     }
 
 
+# -- unpack: a tar.gz into the workspace; snapshots pack and unpack with it --
+
+DEFAULT_UNPACK_BYTES = 1024 * 1024 * 1024
+MAX_UNPACK_ENTRIES = 200000
+# Snapshots compress for speed: a workspace is packed while its trajectory waits.
+PACK_COMPRESSLEVEL = 1
+
+
+def decode_base64(text, what):
+    if not isinstance(text, str):
+        raise TypeError("%s must be a base64 string" % what)
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as exc:
+        raise ValueError("%s is not valid base64: %s" % (what, exc)) from None
+
+
+def entry_parts(name, what):
+    """The path parts of an archive name; ToolError for absolute names and ``..``."""
+    if name.startswith("/") or "\x00" in name:
+        raise ToolError("path_outside_workspace", "%s %r is an absolute path" % (what, name))
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ToolError("path_outside_workspace", "%s %r climbs out with '..'" % (what, name))
+    return parts
+
+
+def check_members(tar, links, max_bytes):
+    """Every member checked before anything is written: (members, bytes).
+
+    ``links`` allows symlinks and hard links (a snapshot's own workspace);
+    uploads may not carry them. A tar bomb stops at the first header past a cap.
+    """
+    members, total = [], 0
+    for member in tar:
+        entry_parts(member.name, "archive entry")
+        if member.issym() or member.islnk():
+            if not links:
+                kind = "symlink" if member.issym() else "hard link"
+                raise ToolError(
+                    "invalid_args",
+                    "archive entry %r is a %s; uploads may not contain links" % (member.name, kind),
+                )
+            if member.islnk():
+                entry_parts(member.linkname, "hard link target")
+        elif not (member.isfile() or member.isdir()):
+            what = "a device, FIFO or other special file"
+            raise ToolError("invalid_args", "archive entry %r is %s" % (member.name, what))
+        total += member.size if member.isfile() else 0
+        if total > max_bytes or len(members) >= MAX_UNPACK_ENTRIES:
+            raise ToolError(
+                "limit_exceeded",
+                "the archive unpacks to more than %d bytes or %d entries (at %r)"
+                % (max_bytes, MAX_UNPACK_ENTRIES, member.name),
+            )
+        members.append(member)
+    return members, total
+
+
+def inside(root, path):
+    return path == root or path.startswith(root + os.sep)
+
+
+def make_room(root, target):
+    """The parent of ``target`` exists in the workspace (no symlink leads out),
+    and nothing but a directory stays at ``target`` itself."""
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    if not inside(root, os.path.realpath(parent)):
+        raise ToolError("path_outside_workspace", "%s leads outside the workspace" % target)
+    if os.path.islink(target) or (os.path.lexists(target) and not os.path.isdir(target)):
+        os.unlink(target)
+
+
+def unpack_member(tar, root, dest, member):
+    target = os.path.join(dest, *entry_parts(member.name, "archive entry"))
+    if target == dest:
+        return
+    make_room(root, target)
+    if member.isdir():
+        if not os.path.isdir(target):
+            os.mkdir(target, 0o700)
+    elif member.issym():
+        os.symlink(member.linkname, target)
+    elif member.islnk():
+        source = os.path.join(dest, *entry_parts(member.linkname, "hard link target"))
+        os.link(source, target, follow_symlinks=False)
+    else:
+        if os.path.isdir(target):
+            raise ToolError("io_error", "%s is a directory in the workspace" % member.name)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(tar.extractfile(member), out)
+        os.chmod(target, member.mode & 0o777)
+        os.utime(target, (member.mtime, member.mtime))
+
+
+def unpack_into(slot, dest, data, links, max_bytes):
+    """Unpack a tar.gz into ``dest`` (a workspace directory); returns (entries, bytes)."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            members, total = check_members(tar, links, max_bytes)
+            os.makedirs(dest, exist_ok=True)
+            for member in members:
+                unpack_member(tar, slot.root, dest, member)
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise ToolError("invalid_args", "not a readable tar.gz archive: %s" % exc) from None
+    for member in reversed(members):  # modes last: a read-only directory is filled first
+        if member.isdir():
+            target = os.path.join(dest, *entry_parts(member.name, "archive entry"))
+            os.chmod(target, (member.mode & 0o777) | 0o700)
+    return len(members), total
+
+
+def tool_unpack(slot, args, req):
+    """Unpack a tar.gz (base64) into a workspace directory; links and escapes are refused."""
+    dest = resolve_path(slot, args.get("path") or ".")
+    data = decode_base64(args["data"], "data")
+    cap = int(args.get("max_bytes") or DEFAULT_UNPACK_BYTES)
+    entries, total = unpack_into(slot, dest, data, False, cap)
+    shown = rel_path(slot, dest)
+    return {
+        "output": "unpacked %d entries (%d bytes) into %s" % (entries, total, shown),
+        "data": {"path": shown, "entries": entries, "bytes": total},
+    }
+
+
+def tool_snapshot_pack(slot, args, req):
+    """The whole workspace as a tar.gz (base64), links kept, special files left out."""
+    cap = int(args["max_bytes"])
+    counts = {"entries": 0, "bytes": 0, "skipped": 0}
+
+    def keep(info):
+        if not (info.isfile() or info.isdir() or info.issym() or info.islnk()):
+            counts["skipped"] += 1
+            return None
+        counts["entries"] += 1
+        counts["bytes"] += info.size if info.isfile() else 0
+        return info
+
+    sink = ArchiveSink(cap, cap)
+    try:
+        with tarfile.open(fileobj=sink, mode="w:gz", compresslevel=PACK_COMPRESSLEVEL) as tar:
+            tar.add(slot.root, arcname=".", recursive=True, filter=keep)
+    except ArchiveTooLarge:
+        sink.buf = None
+    if sink.buf is None:
+        message = "the workspace is more than %d bytes compressed (the snapshot cap)" % cap
+        return {"ok": False, "error_code": "limit_exceeded", "error": message}
+    data = sink.buf.getvalue()
+    counts["sha256"] = hashlib.sha256(data).hexdigest()
+    return {"output": base64.b64encode(data).decode("ascii"), "data": counts}
+
+
+def tool_snapshot_unpack(slot, args, req):
+    """A snapshot's tar.gz (base64) into the (new) workspace, links kept."""
+    data = decode_base64(args["data"], "data")
+    entries, total = unpack_into(slot, slot.root, data, True, int(args["max_bytes"]))
+    return {"output": "", "data": {"entries": entries, "bytes": total}}
+
+
 # -- str_replace_editor: the editor tool several agent frameworks emit ------
 
 
@@ -1607,6 +1769,10 @@ TOOLS = {
     "edit_file": tool_edit_file,
     "list_files": tool_list_files,
     "archive": tool_archive,
+    "unpack": tool_unpack,
+    # the worker's own, for snapshots (not registered tools: no call can name them)
+    "_snapshot_pack": tool_snapshot_pack,
+    "_snapshot_unpack": tool_snapshot_unpack,
     "str_replace_editor": tool_str_replace_editor,
 }
 

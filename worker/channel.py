@@ -21,6 +21,9 @@ EventHandler = Callable[[Reply], Awaitable[None] | None]
 
 # Agent replies can carry large outputs (a 64 MiB file read as base64).
 LINE_LIMIT_BYTES = 256 * 1024 * 1024
+# The agent enforces call timeouts; this is how much longer the worker waits
+# before it declares the sandbox unresponsive.
+AGENT_GRACE_S = 15.0
 
 
 class ChannelClosedError(ConnectionError):

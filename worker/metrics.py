@@ -116,6 +116,15 @@ class Observer:
     def backlog_sampled(self, count: int, oldest_age_s: float) -> None:
         """Trajectories waiting for a slot (all workers) and the oldest one's age."""
 
+    def snapshot_taken(self, size_bytes: int) -> None:
+        """This worker stored a snapshot of ``size_bytes`` (compressed)."""
+
+    def snapshot_restored(self) -> None:
+        """This worker filled a new workspace from a snapshot."""
+
+    def snapshots_sampled(self, count: int, size_bytes: int) -> None:
+        """The snapshots kept in Redis (all workers'), and their compressed bytes."""
+
 
 class WorkerMetrics(Observer):
     """The worker's Prometheus metrics and per-minute Redis call counts."""
@@ -217,6 +226,13 @@ class WorkerMetrics(Observer):
         self.redis_errors = Counter(
             "toolq_redis_errors", "Redis errors, by kind.", ["kind"], registry=r
         )
+        self.snapshots = Gauge("toolq_snapshots", "Snapshots kept (all workers').", registry=r)
+        self.snapshot_bytes = Gauge(
+            "toolq_snapshot_bytes", "Compressed bytes of the snapshots kept.", registry=r
+        )
+        self.snapshot_ops = Counter(
+            "toolq_snapshot_ops", "Snapshots taken and restored here.", ["op"], registry=r
+        )
         self.heartbeat_ts = Gauge(
             "toolq_heartbeat_timestamp_seconds", "Unix time of the last heartbeat.", registry=r
         )
@@ -227,6 +243,7 @@ class WorkerMetrics(Observer):
             (self.ended, sorted(FINAL_STATUSES)),
             (self.bg_tasks, BG_STATUSES),
             (self.redis_errors, REDIS_ERROR_KINDS),
+            (self.snapshot_ops, ("taken", "restored")),
         ):
             for value in values:
                 children.labels(value)
@@ -296,6 +313,16 @@ class WorkerMetrics(Observer):
 
     def slot_lost(self) -> None:
         self.slots_lost.inc()
+
+    def snapshot_taken(self, size_bytes: int) -> None:
+        self.snapshot_ops.labels("taken").inc()
+
+    def snapshot_restored(self) -> None:
+        self.snapshot_ops.labels("restored").inc()
+
+    def snapshots_sampled(self, count: int, size_bytes: int) -> None:
+        self.snapshots.set(count)
+        self.snapshot_bytes.set(size_bytes)
 
     def container_started(self, seconds: float) -> None:
         self.containers_started.inc()

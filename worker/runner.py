@@ -25,13 +25,14 @@ from toolq.schemas import CLOSED_REASON, ErrorCode, Keys, TrajStatus, lua
 
 from .backends.base import Backend, SandboxError, Slot
 from .bgtasks import BgRecorder
-from .channel import ChannelClosedError
+from .channel import AGENT_GRACE_S, ChannelClosedError
 from .external_runner import ExternalRunner
 from .lease import Lease, RedisHealth, retrying
 from .metrics import Observer
 from .plan import ExitPlan, Plan, Refusal, deadline_left_s, exit_call, plan_call, policy_change
 from .results import error_reply, make_result, requested_tool
 from .settings import WorkerSettings
+from .snapshots import SnapshotMissing, Snapshots
 from .state import Item, Traj, entry_ms, now_ms
 from .tools import Registry
 from .writer import Writer
@@ -39,9 +40,6 @@ from .writer import Writer
 log = logging.getLogger("toolq.worker.runner")
 
 HOST = socket.gethostname()
-# The agent enforces call timeouts; this is how much longer the worker waits
-# before it declares the sandbox unresponsive.
-AGENT_GRACE_S = 15.0
 
 
 class Runner:
@@ -60,6 +58,7 @@ class Runner:
         registry: Registry,
         external: ExternalRunner,
         bg: BgRecorder,
+        snapshots: Snapshots,
         observer: Observer,
         forget: Callable[[Traj], Awaitable[None]],
         queue_shrunk: Callable[[Traj], None],
@@ -76,6 +75,7 @@ class Runner:
         self.registry = registry
         self.external = external
         self.bg = bg
+        self.snapshots = snapshots
         self.observer = observer
         self.forget = forget  # the trajectory is over here: unindex it, free its slot count
         self.queue_shrunk = queue_shrunk  # a queue got room: the reader may read it again
@@ -144,6 +144,9 @@ class Runner:
             self.writer.set_fields(traj, **recorded.fields)
             self.emit(traj, item, recorded.reply, "policy", started_ms, 0.0)
             return
+        if item.entry.type == "snapshot":
+            await self._snapshot(traj, item, started_ms)
+            return
         traj.calls += 1  # refused calls count too
         plan = plan_call(
             self.registry, self.settings, traj.spec, item.entry, traj.calls, traj.started
@@ -157,20 +160,7 @@ class Runner:
             self.emit(traj, item, recorded.reply, plan.tool, started_ms, 0.0)
             traj.request_end(TrajStatus.COMPLETED, f"exit tool {plan.tool} called")
             return
-        if not plan.tool.external:
-            needs_slot = traj.slot is None or not traj.slot.channel.alive
-            if needs_slot and not await self._ensure_slot(traj, item):
-                return
-        # After a crash only the first unanswered call may have been running:
-        # earlier results are in Redis before the next call starts.
-        await traj.flushed.wait()
-        await self._hold_lease()  # from here to the start of the call: no await
-        if traj.dropped:
-            return  # its new owner answers it
-        if traj.ending is not None:  # cancelled or ended while we waited
-            cancelled = traj.ending[0] == TrajStatus.CANCELLED
-            code = ErrorCode.CANCELLED if cancelled else ErrorCode.TRAJECTORY_ENDED
-            self.answer(traj, item, code, traj.ended_message())
+        if not await self._may_start(traj, item, in_slot=not plan.tool.external):
             return
         if plan.tool.external:  # an RQ job, no sandbox needed
             reply = await self.external.call(traj, item, plan)
@@ -182,6 +172,44 @@ class Runner:
             reply = ran
         behind_ms = traj.behind_ms(item, started_ms)
         self.emit(traj, item, self._final_reply(traj, reply), plan.tool.name, started_ms, behind_ms)
+
+    async def _may_start(self, traj: Traj, item: Item, *, in_slot: bool) -> bool:
+        """Wait until ``item`` may start (its slot up, earlier results flushed, the
+        lease held); False when it must not (then it is answered, or another worker
+        owns it). No await follows a True: the caller starts it at once."""
+        if in_slot:
+            needs_slot = traj.slot is None or not traj.slot.channel.alive
+            if needs_slot and not await self._ensure_slot(traj, item):
+                return False
+        # After a crash only the first unanswered call may have been running:
+        # earlier results are in Redis before the next call starts.
+        await traj.flushed.wait()
+        await self._hold_lease()  # from here to the start of the call: no await
+        if traj.dropped:
+            return False  # its new owner answers it
+        if traj.ending is not None:  # cancelled or ended while we waited
+            cancelled = traj.ending[0] == TrajStatus.CANCELLED
+            code = ErrorCode.CANCELLED if cancelled else ErrorCode.TRAJECTORY_ENDED
+            self.answer(traj, item, code, traj.ended_message())
+            return False
+        return True
+
+    async def _snapshot(self, traj: Traj, item: Item, started_ms: int) -> None:
+        """A snapshot entry: the workspace and spec saved, in order with the calls."""
+        assert item.entry is not None
+        planned = self.snapshots.pack_plan(item.entry.args)
+        if isinstance(planned, Refusal):
+            self.answer(traj, item, planned.code, planned.message)
+            return
+        wanted, plan = planned
+        if not await self._may_start(traj, item, in_slot=True):
+            return
+        assert traj.slot is not None
+        reply = await self._call_agent(traj, traj.slot, plan)
+        if reply is None:
+            return
+        reply = await self.snapshots.store(traj.traj_id, traj.spec, wanted, reply)
+        self.emit(traj, item, reply, "snapshot", started_ms, traj.behind_ms(item, started_ms))
 
     async def _hold_lease(self) -> None:
         """Return once the lease is valid: at once, unless the worker stalled.
@@ -304,13 +332,18 @@ class Runner:
             traj.slot_reset, traj.slot_lost = True, False
         try:
             started = time.monotonic()
+            await self._resolve_snapshot(traj)
             traj.slot = await self.backend.acquire(traj.traj_id, traj.spec)
             self.observer.slot_started(time.monotonic() - started)
+            if traj.spec.snapshot and not traj.slot.adopted:  # a new workspace: its files
+                await self.snapshots.restore(traj.slot, traj.spec.snapshot)
         except SandboxError as exc:
+            await self.drop_slot(traj)
             for waiting in ([item] if item else []) + [i for i in traj.items if i.kind == "call"]:
-                self.answer(traj, waiting, ErrorCode.SANDBOX_ERROR, str(exc))
+                self.answer(traj, waiting, exc.code, str(exc))
             traj.items.clear()
-            traj.request_end(TrajStatus.FAILED, f"sandbox failed to start: {exc}")
+            why = f"sandbox failed to start: {exc}" if exc.code == ErrorCode.SANDBOX_ERROR else exc
+            traj.request_end(TrajStatus.FAILED, str(why))
             return False
         if traj.previous_owner and not traj.slot.adopted:
             traj.slot_reset = True  # the previous owner's workspace is gone
@@ -322,6 +355,20 @@ class Runner:
             traj, slot=slot.slot_id, host=HOST, sandbox=slot.sandbox_id, unenforced=unenforced
         )
         return True
+
+    async def _resolve_snapshot(self, traj: Traj) -> None:
+        """Opened from a snapshot: run with its spec under the opener's (once; the
+        record keeps the result, so a next owner finds it resolved)."""
+        if traj.spec.snapshot is None or traj.spec_resolved:
+            return
+        try:
+            traj.spec = await self.snapshots.resolve(traj.spec)
+        except SnapshotMissing:
+            if traj.previous_owner:  # resolved by an earlier owner; its files may be here
+                return
+            raise
+        traj.spec_resolved = True
+        self.writer.set_fields(traj, spec=traj.spec.model_dump_json(exclude_none=True))
 
     def _unenforced(self, traj: Traj) -> str:
         """The record's ``unenforced``: spec fields this backend does not enforce, as a

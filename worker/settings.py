@@ -70,6 +70,13 @@ class WorkerSettings:
     max_output_bytes: int = _opt(
         16 * 1024 * 1024, "Cap over every spec's max_output_bytes (output kept per call)."
     )
+    # snapshots (kept in Redis, so any worker of the fleet can open from them)
+    snapshot_max_bytes: int = _opt(
+        128 * 1024 * 1024, "Largest snapshot (compressed); a larger workspace is refused."
+    )
+    snapshot_ttl_s: float = _opt(3600.0, "How long a snapshot is kept when it asks for no TTL.")
+    snapshot_max_ttl_s: float = _opt(7 * 24 * 3600.0, "Cap over every snapshot's TTL.")
+    snapshot_timeout_s: float = _opt(300.0, "Longest a workspace may take to pack or unpack.")
     default_image: str = _opt(
         DEFAULT_IMAGE, "Default sandbox image.", flag="--image", env="TOOLQ_IMAGE"
     )

@@ -76,6 +76,7 @@ class Traj:
     current: Item | None = None  # the call being run
     slot_reset: bool = False  # the next result says the workspace was lost
     slot_lost: bool = False  # the slot died during a call: the next one starts a fresh one
+    spec_resolved: bool = False  # spec.snapshot's spec is merged in (once per ownership)
     last_activity: float = field(default_factory=time.monotonic)
     confirmed_at: float = field(default_factory=time.monotonic)  # ownership last confirmed
     started: float = field(default_factory=time.monotonic)

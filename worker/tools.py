@@ -139,6 +139,24 @@ class ArchiveArgs(ToolArgs):
     )
 
 
+class UnpackArgs(ToolArgs):
+    """Unpack a tar.gz (base64) into a directory of the workspace.
+
+    Every entry is checked before anything is written: absolute paths, ``..``,
+    symlinks, hard links and special files are refused, and so is an archive
+    that unpacks to more than ``max_bytes``.
+    """
+
+    data: str = Field(description="The tar.gz, base64 (the whole call is under the entry cap).")
+    path: str = Field(".", description="Directory to unpack into, relative to the workspace.")
+    max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        le=4 * 1024 * 1024 * 1024,
+        description="Largest unpacked size; a larger archive is refused before it is written.",
+    )
+
+
 class StrReplaceEditorArgs(ToolArgs):
     """The file editor agent frameworks emit (Anthropic, OpenHands, SWE-agent)."""
 
@@ -326,6 +344,7 @@ def builtin_registry() -> Registry:
         ("edit_file", "Replace exact text in a file of the workspace.", EditFileArgs),
         ("list_files", "List a directory of the workspace.", ListFilesArgs),
         ("archive", "A tar.gz (base64) of a file or directory of the workspace.", ArchiveArgs),
+        ("unpack", "Unpack a tar.gz (base64) into a directory of the workspace.", UnpackArgs),
         ("bg_start", "Start a background task.", BgStartArgs),
         ("bg_list", "List the background tasks.", BgListArgs),
         ("bg_output", "A background task's output, optionally waiting for its end.", BgOutputArgs),

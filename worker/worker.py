@@ -31,6 +31,7 @@ from .reader import CallReader
 from .registry import load_registry, publish_registry
 from .runner import Runner
 from .settings import WorkerSettings
+from .snapshots import Snapshots
 from .state import Traj
 from .tools import Registry
 from .writer import Writer
@@ -68,9 +69,11 @@ class Worker:
         self.bg = BgRecorder(
             self.writer, lambda name: self.runner.traj_for_slot(name), self.observer
         )
+        self.snapshots = Snapshots(settings, redis, self.observer)
         self.runner = Runner(
             settings, redis, self.owned, **shared, writer=self.writer, backend=backend,
             registry=self.registry, external=self.external, bg=self.bg, observer=self.observer,
+            snapshots=self.snapshots,
             forget=self._forget, queue_shrunk=lambda traj: self.reader.queue_shrunk(traj),
         )  # fmt: skip
         self.reader = CallReader(
@@ -101,6 +104,7 @@ class Worker:
             asyncio.create_task(self.reader.run(), name="reader"),
             asyncio.create_task(self.fleet.heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self.fleet.reap_loop(), name="reaper"),
+            asyncio.create_task(self.snapshots.sample_loop(), name="snapshots"),
         ]
         self.ready.set()
         await self._stopping.wait()

@@ -11,7 +11,7 @@ import abc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from toolq.schemas import TrajectorySpec
+from toolq.schemas import ErrorCode, TrajectorySpec
 
 from ..channel import AgentChannel, EventHandler
 from ..metrics import Observer
@@ -19,6 +19,9 @@ from ..metrics import Observer
 
 class SandboxError(RuntimeError):
     """A slot could not be started (bad image, no python3, engine error)."""
+
+    #: The error code the trajectory's waiting calls are answered with.
+    code = ErrorCode.SANDBOX_ERROR
 
 
 @dataclass

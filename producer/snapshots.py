@@ -1,0 +1,98 @@
+"""Snapshots and forks, as sans-IO operations the sync and async clients drive.
+
+A snapshot is a ``snapshot`` entry in the trajectory's calls stream: it runs
+after the calls submitted before it, and its result says what was saved (or
+why not). Forking takes a snapshot and opens each new trajectory from it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from toolq.schemas import (
+    CallEntry,
+    Keys,
+    Result,
+    SnapshotArgs,
+    SnapshotInfo,
+    TrajectorySpec,
+    check_traj_id,
+)
+
+from . import ops
+from .drive import await_op
+from .ops import Cmd, Op, ToolqError
+
+
+class SnapshotFailed(ToolqError):
+    """A snapshot was not taken (its result, ``result``, says why)."""
+
+    def __init__(self, result: Result) -> None:
+        super().__init__(f"snapshot failed: {result.error_code}: {result.error}")
+        self.result = result
+
+
+def snapshot_entry(name: str, ttl_s: float | None) -> CallEntry:
+    """The entry that saves the workspace and spec under ``name``."""
+    args = SnapshotArgs(name=name, ttl_s=ttl_s).model_dump(exclude_none=True)
+    return CallEntry(type="snapshot", args=args, call_id=ops.new_call_id())
+
+
+def take_op(
+    keys: Keys, traj_id: str, name: str, ttl_s: float | None, wait_s: float, cluster: bool
+) -> Op[Result]:
+    """Submit a snapshot entry and wait for its result."""
+    done = yield from ops.submit(keys, traj_id, snapshot_entry(name, ttl_s))
+    return (yield from await_op(keys, [done], wait_s, False, cluster))[0]
+
+
+def fork_name(traj_id: str) -> str:
+    return f"{traj_id[:100]}.fork-{uuid.uuid4().hex[:12]}"
+
+
+def fork_op(
+    keys: Keys,
+    traj_id: str,
+    new_ids: list[str],
+    spec: TrajectorySpec | None,
+    ttl_s: float | None,
+    wait_s: float,
+    cluster: bool,
+) -> Op[Result]:
+    """Snapshot ``traj_id``, then open each of ``new_ids`` from it; the snapshot's
+    result. Raises ``SnapshotFailed`` (nothing opened) when it was not taken."""
+    for new_id in new_ids:
+        check_traj_id(new_id)
+    taken = yield from take_op(keys, traj_id, fork_name(traj_id), ttl_s, wait_s, cluster)
+    if not taken.ok:
+        raise SnapshotFailed(taken)
+    name = str((taken.data or {})["name"])
+    start = (spec or TrajectorySpec()).model_copy(update={"snapshot": name})
+    for new_id in new_ids:
+        yield from ops.open_traj(keys, new_id, start, False)
+    return taken
+
+
+def list_op(keys: Keys) -> Op[list[SnapshotInfo]]:
+    """The snapshots kept, oldest first (expired ones left out)."""
+    raw = yield from ops.one(Cmd("hgetall", (keys.snapshots,)))
+    now_ms = time.time() * 1000
+    found = []
+    for value in (raw or {}).values():
+        try:
+            info = SnapshotInfo.model_validate_json(value)
+        except ValueError:
+            continue
+        if info.expires_ms > now_ms:
+            found.append(info)
+    return sorted(found, key=lambda i: (i.created_ms, i.name))
+
+
+def delete_op(keys: Keys, name: str) -> Op[bool]:
+    """Delete a snapshot; False when there was none of that name."""
+    replies = yield [
+        Cmd("delete", (keys.snapshot_data(name),)),
+        Cmd("hdel", (keys.snapshots, name)),
+    ]
+    return bool(replies[0] or replies[1])

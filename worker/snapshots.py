@@ -1,0 +1,209 @@
+"""Snapshots: a trajectory's workspace files and spec, saved under a name in Redis.
+
+A ``snapshot`` entry in a trajectory's calls stream runs in order with its
+calls: the agent packs the workspace (a tar.gz, links kept, running processes
+not), and the worker stores it as ``<ns>:snap:{name}`` (with a TTL, under a size
+cap) and its ``SnapshotInfo`` in the ``<ns>:snapshots`` index. A trajectory
+opened with ``spec.snapshot`` runs with the snapshot's spec under its own
+(``overlay``) and its new workspace gets the snapshot's files, on any worker of
+the fleet, since the files are in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+
+from toolq.schemas import ErrorCode, Keys, Limits, SnapshotArgs, SnapshotInfo, TrajectorySpec
+
+from .backends.base import SandboxError, Slot
+from .channel import AGENT_GRACE_S, ChannelClosedError
+from .metrics import Observer
+from .plan import Plan, Refusal
+from .settings import WorkerSettings
+from .tools import Tool, ToolArgs
+
+log = logging.getLogger("toolq.worker.snapshots")
+
+PACK_TOOL = Tool("_snapshot_pack", "The worker's own: pack the workspace.", ToolArgs)
+#: Snapshots are counted every this many heartbeats (and after each one taken).
+SAMPLE_EVERY_BEATS = 5
+
+
+class SnapshotMissing(SandboxError):
+    """The snapshot a trajectory starts from is gone (expired, deleted, never taken)."""
+
+    code = ErrorCode.SNAPSHOT_NOT_FOUND
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def overlay(base: TrajectorySpec, top: TrajectorySpec) -> TrajectorySpec:
+    """``base`` (a snapshot's spec) under ``top`` (the opener's): every field ``top``
+    sets to other than its default wins; ``env`` and ``labels`` merge key by key,
+    ``limits`` field by field."""
+    defaults = TrajectorySpec()
+    merged: dict[str, Any] = {}
+    for name in TrajectorySpec.model_fields:
+        mine, theirs = getattr(top, name), getattr(base, name)
+        if name in ("env", "labels"):
+            merged[name] = {**theirs, **mine}
+        elif name == "limits":
+            merged[name] = _overlay_limits(theirs, mine)
+        else:
+            merged[name] = mine if mine != getattr(defaults, name) else theirs
+    return TrajectorySpec.model_validate(merged)
+
+
+def _overlay_limits(base: Limits, top: Limits) -> Limits:
+    defaults = Limits()
+    return Limits.model_validate(
+        {
+            name: getattr(top, name)
+            if getattr(top, name) != getattr(defaults, name)
+            else getattr(base, name)
+            for name in Limits.model_fields
+        }
+    )
+
+
+def saved_spec(spec: TrajectorySpec) -> TrajectorySpec:
+    """What a snapshot keeps of the spec in force: all but where it came from."""
+    return spec.model_copy(update={"snapshot": None, "parent": None})
+
+
+class Snapshots:
+    """Takes snapshots of owned trajectories and starts new workspaces from them."""
+
+    def __init__(self, settings: WorkerSettings, redis: aioredis.Redis, observer: Observer) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = Keys(settings.namespace)
+        self.observer = observer
+
+    # ---------------------------------------------------------------- take
+    def pack_plan(self, args: dict[str, Any]) -> tuple[SnapshotArgs, Plan] | Refusal:
+        """The agent call that packs the workspace, or why the entry is refused."""
+        try:
+            wanted = SnapshotArgs.model_validate(args)
+        except ValidationError as exc:
+            message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            return Refusal(ErrorCode.INVALID_ARGS, f"bad snapshot arguments: {message}")
+        cap = self.settings.snapshot_max_bytes
+        return wanted, Plan(PACK_TOOL, {"max_bytes": cap}, self.settings.snapshot_timeout_s, 0)
+
+    async def store(
+        self, traj_id: str, spec: TrajectorySpec, wanted: SnapshotArgs, reply: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Keep what the agent packed; the reply the snapshot entry gets."""
+        if not reply.get("ok", True):
+            return reply
+        data = base64.b64decode(reply.get("output", ""))
+        counts = reply.get("data") or {}
+        ttl_s = min(wanted.ttl_s or self.settings.snapshot_ttl_s, self.settings.snapshot_max_ttl_s)
+        created = now_ms()
+        info = SnapshotInfo(
+            name=wanted.name,
+            source=traj_id,
+            bytes=len(data),
+            uncompressed_bytes=int(counts.get("bytes", 0)),
+            entries=int(counts.get("entries", 0)),
+            created_ms=created,
+            expires_ms=created + int(ttl_s * 1000),
+            worker=self.settings.worker_id,
+            sha256=str(counts.get("sha256", "")),
+            spec=saved_spec(spec),
+        )
+        # The files first: an index entry never names files that were not written.
+        await self.redis.set(self.keys.snapshot_data(wanted.name), data, px=int(ttl_s * 1000))
+        await self.redis.hset(self.keys.snapshots, wanted.name, info.model_dump_json())
+        self.observer.snapshot_taken(len(data))
+        await self.sample_safely()
+        skipped = int(counts.get("skipped", 0))
+        note = f"; {skipped} special files left out" if skipped else ""
+        output = (
+            f"snapshot {wanted.name}: {info.entries} entries, {info.uncompressed_bytes} bytes "
+            f"({info.bytes} compressed), kept {ttl_s:g}s{note}"
+        )
+        shown = info.model_dump(exclude={"spec"})
+        return {"ok": True, "output": output, "data": {**shown, "skipped": skipped}}
+
+    # ------------------------------------------------------------- restore
+    async def info(self, name: str) -> SnapshotInfo | None:
+        """The snapshot's index entry, unless it is missing or expired."""
+        raw = await self.redis.hget(self.keys.snapshots, name)
+        if raw is None:
+            return None
+        info = SnapshotInfo.model_validate_json(raw)
+        return info if info.expires_ms > now_ms() else None
+
+    async def resolve(self, spec: TrajectorySpec) -> TrajectorySpec:
+        """The spec a trajectory opened from ``spec.snapshot`` runs with."""
+        assert spec.snapshot is not None
+        info = await self.info(spec.snapshot)
+        if info is None:
+            raise SnapshotMissing(_missing(spec.snapshot))
+        return overlay(info.spec, spec)
+
+    async def restore(self, slot: Slot, name: str) -> None:
+        """Fill a new workspace with the snapshot's files."""
+        data: Any = await self.redis.get(self.keys.snapshot_data(name))  # bytes: no decoding
+        if data is None:
+            raise SnapshotMissing(_missing(name))
+        timeout_s = self.settings.snapshot_timeout_s
+        try:
+            fut = slot.channel.submit(
+                "call",
+                slot=slot.name,
+                tool="_snapshot_unpack",
+                args={"data": base64.b64encode(data).decode("ascii"), "max_bytes": 2**62},
+                timeout_s=timeout_s,
+            )
+            reply = await asyncio.wait_for(fut, timeout_s + AGENT_GRACE_S)
+        except (ChannelClosedError, asyncio.TimeoutError) as exc:
+            lost = f"restoring snapshot {name} failed: the sandbox was lost ({exc!r})"
+            raise SandboxError(lost) from None
+        if not reply.get("ok", True):
+            raise SandboxError(f"restoring snapshot {name} failed: {reply.get('error')}")
+        self.observer.snapshot_restored()
+
+    # ------------------------------------------------------------- metrics
+    async def sample_loop(self) -> None:
+        """Count the snapshots that exist (and prune expired index entries)."""
+        while True:
+            await self.sample_safely()
+            await asyncio.sleep(self.settings.heartbeat_s * SAMPLE_EVERY_BEATS)
+
+    async def sample_safely(self) -> None:
+        try:
+            await self.sample()
+        except Exception as exc:  # Redis down: the next round tries again
+            log.debug("sampling snapshots failed: %s", exc)
+
+    async def sample(self) -> tuple[int, int]:
+        now, count, size, expired = now_ms(), 0, 0, []
+        for name, raw in (await self.redis.hgetall(self.keys.snapshots)).items():
+            try:
+                info = SnapshotInfo.model_validate_json(raw)
+            except ValidationError:  # not ours: leave it, count nothing
+                continue
+            if info.expires_ms <= now:
+                expired.append(name)
+            else:
+                count, size = count + 1, size + info.bytes
+        if expired:
+            await self.redis.hdel(self.keys.snapshots, *expired)
+        self.observer.snapshots_sampled(count, size)
+        return count, size
+
+
+def _missing(name: str) -> str:
+    return f"snapshot {name!r} not found (never taken, deleted or expired)"
