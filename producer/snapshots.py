@@ -36,7 +36,8 @@ class SnapshotFailed(ToolqError):
 def snapshot_entry(name: str, ttl_s: float | None) -> CallEntry:
     """The entry that saves the workspace and spec under ``name``."""
     args = SnapshotArgs(name=name, ttl_s=ttl_s).model_dump(exclude_none=True)
-    return CallEntry(type="snapshot", args=args, call_id=ops.new_call_id())
+    # Idempotent: taken again (same name, same files) when its worker died mid-way.
+    return CallEntry(type="snapshot", args=args, call_id=ops.new_call_id(), idempotent=True)
 
 
 def take_op(

@@ -4,6 +4,7 @@ deletion, opening on another worker, and metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import urllib.request
@@ -187,3 +188,51 @@ def test_packed_slots_get_separate_copies(start_worker, client: Client, ns, dock
     assert sh(client, "p0", "cat f").split() == ["base"]
     records = [client.record(t) for t in ("p0", "p1", "p2")]
     assert len({r.sandbox for r in records if r}) == 1  # one container serves all three
+
+
+@pytest.mark.redis_kinds("single", "cluster")
+def test_async_fork_on_one_redis_and_a_cluster(start_worker, aclient_factory, redis_kind):
+    start_worker("local")
+
+    async def run() -> list[str]:
+        async with aclient_factory() as client:
+            async with client.trajectory("src") as src:
+                await src.call("write_file", {"path": "seed.txt", "content": redis_kind})
+                copies = await src.fork([f"copy-{i}" for i in range(4)])
+            names = [info.name for info in await client.snapshots()]
+            assert len(names) == 1 and names[0].startswith("src.fork-")
+            outputs = []
+            for copy in copies:
+                async with copy:
+                    read = await copy.call("read_file", {"path": "seed.txt"})
+                    outputs.append(read.output)
+            return outputs
+
+    assert asyncio.run(run()) == [redis_kind] * 4
+
+
+def test_snapshots_survive_a_redis_restart_and_opens_ride_it_out(ns):
+    from tests.conftest import WorkerThread
+    from toolq.worker.embedded import EmbeddedRedis
+    from toolq.worker.settings import WorkerSettings
+
+    with EmbeddedRedis(appendonly=True) as server:
+        settings = WorkerSettings(
+            redis_url=server.url, namespace=ns, backend="local", slots=8, block_ms=200,
+            heartbeat_s=0.5,
+        )  # fmt: skip
+        worker = WorkerThread(settings)
+        try:
+            with Client(server.url, ns) as client:
+                client.open("src")
+                sh(client, "src", "seq 1 1000 > numbers")
+                ok(client.snapshot("src", "durable"))
+                server.restart(down_s=0.5)  # the snapshot comes back from the AOF
+                for i in range(4):
+                    client.open(f"copy-{i}", {"snapshot": "durable"})
+                server.restart(down_s=0.5)  # while the copies open and fill
+                for i in range(4):
+                    assert sh(client, f"copy-{i}", "tail -1 numbers") == "1000\n"
+                assert [s.name for s in client.snapshots()] == ["durable"]
+        finally:
+            worker.stop()

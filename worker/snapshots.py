@@ -24,6 +24,7 @@ from toolq.schemas import ErrorCode, Keys, Limits, SnapshotArgs, SnapshotInfo, T
 
 from .backends.base import SandboxError, Slot
 from .channel import AGENT_GRACE_S, ChannelClosedError
+from .lease import RedisHealth, retrying
 from .metrics import Observer
 from .plan import Plan, Refusal
 from .settings import WorkerSettings
@@ -83,9 +84,16 @@ def saved_spec(spec: TrajectorySpec) -> TrajectorySpec:
 class Snapshots:
     """Takes snapshots of owned trajectories and starts new workspaces from them."""
 
-    def __init__(self, settings: WorkerSettings, redis: aioredis.Redis, observer: Observer) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        redis: aioredis.Redis,
+        health: RedisHealth,
+        observer: Observer,
+    ) -> None:
         self.settings = settings
         self.redis = redis
+        self.health = health
         self.keys = Keys(settings.namespace)
         self.observer = observer
 
@@ -123,8 +131,10 @@ class Snapshots:
             spec=saved_spec(spec),
         )
         # The files first: an index entry never names files that were not written.
-        await self.redis.set(self.keys.snapshot_data(wanted.name), data, px=int(ttl_s * 1000))
-        await self.redis.hset(self.keys.snapshots, wanted.name, info.model_dump_json())
+        data_key, ttl_ms = self.keys.snapshot_data(wanted.name), int(ttl_s * 1000)
+        await retrying(self.health, lambda: self.redis.set(data_key, data, px=ttl_ms), "snapshot")
+        index = (self.keys.snapshots, wanted.name, info.model_dump_json())
+        await retrying(self.health, lambda: self.redis.hset(*index), "snapshot index")
         self.observer.snapshot_taken(len(data))
         await self.sample_safely()
         skipped = int(counts.get("skipped", 0))
@@ -139,7 +149,9 @@ class Snapshots:
     # ------------------------------------------------------------- restore
     async def info(self, name: str) -> SnapshotInfo | None:
         """The snapshot's index entry, unless it is missing or expired."""
-        raw = await self.redis.hget(self.keys.snapshots, name)
+        raw = await retrying(
+            self.health, lambda: self.redis.hget(self.keys.snapshots, name), "snapshot lookup"
+        )
         if raw is None:
             return None
         info = SnapshotInfo.model_validate_json(raw)
@@ -155,7 +167,8 @@ class Snapshots:
 
     async def restore(self, slot: Slot, name: str) -> None:
         """Fill a new workspace with the snapshot's files."""
-        data: Any = await self.redis.get(self.keys.snapshot_data(name))  # bytes: no decoding
+        key = self.keys.snapshot_data(name)
+        data: Any = await retrying(self.health, lambda: self.redis.get(key), "snapshot read")
         if data is None:
             raise SnapshotMissing(_missing(name))
         timeout_s = self.settings.snapshot_timeout_s

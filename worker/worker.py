@@ -69,7 +69,7 @@ class Worker:
         self.bg = BgRecorder(
             self.writer, lambda name: self.runner.traj_for_slot(name), self.observer
         )
-        self.snapshots = Snapshots(settings, redis, self.observer)
+        self.snapshots = Snapshots(settings, redis, shared["health"], self.observer)
         self.runner = Runner(
             settings, redis, self.owned, **shared, writer=self.writer, backend=backend,
             registry=self.registry, external=self.external, bg=self.bg, observer=self.observer,

@@ -1,0 +1,169 @@
+"""Snapshots and forks against the cold path (Docker backend).
+
+    python bench/snapshots.py [--mb 100] [--forks 8] [--rounds 3]
+
+A prepared workspace of ``--mb`` MB (half generated source text, half random
+bytes: a repository and its binary dependencies) is the starting state.
+Compared, in rounds, each against its baseline in the same run:
+
+- ``snapshot``: one ``snapshot`` of that workspace (the call's latency);
+- ``fork into N``: ``fork`` to N new trajectories until each has answered a
+  first call, against ``cold N``: N new trajectories that each prepare the
+  same state with their own tool calls (the path without snapshots);
+- ``open from snapshot``: one trajectory opened from it until its first
+  call's answer, against ``cold open``: an empty one (no preparation) and
+  ``cold open + prepare``.
+
+Prints a Markdown table of medians and ratios; absolute times on a shared
+2-core machine are noise, ratios within one run are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import IMAGE
+from harness import WorkerProc
+
+from toolq.producer import AsyncClient
+from toolq.worker.embedded import EmbeddedRedis
+
+WAIT_S = 600.0
+
+
+def prepare_command(mb: int) -> str:
+    """Shell that builds the starting state: ``mb/2`` MB of text files, ``mb/2`` of random."""
+    half = mb // 2
+    text = (
+        "import os, random\n"
+        "random.seed(7)\n"
+        "words = [''.join(random.choice('abcdefghij_') for _ in range(8)) for _ in range(500)]\n"
+        f"left = {half} * 1024 * 1024\n"
+        "i = 0\n"
+        "while left > 0:\n"
+        "    os.makedirs('repo/pkg%d' % (i // 100), exist_ok=True)\n"
+        "    body = '\\n'.join('def %s(x):\\n    return x + %d' % (random.choice(words), n)\n"
+        "                      for n in range(600)).encode()\n"
+        "    open('repo/pkg%d/mod%d.py' % (i // 100, i), 'wb').write(body)\n"
+        "    left -= len(body); i += 1\n"
+    )
+    return f'python3 -c "{text}" && mkdir -p deps && head -c {half}M /dev/urandom > deps/lib.so'
+
+
+async def first_answer(client: AsyncClient, traj: str) -> None:
+    result = await client.call(traj, "bash", {"command": "ls repo | wc -l"}, wait_s=WAIT_S)
+    assert result.ok, result
+
+
+async def cold(client: AsyncClient, trajs: list[str], mb: int) -> float:
+    started = time.monotonic()
+
+    async def one(traj: str) -> None:
+        await client.open(traj)
+        r = await client.call(
+            traj, "bash", {"command": prepare_command(mb), "timeout_s": 600}, wait_s=WAIT_S
+        )
+        assert r.ok, r
+        await first_answer(client, traj)
+
+    await asyncio.gather(*(one(t) for t in trajs))
+    return time.monotonic() - started
+
+
+async def forked(client: AsyncClient, source: str, trajs: list[str]) -> float:
+    started = time.monotonic()
+    taken = await client.fork(source, trajs, wait_s=WAIT_S)
+    assert taken.ok, taken
+    await asyncio.gather(*(first_answer(client, t) for t in trajs))
+    return time.monotonic() - started
+
+
+async def opened(client: AsyncClient, traj: str, spec: dict[str, str] | None) -> float:
+    started = time.monotonic()
+    await client.open(traj, spec)
+    r = await client.call(traj, "bash", {"command": "true"}, wait_s=WAIT_S)
+    assert r.ok, r
+    return time.monotonic() - started
+
+
+async def measure(url: str, ns: str, mb: int, forks: int, rounds: int) -> dict[str, list[float]]:
+    client = AsyncClient(url, ns)
+    times: dict[str, list[float]] = {}
+
+    def add(name: str, seconds: float) -> None:
+        times.setdefault(name, []).append(seconds)
+
+    await client.open("source")
+    r = await client.call(
+        "source", "bash", {"command": prepare_command(mb), "timeout_s": 600}, wait_s=WAIT_S
+    )
+    assert r.ok, r
+    usage = await client.call("source", "bash", {"command": "du -sm . | cut -f1"})
+    print(f"source workspace: {usage.output.strip()} MB", file=sys.stderr)
+    for n in range(rounds):
+        started = time.monotonic()
+        taken = await client.snapshot("source", f"bench-{n}", wait_s=WAIT_S)
+        assert taken.ok, taken
+        add("snapshot", time.monotonic() - started)
+        add("snapshot MB compressed", (taken.data or {})["bytes"] / 1e6)
+        copies, colds = [f"f{n}-{i}" for i in range(forks)], [f"c{n}-{i}" for i in range(forks)]
+        add(f"fork into {forks}", await forked(client, "source", copies))
+        add(f"cold {forks} (prepare each)", await cold(client, colds, mb))
+        add("open from snapshot", await opened(client, f"s{n}", {"snapshot": f"bench-{n}"}))
+        add("cold open (empty)", await opened(client, f"e{n}", None))
+        add("cold open + prepare", await cold(client, [f"p{n}"], mb))
+        for traj in copies + colds:
+            await client.close(traj)
+        for traj in (f"s{n}", f"e{n}", f"p{n}"):
+            await client.close(traj)
+        await client.delete_snapshot(f"bench-{n}")
+        print(f"round {n + 1}/{rounds} done", file=sys.stderr)
+    await client.close("source")
+    await client.aclose()
+    return times
+
+
+def report(times: dict[str, list[float]], forks: int) -> str:
+    med = {name: statistics.median(values) for name, values in times.items()}
+    pairs = {
+        f"fork into {forks}": f"cold {forks} (prepare each)",
+        "open from snapshot": "cold open + prepare",
+        "cold open (empty)": "cold open + prepare",
+    }
+    lines = ["| measured | median | against | ratio |", "|---|---:|---|---:|"]
+    for name, value in med.items():
+        unit = "" if "MB" in name else " s"
+        base = pairs.get(name)
+        ratio = f"{value / med[base]:.2f}x" if base else ""
+        lines.append(f"| {name} | {value:.2f}{unit} | {base or ''} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mb", type=int, default=100)
+    parser.add_argument("--forks", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with EmbeddedRedis() as server:
+        ns = f"snapbench{uuid.uuid4().hex[:6]}"
+        worker = WorkerProc(
+            server.url, ns, backend="docker", default_image=IMAGE, slots=2 * args.forks + 4
+        )
+        try:
+            times = asyncio.run(measure(server.url, ns, args.mb, args.forks, args.rounds))
+        finally:
+            worker.stop()
+    print(report(times, args.forks))
+
+
+if __name__ == "__main__":
+    main()
