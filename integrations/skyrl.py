@@ -18,6 +18,9 @@ Failures never raise: the worker's error codes and the client's own
 that text, so one bad call never ends a rollout. ``last`` holds the latest
 call's ``ToolOutcome`` (its code, and ``infra`` when toolq, not the model, is
 to blame: a trainer masks such rollouts).
+
+Importing this module registers the example environment ``toolq/bash``
+(``toolq.integrations.skyrl_env.ToolqBashEnv``) with ``skyrl_gym``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import skyrl_gym
 from skyrl_gym.tools.core import ToolGroup
 
 from toolq.producer import (
@@ -43,7 +47,10 @@ from toolq.producer.drive import REDIS_DOWN
 from toolq.producer.model_calls import result_text
 from toolq.producer.tools import openai_spec, permitted
 
-__all__ = ["ToolOutcome", "ToolqToolGroup"]
+__all__ = ["ENV_ID", "ToolOutcome", "ToolqToolGroup"]
+
+#: The example environment's id in skyrl_gym's registry.
+ENV_ID = "toolq/bash"
 
 #: The client's own failures (the worker's codes are ``toolq.schemas.ErrorCode``): exception
 #: types, their code, and whether the infrastructure is to blame. The first match wins.
@@ -181,3 +188,7 @@ def _arguments(args: Any, kwargs: dict[str, Any]) -> dict[str, Any] | str | None
     if args is None or isinstance(args, dict | str):
         return args
     return json.dumps(args)  # a list or a number the model wrote: the worker says invalid_args
+
+
+if ENV_ID not in skyrl_gym.registry:  # importing this module again must not fail
+    skyrl_gym.register(id=ENV_ID, entry_point="toolq.integrations.skyrl_env:ToolqBashEnv")

@@ -1,16 +1,22 @@
 """SkyRL-Gym on toolq (``toolq.integrations.skyrl``): the tool group through
-SkyRL's own ``BaseTextEnv._execute_tool``, against the real skyrl-gym package, a
-real Redis and a real worker (local backend)."""
+SkyRL's own ``BaseTextEnv._execute_tool``, and the ``toolq/bash`` environment made
+with ``skyrl_gym.make``, against the real skyrl-gym package, a real Redis and a
+real worker (local backend)."""
 
 from __future__ import annotations
 
 import signal
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
+import skyrl_gym
+from omegaconf import OmegaConf
 from skyrl_gym.envs.base_text_env import BaseTextEnv
 
 from tests.helpers import redis_client, wait_for, worker_process
-from toolq.integrations.skyrl import ToolqToolGroup
+from toolq.integrations.skyrl import ENV_ID, ToolqToolGroup
+from toolq.integrations.skyrl_env import ToolqBashEnv
 from toolq.producer import Client, ToolqError
 from toolq.schemas import Keys
 from toolq.worker.embedded import EmbeddedRedis
@@ -29,6 +35,28 @@ def status_of(client: Client, traj_id: str) -> str:
     record = client.record(traj_id)
     assert record is not None, traj_id
     return record.status.value
+
+
+def make_env(redis_url: str, ns: str, check: str, **extras: Any) -> ToolqBashEnv:
+    """The example env as SkyRL makes it: by id, with an omegaconf config section."""
+    config = OmegaConf.create(
+        {
+            "redis_url": redis_url,
+            "namespace": ns,
+            "spec": {"limits": {"idle_timeout_s": 300}, "labels": {"from": "config"}},
+            "other_key": 1,  # meant for another env: ignored
+        }
+    )
+    env = skyrl_gym.make(
+        ENV_ID, env_config=config, extras={"reward_spec": {"check": check}, **extras}
+    )
+    assert isinstance(env, ToolqBashEnv)
+    return env
+
+
+def tool(name: str, args: str) -> str:
+    """An action in the env's format: one tool call, JSON arguments."""
+    return f"I will call {name}.\n<tool><{name}>{args}</{name}></tool>"
 
 
 # ---------------------------------------------------------------- the tool group
@@ -165,3 +193,105 @@ def test_an_unreachable_redis_is_an_infra_observation(ns):
         finally:
             worker.send_signal(signal.SIGTERM)
             worker.wait(60)
+
+
+# ------------------------------------------------------------ the example env
+def test_an_episode_through_skyrl_gym_make(start_worker, client, redis_url, ns):
+    start_worker("local")
+    env = make_env(redis_url, ns, check="grep -qx 42 answer.txt")
+    prompt = [{"role": "user", "content": "Write 42 to answer.txt, then say <done/>."}]
+    first, info = env.init(prompt)
+    assert first == prompt and set(info["tools"]) >= SANDBOX_TOOLS
+    traj_id = info["traj_id"]
+    assert status_of(client, traj_id) in ("pending", "running")
+
+    out = env.step(tool("bash", '{"command": "echo 41 > answer.txt; cat answer.txt"}'))
+    assert not out["done"] and out["reward"] == 0.0
+    assert out["observations"] == [{"role": "user", "content": "<observation>41\n</observation>"}]
+
+    out = env.step("Let me think about it.")  # no tool call: said so, and the episode goes on
+    assert not out["done"] and out["metadata"]["error_code"] == "no_tool_call"
+    assert "<tool><NAME>" in out["observations"][0]["content"]
+
+    out = env.step(tool("bash", "{not json}"))
+    assert not out["done"] and out["metadata"]["error_code"] == "invalid_args"
+    assert "[invalid_args]" in out["observations"][0]["content"]
+
+    out = env.step(tool("edit_file", '{"path": "answer.txt", "old": "41", "new": "42"}'))
+    assert not out["done"] and out["metadata"]["error_code"] is None
+
+    out = env.step("Done. <done/>")
+    assert out["done"] and out["reward"] == 1.0 and out["observations"] == []
+    assert out["metadata"]["check"]["error_code"] is None
+    env.close()
+    wait_for(lambda: status_of(client, traj_id) == "completed", what="the close")
+    env.close()  # a second close is no error
+
+
+def test_a_failed_check_and_the_turn_limit(start_worker, client, redis_url, ns):
+    start_worker("local")
+    env = make_env(redis_url, ns, check="test -f never.txt", max_turns=2)
+    _, info = env.init([])
+    assert not env.step(tool("bash", '{"command": "echo one > once.txt"}'))["done"]
+    # the last turn's call still runs, then the episode ends with the check's verdict
+    out = env.step(tool("bash", '{"command": "cat once.txt >> twice.txt"}'))
+    assert out["done"] and out["reward"] == 0.0
+    assert out["metadata"]["check"]["error_code"] == "exit_status"
+    record = client.record(info["traj_id"])
+    # two actions, then the check's policy entry and the check, all in the episode's trajectory
+    assert record is not None and record.calls_total == 4 and record.step == "check"
+    env.close()
+    wait_for(lambda: status_of(client, info["traj_id"]) == "completed", what="the close")
+
+
+def test_the_check_runs_even_when_the_episodes_policy_blocks_bash(
+    start_worker, client, redis_url, ns
+):
+    start_worker("local")
+    env = skyrl_gym.make(
+        ENV_ID,
+        env_config={"spec": {"blocked_tools": ["bash", "shell"]}},
+        extras={"reward_spec": {"check": "grep -q yes out.txt"}},
+        client=client,  # a shared client: the env leaves it open
+    )
+    _, info = env.init([])
+    assert "bash" not in info["tools"]
+    out = env.step(tool("bash", '{"command": "echo yes > out.txt"}'))
+    assert out["metadata"]["error_code"] == "tool_blocked"
+    env.step(tool("write_file", '{"path": "out.txt", "content": "yes"}'))
+    assert env.step("<done/>")["reward"] == 1.0
+    env.close()
+    assert client.record(info["traj_id"]) is not None  # the shared client still works
+
+
+def test_an_episode_needs_a_check_command(start_worker, redis_url, ns):
+    start_worker("local")
+    with pytest.raises(ValueError, match="reward_spec"):
+        skyrl_gym.make(ENV_ID, env_config={"redis_url": redis_url, "namespace": ns}, extras={})
+
+
+def test_eight_envs_in_parallel_each_get_their_own_trajectory(start_worker, client, redis_url, ns):
+    start_worker("local", slots=8)
+
+    def episode(i: int) -> tuple[str, str, float]:
+        spec = {"labels": {"episode": str(i)}}  # over the config's labels
+        env = make_env(redis_url, ns, check=f"grep -qx {i} me.txt", spec=spec)
+        try:
+            _, info = env.init([])
+            env.step(tool("write_file", f'{{"path": "me.txt", "content": "{i}\\n"}}'))
+            seen = env.step(tool("bash", '{"command": "cat me.txt"}'))["observations"][0]
+            return info["traj_id"], seen["content"], env.step("<done/>")["reward"]
+        finally:
+            env.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        episodes = list(pool.map(episode, range(8)))
+    assert len({traj_id for traj_id, _, _ in episodes}) == 8
+    for i, (traj_id, seen, reward) in enumerate(episodes):
+        assert seen == f"<observation>{i}\n</observation>"  # its own sandbox, nobody else's
+        assert reward == 1.0
+        wait_for(lambda t=traj_id: status_of(client, t) == "completed", what=f"{traj_id} closed")
+        record = client.record(traj_id)
+        assert record is not None and record.spec is not None
+        assert record.spec.labels == {"episode": str(i)}
+        assert record.spec.limits.idle_timeout_s == 300
