@@ -43,7 +43,7 @@ from toolq.producer import (
     UnknownTrajectory,
     WaitTimeout,
 )
-from toolq.producer.drive import REDIS_DOWN
+from toolq.producer.drive import REDIS_DOWN, call_wait_s
 from toolq.producer.model_calls import result_text
 from toolq.producer.tools import openai_spec, permitted
 
@@ -91,9 +91,11 @@ class ToolqToolGroup(ToolGroup):
     """A SkyRL-Gym ``ToolGroup`` bound to one toolq trajectory.
 
     The trajectory opens at ``open()`` (or the first call) with ``spec`` and
-    closes at ``close()``. ``wait_s`` bounds each call's wait for its result
-    (default: its timeout plus a margin). Raises ``ToolqError`` when no worker
-    has published tools in the client's namespace.
+    closes at ``close()``. ``wait_s`` bounds each call's wait for its result;
+    by default it is the longest a call may run (the spec's
+    ``max_call_timeout_s``) plus a margin, so a missing result means toolq is
+    in trouble, not that a command ran long. Raises ``ToolqError`` when no
+    worker has published tools in the client's namespace.
     """
 
     def __init__(
@@ -106,11 +108,13 @@ class ToolqToolGroup(ToolGroup):
         wait_s: float | None = None,
     ) -> None:
         self.trajectory = client.trajectory(traj_id, spec)
-        self.wait_s = wait_s
+        policy = self.trajectory.spec or TrajectorySpec()
+        # the client's own default (a minute past the call's timeout argument) knows
+        # neither the spec's limits nor a tool's timeout_s argument
+        self.wait_s = call_wait_s(policy.limits.max_call_timeout_s) if wait_s is None else wait_s
         self.opened = False
         self.last: ToolOutcome | None = None
         super().__init__(name)
-        policy = self.trajectory.spec or TrajectorySpec()
         published = client.tools()
         if not published:
             raise ToolqError(

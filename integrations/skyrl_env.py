@@ -68,7 +68,7 @@ class ToolqEnvConfig:
     spec: dict[str, Any] = field(default_factory=dict)  #: every episode's trajectory spec
     traj_prefix: str = "skyrl"  #: trajectory ids are ``<prefix>-<random hex>``
     max_turns: int = 8  #: unless an episode's extras say otherwise
-    wait_s: float | None = None  #: bound on each call's wait (default: its timeout + margin)
+    wait_s: float | None = None  #: bound on each call's wait (see ToolqToolGroup)
 
 
 def parse_action(action: str) -> tuple[str, str] | None:

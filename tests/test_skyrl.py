@@ -37,7 +37,9 @@ def status_of(client: Client, traj_id: str) -> str:
     return record.status.value
 
 
-def make_env(redis_url: str, ns: str, check: str, **extras: Any) -> ToolqBashEnv:
+def make_env(
+    redis_url: str, ns: str, check: str, client: Client | None = None, **extras: Any
+) -> ToolqBashEnv:
     """The example env as SkyRL makes it: by id, with an omegaconf config section."""
     config = OmegaConf.create(
         {
@@ -47,9 +49,8 @@ def make_env(redis_url: str, ns: str, check: str, **extras: Any) -> ToolqBashEnv
             "other_key": 1,  # meant for another env: ignored
         }
     )
-    env = skyrl_gym.make(
-        ENV_ID, env_config=config, extras={"reward_spec": {"check": check}, **extras}
-    )
+    extras = {"reward_spec": {"check": check}, **extras}
+    env = skyrl_gym.make(ENV_ID, env_config=config, extras=extras, client=client)
     assert isinstance(env, ToolqBashEnv)
     return env
 
@@ -75,6 +76,7 @@ def test_the_groups_tools_are_the_published_ones_and_run_through_skyrl(start_wor
     assert group.last is not None and group.last.error_code is None, wrote
     assert env._execute_tool("toolq", "read_file", ['{"path": "a.txt"}']) == "hello\n"
     assert group.execute_tool("bash", command="wc -c < a.txt").strip() == "6"
+    assert group.execute_tool("terminal", {"command": "echo alias"}) == "alias\n"  # not listed
     assert "a.txt" in group.get_tool("list_files")({"path": "."})
     with pytest.raises(TypeError, match="not both"):  # the caller's bug, not the model's
         group.execute_tool("bash", {"command": "true"}, command="false")
@@ -156,6 +158,9 @@ def test_a_wait_that_runs_out_is_an_infra_observation(start_worker, client):
     group.wait_s = 60
     assert group.execute_tool("bash", {"command": "echo next"}) == "next\n"
     group.close()
+    # by default a call may take as long as the spec lets it run, and then some
+    long = ToolqToolGroup(client, "g-long", {"limits": {"max_call_timeout_s": 900}})
+    assert long.wait_s > 900
 
 
 def test_the_spec_policy_shapes_the_tool_list_and_the_worker_enforces_it(start_worker, client):
@@ -203,11 +208,18 @@ def test_an_episode_through_skyrl_gym_make(start_worker, client, redis_url, ns):
     first, info = env.init(prompt)
     assert first == prompt and set(info["tools"]) >= SANDBOX_TOOLS
     traj_id = info["traj_id"]
+    assert traj_id.startswith("skyrl-")
     assert status_of(client, traj_id) in ("pending", "running")
 
     out = env.step(tool("bash", '{"command": "echo 41 > answer.txt; cat answer.txt"}'))
     assert not out["done"] and out["reward"] == 0.0
     assert out["observations"] == [{"role": "user", "content": "<observation>41\n</observation>"}]
+    assert out["metadata"] == {
+        "traj_id": traj_id,
+        "tool": "bash",
+        "error_code": None,
+        "infra": False,
+    }
 
     out = env.step("Let me think about it.")  # no tool call: said so, and the episode goes on
     assert not out["done"] and out["metadata"]["error_code"] == "no_tool_call"
@@ -237,6 +249,7 @@ def test_a_failed_check_and_the_turn_limit(start_worker, client, redis_url, ns):
     out = env.step(tool("bash", '{"command": "cat once.txt >> twice.txt"}'))
     assert out["done"] and out["reward"] == 0.0
     assert out["metadata"]["check"]["error_code"] == "exit_status"
+    assert "[exit_status]" in out["metadata"]["check"]["output"]
     record = client.record(info["traj_id"])
     # two actions, then the check's policy entry and the check, all in the episode's trajectory
     assert record is not None and record.calls_total == 4 and record.step == "check"
@@ -259,7 +272,7 @@ def test_the_check_runs_even_when_the_episodes_policy_blocks_bash(
     out = env.step(tool("bash", '{"command": "echo yes > out.txt"}'))
     assert out["metadata"]["error_code"] == "tool_blocked"
     env.step(tool("write_file", '{"path": "out.txt", "content": "yes"}'))
-    assert env.step("<done/>")["reward"] == 1.0
+    assert env.step("All set. <done>")["reward"] == 1.0
     env.close()
     assert client.record(info["traj_id"]) is not None  # the shared client still works
 
@@ -275,7 +288,8 @@ def test_eight_envs_in_parallel_each_get_their_own_trajectory(start_worker, clie
 
     def episode(i: int) -> tuple[str, str, float]:
         spec = {"labels": {"episode": str(i)}}  # over the config's labels
-        env = make_env(redis_url, ns, check=f"grep -qx {i} me.txt", spec=spec)
+        shared = client if i % 2 else None  # half of them share one client across threads
+        env = make_env(redis_url, ns, check=f"grep -qx {i} me.txt", client=shared, spec=spec)
         try:
             _, info = env.init([])
             env.step(tool("write_file", f'{{"path": "me.txt", "content": "{i}\\n"}}'))
