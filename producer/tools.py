@@ -37,6 +37,18 @@ def select(tools: Iterable[ToolInfo], names: Iterable[str] | None) -> list[ToolI
     return [t for t in tools if t.name in wanted or wanted.intersection(t.aliases)]
 
 
+def permitted(
+    tools: Iterable[ToolInfo], allowed_tools: Iterable[str] | None, blocked_tools: Iterable[str]
+) -> list[ToolInfo]:
+    """The tools a trajectory's policy lets it call, as the worker decides: block wins
+    over allow, and a name in either list stands for its tool (an alias for its target)."""
+    tools = list(tools)
+    canonical = {n: t.name for t in tools for n in (t.name, *t.aliases)}
+    blocked = {canonical.get(n, n) for n in blocked_tools}
+    allowed = None if allowed_tools is None else {canonical.get(n, n) for n in allowed_tools}
+    return [t for t in tools if t.name not in blocked and (allowed is None or t.name in allowed)]
+
+
 def openai_spec(tool: ToolInfo) -> dict[str, Any]:
     """One OpenAI function-calling tool spec."""
     return {
