@@ -182,7 +182,7 @@ class AsyncClient:
     ) -> Result:
         entry = ToolCall(tool, args, call_id, timeout_s, idempotent)
         done = await self._drive(ops.submit(self.keys, traj_id, entry))
-        wait = wait_s if wait_s is not None else call_wait_s(timeout_s)
+        wait = wait_s if wait_s is not None else call_wait_s(entry.asked_timeout_s)
         return await self._await(done, wait)
 
     async def call_many(

@@ -260,7 +260,7 @@ class Client:
         """Submit a call and wait for its result (``WaitTimeout`` after ``wait_s``)."""
         entry = ToolCall(tool, args, call_id, timeout_s, idempotent)
         done = self._drive(ops.submit(self.keys, traj_id, entry))
-        wait = wait_s if wait_s is not None else call_wait_s(timeout_s)
+        wait = wait_s if wait_s is not None else call_wait_s(entry.asked_timeout_s)
         return self._await([done], wait)[0]
 
     def call_many(

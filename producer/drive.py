@@ -69,7 +69,7 @@ def tool_calls(calls: Iterable[CallLike]) -> list[ToolCall]:
 
 def calls_wait_s(calls: list[ToolCall]) -> float:
     # A trajectory runs its calls one at a time: room for all of them, in turn.
-    return sum(c.timeout_s or 60.0 for c in calls) + 60.0
+    return sum(c.asked_timeout_s or 60.0 for c in calls) + 60.0
 
 
 def as_spec(spec: TrajectorySpec | dict[str, Any] | None) -> TrajectorySpec | None:

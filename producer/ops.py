@@ -190,6 +190,15 @@ class ToolCall:
     timeout_s: float | None = None
     idempotent: bool = False
 
+    @property
+    def asked_timeout_s(self) -> float | None:
+        """The timeout it asks for: its arguments' ``timeout_s`` wins over the
+        entry's, as on the worker (None: the trajectory's default)."""
+        inner = self.args.get("timeout_s") if isinstance(self.args, dict) else None
+        if isinstance(inner, (int, float)) and not isinstance(inner, bool) and inner > 0:
+            return float(inner)
+        return self.timeout_s
+
 
 def submit(keys: Keys, traj_id: str, entry: CallEntry | ToolCall) -> Op[Submitted]:
     """Append a call (the submit script); the entry carries a client call id."""

@@ -212,3 +212,14 @@ def test_result_text_says_what_went_wrong():
     assert result_text(ok) == "fine\n"
     assert result_text(cut) == "aaa\n[output truncated: 9000 bytes in all]"
     assert result_text(failed) == "[timeout] took too long"
+
+
+def test_the_default_wait_covers_the_timeout_the_arguments_ask_for():
+    from toolq.producer.drive import call_wait_s, calls_wait_s
+
+    long_bash = ToolCall("bash", {"command": "make", "timeout_s": 300})
+    assert long_bash.asked_timeout_s == 300 and call_wait_s(long_bash.asked_timeout_s) >= 360
+    assert ToolCall("bash", {"command": "x"}, timeout_s=90).asked_timeout_s == 90
+    assert ToolCall("bash", '{"timeout_s": 300}').asked_timeout_s is None  # text: unparsed
+    assert ToolCall("bash", {"timeout_s": True}).asked_timeout_s is None
+    assert calls_wait_s([long_bash, ToolCall("read_file", {"path": "a"})]) == 300 + 60 + 60
