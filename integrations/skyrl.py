@@ -120,7 +120,7 @@ class ToolqToolGroup(ToolGroup):
             raise ToolqError(
                 f"no tools published in namespace {client.keys.ns!r}: start a toolq worker there"
             )
-        self.tool_infos = permitted(published, policy.allowed_tools, policy.blocked_tools)
+        self.tool_infos = permitted(published, policy)
         for info in self.tool_infos:
             self._tool_registry[info.name] = self._bound(info.name)
 

@@ -17,6 +17,7 @@ from toolq.schemas import Keys, Limits, TrajectorySpec
 
 from . import cli_bg, cli_files, cli_status
 from .cli_errors import EXIT_TIMEOUT, EXIT_USAGE, CliError, ToolqGroup
+from .cli_mcp import mcp_cmd
 from .cli_tools import tools_cmd
 from .client import Client
 from .ops import WaitTimeout
@@ -190,6 +191,7 @@ def _load_worker_commands() -> None:
 _load_producer_commands()
 _load_worker_commands()
 main.add_command(tools_cmd)
+main.add_command(mcp_cmd)
 main.add_command(cli_bg.bg)
 for _files_cmd in (cli_files.upload, cli_files.download, cli_files.snapshot, cli_files.fork):
     main.add_command(_files_cmd)

@@ -6,17 +6,18 @@ import json
 
 import click
 
-from .tools import openai_spec, parse_tools, select, tools_json
+from .tools import SPEC_FORMATS, parse_tools, select, tools_json
 
 
 @click.command("tools")
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "json", "openai"]),
+    type=click.Choice(["table", "json", *SPEC_FORMATS]),
     default="table",
     show_default=True,
-    help="table: one line per tool; json: the published documents; openai: tool specs.",
+    help="table: one line per tool; json: the published documents; openai, anthropic, "
+    "mcp: a JSON array of tool specs in that API's shape.",
 )
 @click.option("--only", "names", multiple=True, help="Only this tool (repeatable).")
 @click.pass_context
@@ -36,8 +37,8 @@ def tools_cmd(ctx: click.Context, fmt: str, names: tuple[str, ...]) -> None:
     if published and unknown:
         raise click.BadParameter(f"no such tool: {', '.join(unknown)}", param_hint="--only")
     tools = select(published, names or None)
-    if fmt == "openai":
-        click.echo(json.dumps([openai_spec(t) for t in tools], indent=2))
+    if fmt in SPEC_FORMATS:
+        click.echo(json.dumps([SPEC_FORMATS[fmt](t) for t in tools], indent=2))
     elif fmt == "json":
         click.echo(tools_json(tools))
     else:

@@ -5,17 +5,21 @@ hands to its model unchanged::
 
     specs = client.tool_specs()          # [{"type": "function", "function": {...}}, ...]
     reply = openai.chat.completions.create(model=..., messages=..., tools=specs)
+
+``anthropic_spec`` and ``mcp_spec`` give the same tool in Anthropic's and MCP's
+shapes (``SPEC_FORMATS`` names all three). They are plain dicts: the producer
+imports none of those SDKs; the tests validate the dicts with the SDKs' own types.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
-from toolq.schemas import ToolInfo
+from toolq.schemas import Policy, ToolInfo, TrajectorySpec
 
 
 def parse_tools(raw: Mapping[Any, Any]) -> list[ToolInfo]:
@@ -37,18 +41,6 @@ def select(tools: Iterable[ToolInfo], names: Iterable[str] | None) -> list[ToolI
     return [t for t in tools if t.name in wanted or wanted.intersection(t.aliases)]
 
 
-def permitted(
-    tools: Iterable[ToolInfo], allowed_tools: Iterable[str] | None, blocked_tools: Iterable[str]
-) -> list[ToolInfo]:
-    """The tools a trajectory's policy lets it call, as the worker decides: block wins
-    over allow, and a name in either list stands for its tool (an alias for its target)."""
-    tools = list(tools)
-    canonical = {n: t.name for t in tools for n in (t.name, *t.aliases)}
-    blocked = {canonical.get(n, n) for n in blocked_tools}
-    allowed = None if allowed_tools is None else {canonical.get(n, n) for n in allowed_tools}
-    return [t for t in tools if t.name not in blocked and (allowed is None or t.name in allowed)]
-
-
 def openai_spec(tool: ToolInfo) -> dict[str, Any]:
     """One OpenAI function-calling tool spec."""
     return {
@@ -59,6 +51,37 @@ def openai_spec(tool: ToolInfo) -> dict[str, Any]:
             "parameters": tool.parameters,
         },
     }
+
+
+def anthropic_spec(tool: ToolInfo) -> dict[str, Any]:
+    """One Anthropic Messages API tool (``anthropic.types.ToolParam``)."""
+    return {"name": tool.name, "description": tool.description, "input_schema": tool.parameters}
+
+
+def mcp_spec(tool: ToolInfo) -> dict[str, Any]:
+    """One MCP tool (``mcp.types.Tool``, as on the wire: camelCase keys)."""
+    return {"name": tool.name, "description": tool.description, "inputSchema": tool.parameters}
+
+
+#: The tool spec shapes toolq can print, by format name.
+SPEC_FORMATS: dict[str, Callable[[ToolInfo], dict[str, Any]]] = {
+    "openai": openai_spec,
+    "anthropic": anthropic_spec,
+    "mcp": mcp_spec,
+}
+
+
+def permitted(tools: Iterable[ToolInfo], policy: TrajectorySpec | Policy) -> list[ToolInfo]:
+    """The tools a trajectory's policy lets it call, decided as the worker decides
+    (``worker/plan.policy_refusal``): blocked wins over allowed, and a name in
+    either list counts for the tool it runs, so blocking an alias blocks its tool."""
+    tools = list(tools)
+    runs = {name: t.name for t in tools for name in (t.name, *t.aliases)}
+    blocked = {runs.get(n, n) for n in policy.blocked_tools}
+    allowed = (
+        None if policy.allowed_tools is None else {runs.get(n, n) for n in policy.allowed_tools}
+    )
+    return [t for t in tools if t.name not in blocked and (allowed is None or t.name in allowed)]
 
 
 def tool_specs(raw: Mapping[Any, Any], names: Iterable[str] | None = None) -> list[dict[str, Any]]:

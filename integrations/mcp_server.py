@@ -1,0 +1,246 @@
+"""``toolq mcp``: the tools toolq's workers publish, served over MCP.
+
+Built on the ``mcp`` SDK's low-level ``Server``. Every MCP session runs its
+calls in a trajectory of its own (``mcp_session.TrajectorySession``): opened
+with the server's spec at the session's first tool call, closed when the
+session ends. Over stdio the process is the session (it ends when stdin closes
+or on SIGTERM/SIGINT); over streamable HTTP a session is the SDK's
+``Mcp-Session-Id`` session, ended by the client's DELETE or when the server
+stops. ``tools/list`` gives the published tools the trajectory's policy
+allows, with their JSON Schemas.
+
+    run(McpSettings(redis_url="redis://localhost:6379", transport="http", port=8765))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from typing import Any, Literal
+
+import anyio
+import mcp.types as types
+import uvicorn
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel import Server
+from mcp.server.stdio import stdio_server
+from mcp.shared.exceptions import MCPError
+
+from toolq.producer import AsyncClient
+from toolq.producer.tools import mcp_spec
+from toolq.schemas import TrajectorySpec
+
+from .mcp_session import Sessions, TrajectorySession
+
+#: Longest the server waits, when it stops, for the closes of its trajectories.
+CLOSE_WAIT_S = 10.0
+SESSION_HEADER = "mcp-session-id"
+INSTRUCTIONS = (
+    "Every tool call of this session runs in one toolq trajectory: a sandbox whose files, "
+    "working directory and background tasks persist from call to call until the session ends."
+)
+
+
+@dataclass(frozen=True)
+class McpSettings:
+    """What ``toolq mcp`` serves, and where (the command's options)."""
+
+    redis_url: str | None = None
+    namespace: str = "toolq"
+    spec: TrajectorySpec = field(default_factory=TrajectorySpec)
+    transport: Literal["stdio", "http"] = "stdio"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: stdio: the trajectory's id (an ended one is started over); default ``mcp-<random>``.
+    trajectory: str | None = None
+    #: Leave trajectories open when their sessions end.
+    keep_open: bool = False
+    #: Longest a call waits for its result (default: see ``TrajectorySession``).
+    wait_s: float | None = None
+
+
+class Bridge:
+    """The server's handlers: MCP sessions in, toolq trajectories out."""
+
+    def __init__(self, settings: McpSettings) -> None:
+        self.settings = settings
+        self._client: AsyncClient | None = None
+        # A forgotten session's trajectory has timed out: no call for its idle timeout.
+        self.sessions = Sessions(self._new_session, 2 * settings.spec.limits.idle_timeout_s)
+
+    @property
+    def client(self) -> AsyncClient:
+        if self._client is None:
+            raise RuntimeError("the server is not running")
+        return self._client
+
+    @asynccontextmanager
+    async def lifespan(self, _server: Server[Bridge]) -> AsyncIterator[Bridge]:
+        """The server's life (stdio: the process; HTTP: the app's): its one
+        client, and every open trajectory closed when it stops."""
+        self._client = AsyncClient(self.settings.redis_url, self.settings.namespace)
+        try:
+            yield self
+        finally:
+            with anyio.move_on_after(CLOSE_WAIT_S, shield=True):
+                await self.sessions.end_all()
+            with anyio.CancelScope(shield=True):
+                await self.client.aclose()
+
+    async def list_tools(
+        self, ctx: ServerRequestContext[Bridge], _params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        tools = await self._session(ctx).tools()
+        return types.ListToolsResult(tools=[types.Tool.model_validate(mcp_spec(t)) for t in tools])
+
+    async def call_tool(
+        self, ctx: ServerRequestContext[Bridge], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        return await self._session(ctx).call(params.name, params.arguments)
+
+    def _session(self, ctx: ServerRequestContext[Bridge]) -> TrajectorySession:
+        if self.settings.transport == "stdio":
+            return self.sessions.get(None)
+        request: Any = ctx.request  # the HTTP request (a Starlette Request)
+        key = request.headers.get(SESSION_HEADER) if request is not None else None
+        if not key:
+            raise MCPError(
+                types.INVALID_REQUEST,
+                "toolq mcp runs each session's calls in a trajectory of its own: over HTTP it "
+                "needs a session (the initialize handshake, protocol 2025-11-25 or earlier)",
+            )
+        return self.sessions.get(key)
+
+    def _new_session(self, key: str | None) -> TrajectorySession:
+        settings = self.settings
+        kw: dict[str, Any] = {"keep_open": settings.keep_open, "wait_s": settings.wait_s}
+        if key is None:  # stdio: a named trajectory is joined, or started over once ended
+            traj_id = settings.trajectory or f"mcp-{uuid.uuid4().hex[:12]}"
+            return TrajectorySession(self.client, traj_id, settings.spec, reuse=True, **kw)
+        return TrajectorySession(self.client, f"mcp-{key}", settings.spec, **kw)
+
+
+async def _no_discover(
+    _ctx: ServerRequestContext[Bridge], _params: types.RequestParams
+) -> types.DiscoverResult:
+    """HTTP refuses the 2026 protocol's ``server/discover``: its requests carry no
+    session, so clients that probe (``mcp.Client``'s default) fall back to the
+    initialize handshake, which has one."""
+    raise MCPError(types.METHOD_NOT_FOUND, "toolq mcp over HTTP serves session protocols only")
+
+
+def build_server(bridge: Bridge) -> Server[Bridge]:
+    """The MCP server of ``bridge``: tools/list and tools/call."""
+    server: Server[Bridge] = Server(
+        "toolq",
+        version=version("toolq"),
+        instructions=INSTRUCTIONS,
+        lifespan=bridge.lifespan,
+        on_list_tools=bridge.list_tools,
+        on_call_tool=bridge.call_tool,
+    )
+    if bridge.settings.transport == "http":
+        server.add_request_handler("server/discover", types.RequestParams, _no_discover)
+    return server
+
+
+class EndSessions:
+    """ASGI wrapper of the HTTP app: the client's DELETE of its session (the
+    spec's way to end one) ends the session's trajectory. A session abandoned
+    without one leaves its trajectory to its idle timeout, as any client does."""
+
+    def __init__(self, app: Any, sessions: Sessions) -> None:
+        self.app, self.sessions = app, sessions
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        is_delete = scope["type"] == "http" and scope["method"] == "DELETE"
+        key = _header(scope, SESSION_HEADER) if is_delete else None
+        if key is None:
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def watch(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        if 200 <= status < 300:
+            await self.sessions.end(key)
+
+
+def _header(scope: Any, name: str) -> str | None:
+    wanted = name.encode()
+    for key, value in scope.get("headers", []):
+        if key.lower() == wanted:
+            return str(value.decode("latin-1"))
+    return None
+
+
+async def serve_stdio(settings: McpSettings) -> None:
+    """Serve one session on stdin/stdout until stdin closes or SIGTERM/SIGINT."""
+    server = build_server(Bridge(settings))
+    scope = anyio.CancelScope()
+
+    async def serve() -> None:
+        with scope:  # a signal cancels it; the lifespan still closes the trajectory
+            async with stdio_server() as (read, write):
+                await server.run(read, write, server.create_initialization_options())
+
+    await _until_signal(serve, scope.cancel)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn leaving the signals to toolq (it would re-raise SIGTERM after
+    shutting down, and the process would die of it instead of exiting 0)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve_http(settings: McpSettings) -> None:
+    """Serve streamable HTTP on ``host:port`` (path ``/mcp``) until SIGTERM/SIGINT."""
+    bridge = Bridge(settings)
+    app = build_server(bridge).streamable_http_app(host=settings.host)
+    config = uvicorn.Config(
+        EndSessions(app, bridge.sessions),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+    )
+    server = _Uvicorn(config)
+
+    def stop() -> None:
+        server.should_exit = True  # graceful: the app's lifespan closes the trajectories
+
+    print(f"toolq mcp: serving http://{settings.host}:{settings.port}/mcp", file=sys.stderr)
+    await _until_signal(server.serve, stop)
+
+
+async def _until_signal(serve: Callable[[], Awaitable[None]], stop: Callable[[], None]) -> None:
+    """Run ``serve``; SIGTERM or SIGINT calls ``stop``, which makes it end."""
+    async with anyio.create_task_group() as tg:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+
+            async def watch() -> None:
+                async for _ in signals:
+                    stop()
+
+            tg.start_soon(watch)
+            await serve()
+            tg.cancel_scope.cancel()
+
+
+def run(settings: McpSettings) -> None:
+    """Serve until the session (stdio) or the server (HTTP) ends."""
+    anyio.run(serve_stdio if settings.transport == "stdio" else serve_http, settings)

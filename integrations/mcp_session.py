@@ -1,0 +1,191 @@
+"""The toolq side of an MCP session: one trajectory, and toolq's answers as MCP results.
+
+A ``TrajectorySession`` opens its trajectory at the session's first tool call
+(listing tools claims no sandbox), runs every call of the session in it, and
+closes it when the session ends. ``Sessions`` keeps a server's sessions by MCP
+session id. Results become ``CallToolResult``s: the text a model reads
+(``model_calls.result_text``: output, then ``[error_code] error``), the result's
+fields as structured content, and ``isError`` when the call failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import mcp.types as types
+
+from toolq.producer import (
+    AsyncClient,
+    LimitExceeded,
+    Result,
+    TrajectoryEnded,
+    UnknownTrajectory,
+    WaitTimeout,
+)
+from toolq.producer.model_calls import result_text
+from toolq.producer.tools import permitted
+from toolq.schemas import ErrorCode, Policy, ToolInfo, TrajectoryRecord, TrajectorySpec
+
+#: The result fields an MCP client gets as structured content (absent ones left out).
+STRUCTURED_FIELDS = {
+    "ok",
+    "output",
+    "exit_code",
+    "error_code",
+    "error",
+    "timed_out",
+    "truncated",
+    "output_bytes",
+    "infra",
+    "data",
+    "call_id",
+    "traj",
+}
+#: Error code of a call whose result did not come in time (it may still finish).
+WAIT_TIMEOUT = "wait_timeout"
+#: Past the longest timeout a call may have: room for queueing and a slot's start.
+WAIT_MARGIN_S = 60.0
+
+
+class TrajectorySession:
+    """One MCP session's trajectory: opened at the first call, closed by ``end``."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        traj_id: str,
+        spec: TrajectorySpec,
+        *,
+        reuse: bool = False,
+        keep_open: bool = False,
+        wait_s: float | None = None,
+    ) -> None:
+        """``reuse`` starts an ended trajectory of that id over at the first call
+        (see ``Client.open``); ``keep_open`` leaves it open when the session ends;
+        ``wait_s`` bounds a call's wait for its result (default: the spec's
+        ``max_call_timeout_s`` and a margin, so a call that runs gets its result)."""
+        self.client, self.traj_id, self.spec = client, traj_id, spec
+        self.reuse, self.keep_open = reuse, keep_open
+        self.wait_s = (
+            wait_s if wait_s is not None else spec.limits.max_call_timeout_s + WAIT_MARGIN_S
+        )
+        self.opened = False
+        self.last_used_s = time.monotonic()
+        self._opening = asyncio.Lock()
+
+    async def tools(self) -> list[ToolInfo]:
+        """The published tools that the policy in force lets this trajectory call."""
+        record = await self.client.record(self.traj_id)
+        if record is not None and record.status.final and not self.opened:
+            record = None  # an earlier run of the id: the session's own spec will hold
+        return permitted(await self.client.tools(), policy_in_force(record, self.spec))
+
+    async def call(self, tool: str, args: dict[str, Any] | None) -> types.CallToolResult:
+        """Run one call in the trajectory (opening it first if needed); every
+        outcome, a refusal or a wait that ran out included, is a tool result."""
+        self.last_used_s = time.monotonic()
+        try:
+            await self._open()
+            result = await self.client.call(self.traj_id, tool, args or {}, wait_s=self.wait_s)
+        except TrajectoryEnded as exc:
+            return error_result(ErrorCode.TRAJECTORY_ENDED.value, str(exc))
+        except LimitExceeded as exc:
+            return error_result(ErrorCode.LIMIT_EXCEEDED.value, exc.reason)
+        except WaitTimeout as exc:
+            return error_result(WAIT_TIMEOUT, str(exc))
+        finally:
+            self.last_used_s = time.monotonic()
+        return tool_result(result)
+
+    async def end(self) -> None:
+        """The session ended: close the trajectory after its submitted calls
+        (not when ``keep_open``, nor when no call ever opened it)."""
+        if not self.opened or self.keep_open:
+            return
+        # One that ended by itself (idle timeout, deadline) or expired has nothing to free.
+        with contextlib.suppress(TrajectoryEnded, UnknownTrajectory):
+            await self.client.close(self.traj_id)
+
+    async def _open(self) -> None:
+        async with self._opening:  # concurrent first calls open it once
+            if not self.opened:
+                await self.client.open(self.traj_id, self.spec, reuse=self.reuse)
+                self.opened = True
+
+
+class Sessions:
+    """A server's trajectory sessions by MCP session id (``None``: stdio's one session).
+
+    A session unused for ``forget_after_s`` is forgotten when another one
+    starts: its trajectory has timed out by then (no call for its idle
+    timeout), so its entry only holds memory; a call that comes back after all
+    opens nothing and gets ``trajectory_ended``.
+    """
+
+    def __init__(
+        self, make: Callable[[str | None], TrajectorySession], forget_after_s: float
+    ) -> None:
+        self._make, self.forget_after_s = make, forget_after_s
+        self._by_key: dict[str | None, TrajectorySession] = {}
+
+    def get(self, key: str | None) -> TrajectorySession:
+        """The session's trajectory (made at its first request)."""
+        session = self._by_key.get(key)
+        if session is None:
+            self._forget_idle()
+            session = self._by_key[key] = self._make(key)
+        return session
+
+    async def end(self, key: str | None) -> None:
+        """The session ended: close its trajectory."""
+        session = self._by_key.pop(key, None)
+        if session is not None:
+            await session.end()
+
+    async def end_all(self) -> None:
+        """The server stops: close every session's trajectory."""
+        await asyncio.gather(*(self.end(key) for key in list(self._by_key)))
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def _forget_idle(self) -> None:
+        cutoff = time.monotonic() - self.forget_after_s
+        for key, session in list(self._by_key.items()):
+            if session.last_used_s < cutoff:
+                del self._by_key[key]
+
+
+def policy_in_force(
+    record: TrajectoryRecord | None, spec: TrajectorySpec
+) -> TrajectorySpec | Policy:
+    """The trajectory's last policy entry, else the spec it was opened with, else
+    (not opened yet) the spec it will open with."""
+    if record is not None and record.policy is not None:
+        return record.policy
+    if record is not None and record.spec is not None:
+        return record.spec
+    return spec
+
+
+def tool_result(result: Result) -> types.CallToolResult:
+    """A toolq result as an MCP tool result (``isError`` when it failed)."""
+    structured = result.model_dump(include=STRUCTURED_FIELDS, exclude_none=True, mode="json")
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=result_text(result))],
+        structured_content=structured,
+        is_error=not result.ok,
+    )
+
+
+def error_result(code: str, message: str) -> types.CallToolResult:
+    """A call that got no toolq result (``code`` says why) as an MCP tool error."""
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=f"[{code}] {message}")],
+        structured_content={"ok": False, "error_code": code, "error": message},
+        is_error=True,
+    )

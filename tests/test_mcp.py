@@ -1,0 +1,296 @@
+"""`toolq mcp` over stdio, driven by the MCP SDK's own client against a live worker.
+
+The SDK's stdio client spawns a real `toolq mcp` process, which talks to a
+real Redis and a real worker (local backend). The session is one trajectory:
+the tests read its record through the toolq client to see it open, count its
+calls, and close. The command line's failures and the missing extra are here
+too; HTTP is in test_mcp_http.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+from mcp.types import CallToolResult
+
+from tests.helpers import TOOLQ, wait_for
+from tests.mcp_clients import call, status, stdio_session, text, toolq_mcp, until
+from toolq.integrations.mcp_session import Sessions, TrajectorySession
+from toolq.producer import AsyncClient, Client
+from toolq.schemas import TrajectorySpec, TrajStatus
+
+
+@pytest.fixture
+def worker(start_worker: Callable[..., Any]) -> Any:
+    return start_worker("local")
+
+
+def test_stdio_lists_the_published_tools_the_policy_allows(
+    redis_url: str, ns: str, worker: Any, client: Client
+) -> None:
+    traj = f"mcp-test-{uuid.uuid4().hex[:8]}"
+
+    async def listed() -> list[Any]:
+        async with stdio_session(redis_url, ns, "--trajectory", traj) as session:
+            return list((await session.list_tools()).tools)
+
+    tools = {t.name: t for t in asyncio.run(listed())}
+    assert client.record(traj) is None  # listing opened no trajectory (no sandbox claimed)
+    published = {t.name: t for t in client.tools()}
+    assert "archive" in published and "archive" not in tools  # blocked by the spec
+    assert set(tools) == set(published) - {"archive"}
+    assert {"bash", "shell", "read_file", "write_file"} <= set(tools)
+    for name, tool in tools.items():
+        assert tool.input_schema == published[name].parameters
+        assert tool.description == published[name].description and tool.description
+        Draft202012Validator.check_schema(tool.input_schema)
+
+
+def test_joining_a_trajectory_lists_with_the_policy_in_force(
+    redis_url: str, ns: str, worker: Any, client: Client
+) -> None:
+    """A trajectory whose policy an entry changed: its session lists and refuses
+    by that policy, not by the spec the server was started with."""
+    traj = f"mcp-test-{uuid.uuid4().hex[:8]}"
+    client.open(traj)
+    changed = client.result(traj, client.set_policy(traj, blocked_tools=["terminal"]))
+    assert changed.ok, changed  # `terminal` is an alias of bash: bash is blocked
+
+    async def joined() -> tuple[set[str], CallToolResult]:
+        async with stdio_session(redis_url, ns, "--trajectory", traj) as session:
+            names = {t.name for t in (await session.list_tools()).tools}
+            return names, await call(session, "bash", command="true")
+
+    names, refused = asyncio.run(joined())
+    assert "bash" not in names and "archive" in names  # the entry's policy replaced the spec's
+    assert refused.is_error and refused.structured_content is not None
+    assert refused.structured_content["error_code"] == "tool_blocked"
+
+
+def test_stdio_session_is_one_trajectory_closed_when_the_session_ends(
+    redis_url: str, ns: str, worker: Any, client: Client
+) -> None:
+    traj = f"mcp-test-{uuid.uuid4().hex[:8]}"
+
+    async def session_calls() -> list[CallToolResult]:
+        async with stdio_session(redis_url, ns, "--trajectory", traj) as session:
+            results = [
+                await call(session, "write_file", path="notes/a.txt", content="first\n"),
+                await call(session, "bash", command="cat notes/a.txt; echo $GREETING"),
+                await call(session, "shell", command="cd notes && export N=7"),
+                await call(session, "shell", command="echo $N; ls"),
+                await call(session, "read_file", path="notes/a.txt"),
+            ]
+            assert status(client, traj) == TrajStatus.RUNNING  # open while the session is
+            return results
+
+    results = asyncio.run(session_calls())
+    assert not any(r.is_error for r in results), [text(r) for r in results]
+    assert text(results[1]) == "first\nhello\n"  # the file, and the spec's env
+    assert text(results[3]) == "7\na.txt\n"  # the shell's cwd and env persisted
+    assert "first" in text(results[4])
+    for r in results:
+        assert r.structured_content is not None
+        assert r.structured_content["ok"] is True and r.structured_content["traj"] == traj
+    wait_for(lambda: status(client, traj) == TrajStatus.COMPLETED, what="the close")
+    record = client.record(traj)
+    assert record is not None and record.calls_total == len(results) == record.calls_submitted
+
+
+def test_stdio_tool_errors_carry_the_error_code(
+    redis_url: str, ns: str, worker: Any, client: Client
+) -> None:
+    traj = f"mcp-test-{uuid.uuid4().hex[:8]}"
+    failing = [
+        ("no_such_tool", {}, "unknown_tool"),
+        ("bash", {"command": 3}, "invalid_args"),
+        ("bash", {}, "invalid_args"),
+        ("archive", {"path": "."}, "tool_blocked"),
+        ("bash", {"command": "echo partial; exit 3"}, "exit_status"),
+        ("bash", {"command": "sleep 30", "timeout_s": 0.5}, "timeout"),
+        ("read_file", {"path": "missing.txt"}, "not_found"),
+    ]
+
+    async def session_calls() -> list[CallToolResult]:
+        async with stdio_session(redis_url, ns, "--trajectory", traj) as session:
+            results = [await call(session, tool, **args) for tool, args, _ in failing]
+            results.append(await call(session, "bash", command="echo still here"))
+            return results
+
+    *errors, after = asyncio.run(session_calls())
+    for (tool, _, code), result in zip(failing, errors, strict=True):
+        assert result.is_error, (tool, code, text(result))
+        assert result.structured_content is not None
+        assert result.structured_content["error_code"] == code, result.structured_content
+        assert result.structured_content["ok"] is False
+        assert f"[{code}]" in text(result), text(result)
+    exit_result = errors[4]
+    assert exit_result.structured_content is not None
+    assert exit_result.structured_content["exit_code"] == 3
+    assert text(exit_result).startswith("partial\n")
+    assert not after.is_error and text(after) == "still here\n"  # the session survived them
+    wait_for(lambda: status(client, traj) == TrajStatus.COMPLETED, what="the close")
+    record = client.record(traj)
+    assert record is not None  # every call got exactly one result
+    assert (record.calls_total, record.calls_failed) == (len(failing) + 1, len(failing))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stdio_server_stopped_by_a_signal_closes_its_trajectory(
+    redis_url: str, ns: str, worker: Any, client: Client, signum: int
+) -> None:
+    traj = f"mcp-test-{uuid.uuid4().hex[:8]}"
+
+    async def killed_mid_session() -> None:
+        async with stdio_session(redis_url, ns, "--trajectory", traj) as session:
+            assert not (await call(session, "bash", command="true")).is_error
+            os.kill(server_pid(traj), signum)
+            await until(lambda: status(client, traj) == TrajStatus.COMPLETED, "the close")
+
+    asyncio.run(killed_mid_session())
+    record = client.record(traj)
+    assert record is not None and record.calls_total == 1
+
+
+def test_keep_open_leaves_the_trajectory_for_the_next_session(
+    redis_url: str, ns: str, worker: Any, client: Client
+) -> None:
+    traj = f"mcp-test-{uuid.uuid4().hex[:8]}"
+
+    async def three_sessions() -> list[CallToolResult]:
+        async with stdio_session(redis_url, ns, "--trajectory", traj, "--keep-open") as first:
+            wrote = await call(first, "write_file", path="kept.txt", content="kept")
+        assert status(client, traj) == TrajStatus.RUNNING
+        async with stdio_session(redis_url, ns, "--trajectory", traj) as second:
+            joined = await call(second, "read_file", path="kept.txt")
+        await until(lambda: status(client, traj) == TrajStatus.COMPLETED, "the second close")
+        async with stdio_session(redis_url, ns, "--trajectory", traj) as third:
+            return [wrote, joined, await call(third, "read_file", path="kept.txt")]
+
+    wrote, joined, started_over = asyncio.run(three_sessions())
+    assert not wrote.is_error and not joined.is_error and "kept" in text(joined)
+    assert started_over.structured_content is not None  # an ended one starts over, empty
+    assert started_over.structured_content["error_code"] == "not_found"
+    wait_for(lambda: status(client, traj) == TrajStatus.COMPLETED, what="the third close")
+
+
+def test_a_trajectory_that_timed_out_answers_trajectory_ended(
+    redis_url: str, ns: str, worker: Any, client: Client
+) -> None:
+    """An idle session's trajectory times out like any other; the session's next
+    call is told so (a fresh sandbox would silently lose the agent's files)."""
+    traj = f"mcp-test-{uuid.uuid4().hex[:8]}"
+    spec = {"limits": {"idle_timeout_s": 1}}
+
+    async def idle_session() -> tuple[CallToolResult, CallToolResult]:
+        async with stdio_session(redis_url, ns, "--trajectory", traj, spec=spec) as session:
+            first = await call(session, "write_file", path="a.txt", content="a")
+            await until(lambda: status(client, traj) == TrajStatus.TIMEOUT, "the idle timeout")
+            return first, await call(session, "read_file", path="a.txt")
+
+    first, late = asyncio.run(idle_session())
+    assert not first.is_error and late.is_error
+    assert late.structured_content is not None
+    assert late.structured_content["error_code"] == "trajectory_ended"
+    assert status(client, traj) == TrajStatus.TIMEOUT  # not started over
+
+
+def test_without_a_worker_calls_answer_wait_timeout(
+    redis_url: str, ns: str, client: Client
+) -> None:
+    """No worker: a call gives up after --wait-s with a tool error, not a hang."""
+    traj = f"mcp-test-{uuid.uuid4().hex[:8]}"
+
+    async def unanswered() -> CallToolResult:
+        async with stdio_session(redis_url, ns, "--trajectory", traj, "--wait-s", "1") as s:
+            return await call(s, "bash", command="true")
+
+    result = asyncio.run(unanswered())
+    assert result.is_error and result.structured_content is not None
+    assert result.structured_content["error_code"] == "wait_timeout"
+    assert "[wait_timeout]" in text(result)
+    assert status(client, traj) == TrajStatus.PENDING  # submitted: a worker would run it
+
+
+def test_stdin_closed_at_once_exits_0_and_warns_without_a_worker(redis_url: str, ns: str) -> None:
+    r = subprocess.run(
+        toolq_mcp(redis_url, ns), capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""  # stdout is the protocol's: nothing else is written there
+    assert "no worker is alive" in r.stderr
+
+
+def server_pid(traj: str) -> int:
+    """The `toolq mcp` process serving ``traj`` (found by its command line)."""
+    found = subprocess.run(["pgrep", "-f", f"trajectory {traj}"], capture_output=True, text=True)
+    (pid,) = found.stdout.split()
+    return int(pid)
+
+
+@pytest.mark.parametrize(
+    ("options", "exit_status"),
+    [
+        (["--transport", "http", "--trajectory", "t1"], 2),
+        (["--trajectory", "bad id!"], 2),
+        (["--spec", '{"imag": "x"}'], 2),
+        (["--redis-url", "redis://127.0.0.1:1"], 3),  # unreachable: fails at start
+    ],
+)
+def test_bad_starts_fail_with_one_line_and_the_cli_status(
+    redis_url: str, ns: str, options: list[str], exit_status: int
+) -> None:
+    command = toolq_mcp(redis_url, ns)
+    if options[0] == "--redis-url":  # the group's option, before the command
+        command = [*TOOLQ, *options, "--namespace", ns, "mcp"]
+    else:
+        command += options
+    r = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert r.returncode == exit_status, (options, r.stderr)
+    assert r.stderr.startswith(("Error", "Usage")), r.stderr
+
+
+def test_toolq_works_without_the_mcp_extra_and_says_how_to_get_it(redis_url: str, ns: str) -> None:
+    """A Python where `import mcp` fails, as when the extra is not installed."""
+    no_mcp = "import sys; sys.modules['mcp'] = None; from toolq.producer.cli import main; main()"
+    base = [sys.executable, "-c", no_mcp, "--redis-url", redis_url, "--namespace", ns]
+    served = subprocess.run(
+        [*base, "mcp"], capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
+    assert served.returncode == 1, served.stderr
+    assert "pip install 'toolq[mcp]'" in served.stderr
+    listed = subprocess.run([*base, "--help"], capture_output=True, text=True)
+    assert listed.returncode == 0 and "mcp" in listed.stdout
+    tools = subprocess.run([*base, "tools", "--format", "mcp"], capture_output=True, text=True)
+    assert tools.returncode == 0, tools.stderr  # the mcp format needs no SDK
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, toolq.producer.cli; print('mcp' in sys.modules)"],
+        capture_output=True,
+        text=True,
+    )
+    assert imported.stdout.strip() == "False"  # the CLI does not import the SDK
+
+
+def test_sessions_forget_the_long_unused(redis_url: str, ns: str) -> None:
+    """A server's table of sessions stays bounded: one unused past ``forget_after_s``
+    is dropped when another session starts (its trajectory has timed out by then)."""
+
+    async def table() -> tuple[int, int, bool]:
+        async with AsyncClient(redis_url, ns) as c:
+            sessions = Sessions(lambda key: TrajectorySession(c, f"mcp-{key}", TrajectorySpec()), 0)
+            first = sessions.get("a")
+            same = sessions.get("a") is first  # a lookup forgets nothing
+            before = len(sessions)
+            sessions.get("b")  # a new session: "a" was unused for longer than 0 s
+            return before, len(sessions), same
+
+    assert asyncio.run(table()) == (1, 1, True)

@@ -1,0 +1,162 @@
+"""`toolq mcp --transport http`, driven by the MCP SDK's own clients against a live worker.
+
+A real `toolq mcp` process serves streamable HTTP on a free port of
+127.0.0.1, in front of a real Redis and a real worker (local backend). Every
+session gets a trajectory of its own, closed when the client ends the session
+(its DELETE) or when the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import mcp
+import pytest
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.types import INVALID_REQUEST, CallToolResult
+
+from tests.helpers import wait_for
+from tests.mcp_clients import (
+    CALL_WAIT_S,
+    SPEC,
+    call,
+    free_port,
+    http_session,
+    port_open,
+    status,
+    text,
+    toolq_mcp,
+    traj_of,
+    until,
+)
+from toolq.producer import Client
+from toolq.schemas import TrajStatus
+
+
+@pytest.fixture
+def worker(start_worker: Callable[..., Any]) -> Any:
+    return start_worker("local")
+
+
+@pytest.fixture
+def http_server(
+    redis_url: str, ns: str, worker: Any, tmp_path: Path
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`toolq mcp --transport http` on a free port; stopped with SIGTERM at the end."""
+    port = free_port()
+    options = ["--transport", "http", "--port", str(port), "--spec", json.dumps(SPEC)]
+    log = tmp_path / "mcp.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(toolq_mcp(redis_url, ns, *options), stderr=stderr)
+    try:
+        wait_for(lambda: port_open(port) or proc.poll() is not None, what="the HTTP server")
+        assert proc.poll() is None, log.read_text()
+        yield f"http://127.0.0.1:{port}/mcp", proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+
+def test_http_sessions_get_a_trajectory_each(
+    http_server: tuple[str, subprocess.Popen], client: Client
+) -> None:
+    url, _ = http_server
+
+    async def two_sessions() -> tuple[str, str]:
+        async with http_session(url) as one, http_session(url) as two:
+            names = {t.name for t in (await one.list_tools()).tools}
+            assert "bash" in names and "archive" not in names
+            await call(one, "write_file", path="who.txt", content="one")
+            await call(two, "write_file", path="who.txt", content="two")
+            read_one, read_two = await asyncio.gather(
+                call(one, "read_file", path="who.txt"), call(two, "read_file", path="who.txt")
+            )
+            assert (text(read_one), text(read_two)) == ("one", "two")  # separate sandboxes
+            blocked = await call(two, "archive", path=".")
+            assert blocked.is_error and blocked.structured_content is not None
+            assert blocked.structured_content["error_code"] == "tool_blocked"
+            traj_one, traj_two = (traj_of(r) for r in (read_one, read_two))
+            assert traj_one != traj_two and traj_one.startswith("mcp-")
+            async with http_session(url) as three:  # ends (DELETE) while the others go on
+                traj_three = traj_of(await call(three, "bash", command="true"))
+            await until(lambda: status(client, traj_three) == TrajStatus.COMPLETED, "DELETE")
+            assert status(client, traj_one) == status(client, traj_two) == TrajStatus.RUNNING
+            return traj_one, traj_two
+
+    trajs = asyncio.run(two_sessions())
+    for traj in trajs:
+        wait_for(lambda t=traj: status(client, t) == TrajStatus.COMPLETED, what="session ends")
+        record = client.record(traj)
+        assert record is not None and record.calls_total == record.calls_submitted
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_http_server_stopping_closes_open_sessions(
+    http_server: tuple[str, subprocess.Popen], client: Client, signum: int
+) -> None:
+    url, proc = http_server
+    transport = streamable_http_client(url, terminate_on_close=False)
+
+    async def abandoned_session() -> str:
+        async with transport as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            return traj_of(await call(session, "bash", command="true"))
+
+    traj = asyncio.run(abandoned_session())  # no DELETE: the session stays
+    assert status(client, traj) == TrajStatus.RUNNING
+    proc.send_signal(signum)
+    assert proc.wait(60) == 0
+    wait_for(lambda: status(client, traj) == TrajStatus.COMPLETED, what="the close at shutdown")
+
+
+def test_the_sdks_high_level_client_negotiates_a_session(
+    http_server: tuple[str, subprocess.Popen], redis_url: str, ns: str, client: Client
+) -> None:
+    """`mcp.Client` probes the 2026 protocol first: over HTTP the server refuses
+    it (no sessions there), so the client falls back to the handshake; over
+    stdio the process is the session, so the 2026 protocol serves as well."""
+    url, _ = http_server
+    command, *args = toolq_mcp(redis_url, ns, "--spec", json.dumps(SPEC))
+
+    async def both() -> list[tuple[str | None, list[CallToolResult]]]:
+        seen = []
+        for server in (url, StdioServerParameters(command=command, args=args)):
+            async with mcp.Client(server, read_timeout_seconds=CALL_WAIT_S) as c:
+                wrote = await c.call_tool("write_file", {"path": "x.txt", "content": "x"})
+                read = await c.call_tool("read_file", {"path": "x.txt"})
+                seen.append((c.protocol_version, [wrote, read]))
+        return seen
+
+    (http_version, http_calls), (stdio_version, stdio_calls) = asyncio.run(both())
+    assert http_version is not None and http_version < "2026"
+    assert stdio_version is not None and stdio_version >= "2026"
+    for results in (http_calls, stdio_calls):
+        assert [r.is_error for r in results] == [False, False]
+        assert "x" in text(results[1]) and traj_of(results[0]) == traj_of(results[1])
+
+
+def test_http_requests_without_a_session_are_refused_clearly(
+    http_server: tuple[str, subprocess.Popen],
+) -> None:
+    """A client pinned to the 2026 protocol sends no session: nothing to map to a
+    trajectory, so its calls are refused with a message saying what is needed."""
+    url, _ = http_server
+
+    async def refusal() -> mcp.MCPError:
+        async with mcp.Client(url, mode="2026-07-28") as c:
+            try:
+                await c.call_tool("bash", {"command": "true"})
+            except mcp.MCPError as exc:
+                return exc
+        raise AssertionError("a call without a session was served")
+
+    refused = asyncio.run(refusal())
+    assert refused.code == INVALID_REQUEST and "needs a session" in refused.message
