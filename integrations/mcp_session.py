@@ -27,8 +27,8 @@ from toolq.producer import (
     WaitTimeout,
 )
 from toolq.producer.model_calls import result_text
-from toolq.producer.tools import permitted
-from toolq.schemas import ErrorCode, Policy, ToolInfo, TrajectoryRecord, TrajectorySpec
+from toolq.producer.tools import permitted, policy_in_force
+from toolq.schemas import ErrorCode, ToolInfo, TrajectorySpec
 
 #: The result fields an MCP client gets as structured content (absent ones left out).
 STRUCTURED_FIELDS = {
@@ -158,18 +158,6 @@ class Sessions:
         for key, session in list(self._by_key.items()):
             if session.last_used_s < cutoff:
                 del self._by_key[key]
-
-
-def policy_in_force(
-    record: TrajectoryRecord | None, spec: TrajectorySpec
-) -> TrajectorySpec | Policy:
-    """The trajectory's last policy entry, else the spec it was opened with, else
-    (not opened yet) the spec it will open with."""
-    if record is not None and record.policy is not None:
-        return record.policy
-    if record is not None and record.spec is not None:
-        return record.spec
-    return spec
 
 
 def tool_result(result: Result) -> types.CallToolResult:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from toolq.schemas import Result, TrajectoryRecord, TrajectorySpec
 
-from . import model_calls
+from . import model_calls, tools
 from .ops import ToolCall, TrajectoryEnded
 
 if TYPE_CHECKING:
@@ -101,8 +101,10 @@ class Trajectory:
         return self.client.as_completed([(self.traj_id, c) for c in call_ids], wait_s=wait_s)
 
     def tool_specs(self, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
-        """OpenAI function specs of the published tools (see ``Client.tool_specs``)."""
-        return self.client.tool_specs(names)
+        """OpenAI function specs of the published tools its tool policy lets it call
+        (the policy in force: its last policy entry, else its spec)."""
+        in_force = tools.policy_in_force(self.record(), self.spec)
+        return [tools.openai_spec(t) for t in tools.permitted(self.client.tools(names), in_force)]
 
     def run_openai(self, tool_calls: Iterable[Any] | None) -> list[dict[str, Any]]:
         """Run an OpenAI chat-completions message's ``tool_calls``; returns the
@@ -185,7 +187,9 @@ class AsyncTrajectory:
         return self.client.as_completed([(self.traj_id, c) for c in call_ids], wait_s=wait_s)
 
     async def tool_specs(self, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
-        return await self.client.tool_specs(names)
+        in_force = tools.policy_in_force(await self.record(), self.spec)
+        published = await self.client.tools(names)
+        return [tools.openai_spec(t) for t in tools.permitted(published, in_force)]
 
     async def run_openai(self, tool_calls: Iterable[Any] | None) -> list[dict[str, Any]]:
         calls = model_calls.openai_calls(tool_calls)

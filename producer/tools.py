@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from toolq.schemas import Policy, ToolInfo, TrajectorySpec
+from toolq.schemas import Policy, ToolInfo, TrajectoryRecord, TrajectorySpec
 
 
 def parse_tools(raw: Mapping[Any, Any]) -> list[ToolInfo]:
@@ -82,6 +82,18 @@ def permitted(tools: Iterable[ToolInfo], policy: TrajectorySpec | Policy) -> lis
         None if policy.allowed_tools is None else {runs.get(n, n) for n in policy.allowed_tools}
     )
     return [t for t in tools if t.name not in blocked and (allowed is None or t.name in allowed)]
+
+
+def policy_in_force(
+    record: TrajectoryRecord | None, spec: TrajectorySpec | None
+) -> TrajectorySpec | Policy:
+    """The trajectory's last policy entry, else the spec it was opened with, else
+    (not opened yet) the spec it will open with."""
+    if record is not None and record.policy is not None:
+        return record.policy
+    if record is not None and record.spec is not None:
+        return record.spec
+    return spec or TrajectorySpec()
 
 
 def tool_specs(raw: Mapping[Any, Any], names: Iterable[str] | None = None) -> list[dict[str, Any]]:

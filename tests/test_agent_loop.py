@@ -223,3 +223,16 @@ def test_the_default_wait_covers_the_timeout_the_arguments_ask_for():
     assert ToolCall("bash", '{"timeout_s": 300}').asked_timeout_s is None  # text: unparsed
     assert ToolCall("bash", {"timeout_s": True}).asked_timeout_s is None
     assert calls_wait_s([long_bash, ToolCall("read_file", {"path": "a"})]) == 300 + 60 + 60
+
+
+def test_a_trajectorys_tool_specs_follow_its_policy(start_worker, client: Client):
+    start_worker("local")
+
+    def offered(t: Any) -> set[str]:
+        return {spec["function"]["name"] for spec in t.tool_specs()}
+
+    with client.trajectory("p", {"blocked_tools": ["terminal"]}) as t:  # an alias of bash
+        assert "bash" not in offered(t) and "read_file" in offered(t)
+        t.set_policy(step="read", allowed_tools=["read_file", "list_files"])
+        wait_for(lambda: offered(t) == {"read_file", "list_files"}, what="the policy in force")
+        assert t.call("bash", {"command": "true"}).error_code == "tool_blocked"

@@ -122,8 +122,9 @@ class Worker:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
             await self.redis.xgroup_create(self.keys.open, GROUP, id="0", mkstream=True)
         await self.backend.start()
-        await self.fleet.register()
+        # Tools first: a worker that shows up as registered has published them.
         await publish_registry(self.redis, self.keys, self.registry)
+        await self.fleet.register()
         log.info(
             "worker %s up: backend=%s slots=%d", self.id, self.backend.name, self.settings.slots
         )
