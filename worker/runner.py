@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,14 +30,13 @@ from .metrics import Observer
 from .plan import ExitPlan, Plan, Refusal, deadline_left_s, exit_call, plan_call, policy_change
 from .results import error_reply, make_result, requested_tool
 from .settings import WorkerSettings
-from .snapshots import SnapshotMissing, Snapshots
+from .slots import SlotKeeper
+from .snapshots import Snapshots
 from .state import Item, Traj, entry_ms, now_ms
 from .tools import Registry
 from .writer import Writer
 
 log = logging.getLogger("toolq.worker.runner")
-
-HOST = socket.gethostname()
 
 
 class Runner:
@@ -76,6 +73,7 @@ class Runner:
         self.external = external
         self.bg = bg
         self.snapshots = snapshots
+        self.slots = SlotKeeper(backend, snapshots, writer, bg, observer)
         self.observer = observer
         self.forget = forget  # the trajectory is over here: unindex it, free its slot count
         self.queue_shrunk = queue_shrunk  # a queue got room: the reader may read it again
@@ -324,19 +322,8 @@ class Runner:
     # ---------------------------------------------------------------- slots
     async def _ensure_slot(self, traj: Traj, item: Item | None) -> bool:
         """Start the trajectory's slot (again, after a loss); answer the calls on failure."""
-        if traj.slot is not None:  # lost while idle: replace it
-            self.observer.slot_lost()
-            await self.drop_slot(traj)
-            traj.slot_lost = True
-        if traj.slot_lost:  # say so in the next result
-            traj.slot_reset, traj.slot_lost = True, False
         try:
-            started = time.monotonic()
-            await self._resolve_snapshot(traj)
-            traj.slot = await self.backend.acquire(traj.traj_id, traj.spec)
-            self.observer.slot_started(time.monotonic() - started)
-            if traj.spec.snapshot and not traj.slot.adopted:  # a new workspace: its files
-                await self.snapshots.restore(traj.slot, traj.spec.snapshot)
+            await self.slots.start(traj)
         except SandboxError as exc:
             await self.drop_slot(traj)
             for waiting in ([item] if item else []) + [i for i in traj.items if i.kind == "call"]:
@@ -345,53 +332,11 @@ class Runner:
             why = f"sandbox failed to start: {exc}" if exc.code == ErrorCode.SANDBOX_ERROR else exc
             traj.request_end(TrajStatus.FAILED, str(why))
             return False
-        if traj.previous_owner and not traj.slot.adopted:
-            traj.slot_reset = True  # the previous owner's workspace is gone
-        traj.previous_owner = None
-        # The record says what serves it now (container labels name only who started it).
-        slot = traj.slot
-        unenforced = self._unenforced(traj)
-        self.writer.set_fields(
-            traj, slot=slot.slot_id, host=HOST, sandbox=slot.sandbox_id, unenforced=unenforced
-        )
         return True
-
-    async def _resolve_snapshot(self, traj: Traj) -> None:
-        """Opened from a snapshot: run with its spec under the opener's (once; the
-        record keeps the result, so a next owner finds it resolved)."""
-        if traj.spec.snapshot is None or traj.spec_resolved:
-            return
-        try:
-            traj.spec = await self.snapshots.resolve(traj.spec)
-        except SnapshotMissing:
-            if traj.previous_owner:  # resolved by an earlier owner; its files may be here
-                return
-            raise
-        traj.spec_resolved = True
-        self.writer.set_fields(traj, spec=traj.spec.model_dump_json(exclude_none=True))
-
-    def _unenforced(self, traj: Traj) -> str:
-        """The record's ``unenforced``: spec fields this backend does not enforce, as a
-        JSON list ('' when it enforces all). Written at every slot start, so a
-        trajectory that moved to another backend's worker says what holds now."""
-        # A backend that cannot enforce everything says what (LocalBackend.unenforced).
-        check = getattr(self.backend, "unenforced", None)
-        fields = list(check(traj.spec)) if check is not None else []
-        return json.dumps(fields) if fields else ""
 
     async def drop_slot(self, traj: Traj, keep: bool = False) -> None:
         """Release the trajectory's sandbox; its background tasks end with it."""
-        slot, traj.slot = traj.slot, None
-        if slot is None:
-            return
-        if not traj.dropped:
-            await self.bg.stop_tasks(slot)  # reported stopped before the sandbox goes
-        try:
-            await self.backend.release(slot, keep=keep)
-        except Exception:
-            log.exception("releasing slot %s failed", slot.slot_id)
-        if not traj.dropped:  # tasks still running in Redis had nobody left to report them
-            self.bg.slot_gone(traj, slot.name)
+        await self.slots.release(traj, keep=keep)
 
     # ------------------------------------------------------------ control
     def cancel(self, traj: Traj) -> None:
