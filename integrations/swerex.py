@@ -1,0 +1,193 @@
+"""SWE-ReX on toolq: a runtime and a deployment whose sandboxes are toolq trajectories.
+
+    from toolq.integrations.swerex import ToolqDeployment
+
+    deployment = ToolqDeployment(redis_url="redis://queue:6379/0",
+                                 spec={"image": "python:3.12", "limits": {"call_timeout_s": 120}})
+    await deployment.start()                       # opens a trajectory, waits for its sandbox
+    runtime = deployment.runtime                   # a swerex AbstractRuntime
+    await runtime.create_session(CreateBashSessionRequest())
+    obs = await runtime.run_in_session(BashAction(command="ls", check="silent"))
+    await deployment.stop()                        # closes the trajectory
+
+A deployment is one trajectory (start opens it, stop closes it); a bash session
+is a ``shell`` session of it; ``execute`` is a ``bash`` call; files go through
+``read_file``/``write_file``. ``docs/integrations.md`` (SWE-ReX) has the full map,
+the paths and the exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from swerex.deployment.abstract import AbstractDeployment
+from swerex.deployment.hooks.abstract import CombinedDeploymentHook, DeploymentHook
+from swerex.exceptions import DeploymentNotStartedError, DeploymentStartupError
+from swerex.runtime.abstract import IsAliveResponse
+from swerex.utils.log import get_logger
+
+from toolq.producer import AsyncClient, AsyncTrajectory, TrajectoryEnded, UnknownTrajectory
+from toolq.schemas import TrajectorySpec
+
+from .swerex_errors import PathOutsideWorkspaceError, ToolqRuntimeError, UnsupportedActionError
+from .swerex_runtime import ToolqRuntime
+
+__all__ = [
+    "PathOutsideWorkspaceError",
+    "ToolqDeployment",
+    "ToolqDeploymentConfig",
+    "ToolqRuntime",
+    "ToolqRuntimeError",
+    "UnsupportedActionError",
+]
+
+
+class ToolqDeploymentConfig(BaseModel):
+    """Configuration of a ``ToolqDeployment``: where toolq is and what to open."""
+
+    redis_url: str | None = None
+    """toolq's Redis; None: ``TOOLQ_REDIS_URL`` (see ``toolq.producer.resolve_redis_url``)."""
+    namespace: str = "toolq"
+    """toolq's key namespace (the workers' ``TOOLQ_NAMESPACE``)."""
+    trajectory_id: str | None = None
+    """The trajectory to open; None: ``<trajectory_prefix>-<random hex>``."""
+    trajectory_prefix: str = "swerex"
+    spec: TrajectorySpec = Field(default_factory=TrajectorySpec)
+    """The trajectory spec: image, env, workdir, limits, tool policy, labels."""
+    workspace_root: str = "/workspace"
+    """The absolute path that stands for the workspace in file requests."""
+    startup_timeout_s: float = Field(180.0, gt=0)
+    """How long ``start`` waits for a worker to start the sandbox."""
+    wait_slack_s: float = Field(60.0, gt=0)
+    """How long a call may wait beyond its own timeout (queueing) before ``WaitTimeout``."""
+
+    type: Literal["toolq"] = "toolq"
+    """Discriminator for (de)serialization/CLI, as swe-rex's configs have. Do not change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def get_deployment(self) -> ToolqDeployment:
+        return ToolqDeployment.from_config(self)
+
+
+class ToolqDeployment(AbstractDeployment):
+    """A SWE-ReX deployment whose lifetime is one toolq trajectory: ``start`` opens
+    it and waits until a worker has started its sandbox, ``stop`` closes it."""
+
+    def __init__(self, *, logger: logging.Logger | None = None, **kwargs: Any) -> None:
+        """``kwargs``: the fields of ``ToolqDeploymentConfig``."""
+        self._config = ToolqDeploymentConfig(**kwargs)
+        self.logger = logger or get_logger("rex-deploy")
+        self._hooks = CombinedDeploymentHook()
+        self._client: AsyncClient | None = None
+        self._runtime: ToolqRuntime | None = None
+        self.trajectory_id = self._config.trajectory_id or (
+            f"{self._config.trajectory_prefix}-{uuid.uuid4().hex[:16]}"
+        )
+
+    @classmethod
+    def from_config(cls, config: ToolqDeploymentConfig) -> ToolqDeployment:
+        return cls(**config.model_dump(exclude={"type"}))
+
+    def add_hook(self, hook: DeploymentHook) -> None:
+        self._hooks.add_hook(hook)
+
+    async def is_alive(self, *, timeout: float | None = None) -> IsAliveResponse:
+        """Whether its trajectory is open (False before ``start`` and after ``stop``)."""
+        if self._runtime is None:
+            return IsAliveResponse(is_alive=False, message="Runtime is None.")
+        return await self._runtime.is_alive(timeout=timeout)
+
+    async def start(self) -> None:
+        """Open the trajectory and wait (``startup_timeout_s``) for its sandbox;
+        ``DeploymentStartupError`` if it does not come up (the trajectory is cancelled)
+        or its id was used before."""
+        config = self._config
+        client = AsyncClient(config.redis_url, config.namespace)
+        trajectory = client.trajectory(self.trajectory_id, config.spec)
+        try:
+            await self._open(trajectory)
+        except BaseException:
+            await client.aclose()
+            raise
+        self._client = client
+        self._runtime = ToolqRuntime(
+            trajectory,
+            workspace_root=config.workspace_root,
+            wait_slack_s=config.wait_slack_s,
+            logger=self.logger,
+        )
+        self.logger.info("toolq trajectory %s started", self.trajectory_id)
+
+    async def _open(self, trajectory: AsyncTrajectory) -> None:
+        self._hooks.on_custom_step("Opening toolq trajectory")
+        try:
+            await trajectory.open()
+        except TrajectoryEnded as exc:
+            raise DeploymentStartupError(str(exc)) from exc
+        self._hooks.on_custom_step("Waiting for the sandbox")
+        try:
+            await wait_for_sandbox(trajectory, self._config.startup_timeout_s)
+        except BaseException:
+            await trajectory.cancel()  # so that no worker starts it later
+            raise
+
+    async def stop(self) -> None:
+        """Close the trajectory after its calls (its sandbox and shell sessions are
+        freed), and the client."""
+        runtime, client = self._runtime, self._client
+        self._runtime = self._client = None
+        if runtime is None or client is None:
+            return
+        try:
+            await runtime.trajectory.close()
+        except (TrajectoryEnded, UnknownTrajectory):
+            pass  # it ended by itself (a limit, a cancel): nothing to free
+        finally:
+            await client.aclose()
+
+    def __del__(self) -> None:
+        # swe-rex's own __del__ runs stop() in a fresh event loop, where a client of
+        # the loop that started it cannot work: say what becomes of the trajectory.
+        if getattr(self, "_runtime", None) is not None:
+            self.logger.warning(
+                "ToolqDeployment of trajectory %s dropped without stop(): its worker ends "
+                "it after the spec's limits.idle_timeout_s",
+                self.trajectory_id,
+            )
+
+    @property
+    def runtime(self) -> ToolqRuntime:
+        """The runtime; ``DeploymentNotStartedError`` before ``start``."""
+        if self._runtime is None:
+            raise DeploymentNotStartedError()
+        return self._runtime
+
+
+async def wait_for_sandbox(trajectory: AsyncTrajectory, timeout_s: float) -> None:
+    """Wait until a worker has started the trajectory's sandbox (its record names
+    one); ``DeploymentStartupError`` if the trajectory ends first or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    pause_s = 0.02
+    while True:
+        record = await trajectory.record()
+        if record is not None and record.status.final:
+            raise DeploymentStartupError(
+                f"trajectory {trajectory.traj_id!r} {record.status.value}: {record.reason}"
+            )
+        if record is not None and record.sandbox:
+            return
+        if time.monotonic() >= deadline:
+            status = record.status.value if record is not None else "unknown"
+            raise DeploymentStartupError(
+                f"no sandbox for trajectory {trajectory.traj_id!r} after {timeout_s}s "
+                f"(status {status}): is a toolq worker serving namespace "
+                f"{trajectory.client.keys.ns!r}?"
+            )
+        await asyncio.sleep(pause_s)
+        pause_s = min(pause_s * 2, 0.5)
