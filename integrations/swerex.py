@@ -19,6 +19,7 @@ the paths and the exceptions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -79,12 +80,21 @@ class ToolqDeployment(AbstractDeployment):
     """A SWE-ReX deployment whose lifetime is one toolq trajectory: ``start`` opens
     it and waits until a worker has started its sandbox, ``stop`` closes it."""
 
-    def __init__(self, *, logger: logging.Logger | None = None, **kwargs: Any) -> None:
-        """``kwargs``: the fields of ``ToolqDeploymentConfig``."""
+    def __init__(
+        self,
+        *,
+        logger: logging.Logger | None = None,
+        client: AsyncClient | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``kwargs``: the fields of ``ToolqDeploymentConfig``. ``client``: an
+        ``AsyncClient`` to share with other deployments of the same event loop (its
+        ``redis_url`` and ``namespace`` then apply); without, every operation
+        connects on its own (see ``ToolqRuntime``)."""
         self._config = ToolqDeploymentConfig(**kwargs)
+        self._client = client
         self.logger = logger or get_logger("rex-deploy")
         self._hooks = CombinedDeploymentHook()
-        self._client: AsyncClient | None = None
         self._runtime: ToolqRuntime | None = None
         self.trajectory_id = self._config.trajectory_id or (
             f"{self._config.trajectory_prefix}-{uuid.uuid4().hex[:16]}"
@@ -108,20 +118,19 @@ class ToolqDeployment(AbstractDeployment):
         ``DeploymentStartupError`` if it does not come up (the trajectory is cancelled)
         or its id was used before."""
         config = self._config
-        client = AsyncClient(config.redis_url, config.namespace)
-        trajectory = client.trajectory(self.trajectory_id, config.spec)
-        try:
-            await self._open(trajectory)
-        except BaseException:
-            await client.aclose()
-            raise
-        self._client = client
-        self._runtime = ToolqRuntime(
-            trajectory,
+        runtime = ToolqRuntime(
+            self.trajectory_id,
+            spec=config.spec,
+            redis_url=config.redis_url,
+            namespace=config.namespace,
+            client=self._client,
             workspace_root=config.workspace_root,
             wait_slack_s=config.wait_slack_s,
             logger=self.logger,
         )
+        async with runtime.connected() as trajectory:
+            await self._open(trajectory)
+        self._runtime = runtime
         self.logger.info("toolq trajectory %s started", self.trajectory_id)
 
     async def _open(self, trajectory: AsyncTrajectory) -> None:
@@ -139,21 +148,18 @@ class ToolqDeployment(AbstractDeployment):
 
     async def stop(self) -> None:
         """Close the trajectory after its calls (its sandbox and shell sessions are
-        freed), and the client."""
-        runtime, client = self._runtime, self._client
-        self._runtime = self._client = None
-        if runtime is None or client is None:
+        freed)."""
+        runtime, self._runtime = self._runtime, None
+        if runtime is None:
             return
-        try:
-            await runtime.trajectory.close()
-        except (TrajectoryEnded, UnknownTrajectory):
-            pass  # it ended by itself (a limit, a cancel): nothing to free
-        finally:
-            await client.aclose()
+        # A trajectory that ended by itself (a limit, a cancel) has nothing to free.
+        async with runtime.connected() as trajectory:
+            with contextlib.suppress(TrajectoryEnded, UnknownTrajectory):
+                await trajectory.close()
 
     def __del__(self) -> None:
-        # swe-rex's own __del__ runs stop() in a fresh event loop, where a client of
-        # the loop that started it cannot work: say what becomes of the trajectory.
+        # swe-rex's own __del__ runs stop() in a fresh event loop, where a shared
+        # client cannot work: say what becomes of the trajectory instead.
         if getattr(self, "_runtime", None) is not None:
             self.logger.warning(
                 "ToolqDeployment of trajectory %s dropped without stop(): its worker ends "

@@ -11,7 +11,8 @@ import asyncio
 import base64
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from swerex.runtime.abstract import (
 )
 from swerex.utils.log import get_logger
 
-from toolq.producer import AsyncTrajectory, ToolCall
+from toolq.producer import AsyncClient, AsyncTrajectory, ToolCall
 from toolq.schemas import Result, TrajectoryRecord, TrajectorySpec
 
 from .swerex_commands import execute_script, split_streams, syntax_error, with_syntax_check
@@ -55,46 +56,79 @@ from .swerex_files import CHUNK_BYTES, WorkspacePaths, batches, upload_calls, wr
 
 
 class ToolqRuntime(AbstractRuntime):
-    """A SWE-ReX runtime whose commands and files are calls of one toolq trajectory.
+    """A SWE-ReX runtime whose commands and files are calls of one open toolq trajectory.
 
-    ``trajectory`` is an open ``AsyncTrajectory`` (``ToolqDeployment`` makes one).
+    Connections: with ``client`` (an ``AsyncClient``, which belongs to the event loop
+    it runs in), every call goes through it, so any number of runtimes share its
+    connections and its one event reader; whoever made it closes it. Without, each
+    operation connects and disconnects on its own, so the runtime works when every
+    call runs in an event loop of its own (SWE-agent ``asyncio.run``s each one).
+
     Calls wait for their result up to their timeout (else the spec's
-    ``max_call_timeout_s``) plus ``wait_slack_s`` for queueing, then raise
-    toolq's ``WaitTimeout``.
+    ``max_call_timeout_s``) plus ``wait_slack_s`` for queueing, then raise toolq's
+    ``WaitTimeout``.
     """
 
     def __init__(
         self,
-        trajectory: AsyncTrajectory,
+        trajectory_id: str,
         *,
+        spec: TrajectorySpec | None = None,
+        redis_url: str | None = None,
+        namespace: str = "toolq",
+        client: AsyncClient | None = None,
         workspace_root: str = "/workspace",
         wait_slack_s: float = 60.0,
         logger: logging.Logger | None = None,
     ) -> None:
-        self.trajectory = trajectory
-        spec = trajectory.spec or TrajectorySpec()
-        self.paths = WorkspacePaths(workspace_root, spec.workdir)
-        self._max_timeout_s = spec.limits.max_call_timeout_s
+        self.trajectory_id = trajectory_id
+        self.spec = spec or TrajectorySpec()
+        self.paths = WorkspacePaths(workspace_root, self.spec.workdir)
+        self._redis_url, self._namespace, self._client = redis_url, namespace, client
         self._wait_slack_s = wait_slack_s
         self._sessions: set[str] = set()
         self.logger = logger or get_logger("rex-runtime")
 
+    @asynccontextmanager
+    async def connected(self) -> AsyncIterator[AsyncTrajectory]:
+        """The trajectory, through the shared client or one of this operation's own."""
+        if self._client is not None:
+            yield self._client.trajectory(self.trajectory_id, self.spec)
+            return
+        async with AsyncClient(self._redis_url, self._namespace) as client:
+            yield client.trajectory(self.trajectory_id, self.spec)
+
     async def _call(
         self, tool: str, args: dict[str, Any], timeout_s: float | None = None, **kw: Any
     ) -> Result:
-        wait_s = (timeout_s or self._max_timeout_s) + self._wait_slack_s
-        return await self.trajectory.call(tool, args, timeout_s=timeout_s, wait_s=wait_s, **kw)
+        async with self.connected() as trajectory:
+            return await self._call_on(trajectory, tool, args, timeout_s, **kw)
+
+    async def _call_on(
+        self,
+        trajectory: AsyncTrajectory,
+        tool: str,
+        args: dict[str, Any],
+        timeout_s: float | None = None,
+        **kw: Any,
+    ) -> Result:
+        wait_s = (timeout_s or self.spec.limits.max_call_timeout_s) + self._wait_slack_s
+        return await trajectory.call(tool, args, timeout_s=timeout_s, wait_s=wait_s, **kw)
 
     # ------------------------------------------------------------ liveness
     async def is_alive(self, *, timeout: float | None = None) -> IsAliveResponse:
         """Alive while the trajectory is open (pending or running); the message
         says why not (ended, unknown, Redis unreachable within ``timeout``)."""
         try:
-            record = await asyncio.wait_for(self.trajectory.record(), timeout or 10.0)
+            record = await asyncio.wait_for(self._record(), timeout or 10.0)
         except (asyncio.TimeoutError, RedisError, OSError) as exc:
-            message = f"cannot read trajectory {self.trajectory.traj_id!r}: {exc!r}"
+            message = f"cannot read trajectory {self.trajectory_id!r}: {exc!r}"
             return IsAliveResponse(is_alive=False, message=message)
-        return alive_response(self.trajectory.traj_id, record)
+        return alive_response(self.trajectory_id, record)
+
+    async def _record(self) -> TrajectoryRecord | None:
+        async with self.connected() as trajectory:
+            return await trajectory.record()
 
     # ------------------------------------------------------------- sessions
     async def create_session(self, request: CreateSessionRequest) -> CreateSessionResponse:
@@ -189,15 +223,17 @@ class ToolqRuntime(AbstractRuntime):
     async def read_bytes(self, path: str) -> bytes:
         """A workspace file's bytes, read in chunks of ``CHUNK_BYTES``."""
         target, chunks, offset = self.paths.resolve(path), [], 0
-        while True:
-            args = {"path": target, "offset": offset, "limit": CHUNK_BYTES, "encoding": "base64"}
-            result = await self._call("read_file", args, idempotent=True)
-            raise_for_error(result, path=path)
-            chunk = base64.b64decode(result.output)
-            chunks.append(chunk)
-            offset += len(chunk)
-            if not chunk or offset >= int((result.data or {}).get("size", 0)):
-                return b"".join(chunks)
+        async with self.connected() as trajectory:
+            while True:
+                args = {"path": target, "offset": offset, "limit": CHUNK_BYTES}
+                args["encoding"] = "base64"
+                result = await self._call_on(trajectory, "read_file", args, idempotent=True)
+                raise_for_error(result, path=path)
+                chunk = base64.b64decode(result.output)
+                chunks.append(chunk)
+                offset += len(chunk)
+                if not chunk or offset >= int((result.data or {}).get("size", 0)):
+                    return b"".join(chunks)
 
     async def write_file(self, request: WriteFileRequest) -> WriteFileResponse:
         """Write text (UTF-8) to a workspace file; parent directories are created."""
@@ -216,18 +252,20 @@ class ToolqRuntime(AbstractRuntime):
         return UploadResponse()
 
     async def _run_writes(self, calls: Iterable[ToolCall]) -> None:
-        for batch in batches(calls):
-            for result in await self.trajectory.call_many(batch):
-                raise_for_error(result)
-                if not result.ok:  # the mkdir of empty directories failed
-                    raise ToolqRuntimeError(result)
+        async with self.connected() as trajectory:
+            for batch in batches(calls):
+                for result in await trajectory.call_many(batch):
+                    raise_for_error(result)
+                    if not result.ok:  # the mkdir of empty directories failed
+                        raise ToolqRuntimeError(result)
 
     async def close(self) -> CloseResponse:
         """End this runtime's shell sessions (a trajectory that ended took them along)."""
         names, self._sessions = sorted(self._sessions), set()
         if names:
             exits = [ToolCall("shell", {"command": "exit 0", "session": n}) for n in names]
-            await self.trajectory.call_many(exits)
+            async with self.connected() as trajectory:
+                await trajectory.call_many(exits)
         return CloseResponse()
 
 

@@ -49,7 +49,7 @@ from toolq.integrations.swerex import (
     ToolqRuntimeError,
     UnsupportedActionError,
 )
-from toolq.producer import Client
+from toolq.producer import AsyncClient, Client
 
 
 @pytest.fixture
@@ -127,6 +127,25 @@ def test_a_bad_session_name_or_interactive_action_is_refused(start_worker, deplo
             with pytest.raises(UnsupportedActionError):
                 await rt.run_in_session(A("python3", expect=[">>> "]))
             assert (await rt.run_in_session(A("echo still"))).output == "still\n"
+
+    asyncio.run(main())
+
+
+def test_a_trajectory_has_at_most_eight_session_names(start_worker, deployed):
+    start_worker("local")
+
+    async def main() -> None:
+        async with runtime_with_session(deployed) as rt:
+            for i in range(1, 8):
+                await rt.create_session(CreateBashSessionRequest(session=f"s{i}"))
+            await rt.close_session(CloseBashSessionRequest(session="s7"))
+            # a closed session's name still counts (toolq keeps it for a restart) ...
+            with pytest.raises(ToolqRuntimeError, match="at most 8 shell sessions") as full:
+                await rt.create_session(CreateBashSessionRequest(session="s8"))
+            assert full.value.error_code == "limit_exceeded"
+            # ... and can be used again
+            await rt.create_session(CreateBashSessionRequest(session="s7"))
+            assert (await rt.run_in_session(A("echo seven", session="s7"))).output == "seven\n"
 
     asyncio.run(main())
 
@@ -238,6 +257,7 @@ def test_execute_runs_like_subprocess(start_worker, deployed, client: Client):
                 await rt.execute(Command(command="env | sort", shell=True, env={"ONLY": "this"})),
                 await rt.execute(Command(command="mkdir -p d/e", shell=True, check=True)),
                 await rt.execute(Command(command="pwd", shell=True, cwd="/workspace/d/e")),
+                await rt.execute(Command(command=["no_such_program_xyz", "arg"])),
             ]
             with pytest.raises(NonZeroExitCodeError, match=r"^boom: Command 'exit 5' failed"):
                 await rt.execute(
@@ -252,6 +272,7 @@ def test_execute_runs_like_subprocess(start_worker, deployed, client: Client):
     assert (out[2].stdout, out[2].stderr) == ("out\nerr\n", "")
     assert "ONLY=this" in out[3].stdout.splitlines() and "HOME=" not in out[3].stdout
     assert out[5].stdout.rstrip().endswith("/d/e")
+    assert out[6].exit_code == 127 and "not found" in out[6].stderr
     assert type(got) is type(expected) is CommandTimeoutError
     assert str(got) == str(expected) == "Timeout (0.5s) exceeded while running command"
     every_call_answered(client, traj_id)
@@ -322,8 +343,8 @@ def test_a_trajectory_that_ends_underneath_is_reported(start_worker, deployed, c
     async def main() -> None:
         async with runtime_with_session(deployed) as rt:
             assert await rt.is_alive()
-            client.cancel(rt.trajectory.traj_id)
-            wait_for(lambda: client.record(rt.trajectory.traj_id).status.value == "cancelled")
+            client.cancel(rt.trajectory_id)
+            wait_for(lambda: client.record(rt.trajectory_id).status.value == "cancelled")
             alive = await rt.is_alive()
             assert not alive and "has ended: cancelled" in alive.message
             with pytest.raises(ToolqRuntimeError) as ended:
@@ -331,6 +352,50 @@ def test_a_trajectory_that_ends_underneath_is_reported(start_worker, deployed, c
             assert ended.value.error_code == "trajectory_ended"
 
     asyncio.run(main())
+
+
+# ----------------------------------------------------- event loops, clients
+def test_each_call_in_an_event_loop_of_its_own_as_swe_agent_makes_them(
+    start_worker, redis_url, ns, client
+):
+    """SWE-agent's SWEEnv ``asyncio.run``s every call: each connects on its own."""
+    start_worker("local")
+    deployment = ToolqDeployment(redis_url=redis_url, namespace=ns)
+    asyncio.run(deployment.start())
+    runtime = deployment.runtime
+    asyncio.run(runtime.create_session(CreateBashSessionRequest()))
+    asyncio.run(runtime.run_in_session(A("cd sub 2>/dev/null || mkdir sub && cd sub")))
+    asyncio.run(runtime.write_file(WriteFileRequest(path="sub/f.txt", content="kept\n")))
+    shown = asyncio.run(runtime.run_in_session(A("pwd; cat f.txt")))
+    assert shown.output.splitlines()[0].endswith("/sub") and shown.output.endswith("kept\n")
+    assert asyncio.run(runtime.execute(Command(command=["true"]))).exit_code == 0
+    assert asyncio.run(deployment.is_alive())
+    asyncio.run(deployment.stop())
+    wait_for(lambda: client.record(deployment.trajectory_id).status.value == "completed")
+    every_call_answered(client, deployment.trajectory_id)
+
+
+def test_deployments_of_one_event_loop_share_a_client(start_worker, redis_url, ns, client):
+    start_worker("local")
+
+    async def main() -> tuple[list[str], list[str]]:
+        async with AsyncClient(redis_url, ns) as shared:
+            deployments = [ToolqDeployment(client=shared) for _ in range(3)]
+            await asyncio.gather(*(d.start() for d in deployments))
+            runtimes = [d.runtime for d in deployments]
+            await asyncio.gather(*(r.create_session(CreateBashSessionRequest()) for r in runtimes))
+            await asyncio.gather(
+                *(r.run_in_session(A(f"echo {i} > mine.txt")) for i, r in enumerate(runtimes))
+            )
+            seen = await asyncio.gather(*(r.run_in_session(A("cat mine.txt")) for r in runtimes))
+            await asyncio.gather(*(d.stop() for d in deployments))
+            return [o.output for o in seen], [d.trajectory_id for d in deployments]
+
+    outputs, ids = asyncio.run(main())
+    assert outputs == ["0\n", "1\n", "2\n"]  # each its own sandbox
+    for traj_id in ids:
+        wait_for(lambda t=traj_id: client.record(t).status.value == "completed")
+        every_call_answered(client, traj_id)
 
 
 # ---------------------------------------------------------------- docker
