@@ -102,6 +102,15 @@ def test_a_session_sources_its_startup_files(start_worker, deployed):
             rt = deployment.runtime
             await rt.write_file(WriteFileRequest(path="env.sh", content="export FROM_RC=yes\n"))
             await rt.create_session(CreateBashSessionRequest(startup_source=["env.sh"]))
+            # a start-up file that does not finish in time: no session
+            await rt.write_file(WriteFileRequest(path="slow.sh", content="sleep 30\n"))
+            slow = CreateBashSessionRequest(
+                session="slow", startup_source=["slow.sh"], startup_timeout=0.5
+            )
+            with pytest.raises(CommandTimeoutError, match="while starting session 'slow'"):
+                await rt.create_session(slow)
+            with pytest.raises(SessionDoesNotExistError):
+                await rt.run_in_session(A("true", session="slow"))
             return (await rt.run_in_session(A("echo $FROM_RC"))).output
 
     assert asyncio.run(main()) == "yes\n"

@@ -36,7 +36,7 @@ from toolq.integrations.swerex import (
     ToolqRuntime,
     ToolqRuntimeError,
 )
-from toolq.producer import AsyncClient
+from toolq.producer import AsyncClient, WaitTimeout
 
 
 @pytest.fixture
@@ -100,6 +100,32 @@ def test_start_without_a_worker_fails_and_cancels_the_trajectory(redis_url, ns, 
     assert deployment.trajectory_id.startswith("lonely-")
     record = client.record(deployment.trajectory_id)
     assert record is not None and record.status.value == "cancelled"
+
+
+def test_a_sandbox_that_cannot_start_fails_the_start(start_worker, redis_url, ns, client):
+    start_worker("local")
+    deployment = ToolqDeployment(redis_url=redis_url, namespace=ns, spec={"workdir": "../../x"})
+
+    async def main() -> None:
+        with pytest.raises(DeploymentStartupError, match="failed: sandbox failed to start"):
+            await deployment.start()
+
+    asyncio.run(main())
+    record = client.record(deployment.trajectory_id)
+    assert record is not None and record.status.value == "failed"
+
+
+def test_a_call_nobody_answers_raises_wait_timeout(start_worker, deployed):
+    worker = start_worker("local")
+
+    async def main() -> None:
+        async with runtime_with_session(deployed, wait_slack_s=0.5) as rt:
+            worker.stop()  # hands the trajectory back: it waits, open, for another worker
+            assert await rt.is_alive()
+            with pytest.raises(WaitTimeout):
+                await rt.run_in_session(BashAction(command="echo lost", timeout=0.5))
+
+    asyncio.run(main())
 
 
 def test_a_trajectory_that_ends_underneath_is_reported(start_worker, deployed, client):
