@@ -33,7 +33,7 @@ from swerex.runtime.abstract import IsAliveResponse
 from swerex.utils.log import get_logger
 
 from toolq.producer import AsyncClient, AsyncTrajectory, TrajectoryEnded, UnknownTrajectory
-from toolq.schemas import TrajectorySpec
+from toolq.schemas import TRAJ_ID_PATTERN, TrajectorySpec
 
 from .swerex_errors import PathOutsideWorkspaceError, ToolqRuntimeError, UnsupportedActionError
 from .swerex_runtime import ToolqRuntime
@@ -52,12 +52,12 @@ class ToolqDeploymentConfig(BaseModel):
     """Configuration of a ``ToolqDeployment``: where toolq is and what to open."""
 
     redis_url: str | None = None
-    """toolq's Redis; None: ``TOOLQ_REDIS_URL`` (see ``toolq.producer.resolve_redis_url``)."""
+    """toolq's Redis; None: ``TOOLQ_REDIS_URL``, else a local ``toolq worker``'s embedded one."""
     namespace: str = "toolq"
     """toolq's key namespace (the workers' ``TOOLQ_NAMESPACE``)."""
-    trajectory_id: str | None = None
+    trajectory_id: str | None = Field(None, pattern=rf"^{TRAJ_ID_PATTERN}$")
     """The trajectory to open; None: ``<trajectory_prefix>-<random hex>``."""
-    trajectory_prefix: str = "swerex"
+    trajectory_prefix: str = Field("swerex", pattern=r"^[A-Za-z0-9._:-]{1,100}$")
     spec: TrajectorySpec = Field(default_factory=TrajectorySpec)
     """The trajectory spec: image, env, workdir, limits, tool policy, labels."""
     workspace_root: str = "/workspace"

@@ -98,6 +98,8 @@ def test_start_without_a_worker_fails_and_cancels_the_trajectory(redis_url, ns, 
 
     asyncio.run(main())
     assert deployment.trajectory_id.startswith("lonely-")
+    with pytest.raises(ValueError, match="trajectory_id"):  # refused before anything is sent
+        ToolqDeployment(redis_url=redis_url, namespace=ns, trajectory_id="no spaces")
     record = client.record(deployment.trajectory_id)
     assert record is not None and record.status.value == "cancelled"
 
