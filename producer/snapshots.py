@@ -65,13 +65,18 @@ def fork_op(
     result. Raises ``SnapshotFailed`` (nothing opened) when it was not taken."""
     for new_id in new_ids:
         check_traj_id(new_id)
+    in_use = yield [Cmd("exists", (keys.traj(new_id),)) for new_id in new_ids]
+    taken_ids = [new_id for new_id, used in zip(new_ids, in_use, strict=True) if used]
+    if taken_ids:  # a copy must be a new trajectory, not one that exists already
+        raise ToolqError(f"cannot fork into trajectories that exist: {', '.join(taken_ids)}")
     taken = yield from take_op(keys, traj_id, fork_name(traj_id), ttl_s, wait_s, cluster)
     if not taken.ok:
         raise SnapshotFailed(taken)
     name = str((taken.data or {})["name"])
     start = (spec or TrajectorySpec()).model_copy(update={"snapshot": name})
     for new_id in new_ids:
-        yield from ops.open_traj(keys, new_id, start, False)
+        if (yield from ops.open_traj(keys, new_id, start, False)) != "new":
+            raise ToolqError(f"{new_id} was opened by someone else while the fork ran")
     return taken
 
 
@@ -87,7 +92,10 @@ def list_op(keys: Keys) -> Op[list[SnapshotInfo]]:
             continue
         if info.expires_ms > now_ms:
             found.append(info)
-    return sorted(found, key=lambda i: (i.created_ms, i.name))
+    # An index entry whose files are gone (deleted by hand, evicted) is no snapshot.
+    exist = (yield [Cmd("exists", (keys.snapshot_data(i.name),)) for i in found]) if found else []
+    kept = [info for info, there in zip(found, exist, strict=True) if there]
+    return sorted(kept, key=lambda i: (i.created_ms, i.name))
 
 
 def delete_op(keys: Keys, name: str) -> Op[bool]:

@@ -232,7 +232,7 @@ class TrajectorySpec(BaseModel):
         None,
         pattern=rf"^{TRAJ_ID_PATTERN}$",
         description="Start from this snapshot: its workspace files, and its spec under the "
-        "fields this spec sets to other than their defaults (snapshot_not_found if gone).",
+        "fields this spec sets (snapshot_not_found if gone).",
     )
 
 

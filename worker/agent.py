@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import gzip
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ import select
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -1541,20 +1543,49 @@ def check_members(tar, links, max_bytes):
                 % (max_bytes, MAX_UNPACK_ENTRIES, member.name),
             )
         members.append(member)
+    verify_trailer(tar)
     return members, total
+
+
+def verify_trailer(tar):
+    """Read a gzip stream to its end, so that its CRC and length are checked (tar
+    stops reading at its end marker): a corrupted archive is refused, not landed."""
+    if not isinstance(tar.fileobj, gzip.GzipFile):
+        return
+    try:
+        while tar.fileobj.read(1 << 20):
+            pass
+    except (OSError, EOFError) as exc:
+        raise ToolError("invalid_args", "the archive is damaged: %s" % exc) from None
 
 
 def inside(root, path):
     return path == root or path.startswith(root + os.sep)
 
 
+def ensure_dirs(root, path):
+    """Create the missing directories of ``path`` (under ``root``) one by one, so
+    that none is ever made through a symlink that leads out of the workspace."""
+    current = root
+    for part in os.path.relpath(path, root).split(os.sep):
+        if part in ("", "."):
+            continue
+        current = os.path.join(current, part)
+        if os.path.islink(current):
+            current = os.path.realpath(current)
+            if not inside(root, current):
+                raise ToolError("path_outside_workspace", "%s leads outside the workspace" % path)
+        elif not os.path.lexists(current):
+            os.mkdir(current, 0o700)
+        elif not os.path.isdir(current):
+            raise ToolError("io_error", "%s is not a directory" % current)
+    return current
+
+
 def make_room(root, target):
     """The parent of ``target`` exists in the workspace (no symlink leads out),
     and nothing but a directory stays at ``target`` itself."""
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    if not inside(root, os.path.realpath(parent)):
-        raise ToolError("path_outside_workspace", "%s leads outside the workspace" % target)
+    ensure_dirs(root, os.path.dirname(target))
     if os.path.islink(target) or (os.path.lexists(target) and not os.path.isdir(target)):
         os.unlink(target)
 
@@ -1571,6 +1602,8 @@ def unpack_member(tar, root, dest, member):
         os.symlink(member.linkname, target)
     elif member.islnk():
         source = os.path.join(dest, *entry_parts(member.linkname, "hard link target"))
+        if not inside(root, os.path.realpath(os.path.dirname(source))):
+            raise ToolError("path_outside_workspace", "hard link %r leads outside" % member.name)
         os.link(source, target, follow_symlinks=False)
     else:
         if os.path.isdir(target):
@@ -1587,7 +1620,7 @@ def unpack_into(slot, dest, data, links, max_bytes):
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
             members, total = check_members(tar, links, max_bytes)
-            os.makedirs(dest, exist_ok=True)
+            ensure_dirs(slot.root, dest)
             for member in members:
                 unpack_member(tar, slot.root, dest, member)
     except (tarfile.TarError, EOFError, zlib.error) as exc:
@@ -1627,6 +1660,21 @@ class GzipSink(object):
         self.sink.write(self.zlib.flush())
 
 
+def workspace_entries(root):
+    """(path, archive name) of the workspace and everything in it, parents first;
+    symlinks are entries, never followed. An unreadable directory is an error."""
+
+    def fail(exc):
+        raise exc
+
+    yield root, "."
+    for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            yield path, "./" + os.path.relpath(path, root)
+
+
 def tool_snapshot_pack(slot, args, req):
     """The whole workspace as a tar.gz (base64), links kept, special files left out."""
     cap = int(args["max_bytes"])
@@ -1645,7 +1693,11 @@ def tool_snapshot_pack(slot, args, req):
     try:
         # A stream (mode "w|") into zlib: a third faster than tarfile's GzipFile.
         with tarfile.open(fileobj=gz, mode="w|", bufsize=PACK_BUFSIZE) as tar:
-            tar.add(slot.root, arcname=".", recursive=True, filter=keep)
+            for path, name in workspace_entries(slot.root):
+                if stat.S_ISSOCK(os.lstat(path).st_mode):  # tar would skip it unseen
+                    counts["skipped"] += 1
+                    continue
+                tar.add(path, arcname=name, recursive=False, filter=keep)
         gz.close()
     except ArchiveTooLarge:
         sink.buf = None

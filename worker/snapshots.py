@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from toolq.schemas import ErrorCode, Keys, Limits, SnapshotArgs, SnapshotInfo, TrajectorySpec
+from toolq.schemas import ErrorCode, Keys, SnapshotArgs, SnapshotInfo, TrajectorySpec
 
 from .backends.base import SandboxError, Slot
 from .channel import AGENT_GRACE_S, ChannelClosedError
@@ -48,32 +49,19 @@ def now_ms() -> int:
 
 
 def overlay(base: TrajectorySpec, top: TrajectorySpec) -> TrajectorySpec:
-    """``base`` (a snapshot's spec) under ``top`` (the opener's): every field ``top``
-    sets to other than its default wins; ``env`` and ``labels`` merge key by key,
-    ``limits`` field by field."""
-    defaults = TrajectorySpec()
-    merged: dict[str, Any] = {}
-    for name in TrajectorySpec.model_fields:
-        mine, theirs = getattr(top, name), getattr(base, name)
+    """``base`` (a snapshot's spec) under ``top`` (the opener's): every field the
+    opener's spec sets wins (``model_fields_set``: the fields its JSON held);
+    ``env`` and ``labels`` merge key by key, ``limits`` field by field."""
+    merged = base.model_dump()
+    for name in top.model_fields_set:
+        mine = getattr(top, name)
         if name in ("env", "labels"):
-            merged[name] = {**theirs, **mine}
+            merged[name] = {**merged[name], **mine}
         elif name == "limits":
-            merged[name] = _overlay_limits(theirs, mine)
+            merged[name].update(mine.model_dump(include=mine.model_fields_set))
         else:
-            merged[name] = mine if mine != getattr(defaults, name) else theirs
+            merged[name] = mine if not isinstance(mine, BaseModel) else mine.model_dump()
     return TrajectorySpec.model_validate(merged)
-
-
-def _overlay_limits(base: Limits, top: Limits) -> Limits:
-    defaults = Limits()
-    return Limits.model_validate(
-        {
-            name: getattr(top, name)
-            if getattr(top, name) != getattr(defaults, name)
-            else getattr(base, name)
-            for name in Limits.model_fields
-        }
-    )
 
 
 def saved_spec(spec: TrajectorySpec) -> TrajectorySpec:
@@ -131,7 +119,7 @@ class Snapshots:
             spec=saved_spec(spec),
         )
         # The files first: an index entry never names files that were not written.
-        data_key, ttl_ms = self.keys.snapshot_data(wanted.name), int(ttl_s * 1000)
+        data_key, ttl_ms = self.keys.snapshot_data(wanted.name), max(1, int(ttl_s * 1000))
         await retrying(self.health, lambda: self.redis.set(data_key, data, px=ttl_ms), "snapshot")
         index = (self.keys.snapshots, wanted.name, info.model_dump_json())
         await retrying(self.health, lambda: self.redis.hset(*index), "snapshot index")
@@ -154,7 +142,11 @@ class Snapshots:
         )
         if raw is None:
             return None
-        info = SnapshotInfo.model_validate_json(raw)
+        try:
+            info = SnapshotInfo.model_validate_json(raw)
+        except ValidationError:  # not written by a worker: as good as missing
+            log.warning("snapshot %s has an unreadable index entry", name)
+            return None
         return info if info.expires_ms > now_ms() else None
 
     async def resolve(self, spec: TrajectorySpec) -> TrajectorySpec:
@@ -166,11 +158,16 @@ class Snapshots:
         return overlay(info.spec, spec)
 
     async def restore(self, slot: Slot, name: str) -> None:
-        """Fill a new workspace with the snapshot's files."""
+        """Fill a new workspace with the snapshot's files (checked against the index:
+        files and index are two writes, so a snapshot retaken under the same name
+        meanwhile, or damaged files, are refused rather than opened)."""
+        info = await self.info(name)
         key = self.keys.snapshot_data(name)
         data: Any = await retrying(self.health, lambda: self.redis.get(key), "snapshot read")
-        if data is None:
+        if info is None or data is None:
             raise SnapshotMissing(_missing(name))
+        if hashlib.sha256(data).hexdigest() != info.sha256:
+            raise SnapshotMissing(f"snapshot {name!r} does not match its index (being replaced?)")
         timeout_s = self.settings.snapshot_timeout_s
         try:
             fut = slot.channel.submit(
