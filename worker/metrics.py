@@ -58,6 +58,8 @@ OUTCOMES = frozenset(["ok", *(code.value for code in ErrorCode)])
 SLOT_STATES = ("busy", "idle", "starting", "free")
 BG_STATUSES = ("running", "completed", "failed", "stopped", "lost")
 REDIS_ERROR_KINDS = ("connection", "timeout", "reply")
+# Why the Docker backend did not reuse a container (docker_recycle.REJECT_REASONS).
+RECYCLE_REJECT_REASONS = ("processes", "filesystem", "leftovers", "agent", "error")
 MINUTE_STATS_TTL_S = 2 * 3600
 
 _FAST_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -102,6 +104,12 @@ class Observer:
 
     def container_lost(self) -> None:
         """The Docker backend found a container dead that it had not stopped."""
+
+    def container_recycled(self, seconds: float) -> None:
+        """The Docker backend reset and verified a container for reuse in ``seconds``."""
+
+    def container_recycle_rejected(self, reason: str) -> None:
+        """The Docker backend removed a container that failed its reset (``reason``)."""
 
     def bg_task_changed(self, status: str) -> None:
         """A background task started (``running``) or ended with ``status``."""
@@ -192,6 +200,21 @@ class WorkerMetrics(Observer):
             buckets=START_BUCKETS_S,
             registry=r,
         )
+        self.recycled = Counter(
+            "toolq_containers_recycled", "Containers reset, verified and reused.", registry=r
+        )
+        self.recycle_rejected = Counter(
+            "toolq_containers_recycle_rejected",
+            "Containers removed because their reset failed, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.recycle_s = Histogram(
+            "toolq_container_recycle_seconds",
+            "Time from a container's last slot ending to it being back in the pool.",
+            buckets=START_BUCKETS_S,
+            registry=r,
+        )
         self.opened = Counter(
             "toolq_trajectories_opened", "Trajectories claimed by this worker.", registry=r
         )
@@ -226,6 +249,7 @@ class WorkerMetrics(Observer):
             (self.ended, sorted(FINAL_STATUSES)),
             (self.bg_tasks, BG_STATUSES),
             (self.redis_errors, REDIS_ERROR_KINDS),
+            (self.recycle_rejected, RECYCLE_REJECT_REASONS),
         ):
             for value in values:
                 children.labels(value)
@@ -305,6 +329,13 @@ class WorkerMetrics(Observer):
 
     def container_lost(self) -> None:
         self.containers_lost.inc()
+
+    def container_recycled(self, seconds: float) -> None:
+        self.recycled.inc()
+        self.recycle_s.observe(seconds)
+
+    def container_recycle_rejected(self, reason: str) -> None:
+        self.recycle_rejected.labels(reason if reason in RECYCLE_REJECT_REASONS else OTHER).inc()
 
     def bg_task_changed(self, status: str) -> None:
         self.bg_tasks.labels(status if status in BG_STATUSES else OTHER).inc()

@@ -23,11 +23,14 @@ attached: every tool call is a JSON line over that stream (~2 ms), never a new
   layer, bounded only by the host's disk (overlay2 has no per-container quota
   unless its backing filesystem is xfs with pquota).
 - ``warm_pool`` containers of the default image and limits are kept started.
+- ``recycle_containers``: a container of the default image and limits whose
+  last slot ended goes back to the pool after a reset verified from the
+  engine's side (``docker_recycle.py``), instead of being removed.
 - Containers are labelled ``toolq.managed``, ``toolq.ns``, ``toolq.worker`` and
   ``toolq.traj`` (empty for warm and packed ones).
 
 Containers that outlive their worker (hand-over to the next owner, adoption,
-sweeps) are ``docker_handover.py``'s.
+sweeps) are ``docker_handover.py``'s; recycling is ``docker_recycle.py``'s.
 """
 
 from __future__ import annotations
@@ -53,12 +56,14 @@ from .docker_box import (
     WORKSPACE,
     Box,
     BoxConfig,
+    Started,
     box_config,
     no_python_message,
     safe_name,
 )
 from .docker_engine import Engine
 from .docker_handover import HandOver
+from .docker_recycle import Recycler, Rejected
 from .docker_stream import ExecStream
 
 log = logging.getLogger("toolq.worker.docker")
@@ -88,6 +93,8 @@ class DockerBackend(HandOver):
         self._removing: set[str] = set()  # ids being removed: never adopted
         self._sweeper: asyncio.Task[None] | None = None
         self.default_config = box_config(TrajectorySpec(), settings)
+        self.recycler = Recycler(self.engine, settings, self._connect)
+        self._recycles: set[asyncio.Task[float]] = set()  # containers being reset
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -110,7 +117,9 @@ class DockerBackend(HandOver):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        await asyncio.gather(*self._boots, return_exceptions=True)
+        for recycling in self._recycles:
+            recycling.cancel()  # their containers are removed, not reused
+        await asyncio.gather(*self._boots, *self._recycles, return_exceptions=True)
         await asyncio.sleep(0)  # let discarded boxes' done-callbacks schedule their removal
         channels = [b.channel for b in self._boxes if b.channel is not None]
         for box in list(self._boxes):
@@ -180,7 +189,8 @@ class DockerBackend(HandOver):
         if keep and not box.slots and box.traj and not box.pool and box.ready and not box.dead:
             await self._hand_over(box)
         elif not box.slots:
-            self._discard(box)
+            if keep or not self._recycle(box):
+                self._discard(box)
         elif box.channel is not None and box.channel.alive:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(box.channel.request("drop", slot=slot.name), DROP_TIMEOUT_S)
@@ -240,6 +250,49 @@ class DockerBackend(HandOver):
                 )
                 return
 
+    # ----------------------------------------------------------- recycling
+    def _recycle(self, box: Box) -> bool:
+        """Reset ``box`` for the pool in the background; False: remove it instead."""
+        if self._closing or not self.recycler.wants(box, self.default_config):
+            return False
+        if not self._pool_has_room():
+            return False
+        with contextlib.suppress(ValueError):
+            self._boxes.remove(box)  # nobody picks it while it is reset
+        box.traj = ""  # its label's trajectory is not its own any more: never handed over
+        task = asyncio.create_task(self.recycler.recycle(box), name=f"recycle-{box.name}")
+        self._recycles.add(task)
+        task.add_done_callback(lambda done: self._recycled(box, done))
+        return True
+
+    def _recycled(self, box: Box, task: asyncio.Task[float]) -> None:
+        """Put a verified container back in the pool; remove a rejected one."""
+        self._recycles.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if task.cancelled() or error is not None or self._closing:
+            if isinstance(error, Rejected):
+                self.observer.container_recycle_rejected(error.reason)
+                log.warning("container %s not reused: %s", box.name, error)
+            elif error is not None:
+                log.error("recycling container %s failed: %r", box.name, error)
+            box.channel = None  # ended on purpose: not a lost container
+            self._finish_discard(box)
+            self._refill_soon()
+            return
+        self.observer.container_recycled(task.result())
+        box.used = False
+        self._boxes.append(box)
+        log.info("container %s (%s) recycled", box.name, box.cid[:12])
+
+    def _pool_has_room(self) -> bool:
+        """Is one more idle container worth keeping? As many as the warm pool holds, or
+        as the worker's free slots could use, whichever is more."""
+        per = self.settings.slots_per_container
+        in_use = sum(1 for b in self._boxes if b.slots)
+        idle = sum(1 for b in self._boxes if not b.used and not b.closing) + len(self._recycles)
+        wanted = max(self.settings.warm_pool, -(-self.settings.slots // per) - in_use)
+        return idle < wanted
+
     # ------------------------------------------------------------- booting
     def _new_box(self, config: BoxConfig, traj_id: str = "", warm: bool = False) -> Box:
         if self._closing:
@@ -274,15 +327,7 @@ class DockerBackend(HandOver):
             else:
                 async with self._start_sem:  # start storms slow the engine down for everyone
                     got = await asyncio.to_thread(self.engine.start_container, box)
-            box.cid = got.cid
-            box.stream = await ExecStream.open(got.sock, got.leftover, box.name)
-            box.channel = AgentChannel(box.stream.reader, box.stream.write, self.on_event, box.name)
-            try:
-                await asyncio.wait_for(asyncio.shield(box.channel.ready), READY_TIMEOUT_S)
-            except (ChannelClosedError, asyncio.TimeoutError) as exc:
-                raise SandboxError(
-                    await self._explain_agent_failure(box, got.exec_id, exc)
-                ) from exc
+            await self._connect(box, got)
         except BaseException as exc:
             self._discard(box)
             if isinstance(exc, SandboxError | asyncio.CancelledError):
@@ -291,6 +336,16 @@ class DockerBackend(HandOver):
         if not box.adopted:
             self.observer.container_started(time.monotonic() - started_s)
             log.info("container %s (%s) ready", box.name, box.cid[:12])
+
+    async def _connect(self, box: Box, got: Started) -> None:
+        """Attach to a started agent's exec; wait until it says ready (SandboxError if not)."""
+        box.cid = got.cid
+        box.stream = await ExecStream.open(got.sock, got.leftover, box.name)
+        box.channel = AgentChannel(box.stream.reader, box.stream.write, self.on_event, box.name)
+        try:
+            await asyncio.wait_for(asyncio.shield(box.channel.ready), READY_TIMEOUT_S)
+        except (ChannelClosedError, asyncio.TimeoutError) as exc:
+            raise SandboxError(await self._explain_agent_failure(box, got.exec_id, exc)) from exc
 
     async def _explain_agent_failure(self, box: Box, exec_id: str, exc: BaseException) -> str:
         assert box.stream is not None

@@ -9,8 +9,8 @@ running and only ends its agent (stdin EOF: it kills its processes and exits);
 a SIGKILLed worker's containers keep running the same way. The next owner's
 ``acquire`` finds the running container labelled with the trajectory and
 *adopts* it: a fresh agent, the same ``/workspace``, so files survive (running
-processes, shell sessions and background tasks do not). Warm and packed
-containers carry no trajectory label and are not kept.
+processes, shell sessions and background tasks do not). Warm, packed and
+recycled containers are not kept, and never adopted.
 
 Sweeps (at start and every ``sweep_s``) remove this namespace's containers
 that nobody will use again: those of dead workers without a trajectory label,
@@ -41,6 +41,7 @@ from .docker_box import (
     Box,
     BoxConfig,
     awaits_adoption,
+    is_recycled,
     labels_of,
 )
 
@@ -114,7 +115,11 @@ class HandOver(Backend):
             log.warning("could not look for %s's container: %s", traj_id, exc)
             return None
         taken = {b.cid for b in self._boxes} | self._removing
-        found = [c for c in found if c["Id"] not in taken and not labels_of(c).get(LABEL_POOL)]
+        found = [
+            c
+            for c in found
+            if c["Id"] not in taken and not labels_of(c).get(LABEL_POOL) and not is_recycled(c)
+        ]
         if not found:
             return None
         left = max(found, key=lambda c: float(c.get("Created") or 0))  # the newest
