@@ -202,6 +202,24 @@ def test_a_container_that_cannot_be_made_new_is_removed(
     )
 
 
+def test_an_open_during_a_reset_waits_for_it_or_starts_a_container(recycling, client: Client):
+    # One slot: the next trajectory is claimed once the last one's slot is
+    # released, while its container is being reset.
+    port = recycling(slots=1)
+    client.open("t1")
+    r1 = client.call("t1", "bash", {"command": "echo one > f"})
+    client.close("t1")
+    client.open("t2")
+    r2 = client.call("t2", "bash", {"command": "ls; echo 'export POISON=1' >> ~/.bashrc"})
+    assert r1.ok and r2.ok and r2.output == ""
+    assert container(r2) == container(r1)  # it waited for the reset
+    client.close("t2")
+    client.open("t3")  # t2's container is rejected: t3 gets a new one
+    r3 = client.call("t3", "bash", {"command": "grep -c POISON ~/.bashrc"})
+    assert r3.output == "0\n" and container(r3) != container(r2)
+    assert recycled(port) == 1 and rejected(port, "filesystem") == 1
+
+
 def test_packed_container_is_recycled_when_its_last_slot_ends(recycling, client: Client):
     port = recycling(slots_per_container=2)
     tag = unique_sleep()

@@ -94,7 +94,8 @@ class DockerBackend(HandOver):
         self._sweeper: asyncio.Task[None] | None = None
         self.default_config = box_config(TrajectorySpec(), settings)
         self.recycler = Recycler(self.engine, settings, self._connect)
-        self._recycles: set[asyncio.Task[float]] = set()  # containers being reset
+        self._recycles: dict[asyncio.Task[float], Box] = {}  # containers being reset
+        self._awaited: set[asyncio.Task[float]] = set()  # resets an open waits for
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -141,8 +142,8 @@ class DockerBackend(HandOver):
                     return await self._open_slot(adopted, spec)
                 except SandboxError as exc:
                     log.warning("adopted container %s failed (%s): starting one", adopted.name, exc)
-        box = self._pick(config) or self._new_box(config, traj_id)
-        return await self._open_slot(box, spec)
+        box = self._pick(config) or await self._await_reset(config)
+        return await self._open_slot(box or self._new_box(config, traj_id), spec)
 
     async def _open_slot(self, box: Box, spec: TrajectorySpec) -> Slot:
         """Create a workspace in ``box`` (booted or booting) and return its slot."""
@@ -261,13 +262,13 @@ class DockerBackend(HandOver):
             self._boxes.remove(box)  # nobody picks it while it is reset
         box.traj = ""  # its label's trajectory is not its own any more: never handed over
         task = asyncio.create_task(self.recycler.recycle(box), name=f"recycle-{box.name}")
-        self._recycles.add(task)
+        self._recycles[task] = box
         task.add_done_callback(lambda done: self._recycled(box, done))
         return True
 
     def _recycled(self, box: Box, task: asyncio.Task[float]) -> None:
         """Put a verified container back in the pool; remove a rejected one."""
-        self._recycles.discard(task)
+        self._recycles.pop(task, None)
         error = None if task.cancelled() else task.exception()
         if task.cancelled() or error is not None or self._closing:
             if isinstance(error, Rejected):
@@ -283,6 +284,23 @@ class DockerBackend(HandOver):
         box.used = False
         self._boxes.append(box)
         log.info("container %s (%s) recycled", box.name, box.cid[:12])
+
+    async def _await_reset(self, config: BoxConfig) -> Box | None:
+        """The container of ``config`` being reset that no other open waits for, once
+        reset (the rest of a reset is shorter than a start, and saves the engine one);
+        None when there is none, or it was rejected."""
+        task = next(
+            (t for t, b in self._recycles.items() if b.config == config and t not in self._awaited),
+            None,
+        )
+        if task is None:
+            return None
+        self._awaited.add(task)
+        try:
+            await asyncio.wait([task])  # neither raises nor cancels the reset
+        finally:
+            self._awaited.discard(task)
+        return self._pick(config)  # it, unless it was rejected (or another open was quicker)
 
     def _pool_has_room(self) -> bool:
         """Is one more idle container worth keeping? As many as the warm pool holds, or
