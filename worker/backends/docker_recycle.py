@@ -29,8 +29,8 @@ execs of files the sandbox user cannot have changed:
 
 A rejected container is removed. Outcomes are counted by the backend's
 observer: recycled (with the seconds it took), or rejected with a reason in
-``REJECT_REASONS``. All of it runs in the background, after the trajectory's
-end was written.
+``REJECT_REASONS``. All of it runs in a background task that releasing the
+slot only starts: the trajectory's end and the worker's loop never wait for it.
 """
 
 from __future__ import annotations
