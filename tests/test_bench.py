@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REQUIRE_DOCKER, docker_ready
+from tests.conftest import REQUIRE_DOCKER, docker_ready, require_docker
 
 RUN = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 
@@ -44,3 +44,24 @@ def test_quick_mode_writes_every_output(tmp_path: Path) -> None:
     assert "## Targets" in markdown and "| path | tool |" in markdown
     for png in ("results.png", "latency.png", "throughput.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+@pytest.mark.timeout(300)
+def test_recycle_quick_mode_reuses_every_container_it_can(tmp_path: Path) -> None:
+    require_docker()
+    proc = subprocess.run(
+        [sys.executable, str(RUN.parent / "recycle.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "recycle.json").read_text())
+    one = result["one_at_a_time"]
+    # One at a time, after the first: every open of the recycle mode finds the last
+    # trajectory's container reset; the others never reuse one.
+    assert one["recycle"]["reused"] == one["recycle"]["n"] > 0
+    assert one["cold"]["reused"] == one["warm"]["reused"] == 0
+    assert result["recycle"]["rejected"] == 0 and result["recycle"]["recycled"] > 0
+    assert "## Recycled containers: open latency" in (tmp_path / "recycle.md").read_text()

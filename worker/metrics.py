@@ -34,15 +34,14 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from toolq.schemas import FINAL_STATUSES, ErrorCode, Keys, Result, __version__, latency_field
 
+from .metrics_redis import instrument_redis
+
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
-    from redis.asyncio.connection import AbstractConnection
 
     from .settings import WorkerSettings
     from .tools import Registry
@@ -59,6 +58,8 @@ OUTCOMES = frozenset(["ok", *(code.value for code in ErrorCode)])
 SLOT_STATES = ("busy", "idle", "starting", "free")
 BG_STATUSES = ("running", "completed", "failed", "stopped", "lost")
 REDIS_ERROR_KINDS = ("connection", "timeout", "reply")
+# Why the Docker backend did not reuse a container (docker_recycle.REJECT_REASONS).
+RECYCLE_REJECT_REASONS = ("processes", "filesystem", "leftovers", "agent", "error")
 MINUTE_STATS_TTL_S = 2 * 3600
 
 _FAST_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -103,6 +104,12 @@ class Observer:
 
     def container_lost(self) -> None:
         """The Docker backend found a container dead that it had not stopped."""
+
+    def container_recycled(self, seconds: float) -> None:
+        """The Docker backend reset and verified a container for reuse in ``seconds``."""
+
+    def container_recycle_rejected(self, reason: str) -> None:
+        """The Docker backend removed a container that failed its reset (``reason``)."""
 
     def bg_task_changed(self, status: str) -> None:
         """A background task started (``running``) or ended with ``status``."""
@@ -202,6 +209,21 @@ class WorkerMetrics(Observer):
             buckets=START_BUCKETS_S,
             registry=r,
         )
+        self.recycled = Counter(
+            "toolq_containers_recycled", "Containers reset, verified and reused.", registry=r
+        )
+        self.recycle_rejected = Counter(
+            "toolq_containers_recycle_rejected",
+            "Containers removed because their reset failed, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.recycle_s = Histogram(
+            "toolq_container_recycle_seconds",
+            "Time from a container's last slot ending to it being back in the pool.",
+            buckets=START_BUCKETS_S,
+            registry=r,
+        )
         self.opened = Counter(
             "toolq_trajectories_opened", "Trajectories claimed by this worker.", registry=r
         )
@@ -244,6 +266,7 @@ class WorkerMetrics(Observer):
             (self.bg_tasks, BG_STATUSES),
             (self.redis_errors, REDIS_ERROR_KINDS),
             (self.snapshot_ops, ("taken", "restored")),
+            (self.recycle_rejected, RECYCLE_REJECT_REASONS),
         ):
             for value in values:
                 children.labels(value)
@@ -334,6 +357,13 @@ class WorkerMetrics(Observer):
     def container_lost(self) -> None:
         self.containers_lost.inc()
 
+    def container_recycled(self, seconds: float) -> None:
+        self.recycled.inc()
+        self.recycle_s.observe(seconds)
+
+    def container_recycle_rejected(self, reason: str) -> None:
+        self.recycle_rejected.labels(reason if reason in RECYCLE_REJECT_REASONS else OTHER).inc()
+
     def bg_task_changed(self, status: str) -> None:
         self.bg_tasks.labels(status if status in BG_STATUSES else OTHER).inc()
 
@@ -368,78 +398,3 @@ class WorkerMetrics(Observer):
     def backlog_sampled(self, count: int, oldest_age_s: float) -> None:
         self.backlog.set(count)
         self.backlog_age_s.set(oldest_age_s)
-
-
-def _error_kind(exc: BaseException) -> str | None:
-    """The ``kind`` label of a Redis error, None for replies that are part of normal work."""
-    if isinstance(exc, RedisTimeoutError):
-        return "timeout"
-    if isinstance(exc, RedisConnectionError):
-        return "connection"
-    if isinstance(exc, NoScriptError):  # redis-py loads the script and retries
-        return None
-    if isinstance(exc, ResponseError):
-        return None if str(exc).startswith("BUSYGROUP") else "reply"
-    return None
-
-
-def instrument_redis(redis: Any, metrics: WorkerMetrics) -> None:
-    """Count round trips and errors of every connection ``redis`` opens from now on.
-
-    One ``send_packed_command`` is one round trip (a pipeline sends once per
-    node). Connections already open are not counted: call this before the
-    client's first command. A Redis Cluster client gets it on every node,
-    and on nodes it discovers later.
-    """
-    pool = getattr(redis, "connection_pool", None)
-    if pool is not None:
-        pool.connection_class = _observed(pool.connection_class, metrics)
-        return
-    observed = _observed(redis.connection_kwargs["connection_class"], metrics)
-    for kwargs in (redis.connection_kwargs, redis.nodes_manager.connection_kwargs):
-        kwargs["connection_class"] = observed
-    for node in redis.get_nodes():
-        node.connection_class = observed
-
-
-def _observed(base: type[AbstractConnection], metrics: WorkerMetrics) -> Any:
-    """``base`` with its sends and reads counted (once: an observed class is kept)."""
-    if getattr(base, "_toolq_metrics", None) is not None:
-        return base  # already instrumented
-
-    class ObservedConnection(base):  # type: ignore[misc,valid-type]
-        _toolq_metrics = metrics
-        _handshake = False
-
-        async def on_connect_check_health(self, *args: Any, **kwargs: Any) -> None:
-            # Refused handshake options (CLIENT SETINFO before Redis 7.2) are not errors.
-            self._handshake = True
-            try:
-                await super().on_connect_check_health(*args, **kwargs)
-            finally:
-                self._handshake = False
-
-        async def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
-            metrics.redis_round_trips.inc()
-            try:
-                await super().send_packed_command(*args, **kwargs)
-            except RedisError as exc:
-                _count_error(metrics, exc)
-                raise
-
-        async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return await super().read_response(*args, **kwargs)
-            except RedisError as exc:
-                if not (self._handshake and isinstance(exc, ResponseError)):
-                    _count_error(metrics, exc)
-                raise
-
-    ObservedConnection.__name__ = f"Observed{base.__name__}"
-    return ObservedConnection
-
-
-def _count_error(metrics: WorkerMetrics, exc: BaseException) -> None:
-    kind = _error_kind(exc)
-    if kind is not None:
-        metrics.redis_errors.labels(kind).inc()

@@ -89,6 +89,13 @@ class WorkerSettings:
     warm_pool: int = _opt(0, "Containers kept started for the default image.")
     start_concurrency: int = _opt(4, "Container starts at once, at most.")
     slots_per_container: int = _opt(1, "Same-image trajectories packed per container.")
+    recycle_containers: bool = _opt(
+        False,
+        "Reuse the container of an ended trajectory (its last slot, default image and "
+        "limits only) after a reset the worker verifies from the engine: no process "
+        "left, workspace empty, filesystem as new; a container that fails is removed. "
+        "Off: every trajectory gets a fresh container.",
+    )
     max_memory_mb: int = _opt(8192, "Cap over every spec's memory_mb.")
     max_cpus: float = _opt(4.0, "Cap over every spec's cpus.")
     max_pids: int = _opt(4096, "Cap over every spec's pids.")

@@ -23,23 +23,14 @@ attached: every tool call is a JSON line over that stream (~2 ms), never a new
   layer, bounded only by the host's disk (overlay2 has no per-container quota
   unless its backing filesystem is xfs with pquota).
 - ``warm_pool`` containers of the default image and limits are kept started.
+- ``recycle_containers``: a container of the default image and limits whose
+  last slot ended goes back to the pool after a reset verified from the
+  engine's side (``docker_recycle.py``), instead of being removed.
 - Containers are labelled ``toolq.managed``, ``toolq.ns``, ``toolq.worker`` and
   ``toolq.traj`` (empty for warm and packed ones).
 
-Hand-over: ``release(keep=True)`` (a worker stopping while another is alive, or
-one that lost its trajectory to another) leaves a trajectory's container
-running and only ends its agent (stdin EOF: it kills its processes and exits);
-a SIGKILLed worker's containers keep running the same way. The next owner's
-``acquire`` finds the running container labelled with the trajectory and
-*adopts* it: a fresh agent, the same ``/workspace``, so files survive (running
-processes, shell sessions and background tasks do not). Warm and packed
-containers carry no trajectory label and are not kept.
-
-Sweeps (at start and every ``sweep_s``) remove this namespace's containers
-that nobody will use again: those of dead workers without a trajectory label,
-stopped ones, and kept ones whose trajectory has ended, lost its record, went
-idle past its ``idle_timeout_s`` while pending, or runs in another container
-now. A kept container of a pending or running trajectory waits for adoption.
+Containers that outlive their worker (hand-over to the next owner, adoption,
+sweeps) are ``docker_handover.py``'s; recycling is ``docker_recycle.py``'s.
 """
 
 from __future__ import annotations
@@ -50,40 +41,35 @@ import itertools
 import logging
 import time
 import uuid
-from dataclasses import replace
 from typing import Any
 
 from toolq.schemas import TrajectorySpec
 
 from ..channel import AgentChannel, ChannelClosedError
 from ..settings import WorkerSettings
-from .base import Backend, SandboxError, Slot, TrajState
+from .base import SandboxError, Slot
 from .docker_box import (
     DROP_TIMEOUT_S,
     FAILED_REFILL_PAUSE_S,
     INIT_TIMEOUT_S,
-    LABEL_MANAGED,
-    LABEL_NS,
-    LABEL_POOL,
-    LABEL_TRAJ,
-    LABEL_WORKER,
     READY_TIMEOUT_S,
     WORKSPACE,
     Box,
     BoxConfig,
-    awaits_adoption,
+    Started,
     box_config,
-    labels_of,
     no_python_message,
     safe_name,
 )
 from .docker_engine import Engine
+from .docker_handover import HandOver
+from .docker_recycle import Recycler, Rejected
 from .docker_stream import ExecStream
 
 log = logging.getLogger("toolq.worker.docker")
 
 
-class DockerBackend(Backend):
+class DockerBackend(HandOver):
     """Slots in Docker containers, each served by one attached agent process."""
 
     name = "docker"
@@ -107,6 +93,9 @@ class DockerBackend(Backend):
         self._removing: set[str] = set()  # ids being removed: never adopted
         self._sweeper: asyncio.Task[None] | None = None
         self.default_config = box_config(TrajectorySpec(), settings)
+        self.recycler = Recycler(self.engine, settings, self._connect)
+        self._recycles: dict[asyncio.Task[float], Box] = {}  # containers being reset
+        self._awaited: set[asyncio.Task[float]] = set()  # resets an open waits for
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -129,7 +118,9 @@ class DockerBackend(Backend):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        await asyncio.gather(*self._boots, return_exceptions=True)
+        for recycling in self._recycles:
+            recycling.cancel()  # their containers are removed, not reused
+        await asyncio.gather(*self._boots, *self._recycles, return_exceptions=True)
         await asyncio.sleep(0)  # let discarded boxes' done-callbacks schedule their removal
         channels = [b.channel for b in self._boxes if b.channel is not None]
         for box in list(self._boxes):
@@ -139,65 +130,6 @@ class DockerBackend(Backend):
             await asyncio.gather(*self._removals, return_exceptions=True)
         with contextlib.suppress(Exception):
             self.api.close()
-
-    # -------------------------------------------------------------- sweeps
-    async def _sweep_loop(self) -> None:
-        """Sweep every ``sweep_s``: hand-overs nobody adopted must not leak forever."""
-        while not self._closing:
-            await asyncio.sleep(self.settings.sweep_s)
-            try:
-                await self.sweep()
-            except Exception as exc:  # Redis or the engine away: try again next time
-                log.warning("sweeping left-over containers failed: %s", exc)
-
-    async def sweep(self) -> int:
-        """Remove this namespace's containers nobody will use again; return how many.
-
-        A container is looked at when its worker is dead (or it is one this
-        worker handed over); it stays while its trajectory may still adopt it.
-        """
-        if self.worker_heartbeats is None:
-            return 0
-        beats = await self.worker_heartbeats()
-        found = await asyncio.to_thread(
-            self.api.containers,
-            all=True,
-            filters={"label": [f"{LABEL_MANAGED}=1", f"{LABEL_NS}={self.ns}"]},
-        )
-        now_s = time.time()
-        mine = {b.cid for b in self._boxes}
-        left = [c for c in found if c["Id"] not in mine and self._unattended(c, beats, now_s)]
-        traj_ids = sorted({t for c in left if (t := labels_of(c).get(LABEL_TRAJ))})
-        states: dict[str, TrajState] | None = None
-        if traj_ids and self.trajectory_states is not None:
-            states = await self.trajectory_states(traj_ids)
-        stale = [c for c in left if not awaits_adoption(c, states, now_s)]
-        for c in stale:
-            labels = labels_of(c)
-            log.info(
-                "removing left-over container %s (worker %s, trajectory %s, %s)",
-                c["Id"][:12],
-                labels.get(LABEL_WORKER) or "-",
-                labels.get(LABEL_TRAJ) or "-",
-                c.get("State") or "?",
-            )
-        await asyncio.gather(*(self._remove(c["Id"]) for c in stale))
-        return len(stale)
-
-    def _unattended(self, container: dict[str, Any], beats: dict[str, int], now_s: float) -> bool:
-        """Not this worker's to serve and not a live worker's: a container to judge.
-
-        Dead means a stale heartbeat, or none at all and older than
-        ``dead_after_s`` (which spares containers a starting worker made before
-        its first heartbeat). Our own are judged only once handed over.
-        """
-        owner = labels_of(container).get(LABEL_WORKER, "")
-        dead_after_s = self.settings.dead_after_s
-        if owner == self.settings.worker_id:
-            return container["Id"] in self._kept
-        if owner in beats:
-            return now_s - beats[owner] / 1000.0 > dead_after_s
-        return now_s - float(container.get("Created") or now_s) > dead_after_s
 
     # ---------------------------------------------------------------- slots
     async def acquire(self, traj_id: str, spec: TrajectorySpec) -> Slot:
@@ -210,8 +142,8 @@ class DockerBackend(Backend):
                     return await self._open_slot(adopted, spec)
                 except SandboxError as exc:
                     log.warning("adopted container %s failed (%s): starting one", adopted.name, exc)
-        box = self._pick(config) or self._new_box(config, traj_id)
-        return await self._open_slot(box, spec)
+        box = self._pick(config) or await self._await_reset(config)
+        return await self._open_slot(box or self._new_box(config, traj_id), spec)
 
     async def _open_slot(self, box: Box, spec: TrajectorySpec) -> Slot:
         """Create a workspace in ``box`` (booted or booting) and return its slot."""
@@ -258,82 +190,16 @@ class DockerBackend(Backend):
         if keep and not box.slots and box.traj and not box.pool and box.ready and not box.dead:
             await self._hand_over(box)
         elif not box.slots:
-            self._discard(box)
+            if keep or not self._recycle(box):
+                self._discard(box)
         elif box.channel is not None and box.channel.alive:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(box.channel.request("drop", slot=slot.name), DROP_TIMEOUT_S)
-
-    async def _hand_over(self, box: Box) -> None:
-        """Forget a container but leave it running; its agent ends on stdin EOF."""
-        box.closing = True
-        with contextlib.suppress(ValueError):
-            self._boxes.remove(box)
-        self._kept.add(box.cid)
-        if box.channel is not None:
-            await box.channel.close()
-        if box.stream is not None:
-            box.stream.close()
-        log.info(
-            "container %s (%s) kept for the next owner of %s", box.name, box.cid[:12], box.traj
-        )
 
     def _release_name(self, box: Box, name: str) -> None:
         box.slots.discard(name)
         if not box.slots and box.used:
             self._discard(box)
-
-    async def _may_have_left_over(self, traj_id: str) -> bool:
-        """False for a trajectory that never had a slot: spares new ones an engine query."""
-        if self.trajectory_states is None:
-            return True
-        try:
-            state = (await self.trajectory_states([traj_id])).get(traj_id)
-        except Exception:  # Redis hiccup: look anyway
-            return True
-        return state is None or bool(state.slot)
-
-    async def _adopt(self, traj_id: str, config: BoxConfig) -> Box | None:
-        """The running container a previous owner left for ``traj_id``, with a fresh agent."""
-        if self._closing or not await self._may_have_left_over(traj_id):
-            return None
-        try:
-            found = await asyncio.to_thread(
-                self.api.containers,
-                filters={
-                    "label": [
-                        f"{LABEL_MANAGED}=1",
-                        f"{LABEL_NS}={self.ns}",
-                        f"{LABEL_TRAJ}={traj_id}",
-                    ],
-                    "status": "running",
-                },
-            )
-        except Exception as exc:  # the engine will answer the fresh start, or explain
-            log.warning("could not look for %s's container: %s", traj_id, exc)
-            return None
-        taken = {b.cid for b in self._boxes} | self._removing
-        found = [c for c in found if c["Id"] not in taken and not labels_of(c).get(LABEL_POOL)]
-        if not found:
-            return None
-        left = max(found, key=lambda c: float(c.get("Created") or 0))  # the newest
-        names = left.get("Names") or [left["Id"][:12]]
-        box = Box(
-            name=str(names[0]).lstrip("/"),
-            config=replace(config, image=str(left.get("Image") or config.image)),
-            traj=traj_id,
-            cid=left["Id"],
-            used=True,
-            adopted=True,
-        )
-        self._launch(box)
-        try:
-            await self._wait_booted(box)  # a failed boot removes the container
-        except SandboxError as exc:
-            log.warning("could not adopt container %s of %s: %s", box.name, traj_id, exc)
-            return None
-        self._kept.discard(box.cid)
-        log.info("adopted container %s (%s) of %s", box.name, box.cid[:12], traj_id)
-        return box
 
     def _pick(self, config: BoxConfig) -> Box | None:
         """A live container of this config with room: partly used first, then warm.
@@ -385,6 +251,66 @@ class DockerBackend(Backend):
                 )
                 return
 
+    # ----------------------------------------------------------- recycling
+    def _recycle(self, box: Box) -> bool:
+        """Reset ``box`` for the pool in the background; False: remove it instead."""
+        if self._closing or not self.recycler.wants(box, self.default_config):
+            return False
+        if not self._pool_has_room():
+            return False
+        with contextlib.suppress(ValueError):
+            self._boxes.remove(box)  # nobody picks it while it is reset
+        box.traj = ""  # its label's trajectory is not its own any more: never handed over
+        task = asyncio.create_task(self.recycler.recycle(box), name=f"recycle-{box.name}")
+        self._recycles[task] = box
+        task.add_done_callback(lambda done: self._recycled(box, done))
+        return True
+
+    def _recycled(self, box: Box, task: asyncio.Task[float]) -> None:
+        """Put a verified container back in the pool; remove a rejected one."""
+        self._recycles.pop(task, None)
+        error = None if task.cancelled() else task.exception()
+        if task.cancelled() or error is not None or self._closing:
+            if isinstance(error, Rejected):
+                self.observer.container_recycle_rejected(error.reason)
+                log.warning("container %s not reused: %s", box.name, error)
+            elif error is not None:
+                log.error("recycling container %s failed: %r", box.name, error)
+            box.channel = None  # ended on purpose: not a lost container
+            self._finish_discard(box)
+            self._refill_soon()
+            return
+        self.observer.container_recycled(task.result())
+        box.used = False
+        self._boxes.append(box)
+        log.info("container %s (%s) recycled", box.name, box.cid[:12])
+
+    async def _await_reset(self, config: BoxConfig) -> Box | None:
+        """The container of ``config`` being reset that no other open waits for, once
+        reset (the rest of a reset is shorter than a start, and saves the engine one);
+        None when there is none, or it was rejected."""
+        task = next(
+            (t for t, b in self._recycles.items() if b.config == config and t not in self._awaited),
+            None,
+        )
+        if task is None:
+            return None
+        self._awaited.add(task)
+        try:
+            await asyncio.wait([task])  # neither raises nor cancels the reset
+        finally:
+            self._awaited.discard(task)
+        return self._pick(config)  # it, unless it was rejected (or another open was quicker)
+
+    def _pool_has_room(self) -> bool:
+        """Is one more idle container worth keeping? As many as the warm pool holds, or
+        as the worker's free slots could use, whichever is more."""
+        per = self.settings.slots_per_container
+        in_use = sum(1 for b in self._boxes if b.slots)
+        idle = sum(1 for b in self._boxes if not b.used and not b.closing) + len(self._recycles)
+        wanted = max(self.settings.warm_pool, -(-self.settings.slots // per) - in_use)
+        return idle < wanted
+
     # ------------------------------------------------------------- booting
     def _new_box(self, config: BoxConfig, traj_id: str = "", warm: bool = False) -> Box:
         if self._closing:
@@ -419,15 +345,7 @@ class DockerBackend(Backend):
             else:
                 async with self._start_sem:  # start storms slow the engine down for everyone
                     got = await asyncio.to_thread(self.engine.start_container, box)
-            box.cid = got.cid
-            box.stream = await ExecStream.open(got.sock, got.leftover, box.name)
-            box.channel = AgentChannel(box.stream.reader, box.stream.write, self.on_event, box.name)
-            try:
-                await asyncio.wait_for(asyncio.shield(box.channel.ready), READY_TIMEOUT_S)
-            except (ChannelClosedError, asyncio.TimeoutError) as exc:
-                raise SandboxError(
-                    await self._explain_agent_failure(box, got.exec_id, exc)
-                ) from exc
+            await self._connect(box, got)
         except BaseException as exc:
             self._discard(box)
             if isinstance(exc, SandboxError | asyncio.CancelledError):
@@ -436,6 +354,16 @@ class DockerBackend(Backend):
         if not box.adopted:
             self.observer.container_started(time.monotonic() - started_s)
             log.info("container %s (%s) ready", box.name, box.cid[:12])
+
+    async def _connect(self, box: Box, got: Started) -> None:
+        """Attach to a started agent's exec; wait until it says ready (SandboxError if not)."""
+        box.cid = got.cid
+        box.stream = await ExecStream.open(got.sock, got.leftover, box.name)
+        box.channel = AgentChannel(box.stream.reader, box.stream.write, self.on_event, box.name)
+        try:
+            await asyncio.wait_for(asyncio.shield(box.channel.ready), READY_TIMEOUT_S)
+        except (ChannelClosedError, asyncio.TimeoutError) as exc:
+            raise SandboxError(await self._explain_agent_failure(box, got.exec_id, exc)) from exc
 
     async def _explain_agent_failure(self, box: Box, exec_id: str, exc: BaseException) -> str:
         assert box.stream is not None

@@ -33,6 +33,9 @@ LABEL_NS = "toolq.ns"
 LABEL_WORKER = "toolq.worker"
 LABEL_TRAJ = "toolq.traj"
 LABEL_POOL = "toolq.pool"  # "warm" for containers started ahead of demand
+# Appended to a container's name when it is first recycled: its labels (set at
+# create) still name its first trajectory, which must never adopt it.
+RECYCLED_SUFFIX = "-recycled"
 
 READY_TIMEOUT_S = 60.0  # agent start (python3 import time on a loaded host)
 INIT_TIMEOUT_S = 30.0
@@ -171,6 +174,11 @@ def labels_of(container: dict[str, Any]) -> dict[str, str]:
     return container.get("Labels") or {}
 
 
+def is_recycled(container: dict[str, Any]) -> bool:
+    """Has this container (as the engine lists it) served more than its first trajectory?"""
+    return any(str(n).endswith(RECYCLED_SUFFIX) for n in container.get("Names") or [])
+
+
 def awaits_adoption(
     container: dict[str, Any], states: dict[str, TrajState] | None, now_s: float
 ) -> bool:
@@ -184,6 +192,8 @@ def awaits_adoption(
     traj = labels_of(container).get(LABEL_TRAJ)
     if not traj or states is None or container.get("State") != "running":
         return False
+    if is_recycled(container):
+        return False  # its label names a trajectory it no longer holds
     state = states.get(traj)
     if state is None or state.status in FINAL_STATUSES:
         return False  # ended, or its record is gone
@@ -209,6 +219,9 @@ class Box:
     slots: set[str] = field(default_factory=set)
     used: bool = False  # has served a slot: never handed out as warm again
     adopted: bool = False  # a previous owner's container, with a fresh agent
+    # The engine's filesystem diff (path, kind) of the fresh container, before its
+    # agent started: what a recycled one must match (recycling on only).
+    baseline: frozenset[tuple[str, int]] | None = None
     closing: bool = False
     boot: asyncio.Task[None] | None = None
     stream: ExecStream | None = None

@@ -56,6 +56,7 @@ class Engine:
         self._ncpu: float | None = None
         self._users: dict[str, SandboxUser] = {}
         self._use_init = True
+        self._baselines: dict[tuple[Any, ...], frozenset[tuple[str, int]]] = {}
 
     def start_container(self, box: Box) -> Started:
         """Create, provision and start a container, then attach the agent's exec."""
@@ -73,6 +74,8 @@ class Engine:
                 user = self._user(box.config.image, cid)
                 self.api.put_archive(cid, "/", payload_tar(user))
                 self.api.start(cid)
+                if self.settings.recycle_containers:
+                    box.baseline = self._baseline(box, command)
                 exec_id = self._agent_exec(cid, user)
             except APIError as exc:
                 retry = self._fallback(command, api_message(exc))
@@ -85,8 +88,37 @@ class Engine:
             return Started(cid, exec_id, sock, leftover)
         raise SandboxError(f"cannot start a container of {box.config.image}")
 
+    def _baseline(self, box: Box, command: list[str]) -> frozenset[tuple[str, int]] | None:
+        """The filesystem diff of a fresh container before its agent starts (None:
+        the engine would not say, so the container will not be recycled).
+
+        The same for every container of one image started the same way, so it is
+        taken once (~0.2 s) per shape: a later cold start does not pay for it.
+        """
+        key = (box.config.image, bool(box.config.disk_mb), tuple(command), self._use_init)
+        if key not in self._baselines:
+            try:
+                self._baselines[key] = self.fs_changes(box.cid)
+            except Exception as exc:  # never fail a start for the sake of a later reuse
+                log.warning("no filesystem baseline for %s: %s", box.config.image, exc)
+                return None
+        return self._baselines[key]
+
+    def fs_changes(self, cid: str) -> frozenset[tuple[str, int]]:
+        """The engine's diff of a container's writable layer: (path, kind) pairs,
+        kind 0 changed, 1 added, 2 deleted. Tmpfs mounts are not in it."""
+        return frozenset((str(c["Path"]), int(c["Kind"])) for c in self.api.diff(cid) or [])
+
+    def known_user(self, image: str) -> SandboxUser | None:
+        """The sandbox user of an image a container of which was started (else None)."""
+        return self._users.get(image)
+
+    def sandbox_user(self, box: Box) -> SandboxUser:
+        """Who runs the agent and the tools in ``box`` (known since it started)."""
+        return self._user(box.config.image, box.cid)
+
     def attach_agent(self, box: Box) -> Started:
-        """Start a fresh agent in an adopted (running) container."""
+        """Start a fresh agent in a running container (adopted, or recycled)."""
         user = self._user(box.config.image, box.cid)
         self.api.put_archive(box.cid, "/", payload_tar(user, workspace=False))
         exec_id = self._agent_exec(box.cid, user)
@@ -171,6 +203,10 @@ class Engine:
             labels=labels,
             host_config=host_config,
             working_dir=WORKSPACE,
+            # The init and its `sleep` run as root (without capabilities): the
+            # sandbox user cannot signal them, so killing all its processes (a
+            # recycle's reset) leaves the container running.
+            user="0",
         )
         return str(created["Id"])
 
