@@ -37,16 +37,26 @@ def pack_dir(path: str) -> bytes:
     return buf.getvalue()
 
 
-def unpack_here(data: bytes, dest: str) -> int:
-    """Unpack a downloaded tar.gz into ``dest`` with tarfile's ``data`` filter (no
-    absolute paths, no escapes, no links out, no devices); returns entries."""
+def unpack_here(data: bytes, dest: str) -> tuple[int, list[str]]:
+    """Unpack a downloaded tar.gz into ``dest`` with tarfile's ``data`` filter: an
+    entry it refuses (an absolute or escaping path or link, a device) is left out
+    and named, the rest lands. Returns (entries unpacked, refused entries)."""
     if not hasattr(tarfile, "data_filter"):
         raise CliError("this Python has no tarfile data filter (3.10.12+/3.11.4+ has)")
     os.makedirs(dest, exist_ok=True)
+    refused: list[str] = []
+
+    def data_only(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+        try:
+            return tarfile.data_filter(member, path)
+        except tarfile.FilterError as exc:
+            refused.append(f"{member.name} ({exc})")
+            return None
+
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
         members = tar.getmembers()
-        tar.extractall(dest, filter="data")
-    return len(members)
+        tar.extractall(dest, filter=data_only)
+    return len(members) - len(refused), refused
 
 
 def _done(result: Result) -> None:
@@ -80,14 +90,21 @@ def upload(ctx: click.Context, traj: str, directory: str, dest: str) -> None:
 @click.option("--max-bytes", type=int, default=64 * 1024 * 1024, show_default=True)
 @click.pass_context
 def download(ctx: click.Context, traj: str, path: str, dest: str, max_bytes: int) -> None:
-    """Copy PATH (a file or directory of TRAJ's workspace) into a local directory."""
+    """Copy PATH (a file or directory of TRAJ's workspace) into a local directory.
+
+    Entries that could land outside it (absolute or escaping paths and links,
+    devices) are left out and named on stderr; the rest is unpacked.
+    """
     from .cli import _client
 
     result = _client(ctx).call(traj, "archive", {"path": path, "max_bytes": max_bytes})
     if not result.ok:
         _done(result)
-    entries = unpack_here(base64.b64decode(result.output), dest)
-    click.echo(json.dumps({"traj": traj, "path": path, "to": dest, "entries": entries}))
+    entries, refused = unpack_here(base64.b64decode(result.output), dest)
+    for name in refused:
+        click.echo(f"toolq: left out {name}", err=True)
+    shown = {"traj": traj, "path": path, "to": dest, "entries": entries, "left_out": refused}
+    click.echo(json.dumps(shown))
 
 
 @click.group("snapshot")

@@ -1595,6 +1595,13 @@ def unpack_member(tar, root, dest, member):
     if target == dest:
         return
     make_room(root, target)
+    if not member.isdir() and os.path.isdir(target) and not os.path.islink(target):
+        try:  # an empty directory (the spec's workdir, made at init) gives way
+            os.rmdir(target)
+        except OSError:
+            raise ToolError(
+                "io_error", "%s is a directory in the workspace" % member.name
+            ) from None
     if member.isdir():
         if not os.path.isdir(target):
             os.mkdir(target, 0o700)
@@ -1606,8 +1613,6 @@ def unpack_member(tar, root, dest, member):
             raise ToolError("path_outside_workspace", "hard link %r leads outside" % member.name)
         os.link(source, target, follow_symlinks=False)
     else:
-        if os.path.isdir(target):
-            raise ToolError("io_error", "%s is a directory in the workspace" % member.name)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(tar.extractfile(member), out)
@@ -1662,17 +1667,19 @@ class GzipSink(object):
 
 def workspace_entries(root):
     """(path, archive name) of the workspace and everything in it, parents first;
-    symlinks are entries, never followed. An unreadable directory is an error."""
-
-    def fail(exc):
-        raise exc
-
+    symlinks are entries, never followed. Iterative (a workspace may nest deeper
+    than Python recurses); an unreadable directory is an error."""
     yield root, "."
-    for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            path = os.path.join(dirpath, name)
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        below = []
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
             yield path, "./" + os.path.relpath(path, root)
+            if os.path.isdir(path) and not os.path.islink(path):
+                below.append(path)
+        stack.extend(reversed(below))
 
 
 def tool_snapshot_pack(slot, args, req):
@@ -1694,10 +1701,15 @@ def tool_snapshot_pack(slot, args, req):
         # A stream (mode "w|") into zlib: a third faster than tarfile's GzipFile.
         with tarfile.open(fileobj=gz, mode="w|", bufsize=PACK_BUFSIZE) as tar:
             for path, name in workspace_entries(slot.root):
-                if stat.S_ISSOCK(os.lstat(path).st_mode):  # tar would skip it unseen
-                    counts["skipped"] += 1
-                    continue
-                tar.add(path, arcname=name, recursive=False, filter=keep)
+                if req.get("_gen", 0) != slot.generation:  # a cancel stops the pack
+                    raise ToolError("cancelled", "snapshot cancelled")
+                try:
+                    if stat.S_ISSOCK(os.lstat(path).st_mode):  # tar would skip it unseen
+                        counts["skipped"] += 1
+                        continue
+                    tar.add(path, arcname=name, recursive=False, filter=keep)
+                except FileNotFoundError:  # deleted while we packed: as at that moment
+                    counts["vanished"] = counts.get("vanished", 0) + 1
         gz.close()
     except ArchiveTooLarge:
         sink.buf = None

@@ -203,10 +203,15 @@ class Runner:
         if not await self._may_start(traj, item, in_slot=True):
             return
         assert traj.slot is not None
-        reply = await self._call_agent(traj, traj.slot, plan)
-        if reply is None:
-            return
-        reply = await self.snapshots.store(traj.traj_id, traj.spec, wanted, reply)
+        if traj.slot_reset:  # a new sandbox (its worker or sandbox died): the files are gone
+            lost = "the workspace was lost with its sandbox or worker: nothing to snapshot"
+            reply = error_reply(ErrorCode.SANDBOX_LOST, lost)
+        else:
+            packed = await self._call_agent(traj, traj.slot, plan)
+            if packed is None:
+                return
+            packed = self._final_reply(traj, packed)  # cancelled meanwhile: not stored
+            reply = await self.snapshots.store(traj.traj_id, traj.spec, wanted, packed)
         self.emit(traj, item, reply, "snapshot", started_ms, traj.behind_ms(item, started_ms))
 
     async def _hold_lease(self) -> None:
