@@ -13,6 +13,9 @@ Protocol (JSON lines on stdin/stdout):
   concurrently; ``cancel``/``drop``/``ping`` act at once.
 - agent -> worker: one JSON object per line: ``{"id": ..., ...reply}`` for a
   request, or ``{"event": ..., ...}`` for unsolicited news (background tasks).
+- either way, a message with ``"blob": N`` is followed by N raw bytes (right
+  after its line; after a frame's line, the blobs of its requests in order):
+  how snapshots move without base64 or JSON escaping.
 """
 
 from __future__ import annotations
@@ -53,12 +56,18 @@ _out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else sys.stdout
 
 
 def emit(message):
-    """Write one reply or event line (thread-safe)."""
+    """Write one reply or event line (thread-safe). A reply's ``blob`` (bytes) goes
+    raw right after its line, which says its length: no base64, no JSON escaping."""
+    blob = message.pop("blob", None)
+    if blob is not None:
+        message["blob"] = len(blob)
     # ASCII JSON never fails to encode, whatever a tool produced.
     line = json.dumps(message, separators=(",", ":")) + "\n"
     data = line.encode("utf-8", "surrogateescape")
     with _write_lock:
         _out.write(data)
+        if blob is not None:
+            _out.write(blob)
         _out.flush()
 
 
@@ -1514,34 +1523,40 @@ def entry_parts(name, what):
     return parts
 
 
-def check_members(tar, links, max_bytes):
-    """Every member checked before anything is written: (members, bytes).
+def check_member(member, links, seen, total, max_bytes):
+    """Refuse a member that may not be unpacked; returns the bytes unpacked so far.
 
     ``links`` allows symlinks and hard links (a snapshot's own workspace);
     uploads may not carry them. A tar bomb stops at the first header past a cap.
     """
+    entry_parts(member.name, "archive entry")
+    if member.issym() or member.islnk():
+        if not links:
+            kind = "symlink" if member.issym() else "hard link"
+            raise ToolError(
+                "invalid_args",
+                "archive entry %r is a %s; uploads may not contain links" % (member.name, kind),
+            )
+        if member.islnk():
+            entry_parts(member.linkname, "hard link target")
+    elif not (member.isfile() or member.isdir()):
+        what = "a device, FIFO or other special file"
+        raise ToolError("invalid_args", "archive entry %r is %s" % (member.name, what))
+    total += member.size if member.isfile() else 0
+    if total > max_bytes or seen >= MAX_UNPACK_ENTRIES:
+        raise ToolError(
+            "limit_exceeded",
+            "the archive unpacks to more than %d bytes or %d entries (at %r)"
+            % (max_bytes, MAX_UNPACK_ENTRIES, member.name),
+        )
+    return total
+
+
+def check_members(tar, links, max_bytes):
+    """Every member checked before anything is written: (members, bytes)."""
     members, total = [], 0
     for member in tar:
-        entry_parts(member.name, "archive entry")
-        if member.issym() or member.islnk():
-            if not links:
-                kind = "symlink" if member.issym() else "hard link"
-                raise ToolError(
-                    "invalid_args",
-                    "archive entry %r is a %s; uploads may not contain links" % (member.name, kind),
-                )
-            if member.islnk():
-                entry_parts(member.linkname, "hard link target")
-        elif not (member.isfile() or member.isdir()):
-            what = "a device, FIFO or other special file"
-            raise ToolError("invalid_args", "archive entry %r is %s" % (member.name, what))
-        total += member.size if member.isfile() else 0
-        if total > max_bytes or len(members) >= MAX_UNPACK_ENTRIES:
-            raise ToolError(
-                "limit_exceeded",
-                "the archive unpacks to more than %d bytes or %d entries (at %r)"
-                % (max_bytes, MAX_UNPACK_ENTRIES, member.name),
-            )
+        total = check_member(member, links, len(members), total, max_bytes)
         members.append(member)
     verify_trailer(tar)
     return members, total
@@ -1621,7 +1636,8 @@ def unpack_member(tar, root, dest, member):
 
 
 def unpack_into(slot, dest, data, links, max_bytes):
-    """Unpack a tar.gz into ``dest`` (a workspace directory); returns (entries, bytes)."""
+    """Unpack a tar.gz into ``dest`` (a workspace directory), all or nothing: every
+    member is checked before the first is written. Returns (entries, bytes)."""
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
             members, total = check_members(tar, links, max_bytes)
@@ -1630,11 +1646,32 @@ def unpack_into(slot, dest, data, links, max_bytes):
                 unpack_member(tar, slot.root, dest, member)
     except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise ToolError("invalid_args", "not a readable tar.gz archive: %s" % exc) from None
+    set_dir_modes(dest, members)
+    return len(members), total
+
+
+def restore_into(slot, data):
+    """A snapshot's tar.gz into a new workspace in one streaming pass, each member
+    checked as it comes (the worker checked the files' sha256; a refused member
+    fails the trajectory anyway). Returns (entries, bytes)."""
+    members, total = [], 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|gz", bufsize=PACK_BUFSIZE) as tar:
+            for member in tar:
+                total = check_member(member, True, len(members), total, DEFAULT_UNPACK_BYTES * 64)
+                unpack_member(tar, slot.root, slot.root, member)
+                members.append(member)
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise ToolError("invalid_args", "not a readable tar.gz archive: %s" % exc) from None
+    set_dir_modes(slot.root, members)
+    return len(members), total
+
+
+def set_dir_modes(dest, members):
     for member in reversed(members):  # modes last: a read-only directory is filled first
         if member.isdir():
             target = os.path.join(dest, *entry_parts(member.name, "archive entry"))
             os.chmod(target, (member.mode & 0o777) | 0o700)
-    return len(members), total
 
 
 def tool_unpack(slot, args, req):
@@ -1683,7 +1720,8 @@ def workspace_entries(root):
 
 
 def tool_snapshot_pack(slot, args, req):
-    """The whole workspace as a tar.gz (base64), links kept, special files left out."""
+    """The whole workspace as a tar.gz (the reply's blob), links kept, special files
+    left out."""
     cap = int(args["max_bytes"])
     counts = {"entries": 0, "bytes": 0, "skipped": 0}
 
@@ -1718,13 +1756,12 @@ def tool_snapshot_pack(slot, args, req):
         return {"ok": False, "error_code": "limit_exceeded", "error": message}
     data = sink.buf.getvalue()
     counts["sha256"] = hashlib.sha256(data).hexdigest()
-    return {"output": base64.b64encode(data).decode("ascii"), "data": counts}
+    return {"blob": data, "data": counts}
 
 
 def tool_snapshot_unpack(slot, args, req):
-    """A snapshot's tar.gz (base64) into the (new) workspace, links kept."""
-    data = base64.b64decode(args["data"])  # the worker's own encoding: no validation pass
-    entries, total = unpack_into(slot, slot.root, data, True, int(args["max_bytes"]))
+    """A snapshot's tar.gz (the request's blob) into the (new) workspace, links kept."""
+    entries, total = restore_into(slot, req["blob"])
     return {"output": "", "data": {"entries": entries, "bytes": total}}
 
 
@@ -1890,6 +1927,9 @@ def main():
             continue
         if isinstance(frame, dict):
             frame = [frame]
+        for req in frame:  # blobs follow the line raw, in the order of their requests
+            if isinstance(req, dict) and isinstance(req.get("blob"), int):
+                req["blob"] = stdin.read(req["blob"])
         for req in frame:
             if isinstance(req, dict):
                 try:

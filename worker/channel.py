@@ -47,6 +47,7 @@ class AgentChannel:
         self._ids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[Reply]] = {}
         self._outbox: list[dict[str, Any]] = []
+        self._blobs: list[bytes] = []  # the outbox's blobs, in its order
         self._flush_scheduled = False
         self._sends: set[asyncio.Future[None]] = set()
         self._closed: BaseException | None = None
@@ -62,13 +63,19 @@ class AgentChannel:
         """Send one request and wait for its reply."""
         return await self.submit(op, **fields)
 
-    def submit(self, op: str, **fields: Any) -> asyncio.Future[Reply]:
-        """Queue one request for the next frame; the future resolves with the reply."""
+    def submit(self, op: str, blob: bytes | None = None, **fields: Any) -> asyncio.Future[Reply]:
+        """Queue one request for the next frame; the future resolves with the reply.
+
+        ``blob`` travels raw after the frame's line (the request says its length);
+        a reply's ``blob`` arrives as bytes the same way."""
         if self._closed is not None:
             raise ChannelClosedError(f"{self.name}: {self._closed}")
         req_id = str(next(self._ids))
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[req_id] = fut
+        if blob is not None:
+            fields["blob"] = len(blob)
+            self._blobs.append(blob)
         self._outbox.append({"id": req_id, "op": op, **fields})
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -78,9 +85,12 @@ class AgentChannel:
     def _start_flush(self) -> None:
         self._flush_scheduled = False
         frame, self._outbox = self._outbox, []
+        blobs, self._blobs = self._blobs, []
         if frame:
             # ASCII JSON: a lone surrogate from a client's \udc80 escape still encodes.
             data = json.dumps(frame, separators=(",", ":")).encode("ascii") + b"\n"
+            if blobs:
+                data += b"".join(blobs)
             task = asyncio.ensure_future(self._send(data))
             self._sends.add(task)  # keep a reference until the write is done
             task.add_done_callback(self._sends.discard)
@@ -112,6 +122,10 @@ class AgentChannel:
             return
         if not isinstance(msg, dict):
             return
+        if isinstance(msg.get("blob"), int):  # its bytes follow the line, raw
+            if not 0 <= msg["blob"] <= LINE_LIMIT_BYTES:
+                raise ValueError(f"agent blob of {msg['blob']} bytes")  # ends the channel
+            msg["blob"] = await self._reader.readexactly(msg["blob"])
         if "event" in msg:
             if msg["event"] == "ready" and not self.ready.done():
                 self.ready.set_result(msg)

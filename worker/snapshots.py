@@ -12,7 +12,6 @@ the fleet, since the files are in Redis.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import logging
 import time
@@ -102,7 +101,7 @@ class Snapshots:
         """Keep what the agent packed; the reply the snapshot entry gets."""
         if not reply.get("ok", True):
             return reply
-        data = base64.b64decode(reply.get("output", ""))
+        data = reply.get("blob") or b""
         counts = reply.get("data") or {}
         ttl_s = min(wanted.ttl_s or self.settings.snapshot_ttl_s, self.settings.snapshot_max_ttl_s)
         created = now_ms()
@@ -174,7 +173,7 @@ class Snapshots:
                 "call",
                 slot=slot.name,
                 tool="_snapshot_unpack",
-                args={"data": base64.b64encode(data).decode("ascii"), "max_bytes": 2**62},
+                blob=data,
                 timeout_s=timeout_s,
             )
             reply = await asyncio.wait_for(fut, timeout_s + AGENT_GRACE_S)
