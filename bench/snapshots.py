@@ -1,9 +1,13 @@
 """Snapshots and forks against the cold path (Docker backend).
 
-    python bench/snapshots.py [--mb 100] [--forks 8] [--rounds 3]
+    python bench/snapshots.py [--mb 100] [--forks 8] [--rounds 3] [--install]
 
 A prepared workspace of ``--mb`` MB (half generated source text, half random
-bytes: a repository and its binary dependencies) is the starting state.
+bytes: a repository and its binary dependencies) is the starting state; with
+``--install`` its preparation also copies the image's standard library into
+the workspace and byte-compiles it (CPU work like a ``pip install``). Writing
+bytes is the cheapest preparation there is: real ones (clone, install, build)
+cost more, snapshots the same.
 Compared, in rounds, each against its baseline in the same run:
 
 - ``snapshot``: one ``snapshot`` of that workspace (the call's latency);
@@ -39,8 +43,17 @@ from toolq.worker.embedded import EmbeddedRedis
 WAIT_S = 600.0
 
 
-def prepare_command(mb: int) -> str:
-    """Shell that builds the starting state: ``mb/2`` MB of text files, ``mb/2`` of random."""
+# An install-like step: the image's standard library copied into the workspace and
+# byte-compiled, the kind of CPU work a `pip install` of dependencies does.
+INSTALL = (
+    "lib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()[\"stdlib\"])') && "
+    'cp -r "$lib" deps/stdlib && python3 -m compileall -q -j 1 deps/stdlib > /dev/null'
+)
+
+
+def prepare_command(mb: int, install: bool = False) -> str:
+    """Shell that builds the starting state: ``mb/2`` MB of text files, ``mb/2`` of
+    random bytes, and (``install``) a byte-compiled library tree on top."""
     half = mb // 2
     text = (
         "import os, random\n"
@@ -55,7 +68,8 @@ def prepare_command(mb: int) -> str:
         "    open('repo/pkg%d/mod%d.py' % (i // 100, i), 'wb').write(body)\n"
         "    left -= len(body); i += 1\n"
     )
-    return f'python3 -c "{text}" && mkdir -p deps && head -c {half}M /dev/urandom > deps/lib.so'
+    files = f'python3 -c "{text}" && mkdir -p deps && head -c {half}M /dev/urandom > deps/lib.so'
+    return f"{files} && {INSTALL}" if install else files
 
 
 async def first_answer(client: AsyncClient, traj: str) -> None:
@@ -63,13 +77,13 @@ async def first_answer(client: AsyncClient, traj: str) -> None:
     assert result.ok, result
 
 
-async def cold(client: AsyncClient, trajs: list[str], mb: int) -> float:
+async def cold(client: AsyncClient, trajs: list[str], mb: int, install: bool) -> float:
     started = time.monotonic()
 
     async def one(traj: str) -> None:
         await client.open(traj)
         r = await client.call(
-            traj, "bash", {"command": prepare_command(mb), "timeout_s": 600}, wait_s=WAIT_S
+            traj, "bash", {"command": prepare_command(mb, install), "timeout_s": 600}, wait_s=WAIT_S
         )
         assert r.ok, r
         await first_answer(client, traj)
@@ -94,7 +108,9 @@ async def opened(client: AsyncClient, traj: str, spec: dict[str, str] | None) ->
     return time.monotonic() - started
 
 
-async def measure(url: str, ns: str, mb: int, forks: int, rounds: int) -> dict[str, list[float]]:
+async def measure(
+    url: str, ns: str, mb: int, forks: int, rounds: int, install: bool
+) -> dict[str, list[float]]:
     client = AsyncClient(url, ns)
     times: dict[str, list[float]] = {}
 
@@ -103,7 +119,7 @@ async def measure(url: str, ns: str, mb: int, forks: int, rounds: int) -> dict[s
 
     await client.open("source")
     r = await client.call(
-        "source", "bash", {"command": prepare_command(mb), "timeout_s": 600}, wait_s=WAIT_S
+        "source", "bash", {"command": prepare_command(mb, install), "timeout_s": 600}, wait_s=WAIT_S
     )
     assert r.ok, r
     usage = await client.call("source", "bash", {"command": "du -sm . | cut -f1"})
@@ -116,10 +132,10 @@ async def measure(url: str, ns: str, mb: int, forks: int, rounds: int) -> dict[s
         add("snapshot MB compressed", (taken.data or {})["bytes"] / 1e6)
         copies, colds = [f"f{n}-{i}" for i in range(forks)], [f"c{n}-{i}" for i in range(forks)]
         add(f"fork into {forks}", await forked(client, "source", copies))
-        add(f"cold {forks} (prepare each)", await cold(client, colds, mb))
+        add(f"cold {forks} (prepare each)", await cold(client, colds, mb, install))
         add("open from snapshot", await opened(client, f"s{n}", {"snapshot": f"bench-{n}"}))
         add("cold open (empty)", await opened(client, f"e{n}", None))
-        add("cold open + prepare", await cold(client, [f"p{n}"], mb))
+        add("cold open + prepare", await cold(client, [f"p{n}"], mb, install))
         for traj in copies + colds:
             await client.close(traj)
         for traj in (f"s{n}", f"e{n}", f"p{n}"):
@@ -152,6 +168,9 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=100)
     parser.add_argument("--forks", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--install", action="store_true", help="also byte-compile a library tree (CPU work)"
+    )
     args = parser.parse_args()
     with EmbeddedRedis() as server:
         ns = f"snapbench{uuid.uuid4().hex[:6]}"
@@ -159,7 +178,8 @@ def main() -> None:
             server.url, ns, backend="docker", default_image=IMAGE, slots=2 * args.forks + 4
         )
         try:
-            times = asyncio.run(measure(server.url, ns, args.mb, args.forks, args.rounds))
+            run = measure(server.url, ns, args.mb, args.forks, args.rounds, args.install)
+            times = asyncio.run(run)
         finally:
             worker.stop()
     print(report(times, args.forks))

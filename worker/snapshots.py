@@ -81,6 +81,7 @@ class Snapshots:
         self.settings = settings
         self.redis = redis
         self.health = health
+        self._recent: dict[tuple[str, str], bytes] = {}  # (name, sha256) -> files: see _keep
         self.keys = Keys(settings.namespace)
         self.observer = observer
 
@@ -123,6 +124,7 @@ class Snapshots:
         index = (self.keys.snapshots, wanted.name, info.model_dump_json())
         await retrying(self.health, lambda: self.redis.hset(*index), "snapshot index")
         self.observer.snapshot_taken(len(data))
+        self._keep(wanted.name, info.sha256, data)
         await self.sample_safely()
         skipped = int(counts.get("skipped", 0))
         note = f"; {skipped} special files left out" if skipped else ""
@@ -161,12 +163,11 @@ class Snapshots:
         files and index are two writes, so a snapshot retaken under the same name
         meanwhile, or damaged files, are refused rather than opened)."""
         info = await self.info(name)
-        key = self.keys.snapshot_data(name)
-        data: Any = await retrying(self.health, lambda: self.redis.get(key), "snapshot read")
-        if info is None or data is None:
+        if info is None:
             raise SnapshotMissing(_missing(name))
-        if hashlib.sha256(data).hexdigest() != info.sha256:
-            raise SnapshotMissing(f"snapshot {name!r} does not match its index (being replaced?)")
+        data = self._recent.get((name, info.sha256))
+        if data is None:
+            data = await self._read(name, info.sha256)
         timeout_s = self.settings.snapshot_timeout_s
         try:
             fut = slot.channel.submit(
@@ -183,6 +184,22 @@ class Snapshots:
         if not reply.get("ok", True):
             raise SandboxError(f"restoring snapshot {name} failed: {reply.get('error')}")
         self.observer.snapshot_restored()
+
+    async def _read(self, name: str, sha256: str) -> bytes:
+        key = self.keys.snapshot_data(name)
+        data: Any = await retrying(self.health, lambda: self.redis.get(key), "snapshot read")
+        if data is None:
+            raise SnapshotMissing(_missing(name))
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise SnapshotMissing(f"snapshot {name!r} does not match its index (being replaced?)")
+        self._keep(name, sha256, data)
+        return bytes(data)
+
+    def _keep(self, name: str, sha256: str, data: bytes) -> None:
+        """Remember the last snapshot's files: a fork's copies are opened together,
+        mostly on the worker that took it, and each would read and hash them again.
+        Keyed by the index's sha256, so a snapshot retaken under the name is read anew."""
+        self._recent = {(name, sha256): data}
 
     # ------------------------------------------------------------- metrics
     async def sample_loop(self) -> None:
