@@ -236,3 +236,36 @@ def test_snapshots_survive_a_redis_restart_and_opens_ride_it_out(ns):
                 assert [s.name for s in client.snapshots()] == ["durable"]
         finally:
             worker.stop()
+
+
+def test_the_snapshot_and_fork_commands(start_worker, client: Client, redis_url: str, ns: str):
+    import json
+    import subprocess
+    import sys
+
+    def toolq(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "toolq.producer.cli", "--redis-url", redis_url]
+        return subprocess.run(
+            [*cmd, "--namespace", ns, *args], capture_output=True, text=True, timeout=120
+        )
+
+    start_worker("local")
+    client.open("src")
+    sh(client, "src", "echo cli > note")
+    took = toolq("snapshot", "take", "src", "by-cli", "--ttl", "600")
+    assert took.returncode == 0, took.stderr
+    assert json.loads(took.stdout)["data"]["name"] == "by-cli"
+    listed = toolq("snapshot", "ls", "--json")
+    assert [json.loads(line)["name"] for line in listed.stdout.splitlines()] == ["by-cli"]
+    assert "by-cli" in toolq("snapshot", "ls").stdout
+    forked = toolq("fork", "src", "c1", "c2", "--spec", '{"labels": {"k": "v"}}')
+    assert forked.returncode == 0, forked.stderr
+    assert json.loads(forked.stdout)["opened"] == ["c1", "c2"]
+    assert sh(client, "c2", "cat note") == "cli\n"
+    again = toolq("fork", "src", "c1")  # c1 exists: refused before anything is done
+    assert again.returncode == 1 and "c1" in again.stderr
+    refused = toolq("snapshot", "take", "src", "bad/name")
+    assert refused.returncode == 2, refused
+    assert toolq("snapshot", "rm", "by-cli").returncode == 0
+    gone = toolq("snapshot", "rm", "by-cli")
+    assert gone.returncode == 1 and "by-cli" in gone.stderr
