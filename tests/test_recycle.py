@@ -228,6 +228,12 @@ def test_packed_container_is_recycled_when_its_last_slot_ends(recycling, client:
     ra = client.call("a", "bash", {"command": f"setsid sleep {tag} >/dev/null 2>&1 </dev/null &"})
     rb = client.call("b", "write_file", {"path": "b.txt", "content": "b"})
     assert ra.ok and rb.ok and container(ra) == container(rb)
+
+    def detached() -> bool:  # `sleep` exec'd: setsid has moved it out of a's process group
+        ps = client.call("b", "bash", {"command": f"ps -eo args= | grep -c '^sleep {tag}$'"})
+        return ps.output.strip() == "1"
+
+    wait_for(detached, what="the leftover to leave a's process group")
     client.close("a")
     wait_for(lambda: (x := client.record("a")) and x.status.final, what="a to end")
     # b still runs in the container, with a's leftover: no reset while a slot is in use
