@@ -37,6 +37,7 @@ from toolq.producer.tools import mcp_spec
 from toolq.schemas import TrajectorySpec
 
 from .mcp_session import Sessions, TrajectorySession
+from .mcp_stdin import StdinLines, pollable
 
 #: Longest the server waits, when it stops, for the closes of its trajectories.
 CLOSE_WAIT_S = 10.0
@@ -190,9 +191,12 @@ async def serve_stdio(settings: McpSettings) -> None:
     server = build_server(Bridge(settings))
     scope = anyio.CancelScope()
 
+    # A pipe is read without a thread, so that a signal need not wait for a line.
+    stdin: Any = StdinLines() if pollable(0) else None
+
     async def serve() -> None:
         with scope:  # a signal cancels it; the lifespan still closes the trajectory
-            async with stdio_server() as (read, write):
+            async with stdio_server(stdin=stdin) as (read, write):
                 await server.run(read, write, server.create_initialization_options())
 
     await _until_signal(serve, scope.cancel)

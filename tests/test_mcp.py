@@ -10,12 +10,14 @@ too; HTTP is in test_mcp_http.py.
 from __future__ import annotations
 
 import asyncio
-import os
+import json
 import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable
+from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import pytest
@@ -23,7 +25,18 @@ from jsonschema import Draft202012Validator
 from mcp.types import CallToolResult
 
 from tests.helpers import TOOLQ, wait_for
-from tests.mcp_clients import call, status, stdio_session, text, toolq_mcp, until
+from tests.mcp_clients import (
+    INITIALIZE,
+    SPEC,
+    call,
+    notify,
+    rpc,
+    status,
+    stdio_session,
+    text,
+    toolq_mcp,
+    until,
+)
 from toolq.integrations.mcp_session import Sessions, TrajectorySession
 from toolq.producer import AsyncClient, Client
 from toolq.schemas import TrajectorySpec, TrajStatus
@@ -145,18 +158,29 @@ def test_stdio_tool_errors_carry_the_error_code(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_stdio_server_stopped_by_a_signal_closes_its_trajectory(
-    redis_url: str, ns: str, worker: Any, client: Client, signum: int
+def test_a_signal_stops_the_stdio_server_while_stdin_is_open(
+    redis_url: str, ns: str, worker: Any, client: Client, signum: int, tmp_path: Path
 ) -> None:
+    """The client keeps stdin open (no EOF): the signal alone ends the process,
+    with status 0, after closing the trajectory."""
     traj = f"mcp-test-{uuid.uuid4().hex[:8]}"
-
-    async def killed_mid_session() -> None:
-        async with stdio_session(redis_url, ns, "--trajectory", traj) as session:
-            assert not (await call(session, "bash", command="true")).is_error
-            os.kill(server_pid(traj), signum)
-            await until(lambda: status(client, traj) == TrajStatus.COMPLETED, "the close")
-
-    asyncio.run(killed_mid_session())
+    command = toolq_mcp(redis_url, ns, "--spec", json.dumps(SPEC), "--trajectory", traj)
+    with (tmp_path / "mcp.log").open("w") as log:
+        proc = subprocess.Popen(command, stdin=PIPE, stdout=PIPE, stderr=log, bufsize=0)
+    try:
+        assert "result" in rpc(proc, 1, "initialize", INITIALIZE)
+        notify(proc, "notifications/initialized")
+        called = rpc(proc, 2, "tools/call", {"name": "bash", "arguments": {"command": "true"}})
+        assert called["result"]["isError"] is False, called
+        proc.send_signal(signum)
+        assert proc.wait(60) == 0, (tmp_path / "mcp.log").read_text()
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    wait_for(lambda: status(client, traj) == TrajStatus.COMPLETED, what="the close")
     record = client.record(traj)
     assert record is not None and record.calls_total == 1
 
@@ -228,13 +252,6 @@ def test_stdin_closed_at_once_exits_0_and_warns_without_a_worker(redis_url: str,
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""  # stdout is the protocol's: nothing else is written there
     assert "no worker is alive" in r.stderr
-
-
-def server_pid(traj: str) -> int:
-    """The `toolq mcp` process serving ``traj`` (found by its command line)."""
-    found = subprocess.run(["pgrep", "-f", f"trajectory {traj}"], capture_output=True, text=True)
-    (pid,) = found.stdout.split()
-    return int(pid)
 
 
 @pytest.mark.parametrize(
