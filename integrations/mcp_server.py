@@ -5,8 +5,9 @@ calls in a trajectory of its own (``mcp_session.TrajectorySession``): opened
 with the server's spec at the session's first tool call, closed when the
 session ends. Over stdio the process is the session (it ends when stdin closes
 or on SIGTERM/SIGINT); over streamable HTTP a session is the SDK's
-``Mcp-Session-Id`` session, ended by the client's DELETE or when the server
-stops. ``tools/list`` gives the published tools the trajectory's policy
+``Mcp-Session-Id`` session, ended by the client's DELETE, by the SDK after the
+spec's ``limits.idle_timeout_s`` without a request, or when the server stops.
+``tools/list`` gives the published tools the trajectory's policy
 allows, with their JSON Schemas.
 
     run(McpSettings(redis_url="redis://localhost:6379", transport="http", port=8765))
@@ -27,6 +28,7 @@ from typing import Any, Literal
 import anyio
 import mcp.types as types
 import uvicorn
+from mcp.server.connection import Connection
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
@@ -41,7 +43,6 @@ from .mcp_stdin import StdinLines, pollable
 
 #: Longest the server waits, when it stops, for the closes of its trajectories.
 CLOSE_WAIT_S = 10.0
-SESSION_HEADER = "mcp-session-id"
 INSTRUCTIONS = (
     "Every tool call of this session runs in one toolq trajectory: a sandbox whose files, "
     "working directory and background tasks persist from call to call until the session ends."
@@ -72,8 +73,7 @@ class Bridge:
     def __init__(self, settings: McpSettings) -> None:
         self.settings = settings
         self._client: AsyncClient | None = None
-        # A forgotten session's trajectory has timed out: no call for its idle timeout.
-        self.sessions = Sessions(self._new_session, 2 * settings.spec.limits.idle_timeout_s)
+        self.sessions = Sessions(self._new_session)
 
     @property
     def client(self) -> AsyncClient:
@@ -106,17 +106,23 @@ class Bridge:
         return await self._session(ctx).call(params.name, params.arguments)
 
     def _session(self, ctx: ServerRequestContext[Bridge]) -> TrajectorySession:
-        if self.settings.transport == "stdio":
-            return self.sessions.get(None)
-        request: Any = ctx.request  # the HTTP request (a Starlette Request)
-        key = request.headers.get(SESSION_HEADER) if request is not None else None
-        if not key:
+        """The request's session: stdio's one, or the SDK's HTTP session of that id."""
+        connection = _connection(ctx)
+        key = connection.session_id if self.settings.transport == "http" else None
+        if self.settings.transport == "http" and key is None:
             raise MCPError(
                 types.INVALID_REQUEST,
                 "toolq mcp runs each session's calls in a trajectory of its own: over HTTP it "
                 "needs a session (the initialize handshake, protocol 2025-11-25 or earlier)",
             )
-        return self.sessions.get(key)
+        session = self.sessions.get(key)
+        if session is None:
+            session = self.sessions.start(key)
+            if key is not None:
+                # However the SDK ends the session (DELETE, its idle timeout, a crash,
+                # the server stopping), its teardown closes the trajectory.
+                connection.exit_stack.push_async_callback(self.sessions.end, key)
+        return session
 
     def _new_session(self, key: str | None) -> TrajectorySession:
         settings = self.settings
@@ -125,6 +131,17 @@ class Bridge:
             traj_id = settings.trajectory or f"mcp-{uuid.uuid4().hex[:12]}"
             return TrajectorySession(self.client, traj_id, settings.spec, reuse=True, **kw)
         return TrajectorySession(self.client, f"mcp-{key}", settings.spec, **kw)
+
+
+def _connection(ctx: ServerRequestContext[Bridge]) -> Connection:
+    """The request's MCP connection: one per HTTP session, with the SDK's session id
+    and the exit stack its teardown unwinds. mcp 2.3 gives low-level handlers no
+    public way to it (``Context.connection`` has it, but the SDK does not hand
+    handlers a ``Context`` yet), so this reads the request's session proxy."""
+    connection = getattr(ctx.session, "_connection", None)
+    if not isinstance(connection, Connection):
+        raise RuntimeError(f"mcp {version('mcp')} hides the request's connection from toolq mcp")
+    return connection
 
 
 async def _no_discover(
@@ -149,41 +166,6 @@ def build_server(bridge: Bridge) -> Server[Bridge]:
     if bridge.settings.transport == "http":
         server.add_request_handler("server/discover", types.RequestParams, _no_discover)
     return server
-
-
-class EndSessions:
-    """ASGI wrapper of the HTTP app: the client's DELETE of its session (the
-    spec's way to end one) ends the session's trajectory. A session abandoned
-    without one leaves its trajectory to its idle timeout, as any client does."""
-
-    def __init__(self, app: Any, sessions: Sessions) -> None:
-        self.app, self.sessions = app, sessions
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        is_delete = scope["type"] == "http" and scope["method"] == "DELETE"
-        key = _header(scope, SESSION_HEADER) if is_delete else None
-        if key is None:
-            await self.app(scope, receive, send)
-            return
-        status = 0
-
-        async def watch(message: Any) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        await self.app(scope, receive, watch)
-        if 200 <= status < 300:
-            await self.sessions.end(key)
-
-
-def _header(scope: Any, name: str) -> str | None:
-    wanted = name.encode()
-    for key, value in scope.get("headers", []):
-        if key.lower() == wanted:
-            return str(value.decode("latin-1"))
-    return None
 
 
 async def serve_stdio(settings: McpSettings) -> None:
@@ -214,9 +196,12 @@ class _Uvicorn(uvicorn.Server):
 async def serve_http(settings: McpSettings) -> None:
     """Serve streamable HTTP on ``host:port`` (path ``/mcp``) until SIGTERM/SIGINT."""
     bridge = Bridge(settings)
-    app = build_server(bridge).streamable_http_app(host=settings.host)
+    # A session without requests for the trajectory's idle timeout ends with it.
+    app = build_server(bridge).streamable_http_app(
+        host=settings.host, session_idle_timeout=settings.spec.limits.idle_timeout_s
+    )
     config = uvicorn.Config(
-        EndSessions(app, bridge.sessions),
+        app,
         host=settings.host,
         port=settings.port,
         log_level="warning",

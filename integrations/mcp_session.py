@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -74,7 +73,6 @@ class TrajectorySession:
             wait_s if wait_s is not None else spec.limits.max_call_timeout_s + WAIT_MARGIN_S
         )
         self.opened = False
-        self.last_used_s = time.monotonic()
         self._opening = asyncio.Lock()
 
     async def tools(self) -> list[ToolInfo]:
@@ -87,7 +85,6 @@ class TrajectorySession:
     async def call(self, tool: str, args: dict[str, Any] | None) -> types.CallToolResult:
         """Run one call in the trajectory (opening it first if needed); every
         outcome, a refusal or a wait that ran out included, is a tool result."""
-        self.last_used_s = time.monotonic()
         try:
             await self._open()
             result = await self.client.call(self.traj_id, tool, args or {}, wait_s=self.wait_s)
@@ -97,8 +94,6 @@ class TrajectorySession:
             return error_result(ErrorCode.LIMIT_EXCEEDED.value, exc.reason)
         except WaitTimeout as exc:
             return error_result(WAIT_TIMEOUT, str(exc))
-        finally:
-            self.last_used_s = time.monotonic()
         return tool_result(result)
 
     async def end(self) -> None:
@@ -120,24 +115,22 @@ class TrajectorySession:
 class Sessions:
     """A server's trajectory sessions by MCP session id (``None``: stdio's one session).
 
-    A session unused for ``forget_after_s`` is forgotten when another one
-    starts: its trajectory has timed out by then (no call for its idle
-    timeout), so its entry only holds memory; a call that comes back after all
-    opens nothing and gets ``trajectory_ended``.
+    A session's entry lives until ``end``: over HTTP the SDK's own end of the
+    session (the client's DELETE, its idle timeout, a crash, the server
+    stopping) calls it; over stdio the server's stop does.
     """
 
-    def __init__(
-        self, make: Callable[[str | None], TrajectorySession], forget_after_s: float
-    ) -> None:
-        self._make, self.forget_after_s = make, forget_after_s
+    def __init__(self, make: Callable[[str | None], TrajectorySession]) -> None:
+        self._make = make
         self._by_key: dict[str | None, TrajectorySession] = {}
 
-    def get(self, key: str | None) -> TrajectorySession:
-        """The session's trajectory (made at its first request)."""
-        session = self._by_key.get(key)
-        if session is None:
-            self._forget_idle()
-            session = self._by_key[key] = self._make(key)
+    def get(self, key: str | None) -> TrajectorySession | None:
+        """The session's trajectory, if the session has started."""
+        return self._by_key.get(key)
+
+    def start(self, key: str | None) -> TrajectorySession:
+        """A new session's trajectory (opened at its first call)."""
+        session = self._by_key[key] = self._make(key)
         return session
 
     async def end(self, key: str | None) -> None:
@@ -152,12 +145,6 @@ class Sessions:
 
     def __len__(self) -> int:
         return len(self._by_key)
-
-    def _forget_idle(self) -> None:
-        cutoff = time.monotonic() - self.forget_after_s
-        for key, session in list(self._by_key.items()):
-            if session.last_used_s < cutoff:
-                del self._by_key[key]
 
 
 def tool_result(result: Result) -> types.CallToolResult:

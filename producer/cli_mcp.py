@@ -66,8 +66,9 @@ def mcp_cmd(
 
     The trajectory opens with the spec at the session's first tool call and
     closes when the session ends (stdio: stdin closes or the process gets
-    SIGTERM; HTTP: the client ends the session, or the server stops). Tools the
-    spec's policy blocks are not listed. Needs `pip install 'toolq[mcp]'`.
+    SIGTERM; HTTP: the client ends the session, the session has no request for
+    the spec's idle_timeout_s, or the server stops). Tools the spec's policy
+    blocks are not listed. Needs `pip install 'toolq[mcp]'`.
     """
     from .cli import _client, _spec, _workers_alive
 

@@ -37,9 +37,8 @@ from tests.mcp_clients import (
     toolq_mcp,
     until,
 )
-from toolq.integrations.mcp_session import Sessions, TrajectorySession
-from toolq.producer import AsyncClient, Client
-from toolq.schemas import TrajectorySpec, TrajStatus
+from toolq.producer import Client
+from toolq.schemas import TrajStatus
 
 
 @pytest.fixture
@@ -295,19 +294,3 @@ def test_toolq_works_without_the_mcp_extra_and_says_how_to_get_it(redis_url: str
         text=True,
     )
     assert imported.stdout.strip() == "False"  # the CLI does not import the SDK
-
-
-def test_sessions_forget_the_long_unused(redis_url: str, ns: str) -> None:
-    """A server's table of sessions stays bounded: one unused past ``forget_after_s``
-    is dropped when another session starts (its trajectory has timed out by then)."""
-
-    async def table() -> tuple[int, int, bool]:
-        async with AsyncClient(redis_url, ns) as c:
-            sessions = Sessions(lambda key: TrajectorySession(c, f"mcp-{key}", TrajectorySpec()), 0)
-            first = sessions.get("a")
-            same = sessions.get("a") is first  # a lookup forgets nothing
-            before = len(sessions)
-            sessions.get("b")  # a new session: "a" was unused for longer than 0 s
-            return before, len(sessions), same
-
-    assert asyncio.run(table()) == (1, 1, True)
