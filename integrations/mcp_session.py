@@ -17,17 +17,10 @@ from typing import Any
 
 import mcp.types as types
 
-from toolq.producer import (
-    AsyncClient,
-    LimitExceeded,
-    Result,
-    TrajectoryEnded,
-    UnknownTrajectory,
-    WaitTimeout,
-)
-from toolq.producer.model_calls import result_text
+from toolq.producer import AsyncClient, Result, TrajectoryEnded, UnknownTrajectory
+from toolq.producer.model_calls import CLIENT_FAILURES, client_failure, result_text
 from toolq.producer.tools import permitted, policy_in_force
-from toolq.schemas import ErrorCode, ToolInfo, TrajectorySpec
+from toolq.schemas import ToolInfo, TrajectorySpec
 
 #: The result fields an MCP client gets as structured content (absent ones left out).
 STRUCTURED_FIELDS = {
@@ -44,8 +37,6 @@ STRUCTURED_FIELDS = {
     "call_id",
     "traj",
 }
-#: Error code of a call whose result did not come in time (it may still finish).
-WAIT_TIMEOUT = "wait_timeout"
 #: Past the longest timeout a call may have: room for queueing and a slot's start.
 WAIT_MARGIN_S = 60.0
 
@@ -88,12 +79,9 @@ class TrajectorySession:
         try:
             await self._open()
             result = await self.client.call(self.traj_id, tool, args or {}, wait_s=self.wait_s)
-        except TrajectoryEnded as exc:
-            return error_result(ErrorCode.TRAJECTORY_ENDED.value, str(exc))
-        except LimitExceeded as exc:
-            return error_result(ErrorCode.LIMIT_EXCEEDED.value, exc.reason)
-        except WaitTimeout as exc:
-            return error_result(WAIT_TIMEOUT, str(exc))
+        except CLIENT_FAILURES as exc:  # no result: Redis unreachable, a refused open, ...
+            failed = client_failure(exc)
+            return error_result(failed.code, failed.message, infra=failed.infra)
         return tool_result(result)
 
     async def end(self) -> None:
@@ -157,10 +145,11 @@ def tool_result(result: Result) -> types.CallToolResult:
     )
 
 
-def error_result(code: str, message: str) -> types.CallToolResult:
-    """A call that got no toolq result (``code`` says why) as an MCP tool error."""
+def error_result(code: str, message: str, *, infra: bool = False) -> types.CallToolResult:
+    """A call that got no toolq result (``code`` says why; ``infra``: toolq, not the
+    model, is to blame) as an MCP tool error."""
     return types.CallToolResult(
         content=[types.TextContent(type="text", text=f"[{code}] {message}")],
-        structured_content={"ok": False, "error_code": code, "error": message},
+        structured_content={"ok": False, "error_code": code, "error": message, "infra": infra},
         is_error=True,
     )

@@ -14,10 +14,10 @@ discovered from Redis when the group is made. A tool takes one argument, a dict
 (or JSON text, as a model wrote it), or keywords. What it returns is what the
 model reads: the output, then ``[error_code] error`` when the call failed.
 Failures never raise: the worker's error codes and the client's own
-(``CLIENT_ERRORS``: ``wait_timeout``, ``redis_unreachable``, ...) come back as
-that text, so one bad call never ends a rollout. ``last`` holds the latest
-call's ``ToolOutcome`` (its code, and ``infra`` when toolq, not the model, is
-to blame: a trainer masks such rollouts).
+(``toolq.producer.model_calls.CLIENT_ERRORS``: ``wait_timeout``,
+``redis_unreachable``, ...) come back as that text, so one bad call never ends
+a rollout. ``last`` holds the latest call's ``ToolOutcome`` (its code, and
+``infra`` when toolq, not the model, is to blame: a trainer masks such rollouts).
 
 Importing this module registers the example environment ``toolq/bash``
 (``toolq.integrations.skyrl_env.ToolqBashEnv``) with ``skyrl_gym``.
@@ -35,33 +35,19 @@ from skyrl_gym.tools.core import ToolGroup
 
 from toolq.producer import (
     Client,
-    LimitExceeded,
     Result,
     ToolqError,
     TrajectoryEnded,
     TrajectorySpec,
-    UnknownTrajectory,
-    WaitTimeout,
 )
-from toolq.producer.drive import REDIS_DOWN, call_wait_s
-from toolq.producer.model_calls import result_text
+from toolq.producer.drive import call_wait_s
+from toolq.producer.model_calls import CLIENT_FAILURES, client_failure, result_text
 from toolq.producer.tools import openai_spec, permitted
 
 __all__ = ["ENV_ID", "ToolOutcome", "ToolqToolGroup"]
 
 #: The example environment's id in skyrl_gym's registry.
 ENV_ID = "toolq/bash"
-
-#: The client's own failures (the worker's codes are ``toolq.schemas.ErrorCode``): exception
-#: types, their code, and whether the infrastructure is to blame. The first match wins.
-CLIENT_ERRORS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], str, bool]] = [
-    (WaitTimeout, "wait_timeout", True),
-    (TrajectoryEnded, "trajectory_ended", False),
-    (LimitExceeded, "limit_exceeded", False),
-    (UnknownTrajectory, "unknown_trajectory", False),
-    (REDIS_DOWN, "redis_unreachable", True),
-    (ToolqError, "client_error", False),
-]
 
 
 @dataclass(frozen=True)
@@ -82,9 +68,10 @@ def outcome_of(tool: str, result: Result) -> ToolOutcome:
 
 
 def failure(tool: str, exc: BaseException) -> ToolOutcome:
-    """A client-side failure as an outcome: ``[code] message``, like a result's error."""
-    code, infra = next((c, i) for kind, c, i in CLIENT_ERRORS if isinstance(exc, kind))
-    return ToolOutcome(tool, f"[{code}] {exc}".rstrip(), code, infra)
+    """A client-side failure (``model_calls.client_failure``) as an outcome:
+    ``[code] message``, like a result's error."""
+    failed = client_failure(exc)
+    return ToolOutcome(tool, failed.text, failed.code, failed.infra)
 
 
 class ToolqToolGroup(ToolGroup):
@@ -173,7 +160,7 @@ class ToolqToolGroup(ToolGroup):
             if not self.opened:
                 self.open()
             result = self.trajectory.call(tool, args, wait_s=self.wait_s)
-        except (ToolqError, *REDIS_DOWN) as exc:
+        except CLIENT_FAILURES as exc:
             return failure(tool, exc)
         return outcome_of(tool, result)
 

@@ -41,8 +41,8 @@ from skyrl_gym.envs.base_text_env import (
     ConversationType,
 )
 
-from toolq.producer import Client, ToolqError
-from toolq.producer.drive import REDIS_DOWN
+from toolq.producer import Client
+from toolq.producer.model_calls import CLIENT_FAILURES
 
 from .skyrl import ToolOutcome, ToolqToolGroup
 
@@ -143,7 +143,7 @@ class ToolqBashEnv(BaseTextEnv):
     def _check(self) -> ToolOutcome:
         """Run the check command with bash, whatever the episode's policy was: the
         model acts no more, so a policy entry may allow everything now."""
-        with contextlib.suppress(ToolqError, *REDIS_DOWN):  # the check reports it as well
+        with contextlib.suppress(*CLIENT_FAILURES):  # the check reports it as well
             self.tools.trajectory.set_policy(step="check")
         return self.tools.run("bash", {"command": self.check_command})
 

@@ -47,7 +47,8 @@ from swerex.runtime.abstract import (
 )
 from swerex.utils.log import get_logger
 
-from toolq.producer import AsyncClient, AsyncTrajectory, ToolCall
+from toolq.producer import AsyncClient, AsyncTrajectory, ToolCall, WaitTimeout
+from toolq.producer.model_calls import CLIENT_FAILURES
 from toolq.schemas import Result, TrajectoryRecord, TrajectorySpec
 
 from .swerex_commands import execute_script, split_streams, syntax_error, with_syntax_check
@@ -91,12 +92,19 @@ class ToolqRuntime(AbstractRuntime):
 
     @asynccontextmanager
     async def connected(self) -> AsyncIterator[AsyncTrajectory]:
-        """The trajectory, through the shared client or one of this operation's own."""
-        if self._client is not None:
-            yield self._client.trajectory(self.trajectory_id, self.spec)
-            return
-        async with AsyncClient(self._redis_url, self._namespace) as client:
-            yield client.trajectory(self.trajectory_id, self.spec)
+        """The trajectory, through the shared client or one of this operation's own.
+        A failure of the client in the block is raised as a ``ToolqRuntimeError``
+        (``redis_unreachable``, ...), but for ``WaitTimeout``."""
+        try:
+            if self._client is not None:
+                yield self._client.trajectory(self.trajectory_id, self.spec)
+                return
+            async with AsyncClient(self._redis_url, self._namespace) as client:
+                yield client.trajectory(self.trajectory_id, self.spec)
+        except WaitTimeout:
+            raise  # a TimeoutError of its own (the call may still finish): documented as is
+        except CLIENT_FAILURES as exc:
+            raise ToolqRuntimeError.of_client_failure(exc) from exc
 
     async def _call(
         self, tool: str, args: dict[str, Any], timeout_s: float | None = None, **kw: Any
@@ -121,7 +129,7 @@ class ToolqRuntime(AbstractRuntime):
         says why not (ended, unknown, Redis unreachable within ``timeout``)."""
         try:
             record = await asyncio.wait_for(self._record(), timeout or 10.0)
-        except (asyncio.TimeoutError, RedisError, OSError) as exc:
+        except (asyncio.TimeoutError, ToolqRuntimeError, RedisError, OSError) as exc:
             message = f"cannot read trajectory {self.trajectory_id!r}: {exc!r}"
             return IsAliveResponse(is_alive=False, message=message)
         return alive_response(self.trajectory_id, record)
@@ -257,7 +265,7 @@ class ToolqRuntime(AbstractRuntime):
                 for result in await trajectory.call_many(batch):
                     raise_for_error(result)
                     if not result.ok:  # the mkdir of empty directories failed
-                        raise ToolqRuntimeError(result)
+                        raise ToolqRuntimeError.of_result(result)
 
     async def close(self) -> CloseResponse:
         """End this runtime's shell sessions (a trajectory that ended took them along)."""

@@ -24,7 +24,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from mcp.types import CallToolResult
 
-from tests.helpers import TOOLQ, wait_for
+from tests.helpers import TOOLQ, wait_for, worker_process
 from tests.mcp_clients import (
     INITIALIZE,
     SPEC,
@@ -39,6 +39,7 @@ from tests.mcp_clients import (
 )
 from toolq.producer import Client
 from toolq.schemas import TrajStatus
+from toolq.worker.embedded import EmbeddedRedis
 
 
 @pytest.fixture
@@ -242,6 +243,31 @@ def test_without_a_worker_calls_answer_wait_timeout(
     assert result.structured_content["error_code"] == "wait_timeout"
     assert "[wait_timeout]" in text(result)
     assert status(client, traj) == TrajStatus.PENDING  # submitted: a worker would run it
+
+
+def test_redis_unreachable_mid_session_is_a_tool_error_with_its_code(ns: str) -> None:
+    """A failure of the client itself, not only the worker's codes, is a tool result
+    with toolq's code, and infra set: toolq, not the model, is to blame."""
+    traj = f"mcp-test-{uuid.uuid4().hex[:8]}"
+    with EmbeddedRedis() as server:
+        worker = worker_process(server.url, ns, "w-mcp")
+        try:
+
+            async def session_calls() -> tuple[CallToolResult, CallToolResult]:
+                async with stdio_session(server.url, ns, "--trajectory", traj) as session:
+                    up = await call(session, "bash", command="echo up")
+                    server.stop()
+                    return up, await call(session, "bash", command="echo down")
+
+            up, down = asyncio.run(session_calls())
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(60)
+    assert not up.is_error and text(up) == "up\n"
+    assert down.is_error and down.structured_content is not None
+    assert down.structured_content["error_code"] == "redis_unreachable"
+    assert down.structured_content["infra"] is True
+    assert text(down).startswith("[redis_unreachable]"), text(down)
 
 
 def test_stdin_closed_at_once_exits_0_and_warns_without_a_worker(redis_url: str, ns: str) -> None:

@@ -6,6 +6,7 @@ workspace paths are the shell's paths."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from swerex.exceptions import (
     CommandTimeoutError,
     DeploymentNotStartedError,
     DeploymentStartupError,
+    SwerexException,
 )
 from swerex.runtime.abstract import (
     BashAction,
@@ -22,7 +24,7 @@ from swerex.runtime.abstract import (
 )
 
 from tests.conftest import require_docker
-from tests.helpers import wait_for
+from tests.helpers import wait_for, worker_process
 from tests.swerex_support import (
     A,
     Deployer,
@@ -37,6 +39,7 @@ from toolq.integrations.swerex import (
     ToolqRuntimeError,
 )
 from toolq.producer import AsyncClient, WaitTimeout
+from toolq.worker.embedded import EmbeddedRedis
 
 
 @pytest.fixture
@@ -145,6 +148,33 @@ def test_a_trajectory_that_ends_underneath_is_reported(start_worker, deployed, c
             assert ended.value.error_code == "trajectory_ended"
 
     asyncio.run(main())
+
+
+def test_an_unreachable_redis_is_a_runtime_error_with_its_code(ns):
+    """A failure of the client itself (Redis gone) is a SwerexException with toolq's
+    code and infra set, as a failed result is."""
+    with EmbeddedRedis() as server:
+        worker = worker_process(server.url, ns, "w-swerex")
+        try:
+
+            async def main() -> tuple[str, ToolqRuntimeError]:
+                deployment = ToolqDeployment(redis_url=server.url, namespace=ns)
+                await deployment.start()
+                runtime = deployment.runtime
+                await runtime.create_session(CreateBashSessionRequest())
+                up = (await runtime.run_in_session(A("echo up"))).output
+                server.stop()
+                with pytest.raises(ToolqRuntimeError) as down:
+                    await runtime.run_in_session(A("echo down"))
+                return up, down.value
+
+            up, error = asyncio.run(main())
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(60)
+    assert up == "up\n"
+    assert error.error_code == "redis_unreachable" and error.infra and error.result is None
+    assert isinstance(error, SwerexException)
 
 
 # ----------------------------------------------------- event loops, clients
