@@ -85,14 +85,17 @@ class Bridge:
     async def lifespan(self, _server: Server[Bridge]) -> AsyncIterator[Bridge]:
         """The server's life (stdio: the process; HTTP: the app's): its one
         client, and every open trajectory closed when it stops."""
-        self._client = AsyncClient(self.settings.redis_url, self.settings.namespace)
+        self._client = client = AsyncClient(self.settings.redis_url, self.settings.namespace)
         try:
             yield self
         finally:
-            with anyio.move_on_after(CLOSE_WAIT_S, shield=True):
-                await self.sessions.end_all()
             with anyio.CancelScope(shield=True):
-                await self.client.aclose()
+                try:
+                    with anyio.move_on_after(CLOSE_WAIT_S):
+                        await self.sessions.end_all()
+                finally:
+                    self._client = None
+                    await client.aclose()
 
     async def list_tools(
         self, ctx: ServerRequestContext[Bridge], _params: types.PaginatedRequestParams | None

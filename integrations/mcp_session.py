@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,8 @@ from toolq.producer import AsyncClient, Result, TrajectoryEnded, UnknownTrajecto
 from toolq.producer.model_calls import CLIENT_FAILURES, client_failure, result_text
 from toolq.producer.tools import permitted, policy_in_force
 from toolq.schemas import ToolInfo, TrajectorySpec
+
+log = logging.getLogger(__name__)
 
 #: The result fields an MCP client gets as structured content (absent ones left out).
 STRUCTURED_FIELDS = {
@@ -64,6 +67,8 @@ class TrajectorySession:
             wait_s if wait_s is not None else spec.limits.max_call_timeout_s + WAIT_MARGIN_S
         )
         self.opened = False
+        #: The session has ended: no call opens the trajectory any more.
+        self.closing = False
         self._opening = asyncio.Lock()
 
     async def tools(self) -> list[ToolInfo]:
@@ -86,8 +91,12 @@ class TrajectorySession:
 
     async def end(self) -> None:
         """The session ended: close the trajectory after its submitted calls
-        (not when ``keep_open``, nor when no call ever opened it)."""
-        if not self.opened or self.keep_open:
+        (not when ``keep_open``, nor when no call ever opened it); calls that
+        come later are answered ``trajectory_ended``."""
+        async with self._opening:  # an open under way completes first, then is closed
+            self.closing = True
+            opened = self.opened
+        if not opened or self.keep_open:
             return
         # One that ended by itself (idle timeout, deadline) or expired has nothing to free.
         with contextlib.suppress(TrajectoryEnded, UnknownTrajectory):
@@ -95,6 +104,8 @@ class TrajectorySession:
 
     async def _open(self) -> None:
         async with self._opening:  # concurrent first calls open it once
+            if self.closing:
+                raise TrajectoryEnded(f"the MCP session of trajectory {self.traj_id} has ended")
             if not self.opened:
                 await self.client.open(self.traj_id, self.spec, reuse=self.reuse)
                 self.opened = True
@@ -128,8 +139,13 @@ class Sessions:
             await session.end()
 
     async def end_all(self) -> None:
-        """The server stops: close every session's trajectory."""
-        await asyncio.gather(*(self.end(key) for key in list(self._by_key)))
+        """The server stops: close every session's trajectory. A close that fails is
+        logged and the others go on (that trajectory's idle timeout will end it)."""
+        sessions = list(self._by_key.items())
+        ends = await asyncio.gather(*(self.end(key) for key, _ in sessions), return_exceptions=True)
+        for (_, session), outcome in zip(sessions, ends, strict=True):
+            if isinstance(outcome, BaseException):
+                log.warning("could not close trajectory %s: %r", session.traj_id, outcome)
 
     def __len__(self) -> int:
         return len(self._by_key)
