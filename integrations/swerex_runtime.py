@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import io
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,14 @@ from toolq.schemas import Result, TrajectoryRecord, TrajectorySpec
 
 from .swerex_commands import execute_script, split_streams, syntax_error, with_syntax_check
 from .swerex_errors import ToolqRuntimeError, UnsupportedActionError, raise_for_error
-from .swerex_files import CHUNK_BYTES, WorkspacePaths, batches, upload_calls, write_calls
+from .swerex_files import (
+    CHUNK_BYTES,
+    Calls,
+    WorkspacePaths,
+    batches,
+    upload_calls,
+    write_calls,
+)
 
 
 class ToolqRuntime(AbstractRuntime):
@@ -245,9 +254,8 @@ class ToolqRuntime(AbstractRuntime):
 
     async def write_file(self, request: WriteFileRequest) -> WriteFileResponse:
         """Write text (UTF-8) to a workspace file; parent directories are created."""
-        await self._run_writes(
-            write_calls(self.paths.resolve(request.path), request.content.encode())
-        )
+        target = self.paths.resolve(request.path)
+        await self._run_writes(write_calls(target, io.BytesIO(request.content.encode())))
         return WriteFileResponse()
 
     async def upload(self, request: UploadRequest) -> UploadResponse:
@@ -259,13 +267,23 @@ class ToolqRuntime(AbstractRuntime):
         await self._run_writes(upload_calls(source, request.target_path, self.paths))
         return UploadResponse()
 
-    async def _run_writes(self, calls: Iterable[ToolCall]) -> None:
-        async with self.connected() as trajectory:
-            for batch in batches(calls):
-                for result in await trajectory.call_many(batch):
-                    raise_for_error(result)
-                    if not result.ok:  # the mkdir of empty directories failed
-                        raise ToolqRuntimeError.of_result(result)
+    async def _run_writes(self, calls: Calls) -> None:
+        """Send ``calls`` in batches (``call_many``); each batch is made in a worker
+        thread, where the walk and the reads of an upload block, not the event loop."""
+        pending = batches(calls)
+        try:
+            async with self.connected() as trajectory:
+                while batch := await asyncio.to_thread(next, pending, None):
+                    for result in await trajectory.call_many(batch):
+                        raise_for_error(result)
+                        if not result.ok:  # the mkdir of empty directories failed
+                            raise ToolqRuntimeError.of_result(result)
+        finally:
+            # Close the file being read. A batch still being made (we were cancelled)
+            # holds the generator: dropping it when done closes the file then.
+            with contextlib.suppress(ValueError):
+                pending.close()
+                calls.close()
 
     async def close(self) -> CloseResponse:
         """End this runtime's shell sessions (a trajectory that ended took them along)."""
