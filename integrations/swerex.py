@@ -116,7 +116,7 @@ class ToolqDeployment(AbstractDeployment):
     async def start(self) -> None:
         """Open the trajectory and wait (``startup_timeout_s``) for its sandbox;
         ``DeploymentStartupError`` if it does not come up (the trajectory is cancelled)
-        or its id was used before."""
+        or its id is taken: open already (left alone) or used before."""
         config = self._config
         runtime = ToolqRuntime(
             self.trajectory_id,
@@ -136,9 +136,14 @@ class ToolqDeployment(AbstractDeployment):
     async def _open(self, trajectory: AsyncTrajectory) -> None:
         self._hooks.on_custom_step("Opening toolq trajectory")
         try:
-            await trajectory.open()
+            status = await trajectory.open()
         except TrajectoryEnded as exc:
             raise DeploymentStartupError(str(exc)) from exc
+        if status != "new":  # someone else's: neither joined nor cancelled
+            raise DeploymentStartupError(
+                f"trajectory {trajectory.traj_id!r} is open already ({status}): a deployment "
+                "starts a trajectory of its own, under an id not used before"
+            )
         self._hooks.on_custom_step("Waiting for the sandbox")
         try:
             await wait_for_sandbox(trajectory, self._config.startup_timeout_s)

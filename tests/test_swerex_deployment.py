@@ -107,6 +107,22 @@ def test_start_without_a_worker_fails_and_cancels_the_trajectory(redis_url, ns, 
     assert record is not None and record.status.value == "cancelled"
 
 
+def test_start_refuses_a_trajectory_open_already_and_leaves_it_alone(redis_url, ns, client):
+    client.open("taken")  # another deployment's, say
+    deployment = ToolqDeployment(
+        redis_url=redis_url, namespace=ns, trajectory_id="taken", startup_timeout_s=1
+    )
+
+    async def main() -> bool:
+        with pytest.raises(DeploymentStartupError, match="'taken' is open already"):
+            await deployment.start()
+        return bool(await deployment.is_alive())
+
+    assert not asyncio.run(main())
+    record = client.record("taken")
+    assert record is not None and record.status.value == "pending"  # not cancelled
+
+
 def test_a_sandbox_that_cannot_start_fails_the_start(start_worker, redis_url, ns, client):
     start_worker("local")
     deployment = ToolqDeployment(redis_url=redis_url, namespace=ns, spec={"workdir": "../../x"})
