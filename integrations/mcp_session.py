@@ -18,7 +18,7 @@ from typing import Any
 
 import mcp.types as types
 
-from toolq.producer import AsyncClient, Result, TrajectoryEnded, UnknownTrajectory
+from toolq.producer import AsyncClient, Result, TrajectoryEnded, UnknownTrajectory, spec_wait_s
 from toolq.producer.model_calls import CLIENT_FAILURES, client_failure, result_text
 from toolq.producer.tools import permitted, policy_in_force
 from toolq.schemas import ToolInfo, TrajectorySpec
@@ -40,8 +40,6 @@ STRUCTURED_FIELDS = {
     "call_id",
     "traj",
 }
-#: Past the longest timeout a call may have: room for queueing and a slot's start.
-WAIT_MARGIN_S = 60.0
 
 
 class TrajectorySession:
@@ -59,13 +57,12 @@ class TrajectorySession:
     ) -> None:
         """``reuse`` starts an ended trajectory of that id over at the first call
         (see ``Client.open``); ``keep_open`` leaves it open when the session ends;
-        ``wait_s`` bounds a call's wait for its result (default: the spec's
-        ``max_call_timeout_s`` and a margin, so a call that runs gets its result)."""
+        ``wait_s`` bounds a call's wait for its result (default: ``spec_wait_s``,
+        the spec's ``max_call_timeout_s`` and a margin, so a call that runs gets
+        its result)."""
         self.client, self.traj_id, self.spec = client, traj_id, spec
         self.reuse, self.keep_open = reuse, keep_open
-        self.wait_s = (
-            wait_s if wait_s is not None else spec.limits.max_call_timeout_s + WAIT_MARGIN_S
-        )
+        self.wait_s = wait_s if wait_s is not None else spec_wait_s(spec)
         self.opened = False
         #: The session has ended: no call opens the trajectory any more.
         self.closing = False

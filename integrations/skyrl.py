@@ -39,8 +39,8 @@ from toolq.producer import (
     ToolqError,
     TrajectoryEnded,
     TrajectorySpec,
+    spec_wait_s,
 )
-from toolq.producer.drive import call_wait_s
 from toolq.producer.model_calls import CLIENT_FAILURES, client_failure, result_text
 from toolq.producer.tools import openai_spec, permitted
 
@@ -98,7 +98,7 @@ class ToolqToolGroup(ToolGroup):
         policy = self.trajectory.spec or TrajectorySpec()
         # the client's own default (a minute past the call's timeout argument) knows
         # neither the spec's limits nor a tool's timeout_s argument
-        self.wait_s = call_wait_s(policy.limits.max_call_timeout_s) if wait_s is None else wait_s
+        self.wait_s = spec_wait_s(policy) if wait_s is None else wait_s
         self.opened = False
         self.last: ToolOutcome | None = None
         super().__init__(name)

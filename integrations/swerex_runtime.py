@@ -49,7 +49,7 @@ from swerex.runtime.abstract import (
 )
 from swerex.utils.log import get_logger
 
-from toolq.producer import AsyncClient, AsyncTrajectory, ToolCall, WaitTimeout
+from toolq.producer import AsyncClient, AsyncTrajectory, ToolCall, WaitTimeout, spec_wait_s
 from toolq.producer.model_calls import CLIENT_FAILURES
 from toolq.schemas import Result, TrajectoryRecord, TrajectorySpec
 
@@ -74,9 +74,9 @@ class ToolqRuntime(AbstractRuntime):
     operation connects and disconnects on its own, so the runtime works when every
     call runs in an event loop of its own (SWE-agent ``asyncio.run``s each one).
 
-    Calls wait for their result up to their timeout (else the spec's
-    ``max_call_timeout_s``) plus ``wait_slack_s`` for queueing, then raise toolq's
-    ``WaitTimeout``.
+    Calls wait for their result up to their timeout (capped by the spec's
+    ``max_call_timeout_s``, which stands in for none) plus ``wait_slack_s`` for
+    queueing (``toolq.producer.spec_wait_s``), then raise toolq's ``WaitTimeout``.
     """
 
     def __init__(
@@ -129,7 +129,7 @@ class ToolqRuntime(AbstractRuntime):
         timeout_s: float | None = None,
         **kw: Any,
     ) -> Result:
-        wait_s = (timeout_s or self.spec.limits.max_call_timeout_s) + self._wait_slack_s
+        wait_s = spec_wait_s(self.spec, timeout_s, margin_s=self._wait_slack_s)
         return await trajectory.call(tool, args, timeout_s=timeout_s, wait_s=wait_s, **kw)
 
     # ------------------------------------------------------------ liveness

@@ -16,7 +16,7 @@ from mcp.types import CallToolResult
 from tests.helpers import redis_client, wait_for
 from toolq.integrations.mcp_server import Bridge, McpSettings, build_server
 from toolq.integrations.mcp_session import TrajectorySession
-from toolq.producer import AsyncClient, Client
+from toolq.producer import AsyncClient, Client, spec_wait_s
 from toolq.schemas import Keys, TrajectorySpec, TrajStatus
 
 
@@ -51,6 +51,17 @@ def test_a_session_that_ends_during_its_first_open_closes_the_trajectory(
     assert late.structured_content["error_code"] == "trajectory_ended"
     record = client.record(traj)
     assert record is not None and record.calls_total == record.calls_submitted <= 1
+
+
+def test_a_sessions_default_wait_is_the_adapters_rule(redis_url: str, ns: str) -> None:
+    spec = TrajectorySpec(limits={"max_call_timeout_s": 900})
+
+    async def waits() -> tuple[float, float]:
+        async with AsyncClient(redis_url, ns) as aclient:
+            default = TrajectorySession(aclient, "t-wait", spec).wait_s
+            return default, TrajectorySession(aclient, "t-wait", spec, wait_s=2).wait_s
+
+    assert asyncio.run(waits()) == (spec_wait_s(spec), 2) == (900 + 60, 2)
 
 
 def test_a_failing_close_at_stop_spares_the_others_and_the_client(

@@ -17,7 +17,7 @@ from skyrl_gym.envs.base_text_env import BaseTextEnv
 from tests.helpers import redis_client, wait_for, worker_process
 from toolq.integrations.skyrl import ENV_ID, ToolqToolGroup
 from toolq.integrations.skyrl_env import ToolqBashEnv
-from toolq.producer import Client, ToolqError
+from toolq.producer import Client, ToolqError, spec_wait_s
 from toolq.schemas import Keys
 from toolq.worker.embedded import EmbeddedRedis
 
@@ -160,7 +160,7 @@ def test_a_wait_that_runs_out_is_an_infra_observation(start_worker, client):
     group.close()
     # by default a call may take as long as the spec lets it run, and then some
     long = ToolqToolGroup(client, "g-long", {"limits": {"max_call_timeout_s": 900}})
-    assert long.wait_s > 900
+    assert long.wait_s == spec_wait_s(long.trajectory.spec) == 900 + 60
 
 
 def test_the_spec_policy_shapes_the_tool_list_and_the_worker_enforces_it(start_worker, client):
