@@ -39,6 +39,7 @@ from toolq.producer import (
     ToolqError,
     TrajectoryEnded,
     TrajectorySpec,
+    UnknownTrajectory,
     spec_wait_s,
 )
 from toolq.producer.model_calls import CLIENT_FAILURES, client_failure, result_text
@@ -127,12 +128,13 @@ class ToolqToolGroup(ToolGroup):
 
     def close(self) -> None:
         """Close the trajectory after its calls, freeing its sandbox; a no-op when it
-        was never opened or has ended by itself (a limit, say)."""
+        was never opened, has ended by itself (a limit, say) or expired. A close
+        that fails raises, and ``close`` may be called again."""
         if not self.opened:
             return
-        self.opened = False
-        with contextlib.suppress(TrajectoryEnded):
+        with contextlib.suppress(TrajectoryEnded, UnknownTrajectory):
             self.trajectory.close()
+        self.opened = False
 
     # --------------------------------------------------------------- calls
     def execute_tool(self, name: str, *args: Any, **kwargs: Any) -> str:

@@ -148,9 +148,12 @@ class ToolqBashEnv(BaseTextEnv):
         return self.tools.run("bash", {"command": self.check_command})
 
     def close(self) -> None:
-        """Close the trajectory (after its calls) and the client the env made."""
-        self.tools.close()
-        self._resources.close()
+        """Close the trajectory (after its calls) and the client the env made, that
+        one even when the trajectory's close fails."""
+        try:
+            self.tools.close()
+        finally:
+            self._resources.close()
 
 
 def _info(outcome: ToolOutcome | None) -> dict[str, Any]:
