@@ -65,6 +65,8 @@ class McpSettings:
     keep_open: bool = False
     #: Longest a call waits for its result (default: see ``TrajectorySession``).
     wait_s: float | None = None
+    #: HTTP: most sessions open at once; the SDK refuses more (HTTP 503) until one ends.
+    max_sessions: int = 10_000
 
 
 class Bridge:
@@ -201,7 +203,9 @@ async def serve_http(settings: McpSettings) -> None:
     bridge = Bridge(settings)
     # A session without requests for the trajectory's idle timeout ends with it.
     app = build_server(bridge).streamable_http_app(
-        host=settings.host, session_idle_timeout=settings.spec.limits.idle_timeout_s
+        host=settings.host,
+        session_idle_timeout=settings.spec.limits.idle_timeout_s,
+        max_sessions=settings.max_sessions,
     )
     config = uvicorn.Config(
         app,

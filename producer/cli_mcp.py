@@ -8,12 +8,14 @@ the ``mcp`` extra and says how to get it.
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from toolq.schemas import TrajectorySpec, check_traj_id
 
 from .cli_errors import CliError
 
 INSTALL_HINT = "pip install 'toolq[mcp]'"
+DEFAULT = ParameterSource.DEFAULT
 
 
 @click.command("mcp")
@@ -50,6 +52,15 @@ INSTALL_HINT = "pip install 'toolq[mcp]'"
     help="Longest a tool call waits for its result, then answers wait_timeout (it may still "
     "finish) [default: the spec's max_call_timeout_s + 60].",
 )
+@click.option(
+    "--max-sessions",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="HTTP: most sessions open at once, each holding a sandbox; a new one beyond is "
+    "refused (HTTP 503) until one ends. The server has no authentication: this bounds how "
+    "much anyone who reaches the port can hold, not who can.",
+)
 @click.pass_context
 def mcp_cmd(
     ctx: click.Context,
@@ -61,6 +72,7 @@ def mcp_cmd(
     traj_id: str | None,
     keep_open: bool,
     wait_s: float | None,
+    max_sessions: int,
 ) -> None:
     """Serve the workers' tools over MCP; each MCP session runs in a trajectory of its own.
 
@@ -79,6 +91,8 @@ def mcp_cmd(
         if transport == "http":
             raise click.UsageError("--trajectory is for stdio: HTTP sessions get their own")
         check_traj_id(traj_id)
+    if transport == "stdio" and ctx.get_parameter_source("max_sessions") != DEFAULT:
+        raise click.UsageError("--max-sessions is for HTTP: a stdio server has one session")
     try:
         from toolq.integrations import mcp_server
     except ImportError as exc:
@@ -101,5 +115,6 @@ def mcp_cmd(
         trajectory=traj_id,
         keep_open=keep_open,
         wait_s=wait_s,
+        max_sessions=max_sessions,
     )
     mcp_server.run(settings)

@@ -284,6 +284,8 @@ def test_stdin_closed_at_once_exits_0_and_warns_without_a_worker(redis_url: str,
     [
         (["--transport", "http", "--trajectory", "t1"], 2),
         (["--trajectory", "bad id!"], 2),
+        (["--max-sessions", "2"], 2),  # stdio has one session
+        (["--transport", "http", "--max-sessions", "0"], 2),
         (["--spec", '{"imag": "x"}'], 2),
         (["--redis-url", "redis://127.0.0.1:1"], 3),  # unreachable: fails at start
     ],

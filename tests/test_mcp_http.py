@@ -27,6 +27,7 @@ from mcp.types import INVALID_REQUEST, CallToolResult
 from tests.helpers import redis_client, wait_for
 from tests.mcp_clients import (
     CALL_WAIT_S,
+    INITIALIZE,
     SPEC,
     call,
     free_port,
@@ -162,11 +163,16 @@ def test_a_session_the_sdk_ends_for_idleness_closes_its_trajectory(
 def session_status(url: str, session_id: str) -> int:
     """The HTTP status of a ``tools/list`` request in that session."""
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    headers = {"Mcp-Session-Id": session_id, "Mcp-Protocol-Version": "2025-11-25"}
+    return post_status(url, body, headers)
+
+
+def post_status(url: str, body: dict[str, Any], headers: dict[str, str]) -> int:
+    """The HTTP status the server answers a JSON-RPC message with."""
     headers = {
         "Content-Type": "application/json",
         "Accept": "application/json, text/event-stream",
-        "Mcp-Session-Id": session_id,
-        "Mcp-Protocol-Version": "2025-11-25",
+        **headers,
     }
     request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
     try:
@@ -174,6 +180,25 @@ def session_status(url: str, session_id: str) -> int:
             return int(response.status)
     except urllib.error.HTTPError as refused:
         return refused.code
+
+
+def test_max_sessions_refuses_sessions_beyond_it(serve: Serve, client: Client) -> None:
+    url, _ = serve("--max-sessions", "1")
+
+    async def one_at_a_time() -> list[int]:
+        async with http_session(url) as only:
+            assert not (await call(only, "bash", command="true")).is_error
+            refused = initialize_status(url)  # a second session, while the first is open
+        await until(lambda: initialize_status(url) == 200, "room for a session again")
+        return [refused]
+
+    assert asyncio.run(one_at_a_time()) == [503]
+
+
+def initialize_status(url: str) -> int:
+    """The HTTP status of an ``initialize`` request (a new session's first)."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INITIALIZE}
+    return post_status(url, body, {})
 
 
 def test_the_sdks_high_level_client_negotiates_a_session(
