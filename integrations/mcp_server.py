@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -47,6 +48,10 @@ INSTRUCTIONS = (
     "Every tool call of this session runs in one toolq trajectory: a sandbox whose files, "
     "working directory and background tasks persist from call to call until the session ends."
 )
+
+
+class StartError(RuntimeError):
+    """The HTTP server could not start (a port in use, say)."""
 
 
 @dataclass(frozen=True)
@@ -191,11 +196,21 @@ async def serve_stdio(settings: McpSettings) -> None:
 
 class _Uvicorn(uvicorn.Server):
     """uvicorn leaving the signals to toolq (it would re-raise SIGTERM after
-    shutting down, and the process would die of it instead of exiting 0)."""
+    shutting down, and the process would die of it instead of exiting 0), and
+    saying where it serves once it listens there."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets)
+        except SystemExit:  # uvicorn's way to fail a start (a port in use), having logged why
+            self.should_exit = True  # serve() returns; serve_http raises StartError
+            return
+        where = f"http://{self.config.host}:{self.config.port}/mcp"
+        print(f"toolq mcp: serving {where}", file=sys.stderr)
 
 
 async def serve_http(settings: McpSettings) -> None:
@@ -219,8 +234,11 @@ async def serve_http(settings: McpSettings) -> None:
     def stop() -> None:
         server.should_exit = True  # graceful: the app's lifespan closes the trajectories
 
-    print(f"toolq mcp: serving http://{settings.host}:{settings.port}/mcp", file=sys.stderr)
     await _until_signal(server.serve, stop)
+    if not server.started:
+        raise StartError(
+            f"toolq mcp cannot serve on {settings.host}:{settings.port} (the error above says why)"
+        )
 
 
 async def _until_signal(serve: Callable[[], Awaitable[None]], stop: Callable[[], None]) -> None:
@@ -238,5 +256,6 @@ async def _until_signal(serve: Callable[[], Awaitable[None]], stop: Callable[[],
 
 
 def run(settings: McpSettings) -> None:
-    """Serve until the session (stdio) or the server (HTTP) ends."""
+    """Serve until the session (stdio) or the server (HTTP) ends; ``StartError``
+    when the HTTP server cannot listen."""
     anyio.run(serve_stdio if settings.transport == "stdio" else serve_http, settings)

@@ -97,13 +97,13 @@ def mcp_cmd(
         from toolq.integrations import mcp_server
     except ImportError as exc:
         raise CliError(f"toolq mcp needs the MCP SDK ({exc}): {INSTALL_HINT}") from None
-    client = _client(ctx)  # fails now, not at the first call, when Redis is unreachable
-    if not _workers_alive(client):
-        click.echo(
-            f"toolq mcp: no worker is alive in namespace {client.keys.ns!r}: tool calls wait "
-            "until one starts (`toolq worker`)",
-            err=True,
-        )
+    with _client(ctx) as client:  # fails now, not at the first call, when Redis is unreachable
+        if not _workers_alive(client):
+            click.echo(
+                f"toolq mcp: no worker is alive in namespace {client.keys.ns!r}: tool calls "
+                "wait until one starts (`toolq worker`)",
+                err=True,
+            )
     obj = ctx.find_root().obj or {}
     settings = mcp_server.McpSettings(
         redis_url=obj.get("redis_url"),
@@ -117,4 +117,7 @@ def mcp_cmd(
         wait_s=wait_s,
         max_sessions=max_sessions,
     )
-    mcp_server.run(settings)
+    try:
+        mcp_server.run(settings)
+    except mcp_server.StartError as exc:
+        raise CliError(str(exc)) from None

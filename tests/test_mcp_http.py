@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -64,9 +65,10 @@ def serve(redis_url: str, ns: str, worker: Any, tmp_path: Path) -> Iterator[Serv
         with log.open("w") as stderr:
             proc = subprocess.Popen([*command, "--spec", json.dumps(spec), *options], stderr=stderr)
         started.append(proc)
-        wait_for(lambda: port_open(port) or proc.poll() is not None, what="the HTTP server")
-        assert proc.poll() is None, log.read_text()
-        return f"http://127.0.0.1:{port}/mcp", proc
+        url = f"http://127.0.0.1:{port}/mcp"
+        wait_for(lambda: url in log.read_text() or proc.poll() is not None, what="serving")
+        assert proc.poll() is None and port_open(port), log.read_text()  # said once bound
+        return url, proc
 
     yield start
     for proc in started:
@@ -199,6 +201,21 @@ def initialize_status(url: str) -> int:
     """The HTTP status of an ``initialize`` request (a new session's first)."""
     body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INITIALIZE}
     return post_status(url, body, {})
+
+
+def test_a_port_in_use_fails_the_start_without_claiming_to_serve(
+    redis_url: str, ns: str, worker: Any
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = toolq_mcp(redis_url, ns, "--transport", "http", "--port", str(port))
+        r = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "address already in use" in r.stderr and "serving" not in r.stderr, r.stderr
+    assert f"Error: toolq mcp cannot serve on 127.0.0.1:{port}" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_the_sdks_high_level_client_negotiates_a_session(
