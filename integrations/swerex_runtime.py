@@ -132,6 +132,13 @@ class ToolqRuntime(AbstractRuntime):
         wait_s = spec_wait_s(self.spec, timeout_s, margin_s=self._wait_slack_s)
         return await trajectory.call(tool, args, timeout_s=timeout_s, wait_s=wait_s, **kw)
 
+    def timeout_s(self, timeout_s: float | None) -> float:
+        """The timeout a call runs with, as the worker decides it from the spec: its
+        own, else the spec's ``call_timeout_s``, capped by ``max_call_timeout_s``."""
+        limits = self.spec.limits
+        asked_s = limits.call_timeout_s if timeout_s is None else timeout_s
+        return min(asked_s, limits.max_call_timeout_s)
+
     # ------------------------------------------------------------ liveness
     async def is_alive(self, *, timeout: float | None = None) -> IsAliveResponse:
         """Alive while the trajectory is open (pending or running); the message
@@ -157,7 +164,8 @@ class ToolqRuntime(AbstractRuntime):
         command = "\n".join(f"source {path}" for path in request.startup_source)
         args = {"command": command, "session": name, "restart": True}
         result = await self._call("shell", args, request.startup_timeout)
-        message = f"timeout after {request.startup_timeout} seconds while starting session {name!r}"
+        timeout_s = self.timeout_s(request.startup_timeout)
+        message = f"timeout after {timeout_s} seconds while starting session {name!r}"
         raise_for_error(result, timeout_message=message)
         self._sessions.add(name)
         return CreateBashSessionResponse(output=result.output)
@@ -178,7 +186,8 @@ class ToolqRuntime(AbstractRuntime):
         token = f"TOOLQ{uuid.uuid4().hex}"
         args = {"command": with_syntax_check(action.command, token), "session": action.session}
         result = await self._call("shell", args, action.timeout)
-        message = f"timeout after {action.timeout} seconds while running command {action.command!r}"
+        timeout_s = self.timeout_s(action.timeout)
+        message = f"timeout after {timeout_s} seconds while running command {action.command!r}"
         raise_for_error(result, timeout_message=message)
         error = syntax_error(result, token, action.command)
         if error is not None:
@@ -212,7 +221,7 @@ class ToolqRuntime(AbstractRuntime):
         token = f"TOOLQ{uuid.uuid4().hex}"
         script = execute_script(command, self.paths.shell_cwd(command.cwd), token)
         result = await self._call("bash", {"command": script}, command.timeout)
-        message = f"Timeout ({command.timeout}s) exceeded while running command"
+        message = f"Timeout ({self.timeout_s(command.timeout)}s) exceeded while running command"
         raise_for_error(result, timeout_message=message)
         if command.merge_output_streams:
             stdout, stderr = result.output, ""
