@@ -84,6 +84,7 @@ class Bridge:
 
     @property
     def client(self) -> AsyncClient:
+        """The server's one toolq client (``RuntimeError`` outside the lifespan)."""
         if self._client is None:
             raise RuntimeError("the server is not running")
         return self._client
@@ -107,12 +108,15 @@ class Bridge:
     async def list_tools(
         self, ctx: ServerRequestContext[Bridge], _params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
+        """``tools/list``: the published tools the session's trajectory may call."""
         tools = await self._session(ctx).tools()
         return types.ListToolsResult(tools=[types.Tool.model_validate(mcp_spec(t)) for t in tools])
 
     async def call_tool(
         self, ctx: ServerRequestContext[Bridge], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
+        """``tools/call``: one call in the session's trajectory; every outcome is a
+        tool result (``isError`` with toolq's code when it failed)."""
         return await self._session(ctx).call(params.name, params.arguments)
 
     def _session(self, ctx: ServerRequestContext[Bridge]) -> TrajectorySession:

@@ -114,6 +114,7 @@ class ToolqToolGroup(ToolGroup):
 
     @property
     def traj_id(self) -> str:
+        """The id of the group's trajectory."""
         return self.trajectory.traj_id
 
     def _bound(self, tool: str) -> Any:

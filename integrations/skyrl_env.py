@@ -114,6 +114,8 @@ class ToolqBashEnv(BaseTextEnv):
         return prompt, {"traj_id": self.traj_id, "tools": self.tools.get_tool_names()}
 
     def step(self, action: str) -> BaseTextEnvStepOutput:
+        """Run the action's tool call (if any); its output is the observation. At
+        ``<done/>`` or the last turn the episode ends, rewarded by the check command."""
         self.turns += 1
         done = DONE.search(action) is not None or self.turns >= self.max_turns
         call = parse_action(action)

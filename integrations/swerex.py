@@ -73,6 +73,7 @@ class ToolqDeploymentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     def get_deployment(self) -> ToolqDeployment:
+        """A deployment of this configuration (not started: see ``start``)."""
         return ToolqDeployment.from_config(self)
 
 
@@ -102,9 +103,12 @@ class ToolqDeployment(AbstractDeployment):
 
     @classmethod
     def from_config(cls, config: ToolqDeploymentConfig) -> ToolqDeployment:
+        """A deployment of ``config`` (each operation connects on its own)."""
         return cls(**config.model_dump(exclude={"type"}))
 
     def add_hook(self, hook: DeploymentHook) -> None:
+        """Add a SWE-ReX deployment hook: ``start`` reports its steps to it (opening
+        the trajectory, waiting for the sandbox)."""
         self._hooks.add_hook(hook)
 
     async def is_alive(self, *, timeout: float | None = None) -> IsAliveResponse:
