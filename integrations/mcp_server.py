@@ -121,9 +121,11 @@ class Bridge:
 
     def _session(self, ctx: ServerRequestContext[Bridge]) -> TrajectorySession:
         """The request's session: stdio's one, or the SDK's HTTP session of that id."""
+        if self.settings.transport == "stdio":  # the process is the session
+            return self.sessions.get(None) or self.sessions.start(None)
         connection = _connection(ctx)
-        key = connection.session_id if self.settings.transport == "http" else None
-        if self.settings.transport == "http" and key is None:
+        key = connection.session_id
+        if key is None:
             raise MCPError(
                 types.INVALID_REQUEST,
                 "toolq mcp runs each session's calls in a trajectory of its own: over HTTP it "
@@ -132,10 +134,9 @@ class Bridge:
         session = self.sessions.get(key)
         if session is None:
             session = self.sessions.start(key)
-            if key is not None:
-                # However the SDK ends the session (DELETE, its idle timeout, a crash,
-                # the server stopping), its teardown closes the trajectory.
-                connection.exit_stack.push_async_callback(self.sessions.end, key)
+            # However the SDK ends the session (DELETE, its idle timeout, a crash, the
+            # server stopping), its teardown closes the trajectory.
+            connection.exit_stack.push_async_callback(self.sessions.end, key)
         return session
 
     def _new_session(self, key: str | None) -> TrajectorySession:

@@ -22,7 +22,10 @@ READ_BYTES = 64 * 1024
 def pollable(fd: int) -> bool:
     """Whether the event loop can wait on ``fd``: a pipe, a socket or a terminal.
     A regular file or ``/dev/null`` cannot be polled (and its reads never wait)."""
-    mode = os.fstat(fd).st_mode
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:  # no stdin at all: the SDK's own reader says so
+        return False
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)
 
 
