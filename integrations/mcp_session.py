@@ -12,23 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import mcp.types as types
 
-from toolq.producer import (
-    AsyncClient,
-    LimitExceeded,
-    Result,
-    TrajectoryEnded,
-    UnknownTrajectory,
-    WaitTimeout,
-)
-from toolq.producer.model_calls import result_text
+from toolq.producer import AsyncClient, Result, TrajectoryEnded, UnknownTrajectory, spec_wait_s
+from toolq.producer.model_calls import CLIENT_FAILURES, client_failure, result_text
 from toolq.producer.tools import permitted, policy_in_force
-from toolq.schemas import ErrorCode, ToolInfo, TrajectorySpec
+from toolq.schemas import ToolInfo, TrajectorySpec
+
+log = logging.getLogger(__name__)
 
 #: The result fields an MCP client gets as structured content (absent ones left out).
 STRUCTURED_FIELDS = {
@@ -45,10 +40,6 @@ STRUCTURED_FIELDS = {
     "call_id",
     "traj",
 }
-#: Error code of a call whose result did not come in time (it may still finish).
-WAIT_TIMEOUT = "wait_timeout"
-#: Past the longest timeout a call may have: room for queueing and a slot's start.
-WAIT_MARGIN_S = 60.0
 
 
 class TrajectorySession:
@@ -66,15 +57,15 @@ class TrajectorySession:
     ) -> None:
         """``reuse`` starts an ended trajectory of that id over at the first call
         (see ``Client.open``); ``keep_open`` leaves it open when the session ends;
-        ``wait_s`` bounds a call's wait for its result (default: the spec's
-        ``max_call_timeout_s`` and a margin, so a call that runs gets its result)."""
+        ``wait_s`` bounds a call's wait for its result (default: ``spec_wait_s``,
+        the spec's ``max_call_timeout_s`` and a margin, so a call that runs gets
+        its result)."""
         self.client, self.traj_id, self.spec = client, traj_id, spec
         self.reuse, self.keep_open = reuse, keep_open
-        self.wait_s = (
-            wait_s if wait_s is not None else spec.limits.max_call_timeout_s + WAIT_MARGIN_S
-        )
+        self.wait_s = wait_s if wait_s is not None else spec_wait_s(spec)
         self.opened = False
-        self.last_used_s = time.monotonic()
+        #: The session has ended: no call opens the trajectory any more.
+        self.closing = False
         self._opening = asyncio.Lock()
 
     async def tools(self) -> list[ToolInfo]:
@@ -87,24 +78,22 @@ class TrajectorySession:
     async def call(self, tool: str, args: dict[str, Any] | None) -> types.CallToolResult:
         """Run one call in the trajectory (opening it first if needed); every
         outcome, a refusal or a wait that ran out included, is a tool result."""
-        self.last_used_s = time.monotonic()
         try:
             await self._open()
             result = await self.client.call(self.traj_id, tool, args or {}, wait_s=self.wait_s)
-        except TrajectoryEnded as exc:
-            return error_result(ErrorCode.TRAJECTORY_ENDED.value, str(exc))
-        except LimitExceeded as exc:
-            return error_result(ErrorCode.LIMIT_EXCEEDED.value, exc.reason)
-        except WaitTimeout as exc:
-            return error_result(WAIT_TIMEOUT, str(exc))
-        finally:
-            self.last_used_s = time.monotonic()
+        except CLIENT_FAILURES as exc:  # no result: Redis unreachable, a refused open, ...
+            failed = client_failure(exc)
+            return error_result(failed.code, failed.message, infra=failed.infra)
         return tool_result(result)
 
     async def end(self) -> None:
         """The session ended: close the trajectory after its submitted calls
-        (not when ``keep_open``, nor when no call ever opened it)."""
-        if not self.opened or self.keep_open:
+        (not when ``keep_open``, nor when no call ever opened it); calls that
+        come later are answered ``trajectory_ended``."""
+        async with self._opening:  # an open under way completes first, then is closed
+            self.closing = True
+            opened = self.opened
+        if not opened or self.keep_open:
             return
         # One that ended by itself (idle timeout, deadline) or expired has nothing to free.
         with contextlib.suppress(TrajectoryEnded, UnknownTrajectory):
@@ -112,6 +101,8 @@ class TrajectorySession:
 
     async def _open(self) -> None:
         async with self._opening:  # concurrent first calls open it once
+            if self.closing:
+                raise TrajectoryEnded(f"the MCP session of trajectory {self.traj_id} has ended")
             if not self.opened:
                 await self.client.open(self.traj_id, self.spec, reuse=self.reuse)
                 self.opened = True
@@ -120,24 +111,22 @@ class TrajectorySession:
 class Sessions:
     """A server's trajectory sessions by MCP session id (``None``: stdio's one session).
 
-    A session unused for ``forget_after_s`` is forgotten when another one
-    starts: its trajectory has timed out by then (no call for its idle
-    timeout), so its entry only holds memory; a call that comes back after all
-    opens nothing and gets ``trajectory_ended``.
+    A session's entry lives until ``end``: over HTTP the SDK's own end of the
+    session (the client's DELETE, its idle timeout, a crash, the server
+    stopping) calls it; over stdio the server's stop does.
     """
 
-    def __init__(
-        self, make: Callable[[str | None], TrajectorySession], forget_after_s: float
-    ) -> None:
-        self._make, self.forget_after_s = make, forget_after_s
+    def __init__(self, make: Callable[[str | None], TrajectorySession]) -> None:
+        self._make = make
         self._by_key: dict[str | None, TrajectorySession] = {}
 
-    def get(self, key: str | None) -> TrajectorySession:
-        """The session's trajectory (made at its first request)."""
-        session = self._by_key.get(key)
-        if session is None:
-            self._forget_idle()
-            session = self._by_key[key] = self._make(key)
+    def get(self, key: str | None) -> TrajectorySession | None:
+        """The session's trajectory, if the session has started."""
+        return self._by_key.get(key)
+
+    def start(self, key: str | None) -> TrajectorySession:
+        """A new session's trajectory (opened at its first call)."""
+        session = self._by_key[key] = self._make(key)
         return session
 
     async def end(self, key: str | None) -> None:
@@ -147,17 +136,16 @@ class Sessions:
             await session.end()
 
     async def end_all(self) -> None:
-        """The server stops: close every session's trajectory."""
-        await asyncio.gather(*(self.end(key) for key in list(self._by_key)))
+        """The server stops: close every session's trajectory. A close that fails is
+        logged and the others go on (that trajectory's idle timeout will end it)."""
+        sessions = list(self._by_key.items())
+        ends = await asyncio.gather(*(self.end(key) for key, _ in sessions), return_exceptions=True)
+        for (_, session), outcome in zip(sessions, ends, strict=True):
+            if isinstance(outcome, BaseException):
+                log.warning("could not close trajectory %s: %r", session.traj_id, outcome)
 
     def __len__(self) -> int:
         return len(self._by_key)
-
-    def _forget_idle(self) -> None:
-        cutoff = time.monotonic() - self.forget_after_s
-        for key, session in list(self._by_key.items()):
-            if session.last_used_s < cutoff:
-                del self._by_key[key]
 
 
 def tool_result(result: Result) -> types.CallToolResult:
@@ -170,10 +158,11 @@ def tool_result(result: Result) -> types.CallToolResult:
     )
 
 
-def error_result(code: str, message: str) -> types.CallToolResult:
-    """A call that got no toolq result (``code`` says why) as an MCP tool error."""
+def error_result(code: str, message: str, *, infra: bool = False) -> types.CallToolResult:
+    """A call that got no toolq result (``code`` says why; ``infra``: toolq, not the
+    model, is to blame) as an MCP tool error."""
     return types.CallToolResult(
         content=[types.TextContent(type="text", text=f"[{code}] {message}")],
-        structured_content={"ok": False, "error_code": code, "error": message},
+        structured_content={"ok": False, "error_code": code, "error": message, "infra": infra},
         is_error=True,
     )

@@ -14,10 +14,10 @@ discovered from Redis when the group is made. A tool takes one argument, a dict
 (or JSON text, as a model wrote it), or keywords. What it returns is what the
 model reads: the output, then ``[error_code] error`` when the call failed.
 Failures never raise: the worker's error codes and the client's own
-(``CLIENT_ERRORS``: ``wait_timeout``, ``redis_unreachable``, ...) come back as
-that text, so one bad call never ends a rollout. ``last`` holds the latest
-call's ``ToolOutcome`` (its code, and ``infra`` when toolq, not the model, is
-to blame: a trainer masks such rollouts).
+(``toolq.producer.model_calls.CLIENT_ERRORS``: ``wait_timeout``,
+``redis_unreachable``, ...) come back as that text, so one bad call never ends
+a rollout. ``last`` holds the latest call's ``ToolOutcome`` (its code, and
+``infra`` when toolq, not the model, is to blame: a trainer masks such rollouts).
 
 Importing this module registers the example environment ``toolq/bash``
 (``toolq.integrations.skyrl_env.ToolqBashEnv``) with ``skyrl_gym``.
@@ -35,33 +35,20 @@ from skyrl_gym.tools.core import ToolGroup
 
 from toolq.producer import (
     Client,
-    LimitExceeded,
     Result,
     ToolqError,
     TrajectoryEnded,
     TrajectorySpec,
     UnknownTrajectory,
-    WaitTimeout,
+    spec_wait_s,
 )
-from toolq.producer.drive import REDIS_DOWN, call_wait_s
-from toolq.producer.model_calls import result_text
+from toolq.producer.model_calls import CLIENT_FAILURES, client_failure, result_text
 from toolq.producer.tools import openai_spec, permitted
 
 __all__ = ["ENV_ID", "ToolOutcome", "ToolqToolGroup"]
 
 #: The example environment's id in skyrl_gym's registry.
 ENV_ID = "toolq/bash"
-
-#: The client's own failures (the worker's codes are ``toolq.schemas.ErrorCode``): exception
-#: types, their code, and whether the infrastructure is to blame. The first match wins.
-CLIENT_ERRORS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], str, bool]] = [
-    (WaitTimeout, "wait_timeout", True),
-    (TrajectoryEnded, "trajectory_ended", False),
-    (LimitExceeded, "limit_exceeded", False),
-    (UnknownTrajectory, "unknown_trajectory", False),
-    (REDIS_DOWN, "redis_unreachable", True),
-    (ToolqError, "client_error", False),
-]
 
 
 @dataclass(frozen=True)
@@ -82,9 +69,10 @@ def outcome_of(tool: str, result: Result) -> ToolOutcome:
 
 
 def failure(tool: str, exc: BaseException) -> ToolOutcome:
-    """A client-side failure as an outcome: ``[code] message``, like a result's error."""
-    code, infra = next((c, i) for kind, c, i in CLIENT_ERRORS if isinstance(exc, kind))
-    return ToolOutcome(tool, f"[{code}] {exc}".rstrip(), code, infra)
+    """A client-side failure (``model_calls.client_failure``) as an outcome:
+    ``[code] message``, like a result's error."""
+    failed = client_failure(exc)
+    return ToolOutcome(tool, failed.text, failed.code, failed.infra)
 
 
 class ToolqToolGroup(ToolGroup):
@@ -111,7 +99,7 @@ class ToolqToolGroup(ToolGroup):
         policy = self.trajectory.spec or TrajectorySpec()
         # the client's own default (a minute past the call's timeout argument) knows
         # neither the spec's limits nor a tool's timeout_s argument
-        self.wait_s = call_wait_s(policy.limits.max_call_timeout_s) if wait_s is None else wait_s
+        self.wait_s = spec_wait_s(policy) if wait_s is None else wait_s
         self.opened = False
         self.last: ToolOutcome | None = None
         super().__init__(name)
@@ -126,6 +114,7 @@ class ToolqToolGroup(ToolGroup):
 
     @property
     def traj_id(self) -> str:
+        """The id of the group's trajectory."""
         return self.trajectory.traj_id
 
     def _bound(self, tool: str) -> Any:
@@ -140,12 +129,13 @@ class ToolqToolGroup(ToolGroup):
 
     def close(self) -> None:
         """Close the trajectory after its calls, freeing its sandbox; a no-op when it
-        was never opened or has ended by itself (a limit, say)."""
+        was never opened, has ended by itself (a limit, say) or expired. A close
+        that fails raises, and ``close`` may be called again."""
         if not self.opened:
             return
-        self.opened = False
-        with contextlib.suppress(TrajectoryEnded):
+        with contextlib.suppress(TrajectoryEnded, UnknownTrajectory):
             self.trajectory.close()
+        self.opened = False
 
     # --------------------------------------------------------------- calls
     def execute_tool(self, name: str, *args: Any, **kwargs: Any) -> str:
@@ -173,7 +163,7 @@ class ToolqToolGroup(ToolGroup):
             if not self.opened:
                 self.open()
             result = self.trajectory.call(tool, args, wait_s=self.wait_s)
-        except (ToolqError, *REDIS_DOWN) as exc:
+        except CLIENT_FAILURES as exc:
             return failure(tool, exc)
         return outcome_of(tool, result)
 

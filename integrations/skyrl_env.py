@@ -41,8 +41,8 @@ from skyrl_gym.envs.base_text_env import (
     ConversationType,
 )
 
-from toolq.producer import Client, ToolqError
-from toolq.producer.drive import REDIS_DOWN
+from toolq.producer import Client
+from toolq.producer.model_calls import CLIENT_FAILURES
 
 from .skyrl import ToolOutcome, ToolqToolGroup
 
@@ -114,6 +114,8 @@ class ToolqBashEnv(BaseTextEnv):
         return prompt, {"traj_id": self.traj_id, "tools": self.tools.get_tool_names()}
 
     def step(self, action: str) -> BaseTextEnvStepOutput:
+        """Run the action's tool call (if any); its output is the observation. At
+        ``<done/>`` or the last turn the episode ends, rewarded by the check command."""
         self.turns += 1
         done = DONE.search(action) is not None or self.turns >= self.max_turns
         call = parse_action(action)
@@ -143,14 +145,17 @@ class ToolqBashEnv(BaseTextEnv):
     def _check(self) -> ToolOutcome:
         """Run the check command with bash, whatever the episode's policy was: the
         model acts no more, so a policy entry may allow everything now."""
-        with contextlib.suppress(ToolqError, *REDIS_DOWN):  # the check reports it as well
+        with contextlib.suppress(*CLIENT_FAILURES):  # the check reports it as well
             self.tools.trajectory.set_policy(step="check")
         return self.tools.run("bash", {"command": self.check_command})
 
     def close(self) -> None:
-        """Close the trajectory (after its calls) and the client the env made."""
-        self.tools.close()
-        self._resources.close()
+        """Close the trajectory (after its calls) and the client the env made, that
+        one even when the trajectory's close fails."""
+        try:
+            self.tools.close()
+        finally:
+            self._resources.close()
 
 
 def _info(outcome: ToolOutcome | None) -> dict[str, Any]:

@@ -73,6 +73,7 @@ class ToolqDeploymentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     def get_deployment(self) -> ToolqDeployment:
+        """A deployment of this configuration (not started: see ``start``)."""
         return ToolqDeployment.from_config(self)
 
 
@@ -102,9 +103,12 @@ class ToolqDeployment(AbstractDeployment):
 
     @classmethod
     def from_config(cls, config: ToolqDeploymentConfig) -> ToolqDeployment:
+        """A deployment of ``config`` (each operation connects on its own)."""
         return cls(**config.model_dump(exclude={"type"}))
 
     def add_hook(self, hook: DeploymentHook) -> None:
+        """Add a SWE-ReX deployment hook: ``start`` reports its steps to it (opening
+        the trajectory, waiting for the sandbox)."""
         self._hooks.add_hook(hook)
 
     async def is_alive(self, *, timeout: float | None = None) -> IsAliveResponse:
@@ -116,7 +120,7 @@ class ToolqDeployment(AbstractDeployment):
     async def start(self) -> None:
         """Open the trajectory and wait (``startup_timeout_s``) for its sandbox;
         ``DeploymentStartupError`` if it does not come up (the trajectory is cancelled)
-        or its id was used before."""
+        or its id is taken: open already (left alone) or used before."""
         config = self._config
         runtime = ToolqRuntime(
             self.trajectory_id,
@@ -136,9 +140,14 @@ class ToolqDeployment(AbstractDeployment):
     async def _open(self, trajectory: AsyncTrajectory) -> None:
         self._hooks.on_custom_step("Opening toolq trajectory")
         try:
-            await trajectory.open()
+            status = await trajectory.open()
         except TrajectoryEnded as exc:
             raise DeploymentStartupError(str(exc)) from exc
+        if status != "new":  # someone else's: neither joined nor cancelled
+            raise DeploymentStartupError(
+                f"trajectory {trajectory.traj_id!r} is open already ({status}): a deployment "
+                "starts a trajectory of its own, under an id not used before"
+            )
         self._hooks.on_custom_step("Waiting for the sandbox")
         try:
             await wait_for_sandbox(trajectory, self._config.startup_timeout_s)

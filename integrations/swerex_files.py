@@ -1,5 +1,6 @@
 """Paths and file transfers of ``ToolqRuntime``: SWE-ReX's absolute paths on toolq's
-workspace, and files as ``write_file`` calls (base64, in chunks).
+workspace, and files as ``write_file`` calls (base64, in chunks, read as they are
+sent: an upload holds about one batch of them, ``BATCH_BYTES``).
 
 A SWE-ReX path is absolute, or relative to the working directory (the spec's
 ``workdir``, else the workspace root), as for a process. ``workspace_root``
@@ -16,9 +17,9 @@ import base64
 import os
 import posixpath
 import shlex
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from toolq.producer import ToolCall
 
@@ -29,6 +30,8 @@ from .swerex_errors import PathOutsideWorkspaceError
 CHUNK_BYTES = 4 * 1024 * 1024
 #: Bytes of file content submitted in one ``call_many`` (bounds the memory an upload holds).
 BATCH_BYTES = 8 * CHUNK_BYTES
+#: Calls made as they are consumed (a generator: ``close`` releases what it reads).
+Calls = Generator[ToolCall, None, None]
 
 
 class WorkspacePaths:
@@ -66,27 +69,31 @@ class WorkspacePaths:
         return posixpath.relpath(full, self.cwd) if self.inside(full) else path
 
 
-def write_calls(path: str, data: bytes, mode: str | None = None) -> list[ToolCall]:
-    """``write_file`` calls that write ``data`` to ``path``: the first chunk replaces
-    the file, the others append; ``mode`` (octal) is set by the last one."""
-    chunks = [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
-    calls = []
-    for i, chunk in enumerate(chunks):
+def write_calls(path: str, source: BinaryIO, mode: str | None = None) -> Calls:
+    """``write_file`` calls that write what ``source`` holds to ``path``, read a chunk
+    at a time: the first chunk replaces the file, the others append; ``mode``
+    (octal) is set by the last one."""
+    chunk, append = source.read(CHUNK_BYTES), False
+    while True:
+        ahead = source.read(CHUNK_BYTES)  # an empty one: ``chunk`` is the last
         content = base64.b64encode(chunk).decode("ascii")
         args: dict[str, Any] = {"path": path, "content": content, "encoding": "base64"}
-        args["append"] = i > 0
-        if mode is not None and i == len(chunks) - 1:
+        args["append"] = append
+        if mode is not None and not ahead:
             args["mode"] = mode
-        calls.append(ToolCall("write_file", args))
-    return calls
+        yield ToolCall("write_file", args)
+        if not ahead:
+            return
+        chunk, append = ahead, True
 
 
-def upload_calls(source: Path, target: str, paths: WorkspacePaths) -> Iterator[ToolCall]:
+def upload_calls(source: Path, target: str, paths: WorkspacePaths) -> Calls:
     """The calls that put the local file or directory ``source`` at SWE-ReX path
     ``target``: a directory's content goes into ``target`` (merged with what is
-    there), files keep their permission bits, empty directories are made too."""
+    there), files keep their permission bits, empty directories are made too.
+    It walks and reads as it goes (blocking I/O: run it off the event loop)."""
     if not source.is_dir():
-        yield from write_calls(paths.resolve(target), source.read_bytes(), file_mode(source))
+        yield from file_calls(source, paths.resolve(target))
         return
     empty_dirs = []
     for dirpath, dirnames, filenames in os.walk(source):
@@ -95,12 +102,15 @@ def upload_calls(source: Path, target: str, paths: WorkspacePaths) -> Iterator[T
         if not dirnames and not filenames:
             empty_dirs.append(paths.resolve(into))
         for name in sorted(filenames):
-            local = Path(dirpath, name)
-            yield from write_calls(
-                paths.resolve(f"{into}/{name}"), local.read_bytes(), file_mode(local)
-            )
+            yield from file_calls(Path(dirpath, name), paths.resolve(f"{into}/{name}"))
     if empty_dirs:  # write_file makes the parents of files; these have none
         yield ToolCall("bash", {"command": "mkdir -p -- " + shlex.join(empty_dirs)})
+
+
+def file_calls(local: Path, target: str) -> Calls:
+    """The calls that copy the local file to ``target`` (a workspace path), mode kept."""
+    with local.open("rb") as source:
+        yield from write_calls(target, source, file_mode(local))
 
 
 def file_mode(path: Path) -> str:
@@ -108,7 +118,7 @@ def file_mode(path: Path) -> str:
     return f"{path.stat().st_mode & 0o777:04o}"
 
 
-def batches(calls: Iterable[ToolCall]) -> Iterator[list[ToolCall]]:
+def batches(calls: Iterable[ToolCall]) -> Generator[list[ToolCall], None, None]:
     """``calls`` in lists of about ``BATCH_BYTES`` of content each, in order."""
     batch: list[ToolCall] = []
     size = 0

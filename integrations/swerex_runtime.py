@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import io
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -47,12 +49,20 @@ from swerex.runtime.abstract import (
 )
 from swerex.utils.log import get_logger
 
-from toolq.producer import AsyncClient, AsyncTrajectory, ToolCall
+from toolq.producer import AsyncClient, AsyncTrajectory, ToolCall, WaitTimeout, spec_wait_s
+from toolq.producer.model_calls import CLIENT_FAILURES
 from toolq.schemas import Result, TrajectoryRecord, TrajectorySpec
 
 from .swerex_commands import execute_script, split_streams, syntax_error, with_syntax_check
 from .swerex_errors import ToolqRuntimeError, UnsupportedActionError, raise_for_error
-from .swerex_files import CHUNK_BYTES, WorkspacePaths, batches, upload_calls, write_calls
+from .swerex_files import (
+    CHUNK_BYTES,
+    Calls,
+    WorkspacePaths,
+    batches,
+    upload_calls,
+    write_calls,
+)
 
 
 class ToolqRuntime(AbstractRuntime):
@@ -64,9 +74,9 @@ class ToolqRuntime(AbstractRuntime):
     operation connects and disconnects on its own, so the runtime works when every
     call runs in an event loop of its own (SWE-agent ``asyncio.run``s each one).
 
-    Calls wait for their result up to their timeout (else the spec's
-    ``max_call_timeout_s``) plus ``wait_slack_s`` for queueing, then raise toolq's
-    ``WaitTimeout``.
+    Calls wait for their result up to their timeout (capped by the spec's
+    ``max_call_timeout_s``, which stands in for none) plus ``wait_slack_s`` for
+    queueing (``toolq.producer.spec_wait_s``), then raise toolq's ``WaitTimeout``.
     """
 
     def __init__(
@@ -91,12 +101,19 @@ class ToolqRuntime(AbstractRuntime):
 
     @asynccontextmanager
     async def connected(self) -> AsyncIterator[AsyncTrajectory]:
-        """The trajectory, through the shared client or one of this operation's own."""
-        if self._client is not None:
-            yield self._client.trajectory(self.trajectory_id, self.spec)
-            return
-        async with AsyncClient(self._redis_url, self._namespace) as client:
-            yield client.trajectory(self.trajectory_id, self.spec)
+        """The trajectory, through the shared client or one of this operation's own.
+        A failure of the client in the block is raised as a ``ToolqRuntimeError``
+        (``redis_unreachable``, ...), but for ``WaitTimeout``."""
+        try:
+            if self._client is not None:
+                yield self._client.trajectory(self.trajectory_id, self.spec)
+                return
+            async with AsyncClient(self._redis_url, self._namespace) as client:
+                yield client.trajectory(self.trajectory_id, self.spec)
+        except WaitTimeout:
+            raise  # a TimeoutError of its own (the call may still finish): documented as is
+        except CLIENT_FAILURES as exc:
+            raise ToolqRuntimeError.of_client_failure(exc) from exc
 
     async def _call(
         self, tool: str, args: dict[str, Any], timeout_s: float | None = None, **kw: Any
@@ -112,8 +129,15 @@ class ToolqRuntime(AbstractRuntime):
         timeout_s: float | None = None,
         **kw: Any,
     ) -> Result:
-        wait_s = (timeout_s or self.spec.limits.max_call_timeout_s) + self._wait_slack_s
+        wait_s = spec_wait_s(self.spec, timeout_s, margin_s=self._wait_slack_s)
         return await trajectory.call(tool, args, timeout_s=timeout_s, wait_s=wait_s, **kw)
+
+    def timeout_s(self, timeout_s: float | None) -> float:
+        """The timeout a call runs with, as the worker decides it from the spec: its
+        own, else the spec's ``call_timeout_s``, capped by ``max_call_timeout_s``."""
+        limits = self.spec.limits
+        asked_s = limits.call_timeout_s if timeout_s is None else timeout_s
+        return min(asked_s, limits.max_call_timeout_s)
 
     # ------------------------------------------------------------ liveness
     async def is_alive(self, *, timeout: float | None = None) -> IsAliveResponse:
@@ -121,7 +145,7 @@ class ToolqRuntime(AbstractRuntime):
         says why not (ended, unknown, Redis unreachable within ``timeout``)."""
         try:
             record = await asyncio.wait_for(self._record(), timeout or 10.0)
-        except (asyncio.TimeoutError, RedisError, OSError) as exc:
+        except (asyncio.TimeoutError, ToolqRuntimeError, RedisError, OSError) as exc:
             message = f"cannot read trajectory {self.trajectory_id!r}: {exc!r}"
             return IsAliveResponse(is_alive=False, message=message)
         return alive_response(self.trajectory_id, record)
@@ -140,7 +164,8 @@ class ToolqRuntime(AbstractRuntime):
         command = "\n".join(f"source {path}" for path in request.startup_source)
         args = {"command": command, "session": name, "restart": True}
         result = await self._call("shell", args, request.startup_timeout)
-        message = f"timeout after {request.startup_timeout} seconds while starting session {name!r}"
+        timeout_s = self.timeout_s(request.startup_timeout)
+        message = f"timeout after {timeout_s} seconds while starting session {name!r}"
         raise_for_error(result, timeout_message=message)
         self._sessions.add(name)
         return CreateBashSessionResponse(output=result.output)
@@ -161,7 +186,8 @@ class ToolqRuntime(AbstractRuntime):
         token = f"TOOLQ{uuid.uuid4().hex}"
         args = {"command": with_syntax_check(action.command, token), "session": action.session}
         result = await self._call("shell", args, action.timeout)
-        message = f"timeout after {action.timeout} seconds while running command {action.command!r}"
+        timeout_s = self.timeout_s(action.timeout)
+        message = f"timeout after {timeout_s} seconds while running command {action.command!r}"
         raise_for_error(result, timeout_message=message)
         error = syntax_error(result, token, action.command)
         if error is not None:
@@ -195,7 +221,7 @@ class ToolqRuntime(AbstractRuntime):
         token = f"TOOLQ{uuid.uuid4().hex}"
         script = execute_script(command, self.paths.shell_cwd(command.cwd), token)
         result = await self._call("bash", {"command": script}, command.timeout)
-        message = f"Timeout ({command.timeout}s) exceeded while running command"
+        message = f"Timeout ({self.timeout_s(command.timeout)}s) exceeded while running command"
         raise_for_error(result, timeout_message=message)
         if command.merge_output_streams:
             stdout, stderr = result.output, ""
@@ -237,9 +263,8 @@ class ToolqRuntime(AbstractRuntime):
 
     async def write_file(self, request: WriteFileRequest) -> WriteFileResponse:
         """Write text (UTF-8) to a workspace file; parent directories are created."""
-        await self._run_writes(
-            write_calls(self.paths.resolve(request.path), request.content.encode())
-        )
+        target = self.paths.resolve(request.path)
+        await self._run_writes(write_calls(target, io.BytesIO(request.content.encode())))
         return WriteFileResponse()
 
     async def upload(self, request: UploadRequest) -> UploadResponse:
@@ -251,13 +276,23 @@ class ToolqRuntime(AbstractRuntime):
         await self._run_writes(upload_calls(source, request.target_path, self.paths))
         return UploadResponse()
 
-    async def _run_writes(self, calls: Iterable[ToolCall]) -> None:
-        async with self.connected() as trajectory:
-            for batch in batches(calls):
-                for result in await trajectory.call_many(batch):
-                    raise_for_error(result)
-                    if not result.ok:  # the mkdir of empty directories failed
-                        raise ToolqRuntimeError(result)
+    async def _run_writes(self, calls: Calls) -> None:
+        """Send ``calls`` in batches (``call_many``); each batch is made in a worker
+        thread, where the walk and the reads of an upload block, not the event loop."""
+        pending = batches(calls)
+        try:
+            async with self.connected() as trajectory:
+                while batch := await asyncio.to_thread(next, pending, None):
+                    for result in await trajectory.call_many(batch):
+                        raise_for_error(result)
+                        if not result.ok:  # the mkdir of empty directories failed
+                            raise ToolqRuntimeError.of_result(result)
+        finally:
+            # Close the file being read. A batch still being made (we were cancelled)
+            # holds the generator: dropping it when done closes the file then.
+            with contextlib.suppress(ValueError):
+                pending.close()
+                calls.close()
 
     async def close(self) -> CloseResponse:
         """End this runtime's shell sessions (a trajectory that ended took them along)."""

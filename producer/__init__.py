@@ -18,6 +18,7 @@ from .client import (
     WaitTimeout,
 )
 from .config import NoRedisError, resolve_redis_url
+from .drive import spec_wait_s
 from .snapshots import SnapshotFailed
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "UnknownTrajectory",
     "WaitTimeout",
     "resolve_redis_url",
+    "spec_wait_s",
 ]

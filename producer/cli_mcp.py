@@ -8,12 +8,14 @@ the ``mcp`` extra and says how to get it.
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from toolq.schemas import TrajectorySpec, check_traj_id
 
 from .cli_errors import CliError
 
 INSTALL_HINT = "pip install 'toolq[mcp]'"
+DEFAULT = ParameterSource.DEFAULT
 
 
 @click.command("mcp")
@@ -50,6 +52,15 @@ INSTALL_HINT = "pip install 'toolq[mcp]'"
     help="Longest a tool call waits for its result, then answers wait_timeout (it may still "
     "finish) [default: the spec's max_call_timeout_s + 60].",
 )
+@click.option(
+    "--max-sessions",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="HTTP: most sessions open at once, each holding a sandbox; a new one beyond is "
+    "refused (HTTP 503) until one ends. The server has no authentication: this bounds how "
+    "much anyone who reaches the port can hold, not who can.",
+)
 @click.pass_context
 def mcp_cmd(
     ctx: click.Context,
@@ -61,13 +72,15 @@ def mcp_cmd(
     traj_id: str | None,
     keep_open: bool,
     wait_s: float | None,
+    max_sessions: int,
 ) -> None:
     """Serve the workers' tools over MCP; each MCP session runs in a trajectory of its own.
 
     The trajectory opens with the spec at the session's first tool call and
     closes when the session ends (stdio: stdin closes or the process gets
-    SIGTERM; HTTP: the client ends the session, or the server stops). Tools the
-    spec's policy blocks are not listed. Needs `pip install 'toolq[mcp]'`.
+    SIGTERM; HTTP: the client ends the session, the session has no request for
+    the spec's idle_timeout_s, or the server stops). Tools the spec's policy
+    blocks are not listed. Needs `pip install 'toolq[mcp]'`.
     """
     from .cli import _client, _spec, _workers_alive
 
@@ -78,17 +91,19 @@ def mcp_cmd(
         if transport == "http":
             raise click.UsageError("--trajectory is for stdio: HTTP sessions get their own")
         check_traj_id(traj_id)
+    if transport == "stdio" and ctx.get_parameter_source("max_sessions") != DEFAULT:
+        raise click.UsageError("--max-sessions is for HTTP: a stdio server has one session")
     try:
         from toolq.integrations import mcp_server
     except ImportError as exc:
         raise CliError(f"toolq mcp needs the MCP SDK ({exc}): {INSTALL_HINT}") from None
-    client = _client(ctx)  # fails now, not at the first call, when Redis is unreachable
-    if not _workers_alive(client):
-        click.echo(
-            f"toolq mcp: no worker is alive in namespace {client.keys.ns!r}: tool calls wait "
-            "until one starts (`toolq worker`)",
-            err=True,
-        )
+    with _client(ctx) as client:  # fails now, not at the first call, when Redis is unreachable
+        if not _workers_alive(client):
+            click.echo(
+                f"toolq mcp: no worker is alive in namespace {client.keys.ns!r}: tool calls "
+                "wait until one starts (`toolq worker`)",
+                err=True,
+            )
     obj = ctx.find_root().obj or {}
     settings = mcp_server.McpSettings(
         redis_url=obj.get("redis_url"),
@@ -100,5 +115,9 @@ def mcp_cmd(
         trajectory=traj_id,
         keep_open=keep_open,
         wait_s=wait_s,
+        max_sessions=max_sessions,
     )
-    mcp_server.run(settings)
+    try:
+        mcp_server.run(settings)
+    except mcp_server.StartError as exc:
+        raise CliError(str(exc)) from None

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .tools import SPEC_FORMATS, parse_tools, select, tools_json
+from .tools import SPEC_FORMATS, select, tools_json
 
 
 @click.command("tools")
@@ -26,7 +26,7 @@ def tools_cmd(ctx: click.Context, fmt: str, names: tuple[str, ...]) -> None:
     from .cli import _client
 
     client = _client(ctx)
-    published = parse_tools(client.redis.hgetall(client.keys.tools))
+    published = client.tools()
     if not published:  # say why the list is empty: the list itself stays valid output
         click.echo(
             f"toolq: no tools published in namespace {client.keys.ns!r}: no worker has "

@@ -59,6 +59,23 @@ def call_wait_s(timeout_s: float | None) -> float:
     return (timeout_s or 60.0) + 60.0
 
 
+#: How long past a call's longest run a wait lasts: queueing, and a slot's start.
+WAIT_MARGIN_S = 60.0
+
+
+def spec_wait_s(
+    spec: TrajectorySpec | None, timeout_s: float | None = None, *, margin_s: float = WAIT_MARGIN_S
+) -> float:
+    """How long to wait for a call's result in a trajectory of ``spec``: the longest
+    the call may run, plus ``margin_s``. That is ``timeout_s`` capped by the spec's
+    ``limits.max_call_timeout_s``; without ``timeout_s``, the cap itself, since a
+    tool's ``timeout_s`` argument or a policy entry may ask for that much. A result
+    missing after this wait means toolq is in trouble, not that a command ran long.
+    The adapters' (MCP, SkyRL, SWE-ReX) one default."""
+    cap_s = (spec or TrajectorySpec()).limits.max_call_timeout_s
+    return (cap_s if timeout_s is None else min(timeout_s, cap_s)) + margin_s
+
+
 #: A call to submit: a ``ToolCall``, or a ``(tool, args)`` pair.
 CallLike = ToolCall | tuple[str, dict[str, Any] | str | None]
 

@@ -9,7 +9,9 @@ and import neither SDK.
 
 Malformed arguments are the model's mistake, not the program's: they are
 submitted as they are and come back as an ``invalid_args`` result the model
-can read, never as an exception.
+can read, never as an exception. A call that gets no result at all (the client
+gave up waiting, Redis is unreachable, the open was refused) is named the same
+way by ``client_failure``, for adapters that answer every call with text.
 """
 
 from __future__ import annotations
@@ -17,11 +19,19 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from toolq.schemas import Result
 
-from .ops import ToolCall
+from .drive import REDIS_DOWN
+from .ops import (
+    LimitExceeded,
+    ToolCall,
+    ToolqError,
+    TrajectoryEnded,
+    UnknownTrajectory,
+    WaitTimeout,
+)
 
 
 @dataclass(frozen=True)
@@ -114,3 +124,40 @@ def anthropic_blocks(calls: Sequence[ModelCall], results: Sequence[Result]) -> l
         }
         for c, r in zip(calls, results, strict=True)
     ]
+
+
+#: The client's own failures (the worker's codes are ``toolq.schemas.ErrorCode``): exception
+#: types, their code, and whether the infrastructure is to blame. The first match wins.
+CLIENT_ERRORS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], str, bool]] = [
+    (WaitTimeout, "wait_timeout", True),
+    (TrajectoryEnded, "trajectory_ended", False),
+    (LimitExceeded, "limit_exceeded", False),
+    (UnknownTrajectory, "unknown_trajectory", False),
+    (REDIS_DOWN, "redis_unreachable", True),
+    (ToolqError, "client_error", False),
+]
+#: What a client call may raise that ``client_failure`` names: catch these.
+CLIENT_FAILURES: tuple[type[BaseException], ...] = (ToolqError, *REDIS_DOWN)
+
+
+class ClientFailure(NamedTuple):
+    """A call that got no result, as a model or a trainer should see it."""
+
+    code: str  #: ``wait_timeout``, ``redis_unreachable``, ... (see ``CLIENT_ERRORS``)
+    message: str
+    infra: bool  #: toolq, not the model, is to blame: mask the rollout, don't train on it
+
+    @property
+    def text(self) -> str:
+        """``[code] message``, as ``result_text`` ends a failed result."""
+        return f"[{self.code}] {self.message}".rstrip()
+
+
+def client_failure(exc: BaseException) -> ClientFailure:
+    """The code, message and blame of one of ``CLIENT_FAILURES``; ``TypeError``
+    for any other exception (a bug to raise, not a tool result)."""
+    for kind, code, infra in CLIENT_ERRORS:
+        if isinstance(exc, kind):
+            message = exc.reason if isinstance(exc, LimitExceeded) else str(exc)
+            return ClientFailure(code, message, infra)
+    raise TypeError(f"not a toolq client failure: {exc!r}") from exc

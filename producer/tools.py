@@ -1,7 +1,7 @@
 """The tools workers publish (hash ``<ns>:tools``), as clients and models see them.
 
-``tool_specs`` turns them into OpenAI function-calling specs that an agent loop
-hands to its model unchanged::
+``openai_spec`` turns one into an OpenAI function-calling spec that an agent loop
+hands to its model unchanged (``Client.tool_specs`` gives them all)::
 
     specs = client.tool_specs()          # [{"type": "function", "function": {...}}, ...]
     reply = openai.chat.completions.create(model=..., messages=..., tools=specs)
@@ -94,11 +94,6 @@ def policy_in_force(
     if record is not None and record.spec is not None:
         return record.spec
     return spec or TrajectorySpec()
-
-
-def tool_specs(raw: Mapping[Any, Any], names: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """OpenAI specs of the published tools (optionally only ``names``)."""
-    return [openai_spec(t) for t in select(parse_tools(raw), names)]
 
 
 def tools_json(tools: Iterable[ToolInfo]) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +22,12 @@ from toolq.schemas import TrajStatus
 #: The servers' spec: a policy that blocks one tool, and an env the calls can see.
 SPEC = {"blocked_tools": ["archive"], "env": {"GREETING": "hello"}}
 CALL_WAIT_S = 60  # generous: a first call waits for its slot to start
+#: The params of a raw ``initialize`` request (the handshake protocol).
+INITIALIZE = {
+    "protocolVersion": "2025-11-25",
+    "capabilities": {},
+    "clientInfo": {"name": "toolq-tests", "version": "0"},
+}
 
 
 def toolq_mcp(redis_url: str, ns: str, *options: str) -> list[str]:
@@ -82,3 +90,25 @@ def status(client: Client, traj: str) -> TrajStatus | None:
 def traj_of(result: CallToolResult) -> str:
     assert result.structured_content is not None
     return str(result.structured_content["traj"])
+
+
+def rpc(proc: subprocess.Popen, msg_id: int, method: str, params: Any) -> dict[str, Any]:
+    """Send one JSON-RPC request on a stdio server's stdin (``proc`` unbuffered),
+    return its reply line."""
+    _send(proc, {"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], CALL_WAIT_S)
+    assert ready, f"no reply to {method} within {CALL_WAIT_S}s"
+    reply: dict[str, Any] = json.loads(proc.stdout.readline())
+    assert reply.get("id") == msg_id, reply
+    return reply
+
+
+def notify(proc: subprocess.Popen, method: str) -> None:
+    """Send one JSON-RPC notification on a stdio server's stdin."""
+    _send(proc, {"jsonrpc": "2.0", "method": method})
+
+
+def _send(proc: subprocess.Popen, message: dict[str, Any]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write((json.dumps(message) + "\n").encode())

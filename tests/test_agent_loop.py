@@ -14,9 +14,9 @@ from openai.types.chat.chat_completion_message_tool_call import Function
 from pydantic import TypeAdapter
 
 from tests.helpers import redis_client, wait_for
-from toolq.producer import Client, ToolCall, TrajectoryEnded
+from toolq.producer import Client, ToolCall, TrajectoryEnded, spec_wait_s
 from toolq.producer.model_calls import result_text
-from toolq.schemas import Keys, Result
+from toolq.schemas import Keys, Result, TrajectorySpec
 
 OPENAI_TOOL_MESSAGE = TypeAdapter(ChatCompletionToolMessageParam)
 ANTHROPIC_TOOL_RESULT = TypeAdapter(ToolResultBlockParam)
@@ -223,6 +223,16 @@ def test_the_default_wait_covers_the_timeout_the_arguments_ask_for():
     assert ToolCall("bash", '{"timeout_s": 300}').asked_timeout_s is None  # text: unparsed
     assert ToolCall("bash", {"timeout_s": True}).asked_timeout_s is None
     assert calls_wait_s([long_bash, ToolCall("read_file", {"path": "a"})]) == 300 + 60 + 60
+
+
+def test_the_adapters_wait_covers_the_longest_run_the_spec_allows():
+    """``spec_wait_s``: the one default wait of the MCP, SkyRL and SWE-ReX adapters."""
+    spec = TrajectorySpec(limits={"max_call_timeout_s": 900})
+    assert spec_wait_s(None) == spec_wait_s(TrajectorySpec()) == 600 + 60  # the default cap
+    assert spec_wait_s(spec) == 900 + 60  # no timeout asked: a tool argument may ask the cap
+    assert spec_wait_s(spec, 30) == 30 + 60
+    assert spec_wait_s(spec, 5000) == 900 + 60  # the worker caps it there
+    assert spec_wait_s(spec, 30, margin_s=5) == 35
 
 
 def test_a_trajectorys_tool_specs_follow_its_policy(start_worker, client: Client):

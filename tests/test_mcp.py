@@ -10,23 +10,36 @@ too; HTTP is in test_mcp_http.py.
 from __future__ import annotations
 
 import asyncio
-import os
+import json
 import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable
+from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
 from mcp.types import CallToolResult
 
-from tests.helpers import TOOLQ, wait_for
-from tests.mcp_clients import call, status, stdio_session, text, toolq_mcp, until
-from toolq.integrations.mcp_session import Sessions, TrajectorySession
-from toolq.producer import AsyncClient, Client
-from toolq.schemas import TrajectorySpec, TrajStatus
+from tests.helpers import TOOLQ, wait_for, worker_process
+from tests.mcp_clients import (
+    INITIALIZE,
+    SPEC,
+    call,
+    notify,
+    rpc,
+    status,
+    stdio_session,
+    text,
+    toolq_mcp,
+    until,
+)
+from toolq.producer import Client
+from toolq.schemas import TrajStatus
+from toolq.worker.embedded import EmbeddedRedis
 
 
 @pytest.fixture
@@ -145,18 +158,29 @@ def test_stdio_tool_errors_carry_the_error_code(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_stdio_server_stopped_by_a_signal_closes_its_trajectory(
-    redis_url: str, ns: str, worker: Any, client: Client, signum: int
+def test_a_signal_stops_the_stdio_server_while_stdin_is_open(
+    redis_url: str, ns: str, worker: Any, client: Client, signum: int, tmp_path: Path
 ) -> None:
+    """The client keeps stdin open (no EOF): the signal alone ends the process,
+    with status 0, after closing the trajectory."""
     traj = f"mcp-test-{uuid.uuid4().hex[:8]}"
-
-    async def killed_mid_session() -> None:
-        async with stdio_session(redis_url, ns, "--trajectory", traj) as session:
-            assert not (await call(session, "bash", command="true")).is_error
-            os.kill(server_pid(traj), signum)
-            await until(lambda: status(client, traj) == TrajStatus.COMPLETED, "the close")
-
-    asyncio.run(killed_mid_session())
+    command = toolq_mcp(redis_url, ns, "--spec", json.dumps(SPEC), "--trajectory", traj)
+    with (tmp_path / "mcp.log").open("w") as log:
+        proc = subprocess.Popen(command, stdin=PIPE, stdout=PIPE, stderr=log, bufsize=0)
+    try:
+        assert "result" in rpc(proc, 1, "initialize", INITIALIZE)
+        notify(proc, "notifications/initialized")
+        called = rpc(proc, 2, "tools/call", {"name": "bash", "arguments": {"command": "true"}})
+        assert called["result"]["isError"] is False, called
+        proc.send_signal(signum)
+        assert proc.wait(60) == 0, (tmp_path / "mcp.log").read_text()
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    wait_for(lambda: status(client, traj) == TrajStatus.COMPLETED, what="the close")
     record = client.record(traj)
     assert record is not None and record.calls_total == 1
 
@@ -221,6 +245,31 @@ def test_without_a_worker_calls_answer_wait_timeout(
     assert status(client, traj) == TrajStatus.PENDING  # submitted: a worker would run it
 
 
+def test_redis_unreachable_mid_session_is_a_tool_error_with_its_code(ns: str) -> None:
+    """A failure of the client itself, not only the worker's codes, is a tool result
+    with toolq's code, and infra set: toolq, not the model, is to blame."""
+    traj = f"mcp-test-{uuid.uuid4().hex[:8]}"
+    with EmbeddedRedis() as server:
+        worker = worker_process(server.url, ns, "w-mcp")
+        try:
+
+            async def session_calls() -> tuple[CallToolResult, CallToolResult]:
+                async with stdio_session(server.url, ns, "--trajectory", traj) as session:
+                    up = await call(session, "bash", command="echo up")
+                    server.stop()
+                    return up, await call(session, "bash", command="echo down")
+
+            up, down = asyncio.run(session_calls())
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(60)
+    assert not up.is_error and text(up) == "up\n"
+    assert down.is_error and down.structured_content is not None
+    assert down.structured_content["error_code"] == "redis_unreachable"
+    assert down.structured_content["infra"] is True
+    assert text(down).startswith("[redis_unreachable]"), text(down)
+
+
 def test_stdin_closed_at_once_exits_0_and_warns_without_a_worker(redis_url: str, ns: str) -> None:
     r = subprocess.run(
         toolq_mcp(redis_url, ns), capture_output=True, text=True, stdin=subprocess.DEVNULL
@@ -230,18 +279,13 @@ def test_stdin_closed_at_once_exits_0_and_warns_without_a_worker(redis_url: str,
     assert "no worker is alive" in r.stderr
 
 
-def server_pid(traj: str) -> int:
-    """The `toolq mcp` process serving ``traj`` (found by its command line)."""
-    found = subprocess.run(["pgrep", "-f", f"trajectory {traj}"], capture_output=True, text=True)
-    (pid,) = found.stdout.split()
-    return int(pid)
-
-
 @pytest.mark.parametrize(
     ("options", "exit_status"),
     [
         (["--transport", "http", "--trajectory", "t1"], 2),
         (["--trajectory", "bad id!"], 2),
+        (["--max-sessions", "2"], 2),  # stdio has one session
+        (["--transport", "http", "--max-sessions", "0"], 2),
         (["--spec", '{"imag": "x"}'], 2),
         (["--redis-url", "redis://127.0.0.1:1"], 3),  # unreachable: fails at start
     ],
@@ -278,19 +322,3 @@ def test_toolq_works_without_the_mcp_extra_and_says_how_to_get_it(redis_url: str
         text=True,
     )
     assert imported.stdout.strip() == "False"  # the CLI does not import the SDK
-
-
-def test_sessions_forget_the_long_unused(redis_url: str, ns: str) -> None:
-    """A server's table of sessions stays bounded: one unused past ``forget_after_s``
-    is dropped when another session starts (its trajectory has timed out by then)."""
-
-    async def table() -> tuple[int, int, bool]:
-        async with AsyncClient(redis_url, ns) as c:
-            sessions = Sessions(lambda key: TrajectorySession(c, f"mcp-{key}", TrajectorySpec()), 0)
-            first = sessions.get("a")
-            same = sessions.get("a") is first  # a lookup forgets nothing
-            before = len(sessions)
-            sessions.get("b")  # a new session: "a" was unused for longer than 0 s
-            return before, len(sessions), same
-
-    assert asyncio.run(table()) == (1, 1, True)

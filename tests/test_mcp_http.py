@@ -2,8 +2,8 @@
 
 A real `toolq mcp` process serves streamable HTTP on a free port of
 127.0.0.1, in front of a real Redis and a real worker (local backend). Every
-session gets a trajectory of its own, closed when the client ends the session
-(its DELETE) or when the server stops.
+session gets a trajectory of its own, closed when the session ends: the
+client's DELETE, the SDK's idle timeout (the spec's), or the server's stop.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +25,10 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import INVALID_REQUEST, CallToolResult
 
-from tests.helpers import wait_for
+from tests.helpers import redis_client, wait_for
 from tests.mcp_clients import (
     CALL_WAIT_S,
+    INITIALIZE,
     SPEC,
     call,
     free_port,
@@ -37,7 +41,7 @@ from tests.mcp_clients import (
     until,
 )
 from toolq.producer import Client
-from toolq.schemas import TrajStatus
+from toolq.schemas import Keys, TrajStatus
 
 
 @pytest.fixture
@@ -45,24 +49,38 @@ def worker(start_worker: Callable[..., Any]) -> Any:
     return start_worker("local")
 
 
+#: ``serve(*options, spec=SPEC)``: a `toolq mcp --transport http` server's URL and process.
+Serve = Callable[..., tuple[str, subprocess.Popen]]
+
+
 @pytest.fixture
-def http_server(
-    redis_url: str, ns: str, worker: Any, tmp_path: Path
-) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`toolq mcp --transport http` on a free port; stopped with SIGTERM at the end."""
-    port = free_port()
-    options = ["--transport", "http", "--port", str(port), "--spec", json.dumps(SPEC)]
-    log = tmp_path / "mcp.log"
-    with log.open("w") as stderr:
-        proc = subprocess.Popen(toolq_mcp(redis_url, ns, *options), stderr=stderr)
-    try:
-        wait_for(lambda: port_open(port) or proc.poll() is not None, what="the HTTP server")
-        assert proc.poll() is None, log.read_text()
-        yield f"http://127.0.0.1:{port}/mcp", proc
-    finally:
+def serve(redis_url: str, ns: str, worker: Any, tmp_path: Path) -> Iterator[Serve]:
+    """Start `toolq mcp --transport http` on free ports; each stopped with SIGTERM at the end."""
+    started: list[subprocess.Popen] = []
+
+    def start(*options: str, spec: dict[str, Any] = SPEC) -> tuple[str, subprocess.Popen]:
+        port = free_port()
+        command = toolq_mcp(redis_url, ns, "--transport", "http", "--port", str(port))
+        log = tmp_path / f"mcp-{port}.log"
+        with log.open("w") as stderr:
+            proc = subprocess.Popen([*command, "--spec", json.dumps(spec), *options], stderr=stderr)
+        started.append(proc)
+        url = f"http://127.0.0.1:{port}/mcp"
+        wait_for(lambda: url in log.read_text() or proc.poll() is not None, what="serving")
+        assert proc.poll() is None and port_open(port), log.read_text()  # said once bound
+        return url, proc
+
+    yield start
+    for proc in started:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
+
+
+@pytest.fixture
+def http_server(serve: Serve) -> tuple[str, subprocess.Popen]:
+    """`toolq mcp --transport http` with the tests' spec."""
+    return serve()
 
 
 def test_http_sessions_get_a_trajectory_each(
@@ -115,6 +133,89 @@ def test_http_server_stopping_closes_open_sessions(
     proc.send_signal(signum)
     assert proc.wait(60) == 0
     wait_for(lambda: status(client, traj) == TrajStatus.COMPLETED, what="the close at shutdown")
+
+
+def test_a_session_the_sdk_ends_for_idleness_closes_its_trajectory(
+    serve: Serve, client: Client, redis_url: str, ns: str
+) -> None:
+    """A session abandoned without a DELETE: after the spec's idle timeout the SDK
+    ends it, and its teardown closes the trajectory; its id is refused afterwards.
+    A call sent around MCP keeps the trajectory busy meanwhile, so the worker's own
+    idle timeout cannot be what ends it."""
+    url, _ = serve(spec={**SPEC, "limits": {"idle_timeout_s": 2}})
+    transport = streamable_http_client(url, terminate_on_close=False)
+
+    async def abandoned_session() -> str:
+        async with transport as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            return traj_of(await call(session, "bash", command="true"))
+
+    traj = asyncio.run(abandoned_session())
+    client.submit(traj, "bash", {"command": "sleep 600"}, timeout_s=600)
+    calls, r = Keys(ns).calls(traj), redis_client(redis_url)
+    try:
+        closing = lambda: any(f.get(b"type") == b"close" for _, f in r.xrange(calls))  # noqa: E731
+        wait_for(closing, what="the session's end to close its trajectory")
+        assert status(client, traj) == TrajStatus.RUNNING  # the close waits for the sleep
+        assert session_status(url, traj.removeprefix("mcp-")) == 404
+    finally:
+        client.cancel(traj)
+
+
+def session_status(url: str, session_id: str) -> int:
+    """The HTTP status of a ``tools/list`` request in that session."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    headers = {"Mcp-Session-Id": session_id, "Mcp-Protocol-Version": "2025-11-25"}
+    return post_status(url, body, headers)
+
+
+def post_status(url: str, body: dict[str, Any], headers: dict[str, str]) -> int:
+    """The HTTP status the server answers a JSON-RPC message with."""
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream",
+        **headers,
+    }
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as refused:
+        return refused.code
+
+
+def test_max_sessions_refuses_sessions_beyond_it(serve: Serve, client: Client) -> None:
+    url, _ = serve("--max-sessions", "1")
+
+    async def one_at_a_time() -> list[int]:
+        async with http_session(url) as only:
+            assert not (await call(only, "bash", command="true")).is_error
+            refused = initialize_status(url)  # a second session, while the first is open
+        await until(lambda: initialize_status(url) == 200, "room for a session again")
+        return [refused]
+
+    assert asyncio.run(one_at_a_time()) == [503]
+
+
+def initialize_status(url: str) -> int:
+    """The HTTP status of an ``initialize`` request (a new session's first)."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INITIALIZE}
+    return post_status(url, body, {})
+
+
+def test_a_port_in_use_fails_the_start_without_claiming_to_serve(
+    redis_url: str, ns: str, worker: Any
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = toolq_mcp(redis_url, ns, "--transport", "http", "--port", str(port))
+        r = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "address already in use" in r.stderr and "serving" not in r.stderr, r.stderr
+    assert f"Error: toolq mcp cannot serve on 127.0.0.1:{port}" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_the_sdks_high_level_client_negotiates_a_session(

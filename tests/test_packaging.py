@@ -29,6 +29,10 @@ def test_the_wheel_ships_every_package_and_the_schemas(tmp_path):
                    "schemas/json/result.json"):  # fmt: skip
         assert f"toolq/{module}" in names, module
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    adapters = sorted(p.name for p in (ROOT / "integrations").glob("*.py"))
+    assert "mcp_server.py" in adapters and "swerex.py" in adapters and "skyrl.py" in adapters
+    for name in adapters:  # every adapter module, as toolq.integrations.<name>
+        assert f"toolq/integrations/{name}" in names, name
 
 
 def test_the_producer_does_not_import_the_worker_stack():
@@ -37,5 +41,19 @@ def test_the_producer_does_not_import_the_worker_stack():
         "heavy = [m for m in ('docker', 'rq', 'prometheus_client', 'toolq.worker.worker')"
         " if m in sys.modules]\n"
         "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_toolq_imports_no_agent_framework():
+    """The frameworks are extras: importing the producer, its CLI, the worker or the
+    integrations package must not import any of them (only an adapter module does)."""
+    code = (
+        "import sys, toolq.producer, toolq.producer.cli, toolq.worker.worker, toolq.integrations\n"
+        "frameworks = ('mcp', 'swerex', 'skyrl_gym', 'uvicorn', 'omegaconf')\n"
+        "imported = [m for m in frameworks if m in sys.modules]\n"
+        "assert not imported, imported\n"
+        "import toolq.integrations.mcp_server\n"
+        "assert 'mcp' in sys.modules  # the check itself can fail\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,10 +6,13 @@ real worker (local backend)."""
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
+import redis
 import skyrl_gym
 from omegaconf import OmegaConf
 from skyrl_gym.envs.base_text_env import BaseTextEnv
@@ -17,7 +20,7 @@ from skyrl_gym.envs.base_text_env import BaseTextEnv
 from tests.helpers import redis_client, wait_for, worker_process
 from toolq.integrations.skyrl import ENV_ID, ToolqToolGroup
 from toolq.integrations.skyrl_env import ToolqBashEnv
-from toolq.producer import Client, ToolqError
+from toolq.producer import Client, ToolqError, spec_wait_s
 from toolq.schemas import Keys
 from toolq.worker.embedded import EmbeddedRedis
 
@@ -160,7 +163,7 @@ def test_a_wait_that_runs_out_is_an_infra_observation(start_worker, client):
     group.close()
     # by default a call may take as long as the spec lets it run, and then some
     long = ToolqToolGroup(client, "g-long", {"limits": {"max_call_timeout_s": 900}})
-    assert long.wait_s > 900
+    assert long.wait_s == spec_wait_s(long.trajectory.spec) == 900 + 60
 
 
 def test_the_spec_policy_shapes_the_tool_list_and_the_worker_enforces_it(start_worker, client):
@@ -198,6 +201,51 @@ def test_an_unreachable_redis_is_an_infra_observation(ns):
         finally:
             worker.send_signal(signal.SIGTERM)
             worker.wait(60)
+
+
+@contextmanager
+def refusing_writes(redis_url: str) -> Iterator[None]:
+    """Redis refuses every write (OOM, maxmemory 1) in the block: a failing close."""
+    r = redis_client(redis_url)
+    r.config_set("maxmemory", 1)
+    try:
+        yield
+    finally:
+        r.config_set("maxmemory", 0)
+
+
+def test_a_close_that_fails_can_be_retried_and_an_expired_one_is_no_error(
+    start_worker, client, redis_url, ns
+):
+    start_worker("local")
+    group = ToolqToolGroup(client, "g-close")
+    assert group.execute_tool("bash", {"command": "echo up"}) == "up\n"
+    with refusing_writes(redis_url), pytest.raises(redis.OutOfMemoryError):
+        group.close()
+    assert status_of(client, "g-close") == "running"
+    group.close()  # the same group closes it once Redis takes writes again
+    wait_for(lambda: status_of(client, "g-close") == "completed", what="the retried close")
+
+    gone = ToolqToolGroup(client, "g-expired")
+    gone.open()
+    redis_client(redis_url).delete(Keys(ns).traj("g-expired"))  # as when its record expires
+    gone.close()  # nothing to free: no error
+    assert not gone.opened
+
+
+def test_an_env_closes_its_client_even_when_the_trajectorys_close_fails(
+    start_worker, client, redis_url, ns
+):
+    start_worker("local")
+    env = make_env(redis_url, ns, check="true")  # its own client
+    _, info = env.init([])
+    assert env.step(tool("bash", '{"command": "echo hi"}'))["metadata"]["error_code"] is None
+    connection = str(env.client.redis.client_id())
+    with refusing_writes(redis_url), pytest.raises(redis.OutOfMemoryError):
+        env.close()
+    r = redis_client(redis_url)
+    wait_for(lambda: connection not in {c["id"] for c in r.client_list()}, what="its client")
+    client.cancel(info["traj_id"])  # the close failed: free the sandbox
 
 
 # ------------------------------------------------------------ the example env

@@ -228,6 +228,29 @@ def test_a_timeout_is_swerexs_error_and_the_session_survives(start_worker, deplo
     assert after[0].endswith("/kept") and after[1] == "yes"
 
 
+def test_a_timeout_message_names_the_timeout_that_ran(start_worker, deployed):
+    """No timeout asked: the spec's call_timeout_s ran, and the messages say so
+    (capped: a timeout above max_call_timeout_s ran as that cap)."""
+    start_worker("local")
+    limits = {"call_timeout_s": 0.5, "max_call_timeout_s": 1}
+
+    async def main() -> list[str]:
+        async with runtime_with_session(deployed, spec={"limits": limits}) as rt:
+            errors = [
+                await error_of(rt, BashAction(command="sleep 30", timeout=None)),
+                await error_of(rt, BashAction(command="sleep 30", timeout=300)),
+                await error_of(rt, Command(command=["sleep", "30"], timeout=None)),
+            ]
+        assert all(type(e) is CommandTimeoutError for e in errors), errors
+        return [str(e) for e in errors]
+
+    assert asyncio.run(main()) == [
+        "timeout after 0.5 seconds while running command 'sleep 30'",
+        "timeout after 1.0 seconds while running command 'sleep 30'",
+        "Timeout (0.5s) exceeded while running command",
+    ]
+
+
 def test_a_command_that_ignores_the_interrupt_costs_the_session_its_state(start_worker, deployed):
     start_worker("local")
 

@@ -6,6 +6,7 @@ workspace paths are the shell's paths."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from swerex.exceptions import (
     CommandTimeoutError,
     DeploymentNotStartedError,
     DeploymentStartupError,
+    SwerexException,
 )
 from swerex.runtime.abstract import (
     BashAction,
@@ -22,7 +24,7 @@ from swerex.runtime.abstract import (
 )
 
 from tests.conftest import require_docker
-from tests.helpers import wait_for
+from tests.helpers import wait_for, worker_process
 from tests.swerex_support import (
     A,
     Deployer,
@@ -37,6 +39,7 @@ from toolq.integrations.swerex import (
     ToolqRuntimeError,
 )
 from toolq.producer import AsyncClient, WaitTimeout
+from toolq.worker.embedded import EmbeddedRedis
 
 
 @pytest.fixture
@@ -104,6 +107,22 @@ def test_start_without_a_worker_fails_and_cancels_the_trajectory(redis_url, ns, 
     assert record is not None and record.status.value == "cancelled"
 
 
+def test_start_refuses_a_trajectory_open_already_and_leaves_it_alone(redis_url, ns, client):
+    client.open("taken")  # another deployment's, say
+    deployment = ToolqDeployment(
+        redis_url=redis_url, namespace=ns, trajectory_id="taken", startup_timeout_s=1
+    )
+
+    async def main() -> bool:
+        with pytest.raises(DeploymentStartupError, match="'taken' is open already"):
+            await deployment.start()
+        return bool(await deployment.is_alive())
+
+    assert not asyncio.run(main())
+    record = client.record("taken")
+    assert record is not None and record.status.value == "pending"  # not cancelled
+
+
 def test_a_sandbox_that_cannot_start_fails_the_start(start_worker, redis_url, ns, client):
     start_worker("local")
     deployment = ToolqDeployment(redis_url=redis_url, namespace=ns, spec={"workdir": "../../x"})
@@ -145,6 +164,33 @@ def test_a_trajectory_that_ends_underneath_is_reported(start_worker, deployed, c
             assert ended.value.error_code == "trajectory_ended"
 
     asyncio.run(main())
+
+
+def test_an_unreachable_redis_is_a_runtime_error_with_its_code(ns):
+    """A failure of the client itself (Redis gone) is a SwerexException with toolq's
+    code and infra set, as a failed result is."""
+    with EmbeddedRedis() as server:
+        worker = worker_process(server.url, ns, "w-swerex")
+        try:
+
+            async def main() -> tuple[str, ToolqRuntimeError]:
+                deployment = ToolqDeployment(redis_url=server.url, namespace=ns)
+                await deployment.start()
+                runtime = deployment.runtime
+                await runtime.create_session(CreateBashSessionRequest())
+                up = (await runtime.run_in_session(A("echo up"))).output
+                server.stop()
+                with pytest.raises(ToolqRuntimeError) as down:
+                    await runtime.run_in_session(A("echo down"))
+                return up, down.value
+
+            up, error = asyncio.run(main())
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(60)
+    assert up == "up\n"
+    assert error.error_code == "redis_unreachable" and error.infra and error.result is None
+    assert isinstance(error, SwerexException)
 
 
 # ----------------------------------------------------- event loops, clients

@@ -5,9 +5,12 @@ request types against a live worker."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +143,44 @@ def test_upload_a_directory_and_a_file(start_worker, deployed, tmp_path: Path):
     assert got["listing"][-1].split()[0] == hashlib.sha256(blob).hexdigest()
     readme_mode = stat.S_IMODE((tree / "README.md").stat().st_mode)
     assert got["modes"] == ["755", f"{readme_mode:o}"]
+
+
+def test_an_upload_reads_its_files_off_the_event_loop(start_worker, deployed, tmp_path: Path):
+    """The source is a FIFO whose writer is a coroutine of the same event loop: the
+    upload completes only if its reads block a worker thread, not the loop."""
+    start_worker("local")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    content = b"through a pipe\n" * 1000  # fits the pipe's buffer: one write
+
+    async def feed() -> None:
+        while True:  # open without blocking the loop: ENXIO until the upload opens it
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                await asyncio.sleep(0.01)
+        try:
+            os.write(fd, content)
+        finally:
+            os.close(fd)
+
+    async def main() -> str:
+        async with deployed() as deployment:
+            rt = deployment.runtime
+            request = UploadRequest(source_path=str(fifo), target_path="/workspace/piped.txt")
+            await asyncio.gather(rt.upload(request), feed())
+            return (await rt.read_file(ReadFileRequest(path="piped.txt"))).content
+
+    pool = ThreadPoolExecutor(1)  # a loop stuck in a read cannot be cancelled: watch it
+    try:
+        piped = pool.submit(asyncio.run, main()).result(timeout=120)
+    except FutureTimeout:
+        with fifo.open("wb") as unblock:  # lets the stuck read finish
+            unblock.write(content)
+        pytest.fail("the upload read its source on the event loop")
+    finally:
+        pool.shutdown(wait=False)
+    assert piped == content.decode()
