@@ -1754,9 +1754,7 @@ def tool_snapshot_pack(slot, args, req):
     if sink.buf is None:
         message = "the workspace is more than %d bytes compressed (the snapshot cap)" % cap
         return {"ok": False, "error_code": "limit_exceeded", "error": message}
-    data = sink.buf.getvalue()
-    counts["sha256"] = hashlib.sha256(data).hexdigest()
-    return {"blob": data, "data": counts}
+    return {"blob": sink.buf.getvalue(), "data": counts}
 
 
 def tool_snapshot_unpack(slot, args, req):

@@ -115,7 +115,7 @@ class Snapshots:
             created_ms=created,
             expires_ms=created + int(ttl_s * 1000),
             worker=self.settings.worker_id,
-            sha256=str(counts.get("sha256", "")),
+            sha256=hashlib.sha256(data).hexdigest(),  # ours: what restores check against
             spec=saved_spec(spec),
         )
         # The files first: an index entry never names files that were not written.
@@ -126,14 +126,16 @@ class Snapshots:
         self.observer.snapshot_taken(len(data))
         self._keep(wanted.name, info.sha256, data)
         await self.sample_safely()
-        skipped = int(counts.get("skipped", 0))
+        skipped, vanished = int(counts.get("skipped", 0)), int(counts.get("vanished", 0))
         note = f"; {skipped} special files left out" if skipped else ""
+        note += f"; {vanished} files deleted while packing left out" if vanished else ""
         output = (
             f"snapshot {wanted.name}: {info.entries} entries, {info.uncompressed_bytes} bytes "
             f"({info.bytes} compressed), kept {ttl_s:g}s{note}"
         )
         shown = info.model_dump(exclude={"spec"})
-        return {"ok": True, "output": output, "data": {**shown, "skipped": skipped}}
+        data_out = {**shown, "skipped": skipped, "vanished": vanished}
+        return {"ok": True, "output": output, "data": data_out}
 
     # ------------------------------------------------------------- restore
     async def info(self, name: str) -> SnapshotInfo | None:
