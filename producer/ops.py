@@ -147,10 +147,10 @@ def open_record(
     keys: Keys, traj_id: str, spec: TrajectorySpec, reuse: bool, extra: dict[str, str]
 ) -> Op[str]:
     """The open script (with ``extra`` fields in a new record), then the open request."""
-    fields = OpenRequest(traj=traj_id, spec=spec).to_fields()
     # Only the fields the caller set: a trajectory opened from a snapshot keeps the
     # snapshot's spec where the opener's says nothing (a default is not a choice).
-    fields["spec"] = spec.model_dump_json(exclude_unset=True, exclude_none=True)
+    spec_json = spec.model_dump_json(exclude_unset=True, exclude_none=True)
+    fields = {**OpenRequest(traj=traj_id).to_fields(), "spec": spec_json}
     at = now_ms()
     record_keys = [keys.traj(traj_id), keys.calls(traj_id), keys.events(traj_id)]
     record_keys += [keys.bg_index(traj_id), keys.children(traj_id)]

@@ -191,6 +191,25 @@ def start_worker(redis_url: str, ns: str) -> Iterator[Callable[..., WorkerThread
 
 
 @pytest.fixture
+def aof_redis() -> Iterator[EmbeddedRedis]:
+    """A Redis of the test's own that keeps an AOF: restarting it loses nothing."""
+    with EmbeddedRedis(appendonly=True) as server:
+        yield server
+
+
+@pytest.fixture
+def aof_worker(aof_redis: EmbeddedRedis, ns: str) -> Iterator[WorkerThread]:
+    """A local-backend worker on ``aof_redis``, with fast heartbeats."""
+    settings = WorkerSettings(
+        redis_url=aof_redis.url, namespace=ns, backend="local", slots=8, block_ms=200,
+        heartbeat_s=0.5,
+    )  # fmt: skip
+    handle = WorkerThread(settings)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
 def client(redis_url: str, ns: str) -> Iterator[Client]:
     with Client(redis_url, ns) as c:
         yield c

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -59,12 +58,6 @@ def test_a_worker_taken_for_dead_stops_serving_what_it_lost(
     while "t" in handle.worker.owned and time.monotonic() < deadline:  # type: ignore[union-attr]
         time.sleep(0.05)
     assert "t" not in handle.worker.owned  # type: ignore[union-attr]
-
-
-@pytest.fixture
-def aof_redis() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis(appendonly=True) as server:
-        yield server
 
 
 def test_redis_restarts_lose_nothing_and_run_nothing_twice(start_worker, aof_redis, ns):

@@ -211,31 +211,18 @@ def test_async_fork_on_one_redis_and_a_cluster(start_worker, aclient_factory, re
     assert asyncio.run(run()) == [redis_kind] * 4
 
 
-def test_snapshots_survive_a_redis_restart_and_opens_ride_it_out(ns):
-    from tests.conftest import WorkerThread
-    from toolq.worker.embedded import EmbeddedRedis
-    from toolq.worker.settings import WorkerSettings
-
-    with EmbeddedRedis(appendonly=True) as server:
-        settings = WorkerSettings(
-            redis_url=server.url, namespace=ns, backend="local", slots=8, block_ms=200,
-            heartbeat_s=0.5,
-        )  # fmt: skip
-        worker = WorkerThread(settings)
-        try:
-            with Client(server.url, ns) as client:
-                client.open("src")
-                sh(client, "src", "seq 1 1000 > numbers")
-                ok(client.snapshot("src", "durable"))
-                server.restart(down_s=0.5)  # the snapshot comes back from the AOF
-                for i in range(4):
-                    client.open(f"copy-{i}", {"snapshot": "durable"})
-                server.restart(down_s=0.5)  # while the copies open and fill
-                for i in range(4):
-                    assert sh(client, f"copy-{i}", "tail -1 numbers") == "1000\n"
-                assert [s.name for s in client.snapshots()] == ["durable"]
-        finally:
-            worker.stop()
+def test_snapshots_survive_a_redis_restart_and_opens_ride_it_out(aof_redis, aof_worker, ns):
+    with Client(aof_redis.url, ns) as client:
+        client.open("src")
+        sh(client, "src", "seq 1 1000 > numbers")
+        ok(client.snapshot("src", "durable"))
+        aof_redis.restart(down_s=0.5)  # the snapshot comes back from the AOF
+        for i in range(4):
+            client.open(f"copy-{i}", {"snapshot": "durable"})
+        aof_redis.restart(down_s=0.5)  # while the copies open and fill
+        for i in range(4):
+            assert sh(client, f"copy-{i}", "tail -1 numbers") == "1000\n"
+        assert [s.name for s in client.snapshots()] == ["durable"]
 
 
 def test_the_snapshot_and_fork_commands(start_worker, client: Client, redis_url: str, ns: str):

@@ -31,14 +31,12 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import NOPYTHON_IMAGE, WorkerThread, require_docker
+from tests.conftest import NOPYTHON_IMAGE, require_docker
 from tests.helpers import TOOLQ, redis_client, wait_for, worker_process
 from tests.test_unpack import entry, link
 from toolq.producer import Client, SnapshotFailed, ToolqError
 from toolq.producer.snapshots import snapshot_entry
 from toolq.schemas import Keys, SnapshotInfo, TrajectorySpec
-from toolq.worker.embedded import EmbeddedRedis
-from toolq.worker.settings import WorkerSettings
 
 Member = tuple[tarfile.TarInfo, bytes | None]
 
@@ -592,36 +590,27 @@ def test_docker_copy_past_its_disk_cap_fails_cleanly(
 
 
 # ------------------------------------------------------------ Redis restarts
-def test_a_redis_restart_while_a_fork_packs(ns):
+def test_a_redis_restart_while_a_fork_packs(aof_redis, aof_worker, ns):
     """Redis goes away while the worker packs a fork's snapshot: the snapshot is
     stored once Redis is back, and the copy holds the files."""
-    with EmbeddedRedis(appendonly=True) as server:
-        settings = WorkerSettings(
-            redis_url=server.url, namespace=ns, backend="local", slots=4, block_ms=200,
-            heartbeat_s=0.5,
-        )  # fmt: skip
-        worker = WorkerThread(settings)
-        try:
-            with Client(server.url, ns) as client:
-                client.open("src")
-                sh(client, "src", SLOW_TO_PACK)
-                forked: dict[str, Any] = {}
+    with Client(aof_redis.url, ns) as client:
+        client.open("src")
+        sh(client, "src", SLOW_TO_PACK)
+        forked: dict[str, Any] = {}
 
-                def fork() -> None:
-                    with Client(server.url, ns) as other:
-                        forked["result"] = other.fork("src", ["copy"])
+        def fork() -> None:
+            with Client(aof_redis.url, ns) as other:
+                forked["result"] = other.fork("src", ["copy"])
 
-                thread = threading.Thread(target=fork)
-                thread.start()
-                wait_until_packing(client, "src")
-                server.restart(down_s=0.5)
-                thread.join(120)
-                assert forked["result"].ok, forked
-                assert sh(client, "copy", "cat f") == "precious\n"
-                for traj in ("src", "copy"):
-                    client.close(traj)
-        finally:
-            worker.stop()
+        thread = threading.Thread(target=fork)
+        thread.start()
+        wait_until_packing(client, "src")
+        aof_redis.restart(down_s=0.5)
+        thread.join(120)
+        assert forked["result"].ok, forked
+        assert sh(client, "copy", "cat f") == "precious\n"
+        for traj in ("src", "copy"):
+            client.close(traj)
 
 
 # ---------------------------------------------------------- the command line
