@@ -82,12 +82,16 @@ def main() -> None:
         )
         print(f"PING: p50 {statistics.median(pings):.3f} ms, p99 {pct(pings, 0.99):.3f} ms")
         print(f"submit script alone: {submit_script_us(r, args.calls):.1f} µs of Redis per call")
-        py, bare = asyncio.run(flush_round_trip_ms(server.url, server.port, args.calls))
-        print(f"pipelined EVALSHA round trip: redis-py asyncio p50 {py:.3f} ms, bare {bare:.3f} ms")
+        py, pinned, bare = asyncio.run(flush_round_trip_ms(server.url, server.port, args.calls))
+        print(
+            f"pipelined EVALSHA round trip, p50: redis-py asyncio pipeline {py:.3f} ms,"
+            f" one redis-py connection {pinned:.3f} ms, bare {bare:.3f} ms"
+        )
 
 
-async def flush_round_trip_ms(url: str, port: int, calls: int) -> tuple[float, float]:
-    """p50 of one pipelined EVALSHA: through redis-py's asyncio client, and bare."""
+async def flush_round_trip_ms(url: str, port: int, calls: int) -> tuple[float, ...]:
+    """p50 of one pipelined EVALSHA: through a redis-py asyncio pipeline, on one
+    redis-py connection held by the caller (the worker's writer), and bare."""
     import hiredis
 
     client = aioredis.Redis.from_url(url)
@@ -99,6 +103,14 @@ async def flush_round_trip_ms(url: str, port: int, calls: int) -> tuple[float, f
         pipe.execute_command("EVALSHA", sha, 0)
         await pipe.execute(raise_on_error=False)
         through.append((time.perf_counter() - t0) * 1000)
+    conn = client.connection_pool.make_connection()  # as the worker's writer sends
+    pinned = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        await conn.send_packed_command(conn.pack_commands([("EVALSHA", sha, 0)]))
+        await conn.read_response()
+        pinned.append((time.perf_counter() - t0) * 1000)
+    await conn.disconnect()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     parser, frame = hiredis.Reader(), b"*3\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n"
     bare = []
@@ -111,7 +123,7 @@ async def flush_round_trip_ms(url: str, port: int, calls: int) -> tuple[float, f
     writer.close()
     await client.aclose()
     skip = calls // 10
-    return statistics.median(through[skip:]), statistics.median(bare[skip:])
+    return tuple(statistics.median(xs[skip:]) for xs in (through, pinned, bare))
 
 
 def submit_script_us(r: redis.Redis, calls: int) -> float:

@@ -151,6 +151,7 @@ class Worker:
             await self.backend.shutdown()
             await self.fleet.unregister()
             await self.observer.worker_stopped()
+            await self.writer.aclose()
 
     async def _hand_back(self, traj: Traj, keep: bool) -> None:
         """Give a trajectory back to the pool; its unanswered calls stay in its stream.

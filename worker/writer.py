@@ -29,6 +29,7 @@ from redis.exceptions import (
     MasterDownError,
     NoScriptError,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -120,6 +121,7 @@ class Writer:
         self._queue: asyncio.Queue[Op] = asyncio.Queue()
         self._journal: deque[tuple[float, Op]] = deque()
         self._catch_up = CatchUp(health, initially=False)
+        self._conn: Any = None  # on one Redis, the connection _send writes on
 
     # ------------------------------------------------------------ sending
     def send(self, op: Op) -> asyncio.Future[Any]:
@@ -344,14 +346,54 @@ class Writer:
         return replies
 
     async def _pipeline(self, ops: list[Op], source: bool = False) -> list[Any]:
+        # EVAL with the source caches the script on the node that ran it (on a
+        # cluster, the one that holds the keys); EVALSHA as a plain command,
+        # which a cluster pipeline routes by its keys.
+        commands = [
+            (
+                *(("EVAL", op.script.source) if source else ("EVALSHA", op.script.sha)),
+                len(op.keys),
+                *op.keys,
+                *op.args,
+            )
+            for op in ops
+        ]
+        if isinstance(self.redis, aioredis.Redis):
+            return await self._send(commands)
         pipe = self.redis.pipeline(transaction=False)
-        for op in ops:
-            # EVAL with the source caches the script on the node that ran it (on a
-            # cluster, the one that holds the keys); EVALSHA as a plain command,
-            # which a cluster pipeline routes by its keys.
-            head = ("EVAL", op.script.source) if source else ("EVALSHA", op.script.sha)
-            pipe.execute_command(*head, len(op.keys), *op.keys, *op.args)
+        for command in commands:
+            pipe.execute_command(*command)
         return list(await pipe.execute(raise_on_error=False))
+
+    async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One Redis: the batch on the writer's own connection, one send and its replies.
+
+        The same round trip as a pipeline without its per-batch layers (pool
+        checkout, retry wrapper, response callbacks): the writer is the hot
+        path, run once per batch of results. An error reply is that op's
+        reply; a broken connection is closed and raised (the caller retries).
+        """
+        if self._conn is None:
+            self._conn = self.redis.connection_pool.make_connection()
+        conn = self._conn
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            await conn.disconnect()  # replies may be half read: start clean
+            raise
+
+    async def aclose(self) -> None:
+        """Close the writer's own connection (the client's pool is the caller's)."""
+        if self._conn is not None:
+            await self._conn.disconnect()
+            self._conn = None
 
     async def _settle(self, op: Op, reply: Any) -> None:
         if isinstance(reply, Exception) and op.fallback is not None:
