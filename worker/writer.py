@@ -374,7 +374,8 @@ class Writer:
         reply; a broken connection is closed and raised (the caller retries).
         """
         if self._conn is None:
-            self._conn = self.redis.connection_pool.make_connection()
+            pool: Any = self.redis.connection_pool  # make_connection is untyped
+            self._conn = pool.make_connection()
         conn = self._conn
         try:
             await conn.send_packed_command(conn.pack_commands(commands))
