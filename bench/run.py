@@ -49,6 +49,7 @@ from harness import (
     toolq_call_fn,
 )
 from paths import ExecPath, LimitPath, Path, RqPath, ToolqPath
+from readme_table import publish as publish_readme_table
 from report import add_ratios, markdown, plots
 
 from toolq.producer import AsyncClient
@@ -547,7 +548,8 @@ def render(report: dict[str, Any], out: str, publish: bool) -> int:
     if publish:
         shutil.copy(os.path.join(out, "report.md"), os.path.join(BENCH_DIR, "RESULTS.md"))
         shutil.copy(pngs["results"], os.path.join(BENCH_DIR, "results.png"))
-        print("[bench] published bench/RESULTS.md and bench/results.png")
+        publish_readme_table(report)
+        print("[bench] published bench/RESULTS.md, bench/results.png and README.md's table")
     return 1 if sum(r["errors"] for r in report["rows"]) else 0
 
 

@@ -44,6 +44,19 @@ def test_quick_mode_writes_every_output(tmp_path: Path) -> None:
     assert "## Targets" in markdown and "| path | tool |" in markdown
     for png in ("results.png", "latency.png", "throughput.png"):
         assert (tmp_path / png).stat().st_size > 1000
+    if docker:  # --publish writes README's table from this same report
+        readme = tmp_path / "README.md"
+        readme.write_text((RUN.parent.parent / "README.md").read_text())
+        sys.path.insert(0, str(RUN.parent))
+        from readme_table import publish
+
+        publish(report, str(readme))
+        table = readme.read_text().split("<!-- bench table")[1].split("<!-- end of")[0]
+        one = next(
+            r for r in rows if (r["path"], r["tool"], r["concurrency"]) == ("toolq", "true", 1)
+        )
+        assert f"| 1 | {one['p50_ms']:.2f} |" in table or f"| 1 | {one['p50_ms']:.3g} |" in table
+        assert table.count("\n| ") >= 3, table
 
 
 @pytest.mark.timeout(300)
