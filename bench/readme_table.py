@@ -61,9 +61,9 @@ def rows(report: dict[str, Any]) -> list[str]:
             if conc == 1
             else _ratio(row.get("tput_x_limit"), "calls/s ")
         )
-        vs_rq = _ratio(row.get("tput_x_rq"), "") + (" calls/s" if row.get("tput_x_rq") else "")
+        vs_rq = _ratio(row.get("tput_x_rq"), "calls/s ")
         cells = [label, f"{conc:,}", _num(row["p50_ms"]), _num(row["p99_ms"]), calls]
-        out.append("| " + " | ".join([*cells, vs_limit, vs_rq.strip()]) + " |")
+        out.append("| " + " | ".join([*cells, vs_limit, vs_rq]) + " |")
     return out
 
 
