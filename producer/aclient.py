@@ -45,6 +45,7 @@ from .drive import (
     tool_calls,
     with_source,
 )
+from .mux import MuxConnection
 from .ops import Cmd, Op, ToolCall
 from .session import AsyncTrajectory
 from .waits import Call, EventHub, cursor_before
@@ -76,6 +77,8 @@ class AsyncClient:
             self.redis = aioredis.Redis.from_url(target, retry=retry, **CONNECT_KW)
         self.keys = Keys(namespace)
         self._hub = EventHub(self.redis, self.keys, self.cluster)
+        # Scripts (every submit) share one pipelined connection on one Redis.
+        self._mux = None if self.cluster else MuxConnection(self.redis.connection_pool)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -86,6 +89,8 @@ class AsyncClient:
     async def aclose(self) -> None:
         """Stop the event reader and close the connections."""
         await self._hub.close()
+        if self._mux is not None:
+            await self._mux.aclose()
         await self.redis.aclose()
 
     # ------------------------------------------------------------- driver
@@ -118,6 +123,8 @@ class AsyncClient:
         return raise_errors(replies)
 
     async def _pipeline(self, cmds: list[Cmd]) -> list[Any]:
+        if self._mux is not None and all(cmd.name in ("evalsha", "eval") for cmd in cmds):
+            return await self._mux.execute([(cmd.name.upper(), *cmd.args) for cmd in cmds])
         pipe = self.redis.pipeline(transaction=False)
         for cmd in cmds:
             queue(pipe, cmd)

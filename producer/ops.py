@@ -10,6 +10,7 @@ forgotten them (NOSCRIPT) and sends the pipeline again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -61,8 +62,13 @@ Op = Generator[list[Cmd], list[Any], T]
 
 def script(source: str, keys: list[str], args: Iterable[Any]) -> Cmd:
     """EVALSHA of ``source`` (the driver loads it if Redis does not know it)."""
-    sha = hashlib.sha1(source.encode()).hexdigest()
-    return Cmd("evalsha", (sha, len(keys), *keys, *args), script=source)
+    return Cmd("evalsha", (script_sha(source), len(keys), *keys, *args), script=source)
+
+
+@functools.cache
+def script_sha(source: str) -> str:
+    """The SHA1 Redis names a script by (computed once per script: every submit runs one)."""
+    return hashlib.sha1(source.encode()).hexdigest()
 
 
 def one(cmd: Cmd) -> Op[Any]:

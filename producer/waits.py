@@ -28,7 +28,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.crc import key_slot
-from redis.exceptions import ClusterDownError, RedisError
+from redis.exceptions import ClusterDownError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -213,28 +213,30 @@ class EventHub:
         self.keys = keys
         self.cluster = cluster
         self.reader_id = uuid.uuid4().hex[:12]
-        self._futures: dict[Call, asyncio.Future[Result]] = {}
-        self._waiters: dict[Call, int] = {}
+        self._waiters: dict[Call, list[asyncio.Future[Result]]] = {}
         self._groups: dict[int, _HubGroup] = {}
 
     async def wait(self, traj_id: str, call_id: str, cursor: str, timeout_s: float) -> Result:
         """The call's result, once its event (or its hash) shows it."""
         call = (traj_id, call_id)
-        if call not in self._futures:
-            self._futures[call] = asyncio.get_running_loop().create_future()
-        self._waiters[call] = self._waiters.get(call, 0) + 1
+        loop = asyncio.get_running_loop()
+        # A future per waiter, timed out by a timer of its own: the result wakes
+        # the caller in one turn of the loop (wait_for and shield take three).
+        waiter: asyncio.Future[Result] = loop.create_future()
+        self._waiters.setdefault(call, []).append(waiter)
+        timer = loop.call_later(timeout_s, _time_out, waiter, call)
         group = self._group_of(traj_id)
         group.waits.add(traj_id, call_id, cursor)
         group.joined()
         try:
-            return await asyncio.wait_for(asyncio.shield(self._futures[call]), timeout_s)
-        except asyncio.TimeoutError:
-            raise WaitTimeout(f"no result for call {call_id} of {traj_id} yet") from None
+            return await waiter
         finally:
-            self._waiters[call] -= 1
-            if not self._waiters[call]:
-                del self._waiters[call]
-                self._futures.pop(call, None)
+            timer.cancel()
+            left = self._waiters.get(call, [])
+            if waiter in left:
+                left.remove(waiter)
+            if not left:
+                self._waiters.pop(call, None)
                 group.waits.discard(call)
 
     def _group_of(self, traj_id: str) -> _HubGroup:
@@ -246,13 +248,18 @@ class EventHub:
 
     def resolve(self, found: dict[Call, Result]) -> None:
         for call, result in found.items():
-            fut = self._futures.get(call)
-            if fut is not None and not fut.done():
-                fut.set_result(result)
+            for waiter in self._waiters.get(call, ()):
+                if not waiter.done():
+                    waiter.set_result(result)
 
     async def close(self) -> None:
         for group in self._groups.values():
             await group.close()
+
+
+def _time_out(waiter: asyncio.Future[Result], call: Call) -> None:
+    if not waiter.done():
+        waiter.set_exception(WaitTimeout(f"no result for call {call[1]} of {call[0]} yet"))
 
 
 class _HubGroup:
@@ -261,6 +268,10 @@ class _HubGroup:
     def __init__(self, hub: EventHub, wake_key: str) -> None:
         self.hub = hub
         self.redis = hub.redis
+        # On one Redis the group's blocking read has a connection of its own
+        # (no pool checkout per read); a cluster client routes each read.
+        pool = None if hub.cluster else getattr(hub.redis, "connection_pool", None)
+        self._conn: Any = pool.make_connection() if pool is not None else None
         self.wake_key = wake_key
         self.waits = WaitSet(hub.keys)
         self.wake_cursor = "$"
@@ -311,7 +322,10 @@ class _HubGroup:
         streams = {**self.waits.streams(), self.wake_key: self.wake_cursor}
         self.blocked = True
         try:
-            reply: Any = await xread(self.redis, streams, LOOK_EVERY_MS)
+            if self._conn is not None:
+                reply: Any = await self._xread_own(streams)
+            else:
+                reply = await xread(self.redis, streams, LOOK_EVERY_MS)
         finally:
             self.blocked = False
         events = [(st, es) for st, es in reply or [] if s(st) != self.wake_key]
@@ -335,10 +349,27 @@ class _HubGroup:
             self.waits.discard(call)
         return look_at
 
+    async def _xread_own(self, streams: dict[str, str]) -> Any:
+        """The blocking XREAD on the group's own connection, parsed as redis-py would."""
+        conn = self._conn
+        try:
+            await conn.send_packed_command(conn.pack_command(*xread_args(streams, LOOK_EVERY_MS)))
+            raw = await conn.read_response()
+        except ResponseError:
+            raise  # a whole reply: the connection is fine
+        except BaseException:
+            await conn.disconnect(nowait=True)  # half read: the next read connects anew
+            raise
+        parse = self.redis.response_callbacks.get("XREAD")
+        return parse(raw) if parse is not None and raw is not None else raw
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        if self._conn is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._conn.disconnect()
         with contextlib.suppress(RedisError, OSError):
             await self.redis.delete(self.wake_key)

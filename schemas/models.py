@@ -361,11 +361,26 @@ class Result(WireModel):
     slot: str = ""
     finished_ms: int = 0
     data: dict[str, Any] | None = Field(None, description="Structured tool output.")
+    stages: dict[str, float] | None = Field(
+        None,
+        description="When the call passed each stage, as Unix time in milliseconds (fractions "
+        "for microseconds), by the clock of the host that saw it: `read` (the worker read the "
+        "entry), `sent` (it left for the sandbox), `tool_started` and `tool_ended` (the tool "
+        "in the sandbox), `replied` (the sandbox's reply was back in the worker), `made` (the "
+        "result was made and queued for writing). Stages a call did not pass are absent (a "
+        "refused call has `read` and `made`). With the client's own submit time and the time "
+        "it got the result, they split a call's latency into queue, toolq and tool time.",
+    )
 
     @field_validator("data", mode="before")
     @classmethod
     def _parse_data(cls, value: Any) -> Any:
         return None if value in (None, "") else _json_object(value, "data")
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _parse_stages(cls, value: Any) -> Any:
+        return None if value in (None, "") else _json_object(value, "stages")
 
 
 EventType = Literal["result", "bg", "state"]

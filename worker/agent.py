@@ -285,6 +285,7 @@ def op_drop(req):
 
 def run_call(slot, req):
     started = time.monotonic()
+    started_at_ms = round(time.time() * 1000.0, 3)  # the result's stages (wall clock)
     tool = req.get("tool")
     start_by_ms = req.get("start_by_ms")
     if start_by_ms is not None and time.time() * 1000.0 > float(start_by_ms):
@@ -312,6 +313,8 @@ def run_call(slot, req):
         except Exception as exc:  # a tool bug must not kill the agent
             reply = error_reply(req, "tool_error", "%s: %s" % (type(exc).__name__, exc))
     reply["run_ms"] = round((time.monotonic() - started) * 1000.0, 3)
+    reply["started_at_ms"] = started_at_ms
+    reply["ended_at_ms"] = round(time.time() * 1000.0, 3)
     return reply
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from toolq.schemas import INFRA_ERROR_CODES, ErrorCode, Result
 
-from .state import Item, entry_ms, now_ms
+from .state import Item, entry_ms, now_ms, wall_ms
 
 
 def error_reply(code: ErrorCode, message: str, output: str = "", **extra: Any) -> dict[str, Any]:
@@ -62,7 +62,28 @@ def make_result(
         slot=slot_id,
         finished_ms=now_ms(),
         data=data if isinstance(data, dict) else None,
+        stages=stages_of(item, reply),
     )
+
+
+#: Reply fields that carry stage times (Unix ms), and the stage each one names.
+REPLY_STAGES = (
+    ("sent_at_ms", "sent"),  # set by the runner around the sandbox call
+    ("started_at_ms", "tool_started"),  # set by the agent
+    ("ended_at_ms", "tool_ended"),
+    ("replied_at_ms", "replied"),
+)
+
+
+def stages_of(item: Item, reply: dict[str, Any]) -> dict[str, float]:
+    """The call's stage times (``Result.stages``): those it passed, then ``made``."""
+    stages = {"read": item.read_at_ms} if item.read_at_ms else {}
+    for field, stage in REPLY_STAGES:
+        value = reply.get(field)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            stages[stage] = float(value)
+    stages["made"] = wall_ms()
+    return stages
 
 
 def requested_tool(item: Item) -> str:

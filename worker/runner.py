@@ -32,7 +32,7 @@ from .results import error_reply, make_result, requested_tool
 from .settings import WorkerSettings
 from .slots import SlotKeeper
 from .snapshots import Snapshots
-from .state import Item, Traj, entry_ms, now_ms
+from .state import Item, Traj, entry_ms, now_ms, wall_ms
 from .tools import Registry
 from .writer import Writer
 
@@ -257,6 +257,7 @@ class Runner:
         """Run the call in the slot's agent; None when it never started and another
         worker owns the trajectory now (that worker answers it)."""
         while True:
+            sent_at_ms = wall_ms()
             try:
                 fut = slot.channel.submit(
                     "call",
@@ -269,7 +270,7 @@ class Runner:
                     # reaches it after we stalled is not run.
                     start_by_ms=self.lease.expires_ms(),
                 )
-                reply = await asyncio.wait_for(fut, plan.timeout_s + AGENT_GRACE_S)
+                reply = await reply_within(fut, plan.timeout_s + AGENT_GRACE_S)
             except (ChannelClosedError, asyncio.TimeoutError) as exc:
                 why = "sandbox stopped answering" if isinstance(exc, asyncio.TimeoutError) else exc
                 self.observer.slot_lost()
@@ -279,6 +280,7 @@ class Runner:
                     ErrorCode.SANDBOX_LOST, f"the sandbox was lost during the call: {why}"
                 )
             if reply.get("error_code") != "not_started":
+                reply["sent_at_ms"], reply["replied_at_ms"] = sent_at_ms, wall_ms()
                 return reply
             await self._hold_lease()  # the fleet confirms what we own, then we try again
             if traj.dropped or traj.ending is not None:
@@ -399,3 +401,19 @@ class Runner:
             if traj.slot is not None and traj.slot.name == slot_name:
                 return traj
         return None
+
+
+async def reply_within(fut: asyncio.Future[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
+    """The agent's reply, or ``asyncio.TimeoutError`` after ``timeout_s``. A timer
+    on the future itself: the reply wakes the call in one turn of the loop
+    (``asyncio.wait_for`` takes two), and a late reply finds it done and is dropped."""
+    timer = asyncio.get_running_loop().call_later(timeout_s, _expire, fut)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())

@@ -20,6 +20,11 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def wall_ms() -> float:
+    """Unix time in milliseconds, to the microsecond: a result's stage times."""
+    return round(time.time() * 1000, 3)
+
+
 def entry_key(entry_id: str) -> tuple[int, int]:
     """A stream entry id as a sortable pair (``"0-0"`` for anything unparsable)."""
     ms, _, seq = entry_id.partition("-")
@@ -50,6 +55,7 @@ class Item:
     client_call_id: str | None = None
     kind: str = "call"  # call | close | cancel
     size_bytes: int = 0
+    read_at_ms: float = 0.0  # when this worker read it (Unix ms): the result's stages.read
 
     @property
     def call_id(self) -> str:
