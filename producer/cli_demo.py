@@ -167,10 +167,13 @@ def run_demo(
 )
 @click.pass_context
 def demo(ctx: click.Context, trajectories: int, rounds: int, backend: str, image: str) -> None:
-    """Run a small realistic workload end to end and print a summary (needs the worker).
+    """Run a small realistic workload end to end and print a summary.
 
-    Each trajectory writes a program, runs it, reads what it wrote, lists its
-    workspace, a few rounds. Exit status 0 when every call succeeded.
+    Self-contained: it runs its own worker, and its own Redis unless
+    TOOLQ_REDIS_URL names one; nothing else needs to be started (it needs the
+    worker package, `pip install 'toolq[worker]'`). Each trajectory writes a
+    program, runs it, reads what it wrote, lists its workspace, a few rounds.
+    Exit status 0 when every call succeeded.
     """
     obj = ctx.find_root().obj or {}
     ok = run_demo(
