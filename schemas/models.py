@@ -158,7 +158,7 @@ def _json_object(value: Any, what: str) -> Any:
         try:
             value = json.loads(value) if value.strip() else {}
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{what} is not valid JSON: {exc.msg}") from None
+            raise ValueError(f"{what} is not valid JSON: {exc.msg} (char {exc.pos})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{what} must be a JSON object")
     return value
