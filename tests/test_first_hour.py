@@ -191,3 +191,27 @@ def test_help_texts():
     assert call.count("[default:") >= 3, call
     demo = help_of("demo")
     assert "needs the worker)" not in demo and "own worker" in demo, demo
+
+
+# ------------------------------------------------------------- item 7: operator view
+
+
+def test_a_first_call_waiting_for_its_sandbox_is_not_a_wait_for_toolq(
+    client, start_worker, docker_namespaces, ns
+):
+    """ToolqSlowQueue reads queued_ms - behind_ms: a container start is not in it."""
+    from tests.conftest import require_docker
+
+    require_docker()
+    docker_namespaces.add(ns)
+    start_worker("docker")
+    client.open("cold")
+    first = client.call("cold", "bash", {"command": "true"}, wait_s=120)
+    second = client.call("cold", "bash", {"command": "true"}, wait_s=120)
+    client.close("cold")
+    assert first.ok and second.ok, (first, second)
+    # The first call waited for the container: that wait is behind_ms, and what is
+    # left (the read and start) is small next to it.
+    assert first.behind_ms > 0, first
+    assert first.queued_ms - first.behind_ms < first.behind_ms, first
+    assert second.behind_ms <= second.queued_ms
