@@ -24,7 +24,7 @@ from toolq.schemas import (
 from . import children, ops, snapshots
 from . import tools as tools_mod
 from .client import Client
-from .config import redis_target, resolve_redis_url
+from .config import redis_target, resolve_namespace, resolve_redis_url
 from .drive import (
     BACKOFF,
     CLUSTER_KW,
@@ -42,11 +42,13 @@ from .drive import (
     look_op,
     queue,
     raise_errors,
+    renamed_wait_s,
     tool_calls,
     with_source,
 )
+from .liveness import Liveness, workers_alive_op
 from .mux import MuxConnection
-from .ops import Cmd, Op, ToolCall
+from .ops import Cmd, Op, ToolCall, WaitTimeout
 from .session import AsyncTrajectory
 from .waits import Call, EventHub, cursor_before
 
@@ -61,7 +63,7 @@ class AsyncClient:
     def __init__(
         self,
         redis_url: str | None = None,
-        namespace: str = "toolq",
+        namespace: str | None = None,
         redis_client: aioredis.Redis | None = None,
     ) -> None:
         target, self.cluster = redis_target(resolve_redis_url(redis_url))
@@ -75,7 +77,8 @@ class AsyncClient:
             self.redis = cast(aioredis.Redis, cluster)
         else:
             self.redis = aioredis.Redis.from_url(target, retry=retry, **CONNECT_KW)
-        self.keys = Keys(namespace)
+        self.keys = Keys(resolve_namespace(namespace))
+        self._liveness = Liveness()
         self._hub = EventHub(self.redis, self.keys, self.cluster)
         # Scripts (every submit) share one pipelined connection on one Redis.
         self._mux = None if self.cluster else MuxConnection(self.redis.connection_pool)
@@ -200,8 +203,16 @@ class AsyncClient:
         wait = wait_s if wait_s is not None else calls_wait_s(to_submit)
         return await _gather([self._await(d, wait) for d in done])
 
-    async def result(self, traj_id: str, call_id: str, timeout_s: float | None = 60.0) -> Result:
-        return await self._await(ops.Submitted(traj_id, call_id, ""), default_wait_s(timeout_s))
+    async def result(
+        self,
+        traj_id: str,
+        call_id: str,
+        wait_s: float | None = 60.0,
+        *,
+        timeout_s: float | None = None,
+    ) -> Result:
+        wait_s = renamed_wait_s(wait_s, timeout_s)
+        return await self._await(ops.Submitted(traj_id, call_id, ""), default_wait_s(wait_s))
 
     async def results(self, calls: Iterable[Call], *, wait_s: float | None = 60.0) -> list[Result]:
         return await _gather([self.result(t, c, wait_s) for t, c in calls])
@@ -218,6 +229,15 @@ class AsyncClient:
                 task.cancel()
 
     async def _await(self, done: ops.Submitted, wait_s: float) -> Result:
+        if not self._liveness.seen:  # before the first wait: warn when no worker serves us
+            self._liveness.note(await self._drive(workers_alive_op(self.keys)), self.keys)
+        try:
+            return await self._await_result(done, wait_s)
+        except WaitTimeout as exc:
+            alive = await self._drive(workers_alive_op(self.keys))
+            raise WaitTimeout(self._liveness.explain(exc, alive, self.keys)) from None
+
+    async def _await_result(self, done: ops.Submitted, wait_s: float) -> Result:
         if done.entry_id:
             cursor = cursor_before(done.entry_id)
         else:  # answered at once, or an older call: look first, then wait from now

@@ -38,7 +38,7 @@ from toolq.schemas import (
 
 from . import children, ops, snapshots
 from . import tools as tools_mod
-from .config import redis_target, resolve_redis_url
+from .config import redis_target, resolve_namespace, resolve_redis_url
 from .drive import (
     BACKOFF,
     CLUSTER_KW,
@@ -56,10 +56,12 @@ from .drive import (
     default_wait_s,
     queue,
     raise_errors,
+    renamed_wait_s,
     tool_calls,
     wait_set_op,
     with_source,
 )
+from .liveness import Liveness, workers_alive_op
 from .ops import (
     Cmd,
     LimitExceeded,
@@ -94,7 +96,7 @@ class Client:
     def __init__(
         self,
         redis_url: str | None = None,
-        namespace: str = "toolq",
+        namespace: str | None = None,
         redis_client: redis.Redis | None = None,
         retries: int = RETRIES,
     ) -> None:
@@ -113,7 +115,8 @@ class Client:
             )
         else:
             self.redis = redis.Redis.from_url(target, retry=retry, **CONNECT_KW)
-        self.keys = Keys(namespace)
+        self.keys = Keys(resolve_namespace(namespace))
+        self._liveness = Liveness()
 
     def __enter__(self) -> Client:
         return self
@@ -272,10 +275,19 @@ class Client:
         done = self._drive(ops.submit_many(self.keys, traj_id, to_submit))
         return self._await(done, wait_s if wait_s is not None else calls_wait_s(to_submit))
 
-    def result(self, traj_id: str, call_id: str, timeout_s: float | None = 60.0) -> Result:
-        """Wait up to ``timeout_s`` for a call's result; raises ``WaitTimeout``."""
+    def result(
+        self,
+        traj_id: str,
+        call_id: str,
+        wait_s: float | None = 60.0,
+        *,
+        timeout_s: float | None = None,
+    ) -> Result:
+        """Wait up to ``wait_s`` for a call's result; raises ``WaitTimeout``.
+        (``timeout_s=`` is the deprecated name of ``wait_s``.)"""
+        wait_s = renamed_wait_s(wait_s, timeout_s)
         done = ops.Submitted(traj_id, call_id, "")
-        return self._await([done], default_wait_s(timeout_s), look_first=True)[0]
+        return self._await([done], default_wait_s(wait_s), look_first=True)[0]
 
     def results(self, calls: Iterable[Call], *, wait_s: float | None = 60.0) -> list[Result]:
         """Wait for the results of ``(traj_id, call_id)`` pairs, of any trajectories,
@@ -292,13 +304,31 @@ class Client:
         submitted = [ops.Submitted(t, c, "") for t, c in calls]
         waits, found = self._drive(wait_set_op(self.keys, submitted, True, self.cluster))
         yield from found.values()
+        if waits.pending:
+            self._check_workers()
         while waits.pending:
-            yield from self._drive(wait_some_op(waits, deadline)).values()
+            try:
+                yield from self._drive(wait_some_op(waits, deadline)).values()
+            except WaitTimeout as exc:
+                raise self._explain(exc) from None
 
     def _await(
         self, calls: list[ops.Submitted], wait_s: float, look_first: bool = False
     ) -> list[Result]:
-        return self._drive(await_op(self.keys, calls, wait_s, look_first, self.cluster))
+        self._check_workers()
+        try:
+            return self._drive(await_op(self.keys, calls, wait_s, look_first, self.cluster))
+        except WaitTimeout as exc:
+            raise self._explain(exc) from None
+
+    def _check_workers(self) -> None:
+        """Before waiting: warn once (logging) when no worker serves the namespace."""
+        if not self._liveness.seen:
+            self._liveness.note(self._drive(workers_alive_op(self.keys)), self.keys)
+
+    def _explain(self, exc: WaitTimeout) -> WaitTimeout:
+        alive = self._drive(workers_alive_op(self.keys))
+        return WaitTimeout(self._liveness.explain(exc, alive, self.keys))
 
     # ------------------------------------------------------- agent loops
     def trajectory(

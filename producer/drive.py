@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -52,6 +53,14 @@ def backoff_s(attempt: int) -> float:
 
 def default_wait_s(timeout_s: float | None) -> float:
     return 60.0 if timeout_s is None else timeout_s
+
+
+def renamed_wait_s(wait_s: float | None, timeout_s: float | None) -> float | None:
+    """``result(timeout_s=)``: the old name of ``wait_s`` (every wait takes ``wait_s``)."""
+    if timeout_s is None:
+        return wait_s
+    warnings.warn("result(timeout_s=) is deprecated: use wait_s=", DeprecationWarning, stacklevel=3)
+    return timeout_s
 
 
 def call_wait_s(timeout_s: float | None) -> float:

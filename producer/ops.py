@@ -171,10 +171,18 @@ def open_record(
         ]
         return "new" if status == "new" else "pending"
     if status not in ("pending", "running"):
-        raise TrajectoryEnded(
-            f"trajectory {traj_id} has ended ({status}); open(reuse=True) starts it over"
-        )
+        record = yield from get_record(keys, traj_id)
+        raise TrajectoryEnded(ended_message(traj_id, status, record))
     return status
+
+
+def ended_message(traj_id: str, status: str, record: TrajectoryRecord | None) -> str:
+    """Why an ended trajectory refuses, and how to start it over (any client)."""
+    reason = f": {record.reason}" if record is not None and record.reason else ""
+    return (
+        f"trajectory {traj_id} has ended ({status}{reason}); to start it over under the "
+        f"same id: `toolq open {traj_id} --reuse` (Python: open(..., reuse=True))"
+    )
 
 
 @dataclass(frozen=True)
@@ -333,7 +341,7 @@ def _raise_ended(keys: Keys, traj_id: str) -> Op[None]:
     record = yield from get_record(keys, traj_id)
     if record is None:
         raise UnknownTrajectory(f"no trajectory {traj_id}")
-    raise TrajectoryEnded(f"trajectory {traj_id} has ended ({record.status.value})")
+    raise TrajectoryEnded(ended_message(traj_id, record.status.value, record))
 
 
 # --------------------------------------------------------------- reading

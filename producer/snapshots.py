@@ -69,6 +69,9 @@ def fork_op(
     taken_ids = [new_id for new_id, used in zip(new_ids, in_use, strict=True) if used]
     if taken_ids:  # a copy must be a new trajectory, not one that exists already
         raise ToolqError(f"cannot fork into trajectories that exist: {', '.join(taken_ids)}")
+    record = yield from ops.get_record(keys, traj_id)
+    if record is None:
+        raise ops.UnknownTrajectory(f"no trajectory {traj_id}: nothing to fork")
     taken = yield from take_op(keys, traj_id, fork_name(traj_id), ttl_s, wait_s, cluster)
     if not taken.ok:
         raise SnapshotFailed(taken)

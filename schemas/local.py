@@ -45,6 +45,15 @@ def resolve_redis_url(url: str | None = None) -> str:
     return found
 
 
+DEFAULT_NAMESPACE = "toolq"
+
+
+def resolve_namespace(namespace: str | None = None) -> str:
+    """``namespace``, else ``TOOLQ_NAMESPACE``, else ``toolq``: the same key prefix
+    the CLI and ``toolq worker`` use in the same environment."""
+    return namespace or os.environ.get("TOOLQ_NAMESPACE") or DEFAULT_NAMESPACE
+
+
 #: URL schemes that name a Redis Cluster (any of its nodes): ``redis+cluster://host:port``.
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 

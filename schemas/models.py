@@ -158,7 +158,7 @@ def _json_object(value: Any, what: str) -> Any:
         try:
             value = json.loads(value) if value.strip() else {}
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{what} is not valid JSON: {exc.msg}") from None
+            raise ValueError(f"{what} is not valid JSON: {exc.msg} (char {exc.pos})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{what} must be a JSON object")
     return value
@@ -354,7 +354,8 @@ class Result(WireModel):
     behind_ms: float = Field(
         0.0,
         description="The part of queued_ms spent behind this trajectory's earlier calls (they "
-        "run one at a time); queued_ms - behind_ms is the wait for toolq itself.",
+        "run one at a time) or behind the start of its slot (a sandbox starting); "
+        "queued_ms - behind_ms is the wait for a worker to read and start the call.",
     )
     run_ms: float = 0.0
     worker: str = ""

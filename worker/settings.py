@@ -43,7 +43,8 @@ class WorkerSettings:
     namespace: str = _opt("toolq", "Key prefix.", cli=False)
     backend: str = _opt(
         "auto",
-        "auto: Docker when an engine answers, else local.",
+        "auto: Docker when an engine answers and has the image (--image), else local "
+        "(saying why at start); docker: Docker only; local: no sandbox.",
         choices=("auto", "local", "docker"),
     )
     slots: int = _opt(16, "Trajectories served at once.")

@@ -17,7 +17,7 @@ from .backends.base import Backend
 from .bgtasks import BgRecorder
 from .metrics import Observer
 from .snapshots import SnapshotMissing, Snapshots
-from .state import Traj
+from .state import Traj, now_ms
 from .writer import Writer
 
 log = logging.getLogger("toolq.worker.slots")
@@ -59,6 +59,10 @@ class SlotKeeper:
             await self.snapshots.restore(traj.slot, traj.spec.snapshot)
         if traj.previous_owner and not traj.slot.adopted:
             traj.slot_reset = True  # the previous owner's workspace is gone
+        # Calls that came while the slot started waited behind its start, not for a
+        # worker (toolq_slot_start_seconds has that): behind_ms counts it, so the
+        # wait for toolq (queued_ms - behind_ms, ToolqSlowQueue) does not.
+        traj.free_since_ms = max(traj.free_since_ms, now_ms())
         traj.previous_owner = None
         # The record says what serves it now (container labels name only who started it).
         slot = traj.slot
