@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from redis.exceptions import ClusterDownError, TryAgainError
+from redis.exceptions import ClusterError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -41,8 +41,11 @@ CLUSTER_KW: dict[str, Any] = {
 
 
 # What a restarting Redis or a cluster failing over answers for a while: wait and
-# send again (redis-py's own cluster retries do not back off).
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError)
+# send again (redis-py's own cluster retries do not back off). ClusterError covers
+# CLUSTERDOWN and redis-py's "TTL exhausted" after redirections that went on (a
+# slot migrating: TRYAGAIN until its keys have moved). BusyLoadingError (a Redis
+# loading its data) is a ConnectionError.
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterError, TryAgainError)
 
 
 def backoff_s(attempt: int) -> float:
