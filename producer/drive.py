@@ -11,13 +11,14 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from redis.exceptions import ClusterError, TryAgainError
+from redis.exceptions import AskError, ClusterError, MovedError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from toolq.schemas import BgTask, Keys, Result, TrajectoryRecord, TrajectorySpec, TrajStatus
 
 from . import ops
+from .config import ClusterNodeError
 from .ops import Cmd, Op, ToolCall
 from .waits import Call, WaitSet, cursor_before, wait_op
 
@@ -116,6 +117,10 @@ def with_source(cmd: Cmd) -> Cmd:
 
 def raise_errors(replies: list[Any]) -> list[Any]:
     for reply in replies:
+        if isinstance(reply, AskError):  # MOVED too: only a cluster node answers that
+            node = f"{reply.host}:{reply.port}"
+            word = "MOVED" if isinstance(reply, MovedError) else "ASK"
+            raise ClusterNodeError(f"it answered {word} {reply.slot_id} {node}", node) from reply
         if isinstance(reply, Exception):
             raise reply
     return replies
