@@ -12,13 +12,14 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-from redis.exceptions import ClusterDownError, TryAgainError
+from redis.exceptions import AskError, ClusterError, MovedError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from toolq.schemas import BgTask, Keys, Result, TrajectoryRecord, TrajectorySpec, TrajStatus
 
 from . import ops
+from .config import ClusterNodeError
 from .ops import Cmd, Op, ToolCall
 from .waits import Call, WaitSet, cursor_before, wait_op
 
@@ -42,8 +43,11 @@ CLUSTER_KW: dict[str, Any] = {
 
 
 # What a restarting Redis or a cluster failing over answers for a while: wait and
-# send again (redis-py's own cluster retries do not back off).
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError)
+# send again (redis-py's own cluster retries do not back off). ClusterError covers
+# CLUSTERDOWN and redis-py's "TTL exhausted" after redirections that went on (a
+# slot migrating: TRYAGAIN until its keys have moved). BusyLoadingError (a Redis
+# loading its data) is a ConnectionError.
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterError, TryAgainError)
 
 
 def backoff_s(attempt: int) -> float:
@@ -122,6 +126,10 @@ def with_source(cmd: Cmd) -> Cmd:
 
 def raise_errors(replies: list[Any]) -> list[Any]:
     for reply in replies:
+        if isinstance(reply, AskError):  # MOVED too: only a cluster node answers that
+            node = f"{reply.host}:{reply.port}"
+            word = "MOVED" if isinstance(reply, MovedError) else "ASK"
+            raise ClusterNodeError(f"it answered {word} {reply.slot_id} {node}", node) from reply
         if isinstance(reply, Exception):
             raise reply
     return replies

@@ -33,6 +33,7 @@ from toolq.schemas import (
     check_part,
     check_traj_id,
     lua,
+    stream_call_id,
 )
 
 from . import tools as tools_mod
@@ -236,7 +237,11 @@ def submit_many(
 def _submit_cmd(keys: Keys, traj_id: str, fields: dict[str, str]) -> Cmd:
     flat = [x for kv in fields.items() for x in kv]
     argv = [keys.result(traj_id, ""), RESULT_TTL_MS, EVENTS_MAXLEN, now_ms(), *flat]
-    return script(lua.SUBMIT, [keys.traj(traj_id), keys.calls(traj_id), keys.events(traj_id)], argv)
+    declared = _traj_keys(keys, traj_id)
+    call_id = stream_call_id(fields, "")
+    if call_id:  # the result key, declared: safe while a cluster migrates the slot
+        declared.append(keys.result(traj_id, call_id))
+    return script(lua.SUBMIT, declared, argv)
 
 
 def entry_fields(entry: CallEntry | ToolCall) -> dict[str, str]:
@@ -320,7 +325,7 @@ def cancel(keys: Keys, traj_id: str) -> Op[str]:
     """The cancel script, then the same for its open children (and theirs);
     returns 'requested', 'cancelled' or 'ended'."""
     check_traj_id(traj_id)
-    outcome = s((yield [cancel_cmd(keys, traj_id)])[0])
+    (outcome,) = yield from cancel_each(keys, [traj_id])
     if outcome == "unknown":
         raise UnknownTrajectory(f"no trajectory {traj_id}")
     if outcome == "cancelled":
@@ -331,10 +336,40 @@ def cancel(keys: Keys, traj_id: str) -> Op[str]:
     return outcome
 
 
-def cancel_cmd(keys: Keys, traj_id: str) -> Cmd:
-    """The cancel script for one trajectory (its reply: see ``lua.CANCEL``)."""
+# Rounds of the cancel script that may meet calls submitted after the stream was
+# read ('retry'); the last round builds the result keys in the script instead.
+CANCEL_ROUNDS = 5
+
+
+def cancel_each(keys: Keys, traj_ids: list[str]) -> Op[list[str]]:
+    """The cancel script for each trajectory, each given the result keys of the
+    calls in its stream (read just before); returns the outcomes, in order."""
+    outcomes = ["retry"] * len(traj_ids)
+    for round_no in range(CANCEL_ROUNDS):
+        todo = [i for i, o in enumerate(outcomes) if o == "retry"]
+        if not todo:
+            break
+        declared = round_no < CANCEL_ROUNDS - 1
+        streams: list[Any] = [[] for _ in todo]
+        if declared:
+            streams = yield [Cmd("xrange", (keys.calls(traj_ids[i]),)) for i in todo]
+        replies = yield [
+            cancel_cmd(keys, traj_ids[i], stream, declared)
+            for i, stream in zip(todo, streams, strict=True)
+        ]
+        for i, reply in zip(todo, replies, strict=True):
+            outcomes[i] = s(reply)
+    return outcomes
+
+
+def cancel_cmd(keys: Keys, traj_id: str, stream: Iterable[Any] = (), declared: bool = True) -> Cmd:
+    """The cancel script for one trajectory (its reply: see ``lua.CANCEL``), with
+    the result keys of ``stream``'s calls (entries as XRANGE returns them)."""
     argv = [keys.result(traj_id, ""), RESULT_TTL_MS, EVENTS_MAXLEN, now_ms(), RETENTION_MS, traj_id]
-    return script(lua.CANCEL, [*_traj_keys(keys, traj_id), keys.children(traj_id)], argv)
+    argv.append("1" if declared else "0")
+    call_ids = {stream_call_id(fields, entry_id) for entry_id, fields in stream}
+    results = [keys.result(traj_id, c) for c in sorted(c for c in call_ids if c)]
+    return script(lua.CANCEL, [*_traj_keys(keys, traj_id), keys.children(traj_id), *results], argv)
 
 
 def _raise_ended(keys: Keys, traj_id: str) -> Op[None]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.crc import key_slot
-from redis.exceptions import ClusterDownError, RedisError, ResponseError
+from redis.exceptions import ClusterError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -314,7 +314,7 @@ class _HubGroup:
                     self.wake_cursor = s(last[0][0]) if last else "0-0"
                 look_at = await self._read_once(look_at)
                 errors = 0
-            except (RedisConnectionError, RedisTimeoutError, ClusterDownError, OSError):
+            except (RedisConnectionError, RedisTimeoutError, ClusterError, TryAgainError, OSError):
                 await asyncio.sleep(min(0.05 * 2**errors, 2.0))
                 errors += 1
 

@@ -13,6 +13,7 @@ from .keys import (
     check_part,
     check_traj_id,
     latency_field,
+    stream_call_id,
 )
 from .models import (
     BG_FINAL_STATUSES,
@@ -76,4 +77,5 @@ __all__ = [
     "check_traj_id",
     "latency_field",
     "lua",
+    "stream_call_id",
 ]

@@ -8,7 +8,9 @@ written atomically by one Lua script or MULTI.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 #: Consumer group every stream toolq reads with XREADGROUP uses.
 GROUP = "workers"
@@ -48,6 +50,24 @@ def check_part(value: str, what: str = "id") -> str:
     if not isinstance(value, str) or not _PART_RE.match(value):
         raise InvalidIdError(f"invalid {what} {value!r}: must match [A-Za-z0-9._:-]{{1,200}}")
     return value
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def stream_call_id(fields: Mapping[Any, Any], entry_id: Any) -> str | None:
+    """The id a calls-stream entry is answered under, as the scripts' ``call_id_of``
+    names it: its ``call_id`` when that is a valid id, else its entry id; None for
+    a control entry (close, cancel), which gets no result. ``fields`` as a Redis
+    client parses an entry (str or bytes)."""
+    flat = {_text(k): _text(v) for k, v in fields.items()}
+    if flat.get("type") in ("close", "cancel"):
+        return None
+    call_id = flat.get("call_id")
+    if call_id is not None and _PART_RE.match(call_id):
+        return call_id
+    return _text(entry_id)
 
 
 @dataclass(frozen=True)

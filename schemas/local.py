@@ -34,6 +34,18 @@ class NoRedisError(RuntimeError):
     """No Redis URL was given and no embedded Redis is running."""
 
 
+class ClusterNodeError(NoRedisError):
+    """A plain ``redis://`` URL names a node of a Redis Cluster: toolq needs to know
+    it talks to a cluster (``redis+cluster://``) to route each key to its node."""
+
+    def __init__(self, answer: str, node: str = "") -> None:
+        example = f"redis+cluster://{node}" if node else "redis+cluster://host:port"
+        super().__init__(
+            f"this Redis is a node of a Redis Cluster ({answer}): connect with "
+            f"{example} (any node), or set TOOLQ_REDIS_CLUSTER=1"
+        )
+
+
 def resolve_redis_url(url: str | None = None) -> str:
     """``url``, else ``TOOLQ_REDIS_URL``, else a running embedded Redis."""
     found = url or os.environ.get("TOOLQ_REDIS_URL") or read_embedded_url()

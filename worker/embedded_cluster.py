@@ -99,6 +99,84 @@ class EmbeddedCluster:
         self.nodes[index].restart(down_s)
         self.wait_ok()
 
+    def owner_of(self, slot: int) -> int:
+        """The index of the master that serves ``slot``."""
+        client = redis.Redis(port=self.nodes[0].port, decode_responses=True)
+        try:
+            for start, end, master, *_replicas in client.execute_command("CLUSTER SLOTS"):
+                if int(start) <= slot <= int(end):
+                    port = int(master[1])
+                    return next(i for i, n in enumerate(self.nodes) if n.port == port)
+        finally:
+            client.close()
+        raise EmbeddedRedisError(f"no master serves slot {slot}")
+
+    def move_slot(
+        self,
+        slot: int,
+        to: int,
+        keys_per_step: int = 1,
+        pause_s: float = 0.0,
+        hold_s: float = 0.0,
+    ) -> int:
+        """Move one hash slot to master ``to`` while clients keep using it, as
+        ``redis-cli --cluster reshard`` does: ``begin_move``, ``hold_s`` seconds
+        with every key still on the old node, then ``finish_move``. Returns how
+        many keys moved."""
+        if self.owner_of(slot) == to:
+            return 0
+        source = self.begin_move(slot, to)
+        time.sleep(hold_s)
+        return self.finish_move(slot, source, to, keys_per_step, pause_s)
+
+    def begin_move(self, slot: int, to: int) -> int:
+        """Mark ``slot`` IMPORTING on master ``to`` and MIGRATING on its owner
+        (returned): every key is still on the owner."""
+        source = self.owner_of(slot)
+        src, dst = self._client(source), self._client(to)
+        try:
+            src_id = src.execute_command("CLUSTER MYID")
+            dst_id = dst.execute_command("CLUSTER MYID")
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+        finally:
+            src.close()
+            dst.close()
+        return source
+
+    def finish_move(
+        self, slot: int, source: int, to: int, keys_per_step: int = 1, pause_s: float = 0.0
+    ) -> int:
+        """MIGRATE the slot's keys from ``source`` to ``to``, ``keys_per_step`` at a
+        time (``pause_s`` between steps), then make ``to`` its owner everywhere."""
+        src, dst = self._client(source), self._client(to)
+        moved = 0
+        try:
+            dst_id = dst.execute_command("CLUSTER MYID")
+            while True:
+                keys = src.execute_command("CLUSTER GETKEYSINSLOT", slot, keys_per_step)
+                if not keys:
+                    break
+                port = self.nodes[to].port
+                src.execute_command("MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
+                moved += len(keys)
+                time.sleep(pause_s)
+            for index in (to, source, *range(len(self.nodes))):  # the new owner first
+                client = self._client(index)
+                try:
+                    client.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+                except redis.ResponseError:  # a replica: it learns from its master
+                    pass
+                finally:
+                    client.close()
+        finally:
+            src.close()
+            dst.close()
+        return moved
+
+    def _client(self, index: int) -> redis.Redis:
+        return redis.Redis(port=self.nodes[index].port, decode_responses=True)
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()

@@ -7,13 +7,15 @@ import logging
 import os
 import signal
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from toolq.schemas import DEFAULT_IMAGE
-from toolq.schemas.local import redis_target
+from toolq.schemas.local import ClusterNodeError, redis_target
 
 from .backends.base import Backend
 from .backends.local import LocalBackend
@@ -144,10 +146,29 @@ def connect(url: str) -> aioredis.Redis:
     )
 
 
+async def refuse_cluster_node(redis: aioredis.Redis, url: str) -> None:
+    """Raise ``ClusterNodeError`` when a plain Redis client talks to a cluster node
+    (it would answer MOVED for most keys: say so at start, not in every retry)."""
+    if isinstance(redis, aioredis.RedisCluster):
+        return
+    try:
+        info = await redis.info("cluster")
+    except RedisError:  # down, or INFO not allowed: the worker's own retries take over
+        return
+    if str(info.get("cluster_enabled", "0")) == "1":
+        node = urlsplit(url).netloc.rpartition("@")[2]
+        raise ClusterNodeError("INFO says cluster_enabled:1", node)
+
+
 async def serve(settings: WorkerSettings, backend: Backend | None = None) -> None:
     """Run one worker until SIGTERM/SIGINT."""
     assert settings.redis_url
     redis = connect(settings.redis_url)
+    try:
+        await refuse_cluster_node(redis, settings.redis_url)
+    except BaseException:
+        await redis.aclose()
+        raise
     worker = Worker(settings, redis, backend or make_backend(settings))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
