@@ -62,7 +62,8 @@ class MuxConnection:
             return self._conn
         async with self._connecting:
             if self._conn is None or not self._conn.is_connected:
-                conn = self._pool.make_connection()
+                pool: Any = self._pool  # make_connection is untyped
+                conn = pool.make_connection()
                 await conn.connect()
                 self._conn = conn
                 if self._reader is None or self._reader.done():
