@@ -1651,12 +1651,13 @@ def unpack_into(slot, dest, data, links, max_bytes):
 
 
 def restore_into(slot, data):
-    """A snapshot's tar.gz into a new workspace in one streaming pass, each member
-    checked as it comes (the worker checked the files' sha256; a refused member
-    fails the trajectory anyway). Returns (entries, bytes)."""
+    """A snapshot's tar.gz (or plain tar) into a new workspace in one streaming pass,
+    each member checked as it comes (the worker checked the files' sha256; a refused
+    member fails the trajectory anyway). Returns (entries, bytes)."""
     members, total = [], 0
+    mode = "r|gz" if data[:2] == b"\x1f\x8b" else "r|"
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r|gz", bufsize=PACK_BUFSIZE) as tar:
+        with tarfile.open(fileobj=io.BytesIO(data), mode=mode, bufsize=PACK_BUFSIZE) as tar:
             for member in tar:
                 total = check_member(member, True, len(members), total, DEFAULT_UNPACK_BYTES * 64)
                 unpack_member(tar, slot.root, slot.root, member)
@@ -1721,8 +1722,10 @@ def workspace_entries(root):
 
 def tool_snapshot_pack(slot, args, req):
     """The whole workspace as a tar.gz (the reply's blob), links kept, special files
-    left out."""
+    left out; ``"compress": false`` makes it a plain tar (a fork's copies on the same
+    worker: compressing would cost more CPU than moving the bytes)."""
     cap = int(args["max_bytes"])
+    compress = args.get("compress", True)
     counts = {"entries": 0, "bytes": 0, "skipped": 0}
 
     def keep(info):
@@ -1734,10 +1737,10 @@ def tool_snapshot_pack(slot, args, req):
         return info
 
     sink = ArchiveSink(cap, cap)
-    gz = GzipSink(sink)
+    gz = GzipSink(sink) if compress else None
     try:
         # A stream (mode "w|") into zlib: a third faster than tarfile's GzipFile.
-        with tarfile.open(fileobj=gz, mode="w|", bufsize=PACK_BUFSIZE) as tar:
+        with tarfile.open(fileobj=gz or sink, mode="w|", bufsize=PACK_BUFSIZE) as tar:
             for path, name in workspace_entries(slot.root):
                 if req.get("_gen", 0) != slot.generation:  # a cancel stops the pack
                     raise ToolError("cancelled", "snapshot cancelled")
@@ -1748,7 +1751,8 @@ def tool_snapshot_pack(slot, args, req):
                     tar.add(path, arcname=name, recursive=False, filter=keep)
                 except FileNotFoundError:  # deleted while we packed: as at that moment
                     counts["vanished"] = counts.get("vanished", 0) + 1
-        gz.close()
+        if gz is not None:
+            gz.close()
     except ArchiveTooLarge:
         sink.buf = None
     if sink.buf is None:

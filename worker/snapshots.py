@@ -160,16 +160,18 @@ class Snapshots:
             raise SnapshotMissing(_missing(spec.snapshot))
         return overlay(info.spec, spec)
 
-    async def restore(self, slot: Slot, name: str) -> None:
+    async def restore(self, slot: Slot, name: str) -> str:
         """Fill a new workspace with the snapshot's files (checked against the index:
         files and index are two writes, so a snapshot retaken under the same name
-        meanwhile, or damaged files, are refused rather than opened)."""
+        meanwhile, or damaged files, are refused rather than opened). Returns how
+        they came: ``host`` (this worker's memory: it took the snapshot, or read it
+        for an earlier copy) or ``redis``."""
         info = await self.info(name)
         if info is None:
             raise SnapshotMissing(_missing(name))
-        data = self._recent.get((name, info.sha256))
+        via, data = "host", self._recent.get((name, info.sha256))
         if data is None:
-            data = await self._read(name, info.sha256)
+            via, data = "redis", await self._read(name, info.sha256)
         timeout_s = self.settings.snapshot_timeout_s
         try:
             fut = slot.channel.submit(
@@ -186,6 +188,7 @@ class Snapshots:
         if not reply.get("ok", True):
             raise SandboxError(f"restoring snapshot {name} failed: {reply.get('error')}")
         self.observer.snapshot_restored()
+        return via
 
     async def _read(self, name: str, sha256: str) -> bytes:
         key = self.keys.snapshot_data(name)
