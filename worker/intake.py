@@ -70,6 +70,11 @@ def _s(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _plain(fields: dict[Any, Any]) -> dict[str, str]:
+    """An open request's fields to enqueue again, for any worker (no preference)."""
+    return {_s(k): _s(v) for k, v in fields.items() if _s(k) not in ("prefer", "prefer_ms")}
+
+
 class Intake:
     """See the module docstring."""
 
@@ -107,7 +112,8 @@ class Intake:
 
     @property
     def free_slots(self) -> int:
-        return self.settings.slots - len(self.owned)
+        # Claims in flight count: the inbox and the open stream claim concurrently.
+        return self.settings.slots - len(self.owned) - len(self._claiming)
 
     def slot_freed(self) -> None:
         """A trajectory left: the loop may claim again."""
@@ -176,11 +182,14 @@ class Intake:
         else:
             wait_s = self._left_to_other_s(entry_id, req)
             if wait_s > 0:  # acknowledged when it is claimed or put back
-                task = asyncio.create_task(self._claim_later(entry_id, req, wait_s))
+                task = asyncio.create_task(self._claim_later(entry_id, fields, req, wait_s))
                 self._deferred.add(task)
                 task.add_done_callback(self._deferred.discard)
                 return
-            await self.claim(req)
+            if self.free_slots > 0 or req.traj in self.owned:
+                await self.claim(req)
+            else:  # the inbox took the room meanwhile: for another worker (or us, later)
+                await self.redis.xadd(self.keys.open, _plain(fields))
         await self.redis.xack(self.keys.open, GROUP, entry_id)
 
     # --------------------------------------------------------- fork copies
@@ -195,7 +204,9 @@ class Intake:
         until_ms = enqueued_ms + req.prefer_ms  # by Redis's clock: ours may be skewed, so
         return min(req.prefer_ms, max(0.0, until_ms - now_ms())) / 1000.0  # never longer
 
-    async def _claim_later(self, entry_id: str, req: OpenRequest, wait_s: float) -> None:
+    async def _claim_later(
+        self, entry_id: str, fields: dict[Any, Any], req: OpenRequest, wait_s: float
+    ) -> None:
         """Claim a copy its preferred worker did not take in time, or put it back."""
         await asyncio.sleep(wait_s)
         await self.lease.wait_valid()
@@ -203,9 +214,7 @@ class Intake:
             if self.free_slots > 0:
                 await self.claim(req)
             else:  # no room here: anyone may take it now
-                again = req.model_copy(update={"prefer": None, "prefer_ms": None})
-                fields = {**again.to_fields(), "spec": req.spec.model_dump_json(exclude_unset=True)}
-                await self.redis.xadd(self.keys.open, fields)
+                await self.redis.xadd(self.keys.open, _plain(fields))
             await self.redis.xack(self.keys.open, GROUP, entry_id)
         except (RedisError, OSError) as exc:  # left in our pending list: re-read on catch-up
             self.health.failed()
