@@ -70,7 +70,7 @@ def _s(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def _plain(fields: dict[Any, Any]) -> dict[str, str]:
+def _plain(fields: dict[Any, Any]) -> dict[Any, Any]:
     """An open request's fields to enqueue again, for any worker (no preference)."""
     return {_s(k): _s(v) for k, v in fields.items() if _s(k) not in ("prefer", "prefer_ms")}
 
