@@ -12,6 +12,9 @@ packed to the last copy unpacked (the containers are started before). Paths:
   (SET, then one GET), each copy's agent unpacks it;
 - ``relay-gz``: the same tar.gz relayed by the worker, without Redis;
 - ``relay-tar``: a plain tar (no compression) relayed by the worker;
+- ``engine-file-gz``, ``engine-file-tar``: the archive (tar.gz or plain tar) put
+  into each copy's container as one file by the engine's archive API (no attach
+  stream), then unpacked by the copy's agent from that file;
 - ``engine-archive``: the engine's archive API, container to container
   (``GET /containers/{src}/archive``, then ``PUT`` into each copy: ``docker cp``);
 - ``commit``: ``docker commit`` of the source, then N containers started from
@@ -119,6 +122,46 @@ async def relay(probe: Probe, source: Slot, compress: bool, digest: str, via_red
     return took
 
 
+def wrapped(blob: bytes, uid: int, gid: int, directory: str) -> bytes:
+    """``blob`` as the one file of a tar (with its directory), for ``put_archive``."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        folder = tarfile.TarInfo(directory)
+        folder.type, folder.mode, folder.uid, folder.gid = tarfile.DIRTYPE, 0o700, uid, gid
+        tar.addfile(folder)
+        info = tarfile.TarInfo(f"{directory}/snap.tar")
+        info.size, info.mode, info.uid, info.gid = len(blob), 0o400, uid, gid
+        tar.addfile(info, io.BytesIO(blob))
+    return buf.getvalue()
+
+
+async def engine_file(probe: Probe, source: Slot, compress: bool, digest: str) -> float:
+    """The archive put into each container by the engine (``PUT /archive``: no
+    attach stream), then unpacked by the copy's agent from that file."""
+    targets = await probe.slots(probe.copies)
+    api = probe.backend.api
+    started = time.monotonic()
+    blob = await pack(source, compress)
+    user = probe.backend.engine.known_user(IMAGE)
+    assert user is not None
+    directory = f"tmp/.toolq-in-{uuid.uuid4().hex[:8]}"
+    outer = wrapped(blob, user.uid, user.gid, directory)
+
+    async def one(slot: Slot) -> None:
+        await asyncio.to_thread(api.put_archive, slot.sandbox_id, "/", outer)
+        await call(slot, "_snapshot_unpack", file=f"/{directory}/snap.tar")
+
+    await asyncio.gather(*(one(s) for s in targets))
+    took = time.monotonic() - started
+    await probe.check(digest, targets)
+    assert await sh(targets[0], f"ls -a /{directory} 2>&1 | wc -l") == "1\n"  # removed
+    await probe.release(targets)
+    return took
+
+
 async def engine_archive(probe: Probe, source: Slot, digest: str) -> float:
     targets = await probe.slots(probe.copies)
     api = probe.backend.api
@@ -192,6 +235,8 @@ async def main_async(mb: int, copies: int, rounds: int, disk: bool) -> dict[str,
                     "redis-gz": relay(probe, source, True, digest, server.url),
                     "relay-gz": relay(probe, source, True, digest, ""),
                     "relay-tar": relay(probe, source, False, digest, ""),
+                    "engine-file-gz": engine_file(probe, source, True, digest),
+                    "engine-file-tar": engine_file(probe, source, False, digest),
                     "engine-archive": engine_archive(probe, source, digest),
                     "host-cp": host_cp(probe, source),
                 }
