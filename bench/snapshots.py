@@ -1,6 +1,6 @@
 """Snapshots and forks against the cold path (Docker backend).
 
-    python bench/snapshots.py [--mb 100] [--forks 8] [--rounds 3] [--install]
+    python bench/snapshots.py [--mb 100] [--forks 8] [--more 16] [--rounds 3] [--install]
 
 A prepared workspace of ``--mb`` MB (half generated source text, half random
 bytes: a repository and its binary dependencies) is the starting state; with
@@ -13,7 +13,10 @@ Compared, in rounds, each against its baseline in the same run:
 - ``snapshot``: one ``snapshot`` of that workspace (the call's latency);
 - ``fork into N``: ``fork`` to N new trajectories until each has answered a
   first call, against ``cold N``: N new trajectories that each prepare the
-  same state with their own tool calls (the path without snapshots);
+  same state with their own tool calls (the path without snapshots); with
+  ``--more M`` also ``fork into M``, against ``fork into N`` (how it scales);
+  the copies' records say how their files came (``copied_via``), counted in
+  ``copies via host``;
 - ``open from snapshot``: one trajectory opened from it until its first
   call's answer, against ``cold open``: an empty one (no preparation) and
   ``cold open + prepare``.
@@ -92,12 +95,15 @@ async def cold(client: AsyncClient, trajs: list[str], mb: int, install: bool) ->
     return time.monotonic() - started
 
 
-async def forked(client: AsyncClient, source: str, trajs: list[str]) -> float:
+async def forked(client: AsyncClient, source: str, trajs: list[str]) -> tuple[float, int]:
+    """Seconds until every copy answered, and how many got their files in-host."""
     started = time.monotonic()
     taken = await client.fork(source, trajs, wait_s=WAIT_S)
     assert taken.ok, taken
     await asyncio.gather(*(first_answer(client, t) for t in trajs))
-    return time.monotonic() - started
+    took = time.monotonic() - started
+    records = await asyncio.gather(*(client.record(t) for t in trajs))
+    return took, sum(1 for r in records if r is not None and r.copied_via == "host")
 
 
 async def opened(client: AsyncClient, traj: str, spec: dict[str, str] | None) -> float:
@@ -109,7 +115,7 @@ async def opened(client: AsyncClient, traj: str, spec: dict[str, str] | None) ->
 
 
 async def measure(
-    url: str, ns: str, mb: int, forks: int, rounds: int, install: bool
+    url: str, ns: str, mb: int, forks: int, more: int, rounds: int, install: bool
 ) -> dict[str, list[float]]:
     client = AsyncClient(url, ns)
     times: dict[str, list[float]] = {}
@@ -131,7 +137,16 @@ async def measure(
         add("snapshot", time.monotonic() - started)
         add("snapshot MB compressed", (taken.data or {})["bytes"] / 1e6)
         copies, colds = [f"f{n}-{i}" for i in range(forks)], [f"c{n}-{i}" for i in range(forks)]
-        add(f"fork into {forks}", await forked(client, "source", copies))
+        took, via_host = await forked(client, "source", copies)
+        add(f"fork into {forks}", took)
+        add(f"copies via host (of {forks})", via_host)
+        if more:
+            extra = [f"g{n}-{i}" for i in range(more)]
+            took, via_host = await forked(client, "source", extra)
+            add(f"fork into {more}", took)
+            add(f"copies via host (of {more})", via_host)
+            for traj in extra:
+                await client.close(traj)
         add(f"cold {forks} (prepare each)", await cold(client, colds, mb, install))
         add("open from snapshot", await opened(client, f"s{n}", {"snapshot": f"bench-{n}"}))
         add("cold open (empty)", await opened(client, f"e{n}", None))
@@ -147,16 +162,17 @@ async def measure(
     return times
 
 
-def report(times: dict[str, list[float]], forks: int) -> str:
+def report(times: dict[str, list[float]], forks: int, more: int) -> str:
     med = {name: statistics.median(values) for name, values in times.items()}
     pairs = {
         f"fork into {forks}": f"cold {forks} (prepare each)",
+        f"fork into {more}": f"fork into {forks}",
         "open from snapshot": "cold open + prepare",
         "cold open (empty)": "cold open + prepare",
     }
     lines = ["| measured | median | against | ratio |", "|---|---:|---|---:|"]
     for name, value in med.items():
-        unit = "" if "MB" in name else " s"
+        unit = "" if "MB" in name or "copies" in name else " s"
         base = pairs.get(name)
         ratio = f"{value / med[base]:.2f}x" if base else ""
         lines.append(f"| {name} | {value:.2f}{unit} | {base or ''} | {ratio} |")
@@ -167,6 +183,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=int, default=100)
     parser.add_argument("--forks", type=int, default=8)
+    parser.add_argument("--more", type=int, default=0, help="also fork into this many")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--install", action="store_true", help="also byte-compile a library tree (CPU work)"
@@ -174,15 +191,14 @@ def main() -> None:
     args = parser.parse_args()
     with EmbeddedRedis() as server:
         ns = f"snapbench{uuid.uuid4().hex[:6]}"
-        worker = WorkerProc(
-            server.url, ns, backend="docker", default_image=IMAGE, slots=2 * args.forks + 4
-        )
+        slots = 2 * args.forks + args.more + 4
+        worker = WorkerProc(server.url, ns, backend="docker", default_image=IMAGE, slots=slots)
         try:
-            run = measure(server.url, ns, args.mb, args.forks, args.rounds, args.install)
+            run = measure(server.url, ns, args.mb, args.forks, args.more, args.rounds, args.install)
             times = asyncio.run(run)
         finally:
             worker.stop()
-    print(report(times, args.forks))
+    print(report(times, args.forks, args.more))
 
 
 if __name__ == "__main__":

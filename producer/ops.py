@@ -46,6 +46,7 @@ RESULT_TTL_MS = 3600 * 1000
 EVENTS_MAXLEN = 64
 RETENTION_MS = 24 * 3600 * 1000
 RUNS_PAGE = 500
+INBOX_TTL_S = 60  # a worker's inbox holds duplicates only: unread, they may go
 
 
 @dataclass(frozen=True)
@@ -122,19 +123,27 @@ def new_call_id() -> str:
 
 
 # ------------------------------------------------------------- lifecycle
-def open_traj(keys: Keys, traj_id: str, spec: TrajectorySpec | None, reuse: bool) -> Op[str]:
+def open_traj(
+    keys: Keys,
+    traj_id: str,
+    spec: TrajectorySpec | None,
+    reuse: bool,
+    prefer: tuple[str, int] | None = None,
+) -> Op[str]:
     """Create the record and enqueue the open request (again, if an earlier
     open died in between). Returns the status (``new`` when just created).
 
-    A spec that names a parent opens a child (``children.open_child``): raises
-    ``LimitExceeded`` when the parent refuses it."""
+    ``prefer`` (worker id, ms): a fork's copy, for that worker first (see
+    ``OpenRequest.prefer``). A spec that names a parent opens a child
+    (``children.open_child``): raises ``LimitExceeded`` when the parent refuses it."""
     check_traj_id(traj_id)
     spec = spec or TrajectorySpec()
     if spec.parent is not None:
         from . import children  # it builds on this module
 
         return (yield from children.open_child(keys, traj_id, spec, reuse))
-    return (yield from open_record(keys, traj_id, spec, reuse, lineage(spec, 0, None)))
+    extra = lineage(spec, 0, None)
+    return (yield from open_record(keys, traj_id, spec, reuse, extra, prefer))
 
 
 def lineage(spec: TrajectorySpec, depth: int, parent_max_depth: int | None) -> dict[str, str]:
@@ -151,22 +160,36 @@ def lineage(spec: TrajectorySpec, depth: int, parent_max_depth: int | None) -> d
 
 
 def open_record(
-    keys: Keys, traj_id: str, spec: TrajectorySpec, reuse: bool, extra: dict[str, str]
+    keys: Keys,
+    traj_id: str,
+    spec: TrajectorySpec,
+    reuse: bool,
+    extra: dict[str, str],
+    prefer: tuple[str, int] | None = None,
 ) -> Op[str]:
-    """The open script (with ``extra`` fields in a new record), then the open request."""
+    """The open script (with ``extra`` fields in a new record), then the open request
+    (``prefer``: also in that worker's inbox, see ``open_traj``)."""
     # Only the fields the caller set: a trajectory opened from a snapshot keeps the
     # snapshot's spec where the opener's says nothing (a default is not a choice).
     spec_json = spec.model_dump_json(exclude_unset=True, exclude_none=True)
-    fields = {**OpenRequest(traj=traj_id).to_fields(), "spec": spec_json}
+    request = OpenRequest(traj=traj_id)
+    if prefer is not None:
+        request = OpenRequest(traj=traj_id, prefer=prefer[0], prefer_ms=prefer[1])
+    fields = {**request.to_fields(), "spec": spec_json}
     at = now_ms()
     record_keys = [keys.traj(traj_id), keys.calls(traj_id), keys.events(traj_id)]
     record_keys += [keys.bg_index(traj_id), keys.children(traj_id)]
     argv = [traj_id, at, fields["spec"], int(reuse), *(x for kv in extra.items() for x in kv)]
     status = s((yield [script(lua.OPEN, record_keys, argv)])[0])
     if status in ("new", "requeue"):
+        inbox = []
+        if prefer is not None:  # a duplicate for the preferred worker; expires if unread
+            box = keys.worker_inbox(prefer[0])
+            inbox = [Cmd("rpush", (box, json.dumps(fields))), Cmd("expire", (box, INBOX_TTL_S))]
         yield [
             Cmd("zadd", (keys.runs, {traj_id: at}), {"nx": True}),
             Cmd("zadd", (keys.pending, {traj_id: at}), {"nx": True}),
+            *inbox,
             Cmd("xadd", (keys.open, fields)),
             script(lua.ENQUEUED, [keys.traj(traj_id)], [at]),
         ]

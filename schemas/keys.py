@@ -95,6 +95,12 @@ class Keys:
         """Set: trajectories a worker owns, so that a survivor can take them over."""
         return f"{self.ns}:worker:{worker_id}:trajs"
 
+    def worker_inbox(self, worker_id: str) -> str:
+        """List, short TTL: open requests (JSON) of fork copies meant for this worker,
+        which holds their snapshot's files; copies of the ones on ``open`` (the worker
+        claims whichever it reads first, the other is a duplicate)."""
+        return f"{self.ns}:worker:{worker_id}:inbox"
+
     @property
     def tools(self) -> str:
         """Hash: tool name -> JSON document describing the tool."""

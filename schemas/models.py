@@ -266,6 +266,14 @@ class OpenRequest(WireModel):
     graceful: bool = Field(
         False, description="The previous owner handed it back cleanly (nothing was running)."
     )
+    prefer: str | None = Field(
+        None,
+        description="A fork's copy: the worker that holds its snapshot's files (it copies "
+        "them in-host); other workers leave it to that worker for prefer_ms.",
+    )
+    prefer_ms: int | None = Field(
+        None, ge=0, le=60_000, description="With prefer: how long others leave it (ms)."
+    )
 
     @field_validator("spec", mode="before")
     @classmethod
@@ -309,6 +317,13 @@ class SnapshotArgs(BaseModel):
     name: str = Field(pattern=rf"^{TRAJ_ID_PATTERN}$", description="Replaces one of that name.")
     ttl_s: float | None = Field(
         None, gt=0, description="Kept this long (default and cap: the worker's settings)."
+    )
+    copies: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="A fork's snapshot: this many copies open next, so the worker starts "
+        "their sandboxes while it packs.",
     )
 
 
@@ -467,6 +482,11 @@ class TrajectoryRecord(WireModel):
     exit_tool: str | None = Field(None, description="The exit tool whose call ended it.")
     final_result: dict[str, Any] | None = Field(
         None, description="The arguments of that exit-tool call."
+    )
+    copied_via: str | None = Field(
+        None,
+        description="Opened from a snapshot: how its files came, 'host' (from the memory "
+        "of the worker that took it, on its host) or 'redis' (read from Redis).",
     )
 
     @property

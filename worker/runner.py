@@ -200,6 +200,8 @@ class Runner:
             self.answer(traj, item, planned.code, planned.message)
             return
         wanted, plan = planned
+        if wanted.copies:  # a fork's: its copies' sandboxes start while this packs
+            self.slots.prestart(traj, min(wanted.copies, self.settings.slots - len(self.owned)))
         if not await self._may_start(traj, item, in_slot=True):
             return
         assert traj.slot is not None

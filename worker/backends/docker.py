@@ -22,7 +22,9 @@ attached: every tool call is a JSON line over that stream (~2 ms), never a new
   ``memory_mb``. Without it the workspace lives in the container's writable
   layer, bounded only by the host's disk (overlay2 has no per-container quota
   unless its backing filesystem is xfs with pquota).
-- ``warm_pool`` containers of the default image and limits are kept started.
+- ``warm_pool`` containers of the default image and limits are kept started;
+  a fork's copies get containers started while its snapshot is packed
+  (``docker_prestart.py``).
 - ``recycle_containers``: a container of the default image and limits whose
   last slot ended goes back to the pool after a reset verified from the
   engine's side (``docker_recycle.py``), instead of being removed.
@@ -63,13 +65,14 @@ from .docker_box import (
 )
 from .docker_engine import Engine
 from .docker_handover import HandOver
+from .docker_prestart import Prestart
 from .docker_recycle import Recycler, Rejected
 from .docker_stream import ExecStream
 
 log = logging.getLogger("toolq.worker.docker")
 
 
-class DockerBackend(HandOver):
+class DockerBackend(HandOver, Prestart):
     """Slots in Docker containers, each served by one attached agent process."""
 
     name = "docker"
