@@ -33,6 +33,7 @@ from .settings import WorkerSettings
 from .slots import SlotKeeper
 from .snapshots import Snapshots
 from .state import Item, Traj, entry_ms, now_ms, wall_ms
+from .terminals import TERMINAL_TOOLS, prepare, render
 from .tools import Registry
 from .writer import Writer
 
@@ -164,10 +165,12 @@ class Runner:
             reply = await self.external.call(traj, item, plan)
         else:
             assert traj.slot is not None
-            ran = await self._call_agent(traj, traj.slot, plan)
+            slot = traj.slot
+            terminal = plan.tool.name in TERMINAL_TOOLS  # the worker renders its screen
+            ran = await self._call_agent(traj, slot, prepare(slot, plan) if terminal else plan)
             if ran is None:
                 return
-            reply = ran
+            reply = await render(slot, plan, ran) if terminal else ran
         behind_ms = traj.behind_ms(item, started_ms)
         self.emit(traj, item, self._final_reply(traj, reply), plan.tool.name, started_ms, behind_ms)
 

@@ -1,0 +1,194 @@
+"""Terminals, the worker's half: the screen a user would see, from the raw pty output.
+
+The in-sandbox agent runs a terminal's program on a pseudo-terminal and hands
+back the raw bytes it printed since the last read (``terminal_*`` tools). Here
+they go through a real VT emulator (``pyte``), one screen per terminal, kept with
+the slot (``Slot.terminals``) so it lives and dies with the agent that owns the
+pty. The call's result is the scrollback added since the last read and the
+screen, rows x columns, within the output cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pyte
+from pyte.screens import Margins
+from wcwidth import wcwidth
+
+from .backends.base import Slot
+from .plan import Plan
+
+TERMINAL_TOOLS = frozenset({"terminal_open", "terminal_send", "terminal_read", "terminal_close"})
+#: Lines that scrolled off the top kept for the next read; older ones are counted.
+MAX_SCROLLBACK_LINES = 10_000
+#: Output larger than this is fed to the emulator in a thread, off the event loop.
+THREAD_FEED_BYTES = 64 * 1024
+#: Private modes: application cursor keys; the alternate screen (three variants).
+DECCKM = 1 << 5
+ALT_SCREENS = (47, 1047, 1049)
+
+
+class TermScreen(pyte.Screen):
+    """A pyte screen that keeps the lines scrolled off its top and has the alternate
+    screen full-screen programs switch to (``less``, ``vim``): leaving it shows the
+    shell's screen again, and what scrolls on it is no scrollback."""
+
+    def __init__(self, columns: int, lines: int) -> None:
+        super().__init__(columns, lines)
+        self.scrolled: list[str] = []
+        self.scrolled_dropped = 0
+        self.saved_main: tuple[Any, Any] | None = None  # (buffer, cursor) while on the alternate
+
+    def row_text(self, y: int) -> str:
+        line = self.buffer[y]
+        chars = []
+        wide = False
+        for x in range(self.columns):
+            if wide:  # the stub after a double-width character
+                wide = False
+                continue
+            char = line[x].data
+            wide = wcwidth(char[0]) == 2 if char else False
+            chars.append(char)
+        return "".join(chars).rstrip()
+
+    def index(self) -> None:
+        top, bottom = self.margins or Margins(0, self.lines - 1)
+        if self.cursor.y == bottom and top == 0 and self.saved_main is None:
+            self.scrolled.append(self.row_text(0))
+            if len(self.scrolled) > MAX_SCROLLBACK_LINES:
+                del self.scrolled[0]
+                self.scrolled_dropped += 1
+        super().index()
+
+    def set_mode(self, *modes: int, **kwargs: Any) -> None:
+        if kwargs.get("private") and any(m in ALT_SCREENS for m in modes):
+            if self.saved_main is None:
+                saved = dict(self.buffer)  # the lines move out; the buffer starts blank
+                self.saved_main = (saved, self.cursor)
+                self.buffer.clear()
+                self.dirty.update(range(self.lines))
+            modes = tuple(m for m in modes if m not in ALT_SCREENS)
+        super().set_mode(*modes, **kwargs)
+
+    def reset_mode(self, *modes: int, **kwargs: Any) -> None:
+        if kwargs.get("private") and any(m in ALT_SCREENS for m in modes):
+            if self.saved_main is not None:
+                saved, cursor = self.saved_main
+                self.saved_main = None
+                self.buffer.clear()
+                self.buffer.update(saved)
+                self.cursor = cursor
+                self.dirty.update(range(self.lines))
+            modes = tuple(m for m in modes if m not in ALT_SCREENS)
+        super().reset_mode(*modes, **kwargs)
+
+    def take_scrolled(self) -> tuple[list[str], int]:
+        lines, dropped = self.scrolled, self.scrolled_dropped
+        self.scrolled, self.scrolled_dropped = [], 0
+        return lines, dropped
+
+    def rows_text(self) -> list[str]:
+        return [self.row_text(y) for y in range(self.lines)]
+
+
+@dataclass
+class TermState:
+    """One terminal's emulator, for the pty the agent calls ``term_id``."""
+
+    term_id: str
+    screen: TermScreen
+    stream: pyte.ByteStream
+
+    @classmethod
+    def new(cls, term_id: str, rows: int, cols: int) -> TermState:
+        screen = TermScreen(cols, rows)
+        return cls(term_id, screen, pyte.ByteStream(screen))
+
+    def feed(self, data: bytes) -> None:
+        self.stream.feed(data)
+
+
+def prepare(slot: Slot, plan: Plan) -> Plan:
+    """Before a terminal call: the keys' encoding depends on the emulator's mode."""
+    if plan.tool.name != "terminal_send":
+        return plan
+    state = slot.terminals.get(plan.args.get("terminal", "default"))
+    app_cursor = state is not None and DECCKM in state.screen.mode
+    return replace(plan, args={**plan.args, "app_cursor": app_cursor})
+
+
+async def render(slot: Slot, plan: Plan, reply: dict[str, Any]) -> dict[str, Any]:
+    """After a terminal call: feed the raw output to the terminal's emulator and make
+    the result: scrollback since the last read, then the screen."""
+    blob = reply.pop("blob", None)
+    data = reply.get("data")
+    if plan.tool.name not in TERMINAL_TOOLS or not isinstance(data, dict):
+        return reply
+    name = str(data.get("terminal", "default"))
+    rows, cols = int(data.get("rows", 24)), int(data.get("cols", 80))
+    state = slot.terminals.get(name)
+    if state is None or state.term_id != data.get("term_id"):  # a new pty: a new screen
+        state = slot.terminals[name] = TermState.new(str(data.get("term_id")), rows, cols)
+    elif (state.screen.lines, state.screen.columns) != (rows, cols):
+        state.screen.resize(rows, cols)
+    raw = blob if isinstance(blob, bytes) else b""
+    if len(raw) > THREAD_FEED_BYTES:
+        await asyncio.to_thread(state.feed, raw)
+    else:
+        state.feed(raw)
+    if plan.tool.name == "terminal_close":
+        slot.terminals.pop(name, None)
+    return compose(reply, state.screen, plan.max_output_bytes)
+
+
+def compose(reply: dict[str, Any], screen: TermScreen, cap_bytes: int) -> dict[str, Any]:
+    """The reply's output and data from the screen, within ``cap_bytes``: scrollback
+    lines are dropped oldest first (and counted); a screen larger than the cap keeps
+    its head and tail."""
+    scrolled, dropped = screen.take_scrolled()
+    rows = screen.rows_text()
+    shown_rows = list(rows)
+    while shown_rows and not shown_rows[-1]:
+        shown_rows.pop()
+    screen_text = "\n".join(shown_rows)
+    full = "\n".join([*scrolled, screen_text]) if scrolled else screen_text
+    # Lines dropped before this read count as at least their newline.
+    total = len(full.encode("utf-8", "surrogateescape")) + dropped
+    room = cap_bytes - len(screen_text.encode("utf-8", "surrogateescape")) - 64
+    kept: list[str] = []
+    size = 0
+    for line in reversed(scrolled):
+        size += len(line.encode("utf-8", "surrogateescape")) + 1
+        if size > room:
+            break
+        kept.append(line)
+    kept.reverse()
+    omitted = dropped + len(scrolled) - len(kept)
+    parts = ([f"[... {omitted} lines of scrollback omitted ...]"] if omitted else []) + kept
+    output = "\n".join([*parts, screen_text])
+    truncated = omitted > 0
+    encoded = output.encode("utf-8", "surrogateescape")
+    if len(encoded) > cap_bytes:  # the screen alone passes the cap
+        half = max(cap_bytes // 2, 64)
+        cut = len(encoded) - 2 * half
+        output = (
+            encoded[:half].decode("utf-8", "replace")
+            + f"\n[... {cut} bytes omitted ...]\n"
+            + encoded[-half:].decode("utf-8", "replace")
+        )
+        truncated = True
+    data = dict(reply.get("data") or {})
+    data.update(
+        scrollback_lines=len(parts),
+        screen_lines=len(shown_rows),
+        cursor=[screen.cursor.y, screen.cursor.x],
+        alternate_screen=screen.saved_main is not None,
+        title=screen.title,
+    )
+    data.pop("pid", None)
+    reply.update(output=output, data=data, truncated=truncated, output_bytes=total)
+    return reply
