@@ -207,6 +207,13 @@ class TrajectorySpec(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     image: str | None = Field(None, description="Sandbox image; worker default when absent.")
+    runtime: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="Docker runtime of the sandbox (e.g. runsc: gVisor), one the worker "
+        "allows (allowed_runtimes); the worker's default (runtime) when absent. A runtime "
+        "the worker does not allow fails the trajectory at open (bad_request).",
+    )
     env: dict[str, str] = Field(default_factory=dict)
     workdir: str | None = Field(None, description="Working directory inside the workspace.")
     limits: Limits = Field(default_factory=Limits)

@@ -67,6 +67,7 @@ from .docker_engine import Engine
 from .docker_handover import HandOver
 from .docker_prestart import Prestart
 from .docker_recycle import Recycler, Rejected
+from .docker_runtime import check_network, engine_runtimes, unregistered
 from .docker_stream import ExecStream
 
 log = logging.getLogger("toolq.worker.docker")
@@ -99,16 +100,32 @@ class DockerBackend(HandOver, Prestart):
         self.recycler = Recycler(self.engine, settings, self._connect)
         self._recycles: dict[asyncio.Task[float], Box] = {}  # containers being reset
         self._awaited: set[asyncio.Task[float]] = set()  # resets an open waits for
+        self.registered: dict[str, tuple[str, ...]] = {}  # the engine's runtimes, their args
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Remove containers nobody will use again, then fill the warm pool and keep sweeping."""
+        """Check the engine knows every allowed runtime (SandboxError if not), remove
+        containers nobody will use again, then fill the warm pool and keep sweeping."""
+        await self._check_runtimes()
         try:
             await self.sweep()
         except Exception as exc:  # an engine hiccup must not stop the worker starting
             log.warning("could not sweep left-over containers: %s", exc)
         self._refill_soon()
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="docker-sweep")
+
+    async def _check_runtimes(self) -> None:
+        """A worker allowing a runtime its engine does not have would fail every open
+        asking for it: it does not start."""
+        info = await asyncio.to_thread(self.api.info)
+        self.registered = engine_runtimes(info)
+        missing = unregistered(self.settings, self.registered)
+        if missing:
+            raise SandboxError(
+                f"runtime(s) {', '.join(missing)} not registered with the Docker engine "
+                f"(it has: {', '.join(sorted(self.registered)) or 'none'}); see the README's "
+                "gVisor section"
+            )
 
     async def shutdown(self) -> None:
         """Remove every container this backend started (waits for starts in flight).
@@ -138,6 +155,7 @@ class DockerBackend(HandOver, Prestart):
     async def acquire(self, traj_id: str, spec: TrajectorySpec) -> Slot:
         """The trajectory's left-over container (adopted), else a packable, warm or new one."""
         config = box_config(spec, self.settings)
+        check_network(config.runtime, config.network, self.registered)
         if self.settings.slots_per_container == 1:
             adopted = await self._adopt(traj_id, config)
             if adopted is not None:

@@ -23,6 +23,7 @@ from toolq.schemas import FINAL_STATUSES, TrajectorySpec
 from ..channel import AgentChannel
 from ..settings import WorkerSettings
 from .base import SandboxError, TrajState
+from .docker_runtime import pick_runtime
 from .docker_stream import ExecStream
 
 AGENT_SOURCE_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "agent.py")
@@ -33,6 +34,7 @@ LABEL_NS = "toolq.ns"
 LABEL_WORKER = "toolq.worker"
 LABEL_TRAJ = "toolq.traj"
 LABEL_POOL = "toolq.pool"  # "warm" for containers started ahead of demand
+LABEL_RUNTIME = "toolq.runtime"  # a trajectory adopts only a container of its runtime
 # Appended to a container's name when it is first recycled: its labels (set at
 # create) still name its first trajectory, which must never adopt it.
 RECYCLED_SUFFIX = "-recycled"
@@ -73,6 +75,7 @@ class BoxConfig:
     pids: int
     network: bool
     disk_mb: int | None = None  # /workspace as a tmpfs of this size; None: the writable layer
+    runtime: str = "runc"  # the Docker runtime (runsc: gVisor); never mixed in one pool
 
 
 def box_config(spec: TrajectorySpec, settings: WorkerSettings) -> BoxConfig:
@@ -87,6 +90,7 @@ def box_config(spec: TrajectorySpec, settings: WorkerSettings) -> BoxConfig:
         pids=min(limits.pids or settings.max_pids, settings.max_pids),
         network=limits.network,
         disk_mb=_capped(limits.disk_mb or settings.default_disk_mb or None, settings.max_disk_mb),
+        runtime=pick_runtime(spec, settings),
     )
 
 

@@ -21,6 +21,7 @@ from .docker_box import (
     LABEL_MANAGED,
     LABEL_NS,
     LABEL_POOL,
+    LABEL_RUNTIME,
     LABEL_TRAJ,
     LABEL_WORKER,
     PYTHON_INIT_COMMAND,
@@ -95,7 +96,8 @@ class Engine:
         The same for every container of one image started the same way, so it is
         taken once (~0.2 s) per shape: a later cold start does not pay for it.
         """
-        key = (box.config.image, bool(box.config.disk_mb), tuple(command), self._use_init)
+        config = box.config
+        key = (config.image, config.runtime, bool(config.disk_mb), tuple(command), self._use_init)
         if key not in self._baselines:
             try:
                 self._baselines[key] = self.fs_changes(box.cid)
@@ -187,12 +189,14 @@ class Engine:
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             tmpfs=tmpfs,
+            runtime=config.runtime,
         )
         labels = {
             LABEL_MANAGED: "1",
             LABEL_NS: self.ns,
             LABEL_WORKER: self.settings.worker_id,
             LABEL_TRAJ: box.traj,
+            LABEL_RUNTIME: config.runtime,
         }
         if box.pool:
             labels[LABEL_POOL] = box.pool
