@@ -79,9 +79,10 @@ class AsyncClient:
             self.redis = aioredis.Redis.from_url(target, retry=retry, **CONNECT_KW)
         self.keys = Keys(resolve_namespace(namespace))
         self._liveness = Liveness()
-        self._hub = EventHub(self.redis, self.keys, self.cluster)
-        # Scripts (every submit) share one pipelined connection on one Redis.
+        # Scripts (every submit) and the event reader's wakes share one pipelined
+        # connection on one Redis.
         self._mux = None if self.cluster else MuxConnection(self.redis.connection_pool)
+        self._hub = EventHub(self.redis, self.keys, self.cluster, self._mux)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -54,6 +54,8 @@ class MuxConnection:
             await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
         except BaseException as exc:
             self._broken(exc)
+            if batch.done.done() and not batch.done.cancelled():
+                batch.done.exception()  # raised here instead: mark it retrieved
             raise
         return await batch.done
 

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -208,17 +209,38 @@ class EventHub:
     """Every wait of one asyncio client: a reader per hash-slot group of streams
     (one group off a cluster), woken through its wake stream when a wait joins."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, cluster: bool = False) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, cluster: bool = False, mux: Any = None
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.cluster = cluster
+        self.mux = mux  # the client's MuxConnection on one Redis: wakes go through it
         self.reader_id = uuid.uuid4().hex[:12]
         self._waiters: dict[Call, list[asyncio.Future[Result]]] = {}
         self._groups: dict[int, _HubGroup] = {}
+        # Per trajectory, the last event read: a new call's events come after it.
+        self._seen: OrderedDict[str, str] = OrderedDict()
+        # Results whose event was read before their wait joined (None: in the hash).
+        self._early: OrderedDict[Call, Result | None] = OrderedDict()
 
     async def wait(self, traj_id: str, call_id: str, cursor: str, timeout_s: float) -> Result:
-        """The call's result, once its event (or its hash) shows it."""
+        """The call's result, once its event (or its hash) shows it.
+
+        The read starts after the last event this hub read of the trajectory
+        when that is later than ``cursor`` (an entry's millisecond holds the
+        previous call's result event as often as not: reading it again was a
+        wasted round trip). Results read before their wait joined are kept
+        (``_early``), so that start skips nothing."""
         call = (traj_id, call_id)
+        if call in self._early:
+            early = self._early.pop(call)
+            if early is not None:
+                return early
+        else:
+            seen = self._seen.get(traj_id)
+            if seen is not None and _key(seen) > _key(cursor):
+                cursor = seen
         loop = asyncio.get_running_loop()
         # A future per waiter, timed out by a timer of its own: the result wakes
         # the caller in one turn of the loop (wait_for and shield take three).
@@ -252,9 +274,32 @@ class EventHub:
                 if not waiter.done():
                     waiter.set_result(result)
 
+    def read(self, events: list[Any], waits: WaitSet) -> None:
+        """Note what a read saw: each stream's last event, and results nobody waits for yet."""
+        for stream, entries in events:
+            if not entries:
+                continue
+            traj_id = _traj_of(s(stream))
+            _remember(self._seen, traj_id, s(entries[-1][0]))
+            for _entry_id, fields in entries:
+                call = (traj_id, _field(fields, "call_id"))
+                if _field(fields, "type") == "result" and call not in waits.pending:
+                    _remember(self._early, call, inline_result(fields.get(b"result")))
+
     async def close(self) -> None:
         for group in self._groups.values():
             await group.close()
+
+
+#: Entries kept in EventHub's per-trajectory memory (least recently used go first).
+HUB_MEMORY = 4096
+
+
+def _remember(memory: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+    memory[key] = value
+    memory.move_to_end(key)
+    while len(memory) > HUB_MEMORY:
+        memory.popitem(last=False)
 
 
 def _time_out(waiter: asyncio.Future[Result], call: Call) -> None:
@@ -291,10 +336,18 @@ class _HubGroup:
 
     async def _wake(self) -> None:
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xadd(self.wake_key, {"w": "1"}, maxlen=16)
-            pipe.pexpire(self.wake_key, WAKE_TTL_MS)
-            await pipe.execute()
+            if self.hub.mux is not None:  # one Redis: behind the submits, no pool checkout
+                await self.hub.mux.execute(
+                    [
+                        ("XADD", self.wake_key, "MAXLEN", 16, "*", "w", "1"),
+                        ("PEXPIRE", self.wake_key, WAKE_TTL_MS),
+                    ]
+                )
+            else:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.xadd(self.wake_key, {"w": "1"}, maxlen=16)
+                pipe.pexpire(self.wake_key, WAKE_TTL_MS)
+                await pipe.execute()
         except (RedisError, OSError):
             pass  # the read ends by itself within LOOK_EVERY_MS
         finally:
@@ -332,6 +385,7 @@ class _HubGroup:
         for st, es in reply or []:
             if s(st) == self.wake_key and es:
                 self.wake_cursor = s(es[-1][0])
+        self.hub.read(events, self.waits)
         found, fetch = self.waits.scan(events)
         if time.monotonic() >= look_at:  # an event may have been trimmed: look at the hashes
             fetch = list(self.waits.pending)

@@ -363,6 +363,9 @@ return {'ok', tostring(epoch), claimed_ms, redis.call('HGET', KEYS[1], 'policy')
 # ARGV: worker, epoch, group, entry_id, result_ttl_ms, events_maxlen, ok, error_code,
 #       call_id, now_ms, the result's fields as one JSON object of strings, inline ('1':
 #       the event carries that JSON too, so a waiting client needs no HGETALL)
+#       [, output: the result's `output` field, raw, when the JSON leaves it out (a
+#       large result: decoding megabytes of JSON in the script cost more than the
+#       call)]
 # Fenced. Writes the result only if none exists (exactly one final result per
 # call), then acknowledges and deletes the entry: an answered call leaves the
 # stream. Returns 1 (written), 0 (it had a result already) or FENCED.
@@ -377,6 +380,10 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
     fields[#fields + 1] = name
     fields[#fields + 1] = value
     if name == 'infra' and value == '1' then infra = true end
+  end
+  if #ARGV >= 13 then
+    fields[#fields + 1] = 'output'
+    fields[#fields + 1] = ARGV[13]
   end
   redis.call('HSET', KEYS[2], unpack(fields))
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
