@@ -127,7 +127,7 @@ class AsyncClient:
         return raise_errors(replies)
 
     async def _pipeline(self, cmds: list[Cmd]) -> list[Any]:
-        if self._mux is not None and all(cmd.name in ("evalsha", "eval") for cmd in cmds):
+        if self._mux is not None and cmds and all(c.name in ("evalsha", "eval") for c in cmds):
             return await self._mux.execute([(cmd.name.upper(), *cmd.args) for cmd in cmds])
         pipe = self.redis.pipeline(transaction=False)
         for cmd in cmds:

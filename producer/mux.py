@@ -44,6 +44,8 @@ class MuxConnection:
 
     async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` (raw, e.g. ``("EVALSHA", sha, 1, key)``); their replies."""
+        if not commands:
+            return []  # nothing to send: no reply will come to wait for
         conn = await self._connected()
         batch = _Batch(len(commands), asyncio.get_running_loop().create_future())
         # Queued before the write, and nothing awaits in between on a connected

@@ -33,6 +33,8 @@ def test_concurrent_batches_get_their_own_replies(redis_url: str) -> None:
         bad = await mux.execute([("EVAL", "return redis.error_reply('no')", 0), ("PING",)])
         assert isinstance(bad[0], ResponseError) and bad[1] in (True, b"PONG")
         assert await mux.execute([("EVAL", ECHO, 0, "after")]) == [b"after"]
+        assert await mux.execute([]) == []  # an empty batch: no reply to wait for
+        assert await mux.execute([("EVAL", ECHO, 0, "last")]) == [b"last"]
         await mux.aclose()
         await client.aclose()
 
