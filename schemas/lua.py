@@ -43,7 +43,8 @@ _ANSWER_LUA = """
 local function answer(prefix, cid, code, message, ttl_ms, events, maxlen, now)
   local rkey = prefix .. cid
   if redis.call('EXISTS', rkey) == 1 then return 0 end
-  local traj = redis.call('HGET', KEYS[1], 'traj') or ''
+  -- A record's key is <ns>:{T}: a never-opened trajectory's answers name it too.
+  local traj = redis.call('HGET', KEYS[1], 'traj') or string.match(KEYS[1], '{([^{}]*)}$') or ''
   local fields = {'v', '1', 'call_id', cid, 'traj', traj, 'ok', '0', 'error_code', code,
                   'error', message, 'finished_ms', now}
   redis.call('HSET', rkey, unpack(fields))
@@ -230,9 +231,10 @@ end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'ended_ms', ARGV[4],
            'reason', 'cancelled by client before it started')
 for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
-  if is_call(e[2]) then
-    answer(ARGV[1], call_id_of(e[2], e[1]), 'cancelled', 'trajectory cancelled',
-           ARGV[2], KEYS[3], ARGV[3], ARGV[4])
+  if is_call(e[2]) and answer(ARGV[1], call_id_of(e[2], e[1]), 'cancelled',
+                              'trajectory cancelled', ARGV[2], KEYS[3], ARGV[3], ARGV[4]) == 1 then
+    redis.call('HINCRBY', KEYS[1], 'calls_total', 1)
+    redis.call('HINCRBY', KEYS[1], 'calls_failed', 1)
   end
 end
 redis.call('DEL', KEYS[2])
@@ -372,9 +374,10 @@ return 1
 # ARGV: worker, epoch ('' : only a trajectory nobody owns, i.e. whose open request
 #       was invalid), status, now_ms, reason, retention_ms, events_maxlen,
 #       result_key_prefix, result_ttl_ms, batch (entries answered per run),
-#       events kept after the end
+#       events kept after the end[, error code of those answers]
 # Fenced. Moves the trajectory to a final state once, then answers the calls
-# still in its stream with `trajectory_ended` (at most `batch` per run) and
+# still in its stream with `trajectory_ended` (or the code given: a failed start's
+# snapshot_not_found) (at most `batch` per run), counts them in calls_total, and
 # deletes the stream once empty. Returns how many entries are left (call it
 # again until 0), or FENCED.
 END = (
@@ -400,11 +403,14 @@ if not (st and final[st]) then
 end
 local reason = redis.call('HGET', KEYS[1], 'reason') or st
 local message = 'the trajectory has ended (' .. st .. ': ' .. reason .. ')'
+local code = ARGV[12]
+if not code or code == '' then code = 'trajectory_ended' end
 local entries = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', ARGV[10])
 for _, e in ipairs(entries) do
-  if is_call(e[2]) then
-    answer(ARGV[8], call_id_of(e[2], e[1]), 'trajectory_ended', message,
-           ARGV[9], KEYS[2], ARGV[7], ARGV[4])
+  if is_call(e[2]) and answer(ARGV[8], call_id_of(e[2], e[1]), code, message,
+                              ARGV[9], KEYS[2], ARGV[7], ARGV[4]) == 1 then
+    redis.call('HINCRBY', KEYS[1], 'calls_total', 1)  -- submitted while open: answered now
+    redis.call('HINCRBY', KEYS[1], 'calls_failed', 1)
   end
   redis.call('XDEL', KEYS[3], e[1])
 end

@@ -70,7 +70,8 @@ local final = {['cancelled']=1, ['completed']=1, ['failed']=1, ['timeout']=1}
 local function answer(prefix, cid, code, message, ttl_ms, events, maxlen, now)
   local rkey = prefix .. cid
   if redis.call('EXISTS', rkey) == 1 then return 0 end
-  local traj = redis.call('HGET', KEYS[1], 'traj') or ''
+  -- A record's key is <ns>:{T}: a never-opened trajectory's answers name it too.
+  local traj = redis.call('HGET', KEYS[1], 'traj') or string.match(KEYS[1], '{([^{}]*)}$') or ''
   local fields = {'v', '1', 'call_id', cid, 'traj', traj, 'ok', '0', 'error_code', code,
                   'error', message, 'finished_ms', now}
   redis.call('HSET', rkey, unpack(fields))
@@ -138,7 +139,8 @@ local final = {['cancelled']=1, ['completed']=1, ['failed']=1, ['timeout']=1}
 local function answer(prefix, cid, code, message, ttl_ms, events, maxlen, now)
   local rkey = prefix .. cid
   if redis.call('EXISTS', rkey) == 1 then return 0 end
-  local traj = redis.call('HGET', KEYS[1], 'traj') or ''
+  -- A record's key is <ns>:{T}: a never-opened trajectory's answers name it too.
+  local traj = redis.call('HGET', KEYS[1], 'traj') or string.match(KEYS[1], '{([^{}]*)}$') or ''
   local fields = {'v', '1', 'call_id', cid, 'traj', traj, 'ok', '0', 'error_code', code,
                   'error', message, 'finished_ms', now}
   redis.call('HSET', rkey, unpack(fields))
@@ -179,9 +181,10 @@ end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'ended_ms', ARGV[4],
            'reason', 'cancelled by client before it started')
 for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
-  if is_call(e[2]) then
-    answer(ARGV[1], call_id_of(e[2], e[1]), 'cancelled', 'trajectory cancelled',
-           ARGV[2], KEYS[3], ARGV[3], ARGV[4])
+  if is_call(e[2]) and answer(ARGV[1], call_id_of(e[2], e[1]), 'cancelled',
+                              'trajectory cancelled', ARGV[2], KEYS[3], ARGV[3], ARGV[4]) == 1 then
+    redis.call('HINCRBY', KEYS[1], 'calls_total', 1)
+    redis.call('HINCRBY', KEYS[1], 'calls_failed', 1)
   end
 end
 redis.call('DEL', KEYS[2])
