@@ -446,7 +446,9 @@ class TrajectoryRecord(WireModel):
     )
     ended_ms: int | None = None
     last_activity_ms: int | None = None
-    calls_total: int = Field(0, description="Calls answered (a final result written).")
+    calls_total: int = Field(
+        0, description="Calls answered (a final result written), by a worker or a script."
+    )
     calls_failed: int = Field(0, description="Calls answered with ok=0.")
     calls_submitted: int = Field(0, description="Calls submitted while the trajectory was open.")
     calls_infra: int = Field(0, description="Calls answered with infra = 1.")
