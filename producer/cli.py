@@ -136,7 +136,9 @@ def call_cmd(
 
     Opens TRAJ with the default spec if needed. Exit status: 0 when the tool
     succeeded, 1 when it failed, 2 on usage errors, 3 when Redis cannot be
-    reached, 124 when no result came in time (says so when no worker is alive).
+    reached, 124 when no result came in time (says so when no worker is alive),
+    130 on Ctrl-C (the call runs on: the line printed says how to get its result
+    or cancel it).
     """
     parsed = _json_arg(args, "ARGS")
     if not isinstance(parsed, dict):
