@@ -136,7 +136,9 @@ def call_cmd(
 
     Opens TRAJ with the default spec if needed. Exit status: 0 when the tool
     succeeded, 1 when it failed, 2 on usage errors, 3 when Redis cannot be
-    reached, 124 when no result came in time (says so when no worker is alive).
+    reached, 124 when no result came in time (says so when no worker is alive),
+    130 on Ctrl-C (the call runs on: the line printed says how to get its result
+    or cancel it).
     """
     parsed = _json_arg(args, "ARGS")
     if not isinstance(parsed, dict):
@@ -144,13 +146,16 @@ def call_cmd(
     client = _client(ctx)
     call_id = call_id or new_call_id()
     wait = wait_s if wait_s is not None else call_wait_s(timeout_s)
+    submitted = False
     try:
         client.open(traj)
         client.submit(traj, tool, parsed, call_id=call_id, timeout_s=timeout_s)
+        submitted = True
         result = client.result(traj, call_id, wait)  # says at once when no worker is alive
-    except KeyboardInterrupt:  # the call is in Redis: it runs on without us
+    except KeyboardInterrupt:  # the call is in Redis (or may be): it runs on without us
+        runs = "still runs" if submitted else "may have been submitted"
         click.echo(
-            f"toolq: interrupted; call {call_id} of {traj} still runs: its result: "
+            f"toolq: interrupted; call {call_id} of {traj} {runs}: its result: "
             f"`toolq result {traj} {call_id}`; to stop it: `toolq cancel {traj}`",
             err=True,
         )

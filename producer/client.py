@@ -221,7 +221,9 @@ class Client:
         """Replace the tool policy for the calls submitted after this (a ``policy``
         entry: calls submitted before it keep the old one). Returns the entry's call
         id; its result says the policy is in force, or why it was refused (a
-        ``call_timeout_s`` above the spec's ``max_call_timeout_s``)."""
+        ``call_timeout_s`` above the spec's ``max_call_timeout_s``). Both tool lists
+        are replaced: one left ``None`` is lifted (no ``allowed_tools``: every tool
+        not blocked may run, whatever the spec said)."""
         entry = ops.policy_entry(step, allowed_tools, blocked_tools, call_timeout_s)
         return self._drive(ops.submit(self.keys, traj_id, entry)).call_id
 

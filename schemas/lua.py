@@ -60,7 +60,8 @@ _ANSWER_LUA = (
     + """
 local function answer(rkey, cid, code, message, ttl_ms, events, maxlen, now)
   if redis.call('EXISTS', rkey) == 1 then return 0 end
-  local traj = redis.call('HGET', KEYS[1], 'traj') or ''
+  -- A record's key is <ns>:{T}: a never-opened trajectory's answers name it too.
+  local traj = redis.call('HGET', KEYS[1], 'traj') or string.match(KEYS[1], '{([^{}]*)}$') or ''
   local fields = {'v', '1', 'call_id', cid, 'traj', traj, 'ok', '0', 'error_code', code,
                   'error', message, 'finished_ms', now}
   redis.call('HSET', rkey, unpack(fields))
@@ -276,8 +277,11 @@ redis.call('HSET', KEYS[1], 'status', 'cancelled', 'ended_ms', ARGV[4],
 for _, e in ipairs(entries) do
   if is_call(e[2]) then
     local cid = call_id_of(e[2], e[1])
-    answer(ARGV[1] .. cid, cid, 'cancelled', 'trajectory cancelled',
-           ARGV[2], KEYS[3], ARGV[3], ARGV[4])
+    if answer(ARGV[1] .. cid, cid, 'cancelled', 'trajectory cancelled',
+              ARGV[2], KEYS[3], ARGV[3], ARGV[4]) == 1 then
+      redis.call('HINCRBY', KEYS[1], 'calls_total', 1)
+      redis.call('HINCRBY', KEYS[1], 'calls_failed', 1)
+    end
   end
 end
 redis.call('DEL', KEYS[2])
@@ -425,12 +429,13 @@ return 1
 # ARGV: worker, epoch ('' : only a trajectory nobody owns, i.e. whose open request
 #       was invalid), status, now_ms, reason, retention_ms, events_maxlen,
 #       result_key_prefix, result_ttl_ms, batch (entries answered per run),
-#       events kept after the end
+#       events kept after the end[, error code of those answers]
 # Fenced. Moves the trajectory to a final state once, then answers the calls
-# still in its stream with `trajectory_ended` (at most `batch` per run, and
-# only those whose result key is declared: it stops at the first other one)
-# and deletes the stream once empty. Returns how many entries are left (read
-# the stream and call it again until 0), or FENCED.
+# still in its stream with `trajectory_ended` (or the code given: a failed start's
+# snapshot_not_found), at most `batch` per run and only those whose result key is
+# declared (it stops at the first other one), counts them in calls_total, and
+# deletes the stream once empty. Returns how many entries are left (read the
+# stream and call it again until 0), or FENCED.
 END = (
     FINAL_LUA
     + _FENCE_LUA
@@ -454,14 +459,18 @@ if not (st and final[st]) then
 end
 local reason = redis.call('HGET', KEYS[1], 'reason') or st
 local message = 'the trajectory has ended (' .. st .. ': ' .. reason .. ')'
+local code = ARGV[12]
+if not code or code == '' then code = 'trajectory_ended' end
 local entries = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', ARGV[10])
 local declared = declared_from(5)
 for _, e in ipairs(entries) do
   if is_call(e[2]) then
     local cid = call_id_of(e[2], e[1])
     if not declared[ARGV[8] .. cid] then break end
-    answer(ARGV[8] .. cid, cid, 'trajectory_ended', message,
-           ARGV[9], KEYS[2], ARGV[7], ARGV[4])
+    if answer(ARGV[8] .. cid, cid, code, message, ARGV[9], KEYS[2], ARGV[7], ARGV[4]) == 1 then
+      redis.call('HINCRBY', KEYS[1], 'calls_total', 1)  -- submitted while open: answered now
+      redis.call('HINCRBY', KEYS[1], 'calls_failed', 1)
+    end
   end
   redis.call('XDEL', KEYS[3], e[1])
 end

@@ -465,13 +465,27 @@ class TrajectoryRecord(WireModel):
         "is no sandbox: e.g. limits.network, limits.memory_mb); absent when all are.",
     )
     created_ms: int | None = None
+    enqueued_ms: int | None = Field(
+        None,
+        description="When its open request went onto <ns>:open (set by the opener after the "
+        "XADD); a pending record without it is an open that died half done, which the next "
+        "open enqueues again.",
+    )
+    cancel_requested_ms: int | None = Field(
+        None,
+        description="When a cancel of it was requested while a worker owned it: the worker "
+        "acts on it even while the cancel entry waits behind a full read-ahead, and no new "
+        "child may be opened under it.",
+    )
     started_ms: int | None = None
     claimed_ms: int | None = Field(
         None, description="When the current owner claimed it (Redis's clock)."
     )
     ended_ms: int | None = None
     last_activity_ms: int | None = None
-    calls_total: int = Field(0, description="Calls answered (a final result written).")
+    calls_total: int = Field(
+        0, description="Calls answered (a final result written), by a worker or a script."
+    )
     calls_failed: int = Field(0, description="Calls answered with ok=0.")
     calls_submitted: int = Field(0, description="Calls submitted while the trajectory was open.")
     calls_infra: int = Field(0, description="Calls answered with infra = 1.")
@@ -554,6 +568,11 @@ class WorkerInfo(WireModel):
     slots_used: int = 0
     started_ms: int = 0
     heartbeat_ms: int = 0
+    dead_after_s: float = Field(
+        0.0,
+        description="Its dead_after_s: a heartbeat (the <ns>:workers score) older than this "
+        "means it is dead and its trajectories are taken over (0: not published).",
+    )
 
 
 class ToolInfo(BaseModel):

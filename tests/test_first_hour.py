@@ -10,7 +10,7 @@ import logging
 import re
 import signal
 import subprocess
-import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -98,26 +98,27 @@ def test_worker_takes_redis_url_and_namespace_after_the_command(cli_env, redis_u
 
 
 def test_ctrl_c_during_call_exits_130_and_says_the_call_runs_on(cli_env, worker_proc):  # noqa: F811
+    nap = f"sleep 30.{uuid.uuid4().int % 10**6:06d}"  # a process of its own to look for
     proc = subprocess.Popen(
-        [*TOOLQ, "call", "cc", "bash", '{"command": "sleep 30"}'],
+        [*TOOLQ, "call", "cc", "bash", json.dumps({"command": nap})],
         env=cli_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    with Client(cli_env["TOOLQ_REDIS_URL"], cli_env["TOOLQ_NAMESPACE"]) as c:
-        wait_for(lambda: (r := c.record("cc")) and r.status.value == "running", 60, "running")
-        time.sleep(0.3)  # let the CLI reach its wait (a Ctrl-C before it is fine too)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130, (proc.returncode, err)
-        lines = [ln for ln in err.splitlines() if ln.strip()]
-        assert len(lines) == 1 and "still runs" in lines[0] and "Aborted" not in err, err
-        result_cmd = re.search(r"`toolq (result [^`]+)`", lines[0])
-        assert result_cmd and "`toolq cancel cc`" in lines[0], lines[0]
-        assert run(["cancel", "cc"], cli_env).returncode == 0
-        got = run(result_cmd.group(1).split(), cli_env)
-        assert got.returncode == 1 and json.loads(got.stdout)["error_code"] == "cancelled"
+    # The tool runs (its own process): the CLI had its submit's reply long before.
+    running = ["pgrep", "-f", f"^{nap}$"]
+    wait_for(lambda: subprocess.run(running, capture_output=True).returncode == 0, 60)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "still runs" in lines[0] and "Aborted" not in err, err
+    result_cmd = re.search(r"`toolq (result [^`]+)`", lines[0])
+    assert result_cmd and "`toolq cancel cc`" in lines[0], lines[0]
+    assert run(["cancel", "cc"], cli_env).returncode == 0
+    got = run(result_cmd.group(1).split(), cli_env)
+    assert got.returncode == 1 and json.loads(got.stdout)["error_code"] == "cancelled"
 
 
 # ------------------------------------------------------------- item 5: exit codes

@@ -31,3 +31,21 @@ def test_a_bad_call_reads_well(client, start_worker, tool, args, code, says):
     if code == "invalid_args":  # the second line says how to call it correctly
         how = text.splitlines()[1]
         assert f"call {tool} with {{" in how or f"the {tool} tool's arguments" in how, text
+
+
+def test_readme_promise_for_truncated_json_holds(client, start_worker):
+    """README: a model's truncated JSON comes back as ``[invalid_args] args is not
+    valid JSON: ...`` through an agent loop's OpenAI tool messages."""
+    from openai.types.chat.chat_completion_message_tool_call import (
+        ChatCompletionMessageToolCall,
+        Function,
+    )
+
+    start_worker("local")
+    call = ChatCompletionMessageToolCall(
+        id="call_0", type="function", function=Function(name="bash", arguments='{"command": "ec')
+    )
+    with client.trajectory("loop") as t:
+        (message,) = t.run_openai([call])
+    assert message["content"].startswith("[invalid_args] args is not valid JSON: "), message
+    assert len(message["content"].splitlines()) == 2, message

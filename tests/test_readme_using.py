@@ -119,3 +119,15 @@ def test_docker_backend_names_a_missing_default_image(caplog):
     assert backend.name == "docker"
     lines = [r.getMessage() for r in caplog.records if "latest-missing" in r.getMessage()]
     assert len(lines) == 1 and "docker pull toolq-sandbox:latest-missing" in lines[0], lines
+
+
+def test_a_call_on_a_missing_image_says_how_to_get_it(client, start_worker, docker_namespaces, ns):
+    """--backend docker, no image anywhere: the call's sandbox_error names the fix."""
+    require_docker()
+    docker_namespaces.add(ns)
+    image = "127.0.0.1:9/toolq-no-such-image:missing"  # a registry that refuses at once
+    start_worker("docker", default_image=image)
+    client.open("no-image")
+    r = client.call("no-image", "bash", {"command": "true"}, wait_s=120)
+    assert r.error_code == "sandbox_error", r
+    assert f"docker pull {image}" in (r.error or ""), r

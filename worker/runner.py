@@ -342,6 +342,7 @@ class Runner:
                 self.answer(traj, waiting, exc.code, str(exc))
             traj.items.clear()
             why = f"sandbox failed to start: {exc}" if exc.code == ErrorCode.SANDBOX_ERROR else exc
+            traj.end_code = exc.code.value  # calls not read yet waited on this start too
             traj.request_end(TrajStatus.FAILED, str(why))
             return False
         return True
@@ -367,7 +368,7 @@ class Runner:
         """Free the slot, record the final state once; END answers what is left."""
         status, reason = traj.ending or (TrajStatus.FAILED, "ended")
         await self.drop_slot(traj)
-        reply = await self.writer.end(traj.traj_id, traj.epoch, status.value, reason)
+        reply = await self.writer.end(traj.traj_id, traj.epoch, status.value, reason, traj.end_code)
         await self.forget(traj)
         if reply != lua.FENCED:
             self.observer.traj_ended(status.value)

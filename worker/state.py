@@ -79,6 +79,9 @@ class Traj:
     slot: Slot | None = None
     task: asyncio.Task[None] | None = None
     ending: tuple[TrajStatus, str] | None = None  # status, reason
+    # The error code of the calls still in its stream at the end ('': trajectory_ended);
+    # a failed slot start (snapshot_not_found, sandbox_error) answers them with its own.
+    end_code: str = ""
     current: Item | None = None  # the call being run
     slot_reset: bool = False  # the next result says the workspace was lost
     slot_lost: bool = False  # the slot died during a call: the next one starts a fresh one

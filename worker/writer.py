@@ -212,8 +212,9 @@ class Writer:
         keys = [self.keys.traj(t), self.keys.calls(t)]
         self.send(Op(ACK, keys, [self.worker_id, traj.epoch, GROUP, entry_id], t))
 
-    async def end(self, traj_id: str, epoch: str, status: str, reason: str) -> int:
-        """Record the final state and answer what is left in the stream.
+    async def end(self, traj_id: str, epoch: str, status: str, reason: str, code: str = "") -> int:
+        """Record the final state and answer what is left in the stream (with ``code``;
+        '': ``trajectory_ended``).
 
         ``epoch`` '' ends a trajectory nobody owns (its open request was
         invalid). Returns the END reply of the last run: 0, or FENCED.
@@ -233,6 +234,7 @@ class Writer:
             self.settings.result_ttl_s * 1000,
             END_BATCH,
             self.settings.events_after_end,
+            code,
         ]
         stuck = 0
         while True:

@@ -75,7 +75,8 @@ end
 
 local function answer(rkey, cid, code, message, ttl_ms, events, maxlen, now)
   if redis.call('EXISTS', rkey) == 1 then return 0 end
-  local traj = redis.call('HGET', KEYS[1], 'traj') or ''
+  -- A record's key is <ns>:{T}: a never-opened trajectory's answers name it too.
+  local traj = redis.call('HGET', KEYS[1], 'traj') or string.match(KEYS[1], '{([^{}]*)}$') or ''
   local fields = {'v', '1', 'call_id', cid, 'traj', traj, 'ok', '0', 'error_code', code,
                   'error', message, 'finished_ms', now}
   redis.call('HSET', rkey, unpack(fields))
@@ -155,7 +156,8 @@ end
 
 local function answer(rkey, cid, code, message, ttl_ms, events, maxlen, now)
   if redis.call('EXISTS', rkey) == 1 then return 0 end
-  local traj = redis.call('HGET', KEYS[1], 'traj') or ''
+  -- A record's key is <ns>:{T}: a never-opened trajectory's answers name it too.
+  local traj = redis.call('HGET', KEYS[1], 'traj') or string.match(KEYS[1], '{([^{}]*)}$') or ''
   local fields = {'v', '1', 'call_id', cid, 'traj', traj, 'ok', '0', 'error_code', code,
                   'error', message, 'finished_ms', now}
   redis.call('HSET', rkey, unpack(fields))
@@ -209,8 +211,11 @@ redis.call('HSET', KEYS[1], 'status', 'cancelled', 'ended_ms', ARGV[4],
 for _, e in ipairs(entries) do
   if is_call(e[2]) then
     local cid = call_id_of(e[2], e[1])
-    answer(ARGV[1] .. cid, cid, 'cancelled', 'trajectory cancelled',
-           ARGV[2], KEYS[3], ARGV[3], ARGV[4])
+    if answer(ARGV[1] .. cid, cid, 'cancelled', 'trajectory cancelled',
+              ARGV[2], KEYS[3], ARGV[3], ARGV[4]) == 1 then
+      redis.call('HINCRBY', KEYS[1], 'calls_total', 1)
+      redis.call('HINCRBY', KEYS[1], 'calls_failed', 1)
+    end
   end
 end
 redis.call('DEL', KEYS[2])

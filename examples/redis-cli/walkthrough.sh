@@ -15,17 +15,14 @@
 # work: set REDIS_CLI to a wrapper script that adds it): each command names
 # the keys of one trajectory or one global key, so redis-cli follows MOVED to
 # the right node.
-set -euo pipefail
-
-REDIS_URL="${TOOLQ_REDIS_URL:-redis://127.0.0.1:6379}"
-NS="${TOOLQ_NAMESPACE:-toolq}"
-T="${TOOLQ_TRAJ:-walk-$$}"
-WAIT_S="${TOOLQ_WAIT_S:-60}"
-REDIS_CLI="${REDIS_CLI:-redis-cli}"
-
-fail() { echo "walkthrough: $*" >&2; exit 1; }
-
 # doc:setup
+set -euo pipefail
+REDIS_URL="${TOOLQ_REDIS_URL:-redis://127.0.0.1:6379}"   # the settings every toolq client reads
+NS="${TOOLQ_NAMESPACE:-toolq}"
+T="${TOOLQ_TRAJ:-walk-$$}"                # the trajectory id
+WAIT_S="${TOOLQ_WAIT_S:-60}"              # how long a wait may take
+REDIS_CLI="${REDIS_CLI:-redis-cli}"
+fail() { echo "walkthrough: $*" >&2; exit 1; }
 r() { "$REDIS_CLI" -e -u "$REDIS_URL" "$@"; }   # -e: exit non-zero on an error reply
 now_ms() { echo "$(date +%s)000"; }
 # /doc
@@ -70,7 +67,8 @@ end
 
 local function answer(rkey, cid, code, message, ttl_ms, events, maxlen, now)
   if redis.call('EXISTS', rkey) == 1 then return 0 end
-  local traj = redis.call('HGET', KEYS[1], 'traj') or ''
+  -- A record's key is <ns>:{T}: a never-opened trajectory's answers name it too.
+  local traj = redis.call('HGET', KEYS[1], 'traj') or string.match(KEYS[1], '{([^{}]*)}$') or ''
   local fields = {'v', '1', 'call_id', cid, 'traj', traj, 'ok', '0', 'error_code', code,
                   'error', message, 'finished_ms', now}
   redis.call('HSET', rkey, unpack(fields))

@@ -221,8 +221,11 @@ class Engine:
         try:
             self.api.pull(image)  # docker-py splits "repo:tag" itself
         except APIError as exc:
+            from ..service import image_fix  # (service imports the backends)
+
             raise SandboxError(
-                f"image {image} not found and pull failed: {api_message(exc)}"
+                f"image {image} not found and pull failed: {api_message(exc)}; "
+                f"on the worker's host: {image_fix(image)}"
             ) from exc
 
     def _user(self, image: str, cid: str) -> SandboxUser:
