@@ -46,9 +46,9 @@ from .drive import (
     REDIS_DOWN,
     RETRIES,
     CallLike,
+    RetryBudget,
     as_spec,
     await_op,
-    backoff_s,
     bg_wait_op,
     call_wait_s,
     calls_wait_s,
@@ -132,14 +132,15 @@ class Client:
             return value
 
     def _execute(self, cmds: list[Cmd]) -> list[Any]:
-        for attempt in range(self.retries + 1):
+        budget = RetryBudget(self.retries)
+        while True:
             try:
                 return self._execute_once(cmds)
-            except REDIS_DOWN:  # safe to send again: every operation is idempotent
-                if attempt == self.retries:
+            except REDIS_DOWN as exc:  # safe to send again: every operation is idempotent
+                delay_s = budget.delay_s(exc)
+                if delay_s is None:
                     raise
-                time.sleep(backoff_s(attempt))
-        raise AssertionError("unreachable")
+                time.sleep(delay_s)
 
     def _execute_once(self, cmds: list[Cmd]) -> list[Any]:
         replies = self._pipeline(cmds)

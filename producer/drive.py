@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from redis.exceptions import AskError, ClusterError, MovedError, TryAgainError
+from redis.exceptions import AskError, BusyLoadingError, ClusterError, MovedError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -47,6 +47,34 @@ CLUSTER_KW: dict[str, Any] = {
 # slot migrating: TRYAGAIN until its keys have moved). BusyLoadingError (a Redis
 # loading its data) is a ConnectionError.
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterError, TryAgainError)
+
+
+#: How long clients wait, besides their retries, for a Redis that answers LOADING
+#: (restarted, loading its AOF: it is up and will serve once loaded).
+LOADING_WAIT_S = 300.0
+
+
+class RetryBudget:
+    """When to send a command again after ``REDIS_DOWN``: ``retries`` backoffs
+    (15-30 s with the default) while Redis is unreachable; a Redis that answers
+    LOADING is waited for on top of those, up to ``LOADING_WAIT_S``."""
+
+    def __init__(self, retries: int) -> None:
+        self.retries = retries
+        self.attempt = 0
+        self.loading_since: float | None = None
+
+    def delay_s(self, exc: BaseException) -> float | None:
+        """Seconds to wait before the next try, or None: give up (raise ``exc``)."""
+        if isinstance(exc, BusyLoadingError):
+            now = time.monotonic()
+            self.loading_since = self.loading_since or now
+            if now - self.loading_since < LOADING_WAIT_S:
+                return float(random.uniform(0.05, 0.5))
+        if self.attempt >= self.retries:
+            return None
+        self.attempt += 1
+        return backoff_s(self.attempt - 1)
 
 
 def backoff_s(attempt: int) -> float:
