@@ -65,6 +65,26 @@ HOSTILE = {
 }
 
 
+def test_an_existing_symlink_out_of_the_workspace_refuses_the_whole_archive(
+    backend, start_worker, client: Client
+):
+    start_worker(backend)
+    client.open("t")
+    sh(client, "t", "mkdir -p in; ln -s /tmp in/out; echo old > in/kept")
+    archive = targz(
+        entry("first.txt", b"first"), entry("kept", b"new"), entry(f"out/{MARK}"), entry("last")
+    )
+    result = client.call("t", "unpack", {"data": archive, "path": "in"})
+    assert not result.ok and result.error_code == "path_outside_workspace", result
+    # All or nothing: the entries before the bad one were not written either.
+    assert sh(client, "t", "ls -A in; cat in/kept").split() == ["kept", "out", "old"]
+    assert sh(client, "t", f"ls /tmp/{MARK} 2>/dev/null; echo end").strip() == "end"
+    sh(client, "t", "echo file > in/plain")  # a file where the archive wants a directory
+    result = client.call("t", "unpack", {"data": targz(entry("a"), entry("plain/b")), "path": "in"})
+    assert not result.ok and result.error_code == "io_error", result
+    assert sh(client, "t", "ls -A in").split() == ["kept", "out", "plain"]
+
+
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_archives_are_refused_before_anything_is_written(
     case, backend, start_worker, client: Client
