@@ -166,3 +166,25 @@ def test_cli_upload_and_download_round_trip(start_worker, redis_url: str, ns: st
     assert refused.returncode == 2 and "link" in refused.stderr
     missing = toolq(redis_url, ns, "download", "t", "nope")
     assert missing.returncode == 1 and "not_found" in missing.stdout
+
+
+def test_cli_upload_of_a_huge_sparse_file_is_refused_before_packing(
+    redis_url: str, ns: str, tmp_path
+):
+    from toolq.producer.cli_files import UPLOAD_MAX_BYTES
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small.txt").write_text("x")
+    with open(src / "sparse.img", "wb") as fh:  # 10 GB that take no disk
+        fh.truncate(10 * 1024**3)
+    assert UPLOAD_MAX_BYTES < 10 * 1024**3
+    # No worker: a refusal before packing never reaches Redis. Compressing 10 GB
+    # of zeros takes a minute; the check is one walk of the tree.
+    refused = subprocess.run(
+        [sys.executable, "-m", "toolq.producer.cli", "--redis-url", redis_url, "--namespace", ns,
+         "upload", "t", str(src)],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert "sparse.img" in refused.stderr and "more than" in refused.stderr, refused.stderr
