@@ -22,7 +22,6 @@ from toolq.schemas import Result, SnapshotInfo, TrajectorySpec
 
 from .cli_errors import EXIT_USAGE, CliError
 
-
 #: The most an upload may unpack to (the ``unpack`` tool's default ``max_bytes``).
 UPLOAD_MAX_BYTES = 256 * 1024**2
 
