@@ -99,7 +99,7 @@ class Client:
         retries: int = RETRIES,
     ) -> None:
         """``retries``: how often a command is sent again while Redis is unreachable
-        (15-30 s with the default; the CLI gives up after about a second)."""
+        (at least 30 s with the default; the CLI gives up after about a second)."""
         target, self.cluster = redis_target(resolve_redis_url(redis_url))
         self.retries = retries
         # One layer of retries, ours (``_execute``): redis-py's own would multiply it.
