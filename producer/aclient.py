@@ -32,8 +32,8 @@ from .drive import (
     REDIS_DOWN,
     RETRIES,
     CallLike,
+    RetryBudget,
     as_spec,
-    backoff_s,
     bg_wait_op,
     call_wait_s,
     calls_wait_s,
@@ -108,14 +108,15 @@ class AsyncClient:
             return value
 
     async def _execute(self, cmds: list[Cmd]) -> list[Any]:
-        for attempt in range(RETRIES + 1):
+        budget = RetryBudget(RETRIES)
+        while True:
             try:
                 return await self._execute_once(cmds)
-            except REDIS_DOWN:  # safe to send again: every operation is idempotent
-                if attempt == RETRIES:
+            except REDIS_DOWN as exc:  # safe to send again: every operation is idempotent
+                delay_s = budget.delay_s(exc)
+                if delay_s is None:
                     raise
-                await asyncio.sleep(backoff_s(attempt))
-        raise AssertionError("unreachable")
+                await asyncio.sleep(delay_s)
 
     async def _execute_once(self, cmds: list[Cmd]) -> list[Any]:
         replies = await self._pipeline(cmds)

@@ -46,9 +46,9 @@ from .drive import (
     REDIS_DOWN,
     RETRIES,
     CallLike,
+    RetryBudget,
     as_spec,
     await_op,
-    backoff_s,
     bg_wait_op,
     call_wait_s,
     calls_wait_s,
@@ -101,7 +101,7 @@ class Client:
         retries: int = RETRIES,
     ) -> None:
         """``retries``: how often a command is sent again while Redis is unreachable
-        (15-30 s with the default; the CLI gives up after about a second)."""
+        (at least 30 s with the default; the CLI gives up after about a second)."""
         target, self.cluster = redis_target(resolve_redis_url(redis_url))
         self.retries = retries
         # One layer of retries, ours (``_execute``): redis-py's own would multiply it.
@@ -135,14 +135,15 @@ class Client:
             return value
 
     def _execute(self, cmds: list[Cmd]) -> list[Any]:
-        for attempt in range(self.retries + 1):
+        budget = RetryBudget(self.retries)
+        while True:
             try:
                 return self._execute_once(cmds)
-            except REDIS_DOWN:  # safe to send again: every operation is idempotent
-                if attempt == self.retries:
+            except REDIS_DOWN as exc:  # safe to send again: every operation is idempotent
+                delay_s = budget.delay_s(exc)
+                if delay_s is None:
                     raise
-                time.sleep(backoff_s(attempt))
-        raise AssertionError("unreachable")
+                time.sleep(delay_s)
 
     def _execute_once(self, cmds: list[Cmd]) -> list[Any]:
         replies = self._pipeline(cmds)

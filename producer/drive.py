@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-from redis.exceptions import AskError, ClusterError, MovedError, TryAgainError
+from redis.exceptions import AskError, BusyLoadingError, ClusterError, MovedError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -50,8 +50,45 @@ CLUSTER_KW: dict[str, Any] = {
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterError, TryAgainError)
 
 
+#: How long clients wait, besides their retries, for a Redis that answers LOADING
+#: (restarted, loading its AOF: it is up and will serve once loaded).
+LOADING_WAIT_S = 300.0
+
+
+#: The default budget (``RETRIES``) also lasts at least this long: longer than a
+#: Redis Cluster failover at Redis's default cluster-node-timeout (15 s: the
+#: master is found failed, a replica elected and the clients' slot map renewed).
+RETRY_MIN_S = 30.0
+
+
+class RetryBudget:
+    """When to send a command again after ``REDIS_DOWN``: ``retries`` backoffs
+    while Redis is unreachable (the default, ``RETRIES``, for at least
+    ``RETRY_MIN_S``); a Redis that answers LOADING is waited for on top of
+    those, up to ``LOADING_WAIT_S``."""
+
+    def __init__(self, retries: int) -> None:
+        self.retries = retries
+        self.attempt = 0
+        self.min_s = RETRY_MIN_S if retries >= RETRIES else 0.0
+        self.started = time.monotonic()
+        self.loading_since: float | None = None
+
+    def delay_s(self, exc: BaseException) -> float | None:
+        """Seconds to wait before the next try, or None: give up (raise ``exc``)."""
+        now = time.monotonic()
+        if isinstance(exc, BusyLoadingError):
+            self.loading_since = self.loading_since or now
+            if now - self.loading_since < LOADING_WAIT_S:
+                return float(random.uniform(0.05, 0.5))
+        if self.attempt >= self.retries and now - self.started >= self.min_s:
+            return None
+        self.attempt += 1
+        return backoff_s(self.attempt - 1)
+
+
 def backoff_s(attempt: int) -> float:
-    """Exponential backoff with full jitter, capped at 2 s (15-30 s over RETRIES)."""
+    """Exponential backoff with full jitter, capped at 2 s."""
     return float(random.uniform(0, min(0.05 * 2**attempt, 2.0)))
 
 

@@ -35,7 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from toolq.schemas import Keys, Result
 
-from .ops import Cmd, Op, WaitTimeout, result_of, s
+from .ops import Cmd, Op, UnknownTrajectory, WaitTimeout, result_of, s
 
 Call = tuple[str, str]  # (trajectory id, call id)
 #: Longest single blocking read: then result hashes are looked at directly.
@@ -139,6 +139,34 @@ def fetch_cmds(keys: Keys, calls: Iterable[Call]) -> list[Cmd]:
     return [Cmd("hgetall", (keys.result(t, c),)) for t, c in calls]
 
 
+def look_cmds(keys: Keys, calls: list[Call]) -> tuple[list[Cmd], list[str]]:
+    """The result hashes of ``calls`` and whether their trajectories' records still
+    exist (commands, and the trajectories they ask about, in order)."""
+    trajs = sorted({t for t, _ in calls})
+    return fetch_cmds(keys, calls) + [Cmd("exists", (keys.traj(t),)) for t in trajs], trajs
+
+
+def looked(
+    calls: list[Call], trajs: list[str], replies: list[Any]
+) -> tuple[dict[Call, Result], dict[Call, UnknownTrajectory]]:
+    """What a look found: results, and calls that will never get one because
+    their trajectory's record is gone (lost in a Redis crash, or expired)."""
+    hashes, exists = replies[: len(calls)], replies[len(calls) :]
+    gone = {t for t, there in zip(trajs, exists, strict=True) if not there}
+    found: dict[Call, Result] = {}
+    lost: dict[Call, UnknownTrajectory] = {}
+    for call, fields in zip(calls, hashes, strict=True):
+        result = result_of(fields)
+        if result is not None:
+            found[call] = result
+        elif call[0] in gone:
+            lost[call] = UnknownTrajectory(
+                f"trajectory {call[0]} is gone (its record was lost, e.g. by a Redis crash "
+                f"that lost its last writes, or expired): call {call[1]} will get no result"
+            )
+    return found, lost
+
+
 def wait_op(waits: WaitSet, deadline: float) -> Op[dict[Call, Result]]:
     """Wait (blocking reads) until every call in ``waits`` has a result, or the
     deadline (monotonic) passes: raises WaitTimeout naming the first missing."""
@@ -172,8 +200,14 @@ def wait_some_op(waits: WaitSet, deadline: float) -> Op[dict[Call, Result]]:
             found.update(got)
             fetch += missing
         if time.monotonic() >= waits.look_at:  # an event may have been trimmed: look
-            fetch = list(waits.pending)
             waits.look_at = time.monotonic() + LOOK_EVERY_MS / 1000
+            calls = list(waits.pending)
+            cmds, trajs = look_cmds(waits.keys, calls)
+            got, lost = looked(calls, trajs, (yield cmds))
+            if lost:
+                raise next(iter(lost.values()))
+            found.update(got)
+            fetch = []
         if fetch:
             for call, fields in zip(fetch, (yield fetch_cmds(waits.keys, fetch)), strict=True):
                 result = result_of(fields)
@@ -286,6 +320,12 @@ class EventHub:
                 if _field(fields, "type") == "result" and call not in waits.pending:
                     _remember(self._early, call, inline_result(fields.get(b"result")))
 
+    def fail(self, lost: dict[Call, UnknownTrajectory]) -> None:
+        for call, exc in lost.items():
+            fut = self._futures.get(call)
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+
     async def close(self) -> None:
         for group in self._groups.values():
             await group.close()
@@ -388,8 +428,18 @@ class _HubGroup:
         self.hub.read(events, self.waits)
         found, fetch = self.waits.scan(events)
         if time.monotonic() >= look_at:  # an event may have been trimmed: look at the hashes
-            fetch = list(self.waits.pending)
             look_at = time.monotonic() + LOOK_EVERY_MS / 1000
+            calls = list(self.waits.pending)
+            cmds, trajs = look_cmds(self.hub.keys, calls)
+            pipe = self.redis.pipeline(transaction=False)
+            for cmd in cmds:
+                getattr(pipe, cmd.name)(*cmd.args)
+            got, lost = looked(calls, trajs, await pipe.execute())
+            found.update(got)
+            self.hub.fail(lost)
+            for call in lost:
+                self.waits.discard(call)
+            fetch = []
         if fetch:
             pipe = self.redis.pipeline(transaction=False)
             for cmd in fetch_cmds(self.hub.keys, fetch):

@@ -20,6 +20,8 @@ from .models import (
     BG_STATUSES,
     CLOSED_REASON,
     DEFAULT_IMAGE,
+    ECHO_MAX_CHARS,
+    ERROR_MAX_CHARS,
     FINAL_STATUSES,
     INFRA_ERROR_CODES,
     PROTOCOL_VERSION,
@@ -39,6 +41,7 @@ from .models import (
     TrajStatus,
     WireModel,
     WorkerInfo,
+    cut_text,
 )
 
 __version__ = "0.1.0"
@@ -48,6 +51,8 @@ __all__ = [
     "BG_STATUSES",
     "CLOSED_REASON",
     "DEFAULT_IMAGE",
+    "ECHO_MAX_CHARS",
+    "ERROR_MAX_CHARS",
     "FINAL_STATUSES",
     "GROUP",
     "INFRA_ERROR_CODES",
@@ -75,6 +80,7 @@ __all__ = [
     "__version__",
     "check_part",
     "check_traj_id",
+    "cut_text",
     "latency_field",
     "lua",
     "stream_call_id",

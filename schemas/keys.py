@@ -38,17 +38,31 @@ class InvalidIdError(ValueError):
     """An id that would break key naming (or is simply not allowed)."""
 
 
+#: An invalid id is quoted in its error up to this many characters.
+QUOTED_ID_MAX_CHARS = 100
+
+
+def _quoted(value: object) -> str:
+    text = repr(value)
+    if len(text) <= QUOTED_ID_MAX_CHARS:
+        return text
+    return f"{text[:QUOTED_ID_MAX_CHARS]}... ({len(text) - QUOTED_ID_MAX_CHARS} chars cut)"
+
+
 def check_traj_id(traj_id: str) -> str:
     """Return ``traj_id`` if it matches ``[A-Za-z0-9._:-]{1,128}``, else raise."""
     if not isinstance(traj_id, str) or not _TRAJ_ID_RE.match(traj_id):
-        raise InvalidIdError(f"invalid trajectory id {traj_id!r}: must match {TRAJ_ID_PATTERN}")
+        raise InvalidIdError(
+            f"invalid trajectory id {_quoted(traj_id)}: must match {TRAJ_ID_PATTERN}"
+        )
     return traj_id
 
 
 def check_part(value: str, what: str = "id") -> str:
     """Check a call id, task id or worker id used inside a key."""
     if not isinstance(value, str) or not _PART_RE.match(value):
-        raise InvalidIdError(f"invalid {what} {value!r}: must match [A-Za-z0-9._:-]{{1,200}}")
+        pattern = "[A-Za-z0-9._:-]{1,200}"
+        raise InvalidIdError(f"invalid {what} {_quoted(value)}: must match {pattern}")
     return value
 
 

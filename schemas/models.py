@@ -18,6 +18,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .keys import TRAJ_ID_PATTERN
 
 PROTOCOL_VERSION = 1
+#: A result's ``error`` is cut to this many characters (a message that echoes
+#: hostile input, e.g. a 1 MB tool name, does not make a 1 MB result).
+ERROR_MAX_CHARS = 4096
+#: A result's ``tool`` (the name asked for, when refused) is cut to this many.
+ECHO_MAX_CHARS = 256
+
+
+def cut_text(text: str, max_chars: int) -> str:
+    """``text``, or its first characters with how many were cut, in ``max_chars``."""
+    if len(text) <= max_chars:
+        return text
+    note = f"... ({len(text) - max_chars} chars cut)"
+    return text[: max(0, max_chars - len(note))] + note
+
+
 #: The sandbox image of a spec that names none (a worker may set another).
 DEFAULT_IMAGE = "toolq-sandbox:latest"
 

@@ -1606,6 +1606,44 @@ def ensure_dirs(root, path):
     return current
 
 
+def check_targets(root, dest, members):
+    """Refuse, before anything is written, a member that would land through a
+    symlink leading out of the workspace (one already there, or one the archive
+    makes first) or below something that is not a directory: with the checks of
+    ``check_members``, unpack writes all of an archive or nothing."""
+    made_links = {}  # path -> link target, of the archive's symlinks met so far
+    for member in members:
+        target = os.path.join(dest, *entry_parts(member.name, "archive entry"))
+        walk_existing(root, os.path.dirname(target) if target != dest else dest, made_links)
+        if member.issym():
+            made_links[target] = member.linkname
+        else:
+            made_links.pop(target, None)
+        in_the_way = os.path.isdir(target) and not os.path.islink(target) and os.listdir(target)
+        if not member.isdir() and in_the_way:  # an empty one gives way (unpack_member)
+            raise ToolError("io_error", "%s is a directory in the workspace" % member.name)
+
+
+def walk_existing(root, path, made_links):
+    """``ensure_dirs`` without writing: each part of ``path`` is a directory, a
+    symlink that stays in the workspace, or missing (it will be made)."""
+    current = root
+    for part in os.path.relpath(path, root).split(os.sep):
+        if part in ("", "."):
+            continue
+        current = os.path.join(current, part)
+        if current in made_links:
+            current = os.path.normpath(os.path.join(os.path.dirname(current), made_links[current]))
+            if not inside(root, current):
+                raise ToolError("path_outside_workspace", "%s leads outside the workspace" % path)
+        elif os.path.islink(current):
+            current = os.path.realpath(current)
+            if not inside(root, current):
+                raise ToolError("path_outside_workspace", "%s leads outside the workspace" % path)
+        elif os.path.lexists(current) and not os.path.isdir(current):
+            raise ToolError("io_error", "%s is not a directory" % current)
+
+
 def make_room(root, target):
     """The parent of ``target`` exists in the workspace (no symlink leads out),
     and nothing but a directory stays at ``target`` itself."""
@@ -1650,6 +1688,7 @@ def unpack_into(slot, dest, data, links, max_bytes):
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
             members, total = check_members(tar, links, max_bytes)
+            check_targets(slot.root, dest, members)
             ensure_dirs(slot.root, dest)
             for member in members:
                 unpack_member(tar, slot.root, dest, member)

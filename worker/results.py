@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from toolq.schemas import INFRA_ERROR_CODES, ErrorCode, Result
+from toolq.schemas import (
+    ECHO_MAX_CHARS,
+    ERROR_MAX_CHARS,
+    INFRA_ERROR_CODES,
+    ErrorCode,
+    Result,
+    cut_text,
+)
 
 from .state import Item, entry_ms, now_ms, wall_ms
 
@@ -41,15 +48,16 @@ def make_result(
     data = reply.get("data")
     started = now_ms() if started_ms is None else started_ms
     queued_ms = max(0.0, float(started - entry_ms(item.entry_id)))
+    error = reply.get("error")
     return Result(
         call_id=item.call_id,
         traj=traj_id,
-        tool=tool,
+        tool=cut_text(tool, ECHO_MAX_CHARS),
         ok=bool(reply.get("ok")),
         output=output,
         exit_code=reply.get("exit_code"),
         error_code=reply.get("error_code"),
-        error=reply.get("error"),
+        error=cut_text(str(error), ERROR_MAX_CHARS) if error is not None else None,
         truncated=bool(reply.get("truncated")),
         output_bytes=int(reply.get("output_bytes") or len(output)),
         timed_out=bool(reply.get("timed_out")),

@@ -16,7 +16,8 @@ attached: every tool call is a JSON line over that stream (~2 ms), never a new
   a uid and a kernel: they are separated by workspace path, not by a security
   boundary. With one slot per container the workspace is ``/workspace``.
 - ``disk_mb`` (or the worker's ``max_disk_mb``) makes ``/workspace`` a tmpfs of
-  that size: writes beyond it fail with "No space left on device". A tmpfs is
+  that size, and ``/tmp`` and ``/var/tmp`` too (the sandbox user's home stays
+  in the writable layer): writes beyond it fail with "No space left on device". A tmpfs is
   memory: its pages are charged to the container's memory cgroup, so the
   container's memory limit is ``memory_mb + disk_mb`` and processes keep their
   ``memory_mb``. Without it the workspace lives in the container's writable

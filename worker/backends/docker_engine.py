@@ -25,6 +25,7 @@ from .docker_box import (
     LABEL_TRAJ,
     LABEL_WORKER,
     PYTHON_INIT_COMMAND,
+    SCRATCH,
     SLEEP_COMMAND,
     WORKSPACE,
     Box,
@@ -175,10 +176,12 @@ class Engine:
         tmpfs = None
         if config.disk_mb:
             user = self._image_user(config.image)  # the tmpfs is the sandbox user's from birth
+            size = f"size={config.disk_mb * per}m"
             tmpfs = {
-                WORKSPACE: f"rw,exec,nosuid,nodev,size={config.disk_mb * per}m,mode=0755,"
-                f"uid={user.uid},gid={user.gid}"
+                WORKSPACE: f"rw,exec,nosuid,nodev,{size},mode=0755,uid={user.uid},gid={user.gid}"
             }
+            # The other places any user may write: bounded too, not the engine's disk.
+            tmpfs.update({path: f"rw,exec,nosuid,nodev,{size},mode=1777" for path in SCRATCH})
         host_config = self.api.create_host_config(
             init=self._use_init or None,
             mem_limit=memory,
