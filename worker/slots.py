@@ -58,7 +58,7 @@ class SlotKeeper:
         copied_via = ""
         if traj.spec.snapshot and not traj.slot.adopted:  # a new workspace: its files
             acquired = time.monotonic()
-            copied_via = await self.snapshots.restore(traj.slot, traj.spec.snapshot)
+            copied_via = await self.snapshots.restore(traj.slot, traj.spec.snapshot, self.backend)
             log.debug(
                 "%s: slot in %.2fs, files (%s) in %.2fs",
                 traj.traj_id,
