@@ -1,6 +1,7 @@
 """Snapshots and forks against the cold path (Docker backend).
 
     python bench/snapshots.py [--mb 100] [--forks 8] [--more 16] [--rounds 3] [--install]
+                              [--warm N]
 
 A prepared workspace of ``--mb`` MB (half generated source text, half random
 bytes: a repository and its binary dependencies) is the starting state; with
@@ -20,6 +21,10 @@ Compared, in rounds, each against its baseline in the same run:
 - ``open from snapshot``: one trajectory opened from it until its first
   call's answer, against ``cold open``: an empty one (no preparation) and
   ``cold open + prepare``.
+
+``--warm N`` gives the worker a warm pool of N containers (every open, cold or
+copy, may take one); without it a fork's copies get containers the worker
+starts while the snapshot is packed, and cold opens start their own.
 
 Prints a Markdown table of medians and ratios; absolute times on a shared
 2-core machine are noise, ratios within one run are the result.
@@ -185,6 +190,7 @@ def main() -> None:
     parser.add_argument("--forks", type=int, default=8)
     parser.add_argument("--more", type=int, default=0, help="also fork into this many")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warm", type=int, default=0, help="the worker's warm_pool")
     parser.add_argument(
         "--install", action="store_true", help="also byte-compile a library tree (CPU work)"
     )
@@ -192,7 +198,9 @@ def main() -> None:
     with EmbeddedRedis() as server:
         ns = f"snapbench{uuid.uuid4().hex[:6]}"
         slots = 2 * args.forks + args.more + 4
-        worker = WorkerProc(server.url, ns, backend="docker", default_image=IMAGE, slots=slots)
+        worker = WorkerProc(
+            server.url, ns, backend="docker", default_image=IMAGE, slots=slots, warm_pool=args.warm
+        )
         try:
             run = measure(server.url, ns, args.mb, args.forks, args.more, args.rounds, args.install)
             times = asyncio.run(run)

@@ -64,7 +64,7 @@ from .docker_box import (
     safe_name,
 )
 from .docker_engine import Engine
-from .docker_exchange import detect
+from .docker_exchange import Staging, detect
 from .docker_handover import HandOver
 from .docker_prestart import Prestart
 from .docker_recycle import Recycler, Rejected
@@ -73,7 +73,7 @@ from .docker_stream import ExecStream
 log = logging.getLogger("toolq.worker.docker")
 
 
-class DockerBackend(HandOver, Prestart):
+class DockerBackend(HandOver, Prestart, Staging):
     """Slots in Docker containers, each served by one attached agent process."""
 
     name = "docker"
@@ -426,28 +426,3 @@ class DockerBackend(HandOver, Prestart):
             if self.engine.exchange is not None:
                 self.engine.exchange.removed(cid)
         self.observer.container_removed()
-
-    # ------------------------------------------------------------ exchange
-    async def stage(self, slot: Slot, key: str, data: bytes) -> str | None:
-        """Put ``data`` in the slot's container as a file (``docker_exchange``); the
-        path it sees it at, or None where there is no exchange (adopted ones too)."""
-        exchange = self.engine.exchange
-        box = self._by_slot.get(slot.slot_id)
-        if exchange is None or box is None or box.adopted:
-            return None
-        name = f"{slot.name}-{key}"  # packed slots of one container stage apart
-        try:
-            return await asyncio.to_thread(exchange.stage, slot.sandbox_id, key, data, name)
-        except OSError as exc:  # full, gone: the stream still works
-            log.warning("staging a snapshot in %s failed: %s", exchange.base, exc)
-            return None
-
-    def unstage(self, slot: Slot, key: str, broken: bool = False) -> None:
-        """Take a staged file away again; ``broken``: the container did not see it
-        (the directory is not what the engine mounts): no more staging."""
-        exchange = self.engine.exchange
-        if exchange is not None:
-            exchange.unstage(slot.sandbox_id, f"{slot.name}-{key}")
-            if broken:
-                log.warning("the engine does not mount %s: copies use their streams", exchange.base)
-                self.engine.exchange = None

@@ -17,13 +17,20 @@ mounts after all, the agent finds no file and the copy falls back to its stream.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import shutil
 import socket
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .base import Backend, Slot
+
+if TYPE_CHECKING:
+    from .docker_box import Box
+    from .docker_engine import Engine
 
 log = logging.getLogger("toolq.worker.docker")
 
@@ -113,3 +120,34 @@ def detect(api: Any, wanted: str | None, tag: str) -> Exchange | None:
     except OSError as exc:
         log.warning("no exchange directory at %s (%s): copies use their streams", root, exc)
         return None
+
+
+class Staging(Backend):
+    """The part of ``DockerBackend`` that stages files for its slots' agents."""
+
+    engine: Engine
+    _by_slot: dict[str, Box]
+
+    async def stage(self, slot: Slot, key: str, data: bytes) -> str | None:
+        """Put ``data`` in the slot's container as a file (``docker_exchange``); the
+        path it sees it at, or None where there is no exchange (adopted ones too)."""
+        exchange = self.engine.exchange
+        box = self._by_slot.get(slot.slot_id)
+        if exchange is None or box is None or box.adopted:
+            return None
+        name = f"{slot.name}-{key}"  # packed slots of one container stage apart
+        try:
+            return await asyncio.to_thread(exchange.stage, slot.sandbox_id, key, data, name)
+        except OSError as exc:  # full, gone: the stream still works
+            log.warning("staging a snapshot in %s failed: %s", exchange.base, exc)
+            return None
+
+    def unstage(self, slot: Slot, key: str, broken: bool = False) -> None:
+        """Take a staged file away again; ``broken``: the container did not see it
+        (the directory is not what the engine mounts): no more staging."""
+        exchange = self.engine.exchange
+        if exchange is not None:
+            exchange.unstage(slot.sandbox_id, f"{slot.name}-{key}")
+            if broken:
+                log.warning("the engine does not mount %s: copies use their streams", exchange.base)
+                self.engine.exchange = None
