@@ -1728,10 +1728,52 @@ def tool_snapshot_pack(slot, args, req):
     left out. ``"compress": "auto"`` (a fork's) makes it a plain tar, packed two to
     three times faster, unless that passes the cap: then a tar.gz after all."""
     if args.get("compress") == "auto":
-        plain = pack_workspace(slot, dict(args, compress=False), req)
+        plain = native_tar(slot, int(args["max_bytes"]))
+        if plain is None:
+            plain = pack_workspace(slot, dict(args, compress=False), req)
         if plain.get("error_code") != "limit_exceeded":
             return plain
     return pack_workspace(slot, args, req)
+
+
+def native_tar(slot, cap):
+    """The workspace as a plain tar made by the image's ``tar`` (C: several times
+    faster than tarfile), from the same list of entries ``pack_workspace`` takes
+    (special files left out, links kept); None when there is no tar or it failed."""
+    tar = shutil.which("tar")
+    if tar is None:
+        return None
+    counts = {"entries": 0, "bytes": 0, "skipped": 0}
+    names = []
+    for path, name in workspace_entries(slot.root):
+        try:
+            mode = os.lstat(path)
+        except FileNotFoundError:
+            counts["vanished"] = counts.get("vanished", 0) + 1
+            continue
+        kind = stat.S_IFMT(mode.st_mode)
+        if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
+            counts["skipped"] += 1
+            continue
+        counts["entries"] += 1
+        counts["bytes"] += mode.st_size if kind == stat.S_IFREG else 0
+        names.append(os.fsencode(name))
+    command = [tar, "-c", "-f", "-", "--null", "--no-recursion", "--numeric-owner"]
+    try:
+        done = subprocess.run(
+            [*command, "-C", slot.root, "-T", "-"],
+            input=b"\0".join(names) + b"\0",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError:
+        return None
+    if done.returncode != 0:  # a file gone meanwhile, a busybox tar: tarfile does it
+        return None
+    if len(done.stdout) > cap:
+        message = "the workspace is more than %d bytes uncompressed (the snapshot cap)" % cap
+        return {"ok": False, "error_code": "limit_exceeded", "error": message}
+    return {"blob": done.stdout, "data": counts}
 
 
 def pack_workspace(slot, args, req):
