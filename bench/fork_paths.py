@@ -12,6 +12,11 @@ packed to the last copy unpacked (the containers are started before). Paths:
   (SET, then one GET), each copy's agent unpacks it;
 - ``relay-gz``: the same tar.gz relayed by the worker, without Redis;
 - ``relay-tar``: a plain tar (no compression) relayed by the worker;
+- ``relay-tar-native``: the fork's pack (the image's ``tar``), relayed by the
+  worker, unpacked with ``tar``;
+- ``exchange-tar-native``: what a fork does (``docker_exchange``): the same tar
+  written once, hard-linked into each copy's own read-only directory, unpacked
+  with ``tar``;
 - ``engine-file-gz``, ``engine-file-tar``: the archive (tar.gz or plain tar) put
   into each copy's container as one file by the engine's archive API (no attach
   stream), then unpacked by the copy's agent from that file;
@@ -65,13 +70,13 @@ async def sh(slot: Slot, command: str) -> str:
     return str((await call(slot, "bash", command=command, timeout_s=600))["output"])
 
 
-async def pack(slot: Slot, compress: bool) -> bytes:
+async def pack(slot: Slot, compress: bool | str) -> bytes:
     args = {"max_bytes": 1 << 30, "compress": compress}
     return bytes((await call(slot, "_snapshot_pack", **args))["blob"])
 
 
-async def unpack_all(slots: list[Slot], blob: bytes) -> None:
-    await asyncio.gather(*(call(s, "_snapshot_unpack", blob=blob) for s in slots))
+async def unpack_all(slots: list[Slot], blob: bytes, native: bool = False) -> None:
+    await asyncio.gather(*(call(s, "_snapshot_unpack", blob=blob, native=native) for s in slots))
 
 
 class Probe:
@@ -104,7 +109,10 @@ class Probe:
             assert got == source_digest, (got, source_digest)
 
 
-async def relay(probe: Probe, source: Slot, compress: bool, digest: str, via_redis: str) -> float:
+async def relay(
+    probe: Probe, source: Slot, compress: bool | str, digest: str, via_redis: str
+) -> float:
+    """``compress`` "auto": the fork's pack (the image's tar), unpacked with tar too."""
     targets = await probe.slots(probe.copies)
     started = time.monotonic()
     blob = await pack(source, compress)
@@ -115,7 +123,7 @@ async def relay(probe: Probe, source: Slot, compress: bool, digest: str, via_red
         await r.set("probe", blob)
         blob = bytes(await r.get("probe") or b"")
         await r.aclose()
-    await unpack_all(targets, blob)
+    await unpack_all(targets, blob, native=compress == "auto")
     took = time.monotonic() - started
     await probe.check(digest, targets)
     await probe.release(targets)
@@ -158,6 +166,27 @@ async def engine_file(probe: Probe, source: Slot, compress: bool, digest: str) -
     took = time.monotonic() - started
     await probe.check(digest, targets)
     assert await sh(targets[0], f"ls -a /{directory} 2>&1 | wc -l") == "1\n"  # removed
+    await probe.release(targets)
+    return took
+
+
+async def exchange(probe: Probe, source: Slot, digest: str) -> float:
+    """What a fork does now: the image's tar packs, the worker stages the tar in
+    each copy's own read-only directory (hard links), the copy's tar unpacks it."""
+    targets = await probe.slots(probe.copies)
+    started = time.monotonic()
+    blob = await pack(source, "auto")
+    key = f"{uuid.uuid4().hex[:8]}.tar"
+
+    async def one(slot: Slot) -> None:
+        path = await probe.backend.stage(slot, key, blob)
+        assert path, "no exchange directory"
+        await call(slot, "_snapshot_unpack", file=path, native=True)
+        probe.backend.unstage(slot, key)
+
+    await asyncio.gather(*(one(s) for s in targets))
+    took = time.monotonic() - started
+    await probe.check(digest, targets)
     await probe.release(targets)
     return took
 
@@ -235,6 +264,8 @@ async def main_async(mb: int, copies: int, rounds: int, disk: bool) -> dict[str,
                     "redis-gz": relay(probe, source, True, digest, server.url),
                     "relay-gz": relay(probe, source, True, digest, ""),
                     "relay-tar": relay(probe, source, False, digest, ""),
+                    "relay-tar-native": relay(probe, source, "auto", digest, ""),
+                    "exchange-tar-native": exchange(probe, source, digest),
                     "engine-file-gz": engine_file(probe, source, True, digest),
                     "engine-file-tar": engine_file(probe, source, False, digest),
                     "engine-archive": engine_archive(probe, source, digest),

@@ -1,6 +1,7 @@
 """Snapshots and forks against the cold path (Docker backend).
 
     python bench/snapshots.py [--mb 100] [--forks 8] [--more 16] [--rounds 3] [--install]
+                              [--warm N]
 
 A prepared workspace of ``--mb`` MB (half generated source text, half random
 bytes: a repository and its binary dependencies) is the starting state; with
@@ -20,6 +21,10 @@ Compared, in rounds, each against its baseline in the same run:
 - ``open from snapshot``: one trajectory opened from it until its first
   call's answer, against ``cold open``: an empty one (no preparation) and
   ``cold open + prepare``.
+
+``--warm N`` gives the worker a warm pool of N containers (every open, cold or
+copy, may take one); without it a fork's copies get containers the worker
+starts while the snapshot is packed, and cold opens start their own.
 
 Prints a Markdown table of medians and ratios; absolute times on a shared
 2-core machine are noise, ratios within one run are the result.
@@ -114,11 +119,32 @@ async def opened(client: AsyncClient, traj: str, spec: dict[str, str] | None) ->
     return time.monotonic() - started
 
 
+async def settle(ns: str, containers: int, timeout_s: float = 180.0) -> None:
+    """Wait until the worker has exactly ``containers`` containers (the open
+    trajectories' and its warm pool's): removals and refills of the last step do
+    not run into the next one."""
+    import docker
+
+    api = docker.from_env().api
+    deadline = time.monotonic() + timeout_s
+
+    def count() -> int:
+        return len(api.containers(filters={"label": [f"toolq.ns={ns}"]}))
+
+    while time.monotonic() < deadline and await asyncio.to_thread(count) != containers:
+        await asyncio.sleep(0.2)
+
+
 async def measure(
-    url: str, ns: str, mb: int, forks: int, more: int, rounds: int, install: bool
+    url: str, ns: str, mb: int, forks: int, more: int, rounds: int, install: bool, warm: int
 ) -> dict[str, list[float]]:
     client = AsyncClient(url, ns)
     times: dict[str, list[float]] = {}
+
+    async def closed(trajs: list[str]) -> None:
+        for traj in trajs:
+            await client.close(traj)
+        await settle(ns, 1 + warm)  # the source's and the warm pool
 
     def add(name: str, seconds: float) -> None:
         times.setdefault(name, []).append(seconds)
@@ -130,6 +156,7 @@ async def measure(
     assert r.ok, r
     usage = await client.call("source", "bash", {"command": "du -sm . | cut -f1"})
     print(f"source workspace: {usage.output.strip()} MB", file=sys.stderr)
+    await settle(ns, 1 + warm)
     for n in range(rounds):
         started = time.monotonic()
         taken = await client.snapshot("source", f"bench-{n}", wait_s=WAIT_S)
@@ -140,21 +167,19 @@ async def measure(
         took, via_host = await forked(client, "source", copies)
         add(f"fork into {forks}", took)
         add(f"copies via host (of {forks})", via_host)
+        await closed(copies)
         if more:
             extra = [f"g{n}-{i}" for i in range(more)]
             took, via_host = await forked(client, "source", extra)
             add(f"fork into {more}", took)
             add(f"copies via host (of {more})", via_host)
-            for traj in extra:
-                await client.close(traj)
+            await closed(extra)
         add(f"cold {forks} (prepare each)", await cold(client, colds, mb, install))
+        await closed(colds)
         add("open from snapshot", await opened(client, f"s{n}", {"snapshot": f"bench-{n}"}))
         add("cold open (empty)", await opened(client, f"e{n}", None))
         add("cold open + prepare", await cold(client, [f"p{n}"], mb, install))
-        for traj in copies + colds:
-            await client.close(traj)
-        for traj in (f"s{n}", f"e{n}", f"p{n}"):
-            await client.close(traj)
+        await closed([f"s{n}", f"e{n}", f"p{n}"])
         await client.delete_snapshot(f"bench-{n}")
         print(f"round {n + 1}/{rounds} done", file=sys.stderr)
     await client.close("source")
@@ -185,6 +210,7 @@ def main() -> None:
     parser.add_argument("--forks", type=int, default=8)
     parser.add_argument("--more", type=int, default=0, help="also fork into this many")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warm", type=int, default=0, help="the worker's warm_pool")
     parser.add_argument(
         "--install", action="store_true", help="also byte-compile a library tree (CPU work)"
     )
@@ -192,9 +218,13 @@ def main() -> None:
     with EmbeddedRedis() as server:
         ns = f"snapbench{uuid.uuid4().hex[:6]}"
         slots = 2 * args.forks + args.more + 4
-        worker = WorkerProc(server.url, ns, backend="docker", default_image=IMAGE, slots=slots)
+        worker = WorkerProc(
+            server.url, ns, backend="docker", default_image=IMAGE, slots=slots, warm_pool=args.warm
+        )
         try:
-            run = measure(server.url, ns, args.mb, args.forks, args.more, args.rounds, args.install)
+            run = measure(
+                server.url, ns, args.mb, args.forks, args.more, args.rounds, args.install, args.warm
+            )
             times = asyncio.run(run)
         finally:
             worker.stop()

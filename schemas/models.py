@@ -356,7 +356,9 @@ class SnapshotInfo(BaseModel):
 
     name: str
     source: str = Field("", description="The trajectory it was taken of.")
-    bytes: int = Field(0, description="Compressed size (tar.gz).")
+    bytes: int = Field(
+        0, description="Stored size: a tar.gz (a fork's: a plain tar when that fits the cap)."
+    )
     uncompressed_bytes: int = 0
     entries: int = 0
     created_ms: int = 0

@@ -120,6 +120,12 @@ class WorkerSettings:
         "tmpfs of this size (counts as memory). 0: no cap (the container's writable layer).",
     )
     sweep_s: float = _opt(30.0, "How often containers dead workers left are looked at.")
+    exchange_dir: str | None = _opt(
+        None,
+        "Directory shared with the Docker engine's host through which a fork's copies on "
+        "this worker get their files (each container mounts its own part read-only); "
+        "'' turns it off [default: /dev/shm/toolq-exchange when the engine runs on this host].",
+    )
     # metrics
     metrics_port: int | None = _opt(None, "Serve Prometheus metrics on this port (0: any).")
     metrics_host: str = _opt("0.0.0.0", "Bind address of the metrics server.")

@@ -57,7 +57,15 @@ class SlotKeeper:
         self.observer.slot_started(time.monotonic() - started)
         copied_via = ""
         if traj.spec.snapshot and not traj.slot.adopted:  # a new workspace: its files
-            copied_via = await self.snapshots.restore(traj.slot, traj.spec.snapshot)
+            acquired = time.monotonic()
+            copied_via = await self.snapshots.restore(traj.slot, traj.spec.snapshot, self.backend)
+            log.debug(
+                "%s: slot in %.2fs, files (%s) in %.2fs",
+                traj.traj_id,
+                acquired - started,
+                copied_via,
+                time.monotonic() - acquired,
+            )
         if traj.previous_owner and not traj.slot.adopted:
             traj.slot_reset = True  # the previous owner's workspace is gone
         # Calls that came while the slot started waited behind its start, not for a

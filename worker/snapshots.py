@@ -101,7 +101,10 @@ class Snapshots:
             message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             return Refusal(ErrorCode.INVALID_ARGS, f"bad snapshot arguments: {message}")
         cap = self.settings.snapshot_max_bytes
-        return wanted, Plan(PACK_TOOL, {"max_bytes": cap}, self.settings.snapshot_timeout_s, 0)
+        # A fork's: a plain tar when it fits the cap (packed faster, and its copies
+        # here unpack it with tar; Redis holds it uncompressed).
+        args = {"max_bytes": cap, **({"compress": "auto"} if wanted.copies else {})}
+        return wanted, Plan(PACK_TOOL, args, self.settings.snapshot_timeout_s, 0)
 
     async def store(
         self, traj_id: str, spec: TrajectorySpec, wanted: SnapshotArgs, reply: dict[str, Any]
@@ -139,7 +142,8 @@ class Snapshots:
         note += f"; {vanished} files deleted while packing left out" if vanished else ""
         output = (
             f"snapshot {wanted.name}: {info.entries} entries, {info.uncompressed_bytes} bytes "
-            f"({info.bytes} compressed), kept {ttl_s:g}s{note}"
+            f"({info.bytes} {'compressed' if is_gzip(data) else 'stored'}), "
+            f"kept {ttl_s:g}s{note}"
         )
         shown = info.model_dump(exclude={"spec"})
         data_out = {**shown, "skipped": skipped, "vanished": vanished}
@@ -168,12 +172,16 @@ class Snapshots:
             raise SnapshotMissing(_missing(spec.snapshot))
         return overlay(info.spec, spec)
 
-    async def restore(self, slot: Slot, name: str) -> str:
+    async def restore(self, slot: Slot, name: str, backend: Any = None) -> str:
         """Fill a new workspace with the snapshot's files (checked against the index:
         files and index are two writes, so a snapshot retaken under the same name
         meanwhile, or damaged files, are refused rather than opened). Returns how
         they came: ``host`` (this worker's memory: it took the snapshot, or read it
-        for an earlier copy) or ``redis``."""
+        for an earlier copy) or ``redis``.
+
+        A snapshot taken here goes to the copy as a plain tar, as a file staged in
+        its container where the backend can (``DockerBackend.stage``: no bytes
+        through the engine's stream), else over the agent's stream."""
         info = await self.info(name)
         if info is None:
             raise SnapshotMissing(_missing(name))
@@ -183,26 +191,42 @@ class Snapshots:
         # Packed here: our own agent's archive of a workspace, never one crafted in
         # Redis, so the copy's agent may unpack it with the image's tar.
         native = (name, info.sha256) in self._packed_here
+        staged, key = None, f"{info.sha256[:32]}.tar"
         if native and info.uncompressed_bytes <= PLAIN_MAX_BYTES:
             data = await self._plain_tar(name, info.sha256, data)
+            if getattr(backend, "stage", None) is not None:
+                staged = await backend.stage(slot, key, data)
+        try:
+            reply = await self._unpack(slot, name, {"native": native, "file": staged}, data)
+            if staged and reply.get("error_code") == "not_found":  # not what the engine mounts
+                backend.unstage(slot, key, broken=True)
+                staged, reply = None, await self._unpack(slot, name, {"native": native}, data)
+        finally:
+            if staged:
+                backend.unstage(slot, key)
+        if not reply.get("ok", True):
+            raise SandboxError(f"restoring snapshot {name} failed: {reply.get('error')}")
+        self.observer.snapshot_restored()
+        return via
+
+    async def _unpack(
+        self, slot: Slot, name: str, args: dict[str, Any], data: bytes
+    ) -> dict[str, Any]:
+        """The agent's reply to unpacking ``data`` (or the file ``args`` names)."""
         timeout_s = self.settings.snapshot_timeout_s
         try:
             fut = slot.channel.submit(
                 "call",
                 slot=slot.name,
                 tool="_snapshot_unpack",
-                args={"native": native},
-                blob=data,
+                args=args,
+                blob=None if args.get("file") else data,
                 timeout_s=timeout_s,
             )
-            reply = await asyncio.wait_for(fut, timeout_s + AGENT_GRACE_S)
+            return await asyncio.wait_for(fut, timeout_s + AGENT_GRACE_S)
         except (ChannelClosedError, asyncio.TimeoutError) as exc:
             lost = f"restoring snapshot {name} failed: the sandbox was lost ({exc!r})"
             raise SandboxError(lost) from None
-        if not reply.get("ok", True):
-            raise SandboxError(f"restoring snapshot {name} failed: {reply.get('error')}")
-        self.observer.snapshot_restored()
-        return via
 
     async def _read(self, name: str, sha256: str) -> bytes:
         key = self.keys.snapshot_data(name)
@@ -224,6 +248,8 @@ class Snapshots:
     async def _plain_tar(self, name: str, sha256: str, data: bytes) -> bytes:
         """The snapshot's files as a plain tar, gunzipped once (in a thread) for all
         the copies that open together."""
+        if not is_gzip(data):
+            return data  # a fork's, stored plain
         key = (name, sha256)
         task = self._plain.get(key)
         if task is None:
@@ -260,6 +286,10 @@ class Snapshots:
             await self.redis.hdel(self.keys.snapshots, *expired)
         self.observer.snapshots_sampled(count, size)
         return count, size
+
+
+def is_gzip(data: bytes) -> bool:
+    return data[:2] == b"\x1f\x8b"
 
 
 def _missing(name: str) -> str:

@@ -65,6 +65,7 @@ from .docker_box import (
     safe_name,
 )
 from .docker_engine import Engine
+from .docker_exchange import Staging, detect
 from .docker_handover import HandOver
 from .docker_prestart import Prestart
 from .docker_recycle import Recycler, Rejected
@@ -74,7 +75,7 @@ from .docker_stream import ExecStream
 log = logging.getLogger("toolq.worker.docker")
 
 
-class DockerBackend(HandOver, Prestart):
+class DockerBackend(HandOver, Prestart, Staging):
     """Slots in Docker containers, each served by one attached agent process."""
 
     name = "docker"
@@ -112,6 +113,10 @@ class DockerBackend(HandOver, Prestart):
             await self.sweep()
         except Exception as exc:  # an engine hiccup must not stop the worker starting
             log.warning("could not sweep left-over containers: %s", exc)
+        tag = safe_name(f"{self.ns}-{self.settings.worker_id}")
+        self.engine.exchange = await asyncio.to_thread(
+            detect, self.api, self.settings.exchange_dir, tag
+        )
         self._refill_soon()
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="docker-sweep")
 
@@ -149,6 +154,8 @@ class DockerBackend(HandOver, Prestart):
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
         if self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
+        if self.engine.exchange is not None:
+            self.engine.exchange.close()
         with contextlib.suppress(Exception):
             self.api.close()
 
@@ -435,4 +442,6 @@ class DockerBackend(HandOver, Prestart):
         finally:
             self._removing.discard(cid)
             self._kept.discard(cid)
+            if self.engine.exchange is not None:
+                self.engine.exchange.removed(cid)
         self.observer.container_removed()

@@ -36,6 +36,7 @@ from .docker_box import (
     payload_tar,
     pick_user,
 )
+from .docker_exchange import IN_DIR, Exchange
 from .docker_stream import hijacked_socket
 
 log = logging.getLogger("toolq.worker.docker")
@@ -59,6 +60,7 @@ class Engine:
         self._users: dict[str, SandboxUser] = {}
         self._use_init = True
         self._baselines: dict[tuple[Any, ...], frozenset[tuple[str, int]]] = {}
+        self.exchange: Exchange | None = None  # set by the backend's start (docker_exchange)
 
     def start_container(self, box: Box) -> Started:
         """Create, provision and start a container, then attach the agent's exec."""
@@ -182,7 +184,9 @@ class Engine:
             }
             # The other places any user may write: bounded too, not the engine's disk.
             tmpfs.update({path: f"rw,exec,nosuid,nodev,{size},mode=1777" for path in SCRATCH})
+        exchange = self.exchange.binds(box.name) if self.exchange else None
         host_config = self.api.create_host_config(
+            binds=exchange[1] if exchange else None,
             init=self._use_init or None,
             mem_limit=memory,
             memswap_limit=memory,  # equal: no swap
@@ -214,7 +218,10 @@ class Engine:
             # sandbox user cannot signal them, so killing all its processes (a
             # recycle's reset) leaves the container running.
             user="0",
+            volumes=[IN_DIR] if exchange else None,
         )
+        if exchange:
+            self.exchange.created(str(created["Id"]), exchange[0])  # type: ignore[union-attr]
         return str(created["Id"])
 
     def _pull(self, image: str) -> None:
