@@ -11,6 +11,7 @@ screen, rows x columns, within the output cap.
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,6 +30,12 @@ THREAD_FEED_BYTES = 64 * 1024
 #: Private modes: application cursor keys; the alternate screen (three variants).
 DECCKM = 1 << 5
 ALT_SCREENS = (47, 1047, 1049)
+#: The ``text`` view: the output without escape sequences and CRs (as the agent
+#: matches ``wait_for`` patterns).
+ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[PX^_][^\x1b]*\x1b\\"
+    r"|\x1b[()*+][0-~]|\x1b[ -/]*[0-~]|\r"
+)
 
 
 class TermScreen(pyte.Screen):
@@ -142,7 +149,29 @@ async def render(slot: Slot, plan: Plan, reply: dict[str, Any]) -> dict[str, Any
         state.feed(raw)
     if plan.tool.name == "terminal_close":
         slot.terminals.pop(name, None)
+    if plan.args.get("view") == "text":
+        state.screen.take_scrolled()  # read now, as text
+        return as_text(reply, raw, plan.max_output_bytes)
     return compose(reply, state.screen, plan.max_output_bytes)
+
+
+def as_text(reply: dict[str, Any], raw: bytes, cap_bytes: int) -> dict[str, Any]:
+    """The ``text`` view: the raw output as a log, head and tail kept within the cap."""
+    text = ESCAPES.sub("", raw.decode("utf-8", "replace"))
+    encoded = text.encode("utf-8", "surrogateescape")
+    truncated = len(encoded) > cap_bytes
+    if truncated:
+        half = max(cap_bytes // 2, 64)
+        omitted = len(encoded) - 2 * half
+        text = (
+            encoded[:half].decode("utf-8", "replace")
+            + f"\n[... {omitted} bytes omitted ...]\n"
+            + encoded[-half:].decode("utf-8", "replace")
+        )
+    data = dict(reply.get("data") or {})
+    data.pop("pid", None)
+    reply.update(output=text, data=data, truncated=truncated, output_bytes=len(encoded))
+    return reply
 
 
 def compose(reply: dict[str, Any], screen: TermScreen, cap_bytes: int) -> dict[str, Any]:
