@@ -1,5 +1,5 @@
 # Copied verbatim from SWE-ReX (https://github.com/SWE-agent/SWE-ReX, MIT License,
-# LICENSE.txt here), tests/test_local_runtime.py at commit
+# LICENSE.txt in tests/swerex_upstream), tests/test_local_runtime.py at commit
 # 5c995c365dfb1fd5bc56fda688be5d8538f9931f; run against toolq by conftest.py here.
 from pathlib import Path
 
