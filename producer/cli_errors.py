@@ -38,7 +38,9 @@ class CliError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        # An instance attribute as click reads it; click >= 8.5 declares the class's
+        # a ClassVar, which mypy will not let an instance assign.
+        vars(self)["exit_code"] = exit_code
 
 
 def classify(exc: BaseException) -> CliError | None:

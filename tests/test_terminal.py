@@ -144,6 +144,18 @@ def test_scrollback_since_the_last_read_comes_before_the_screen(
     assert len(r.output.encode()) <= 2048 and r.output.startswith("[... ")
     assert "lines of scrollback omitted" in r.output.splitlines()[0]
     assert "5000" in screen(r)
+    # a flood: the agent keeps the last 4 MiB, the worker renders the last 128 KiB; the
+    # result says how much it left out, stays within the cap, and the screen is right
+    flood = "head -c 6000000 /dev/zero | tr '\\0' y | fold -w 30; echo FLOOD-DONE"
+    r = send(client, {"keys": [flood, "Enter"], "wait_for": "FLOOD-DONE\n.*" + PROMPT})
+    assert r.ok and r.truncated and len(r.output.encode()) <= 2048, r
+    assert r.output.startswith("[... ") and "bytes of output not rendered" in r.output
+    assert r.data["dropped_bytes"] + r.data["skipped_bytes"] > 5_000_000, r.data
+    rows = screen(r).splitlines()
+    assert any(row.endswith("yFLOOD-DONE") for row in rows), rows  # fold ends with no newline
+    # the text view: the output since the last read as a log
+    r = send(client, {"keys": ["printf 'a\\033[1mb\\033[0mc\\n'", "Enter"], "view": "text"})
+    assert r.ok and "abc\n" in r.output and "\x1b" not in r.output and "\r" not in r.output
 
 
 def test_waits_end_on_a_pattern_quiet_or_the_timeout_and_bad_input_is_refused(

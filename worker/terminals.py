@@ -11,6 +11,7 @@ screen, rows x columns, within the output cap.
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,11 +25,24 @@ from .plan import Plan
 TERMINAL_TOOLS = frozenset({"terminal_open", "terminal_send", "terminal_read", "terminal_close"})
 #: Lines that scrolled off the top kept for the next read; older ones are counted.
 MAX_SCROLLBACK_LINES = 10_000
+#: The emulator is pure Python (about 50 KB/s of short lines here): of a read's
+#: output only the last this many bytes are rendered, so a flood costs the worker
+#: at most about a second of CPU per read. What came before is counted
+#: (``data.skipped_bytes``); its lines would have scrolled past anyway.
+FEED_MAX_BYTES = 128 * 1024
 #: Output larger than this is fed to the emulator in a thread, off the event loop.
-THREAD_FEED_BYTES = 64 * 1024
+THREAD_FEED_BYTES = 16 * 1024
+#: Private modes that switch to (h) or from (l) the alternate screen.
+ALT_SWITCHES = [(b"\x1b[?%dh" % m, b"\x1b[?%dl" % m) for m in (1049, 1047, 47)]
 #: Private modes: application cursor keys; the alternate screen (three variants).
 DECCKM = 1 << 5
 ALT_SCREENS = (47, 1047, 1049)
+#: The ``text`` view: the output without escape sequences and CRs (as the agent
+#: matches ``wait_for`` patterns).
+ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[PX^_][^\x1b]*\x1b\\"
+    r"|\x1b[()*+][0-~]|\x1b[ -/]*[0-~]|\r"
+)
 
 
 class TermScreen(pyte.Screen):
@@ -38,12 +52,14 @@ class TermScreen(pyte.Screen):
 
     def __init__(self, columns: int, lines: int) -> None:
         super().__init__(columns, lines)
-        self.scrolled: list[str] = []
+        self.scrolled: list[Any] = []  # lines (pyte's rows) scrolled off the top
         self.scrolled_dropped = 0
         self.saved_main: tuple[Any, Any] | None = None  # (buffer, cursor) while on the alternate
 
     def row_text(self, y: int) -> str:
-        line = self.buffer[y]
+        return self.line_text(self.buffer[y])
+
+    def line_text(self, line: Any) -> str:
         chars = []
         wide = False
         for x in range(self.columns):
@@ -58,7 +74,8 @@ class TermScreen(pyte.Screen):
     def index(self) -> None:
         top, bottom = self.margins or Margins(0, self.lines - 1)
         if self.cursor.y == bottom and top == 0 and self.saved_main is None:
-            self.scrolled.append(self.row_text(0))
+            # The line object leaves the buffer unchanged: rendered only if it is shown.
+            self.scrolled.append(self.buffer[0])
             if len(self.scrolled) > MAX_SCROLLBACK_LINES:
                 del self.scrolled[0]
                 self.scrolled_dropped += 1
@@ -89,7 +106,7 @@ class TermScreen(pyte.Screen):
     def take_scrolled(self) -> tuple[list[str], int]:
         lines, dropped = self.scrolled, self.scrolled_dropped
         self.scrolled, self.scrolled_dropped = [], 0
-        return lines, dropped
+        return [self.line_text(line) for line in lines], dropped
 
     def rows_text(self) -> list[str]:
         return [self.row_text(y) for y in range(self.lines)]
@@ -108,8 +125,30 @@ class TermState:
         screen = TermScreen(cols, rows)
         return cls(term_id, screen, pyte.ByteStream(screen))
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> int:
+        """Render ``data``; returns how many of its first bytes were skipped (see
+        FEED_MAX_BYTES). The skipped part's last switch to or from the alternate
+        screen still counts, and rendering starts after a newline, so that no
+        escape sequence or character is cut."""
+        skipped = 0
+        if len(data) > FEED_MAX_BYTES:
+            cut = len(data) - FEED_MAX_BYTES
+            newline = data.find(b"\n", cut)
+            skipped = newline + 1 if 0 <= newline < len(data) - 1 else cut
+            head, data = data[:skipped], data[skipped:]
+            self._switch_screens(head)
+            self.screen.carriage_return()
+            self.stream = pyte.ByteStream(self.screen)  # a fresh parser: no half sequence
         self.stream.feed(data)
+        return skipped
+
+    def _switch_screens(self, head: bytes) -> None:
+        on = max(head.rfind(enter) for enter, _ in ALT_SWITCHES)
+        off = max(head.rfind(leave) for _, leave in ALT_SWITCHES)
+        if on > off:
+            self.screen.set_mode(1049, private=True)
+        elif off > on:
+            self.screen.reset_mode(1049, private=True)
 
 
 def prepare(slot: Slot, plan: Plan) -> Plan:
@@ -137,12 +176,35 @@ async def render(slot: Slot, plan: Plan, reply: dict[str, Any]) -> dict[str, Any
         state.screen.resize(rows, cols)
     raw = blob if isinstance(blob, bytes) else b""
     if len(raw) > THREAD_FEED_BYTES:
-        await asyncio.to_thread(state.feed, raw)
+        skipped = await asyncio.to_thread(state.feed, raw)
     else:
-        state.feed(raw)
+        skipped = state.feed(raw)
+    reply["data"] = {**data, "skipped_bytes": skipped}
     if plan.tool.name == "terminal_close":
         slot.terminals.pop(name, None)
+    if plan.args.get("view") == "text":
+        state.screen.take_scrolled()  # read now, as text
+        return as_text(reply, raw, plan.max_output_bytes)
     return compose(reply, state.screen, plan.max_output_bytes)
+
+
+def as_text(reply: dict[str, Any], raw: bytes, cap_bytes: int) -> dict[str, Any]:
+    """The ``text`` view: the raw output as a log, head and tail kept within the cap."""
+    text = ESCAPES.sub("", raw.decode("utf-8", "replace"))
+    encoded = text.encode("utf-8", "surrogateescape")
+    truncated = len(encoded) > cap_bytes
+    if truncated:
+        half = max(cap_bytes // 2, 64)
+        omitted = len(encoded) - 2 * half
+        text = (
+            encoded[:half].decode("utf-8", "replace")
+            + f"\n[... {omitted} bytes omitted ...]\n"
+            + encoded[-half:].decode("utf-8", "replace")
+        )
+    data = dict(reply.get("data") or {})
+    data.pop("pid", None)
+    reply.update(output=text, data=data, truncated=truncated, output_bytes=len(encoded))
+    return reply
 
 
 def compose(reply: dict[str, Any], screen: TermScreen, cap_bytes: int) -> dict[str, Any]:
@@ -158,7 +220,12 @@ def compose(reply: dict[str, Any], screen: TermScreen, cap_bytes: int) -> dict[s
     full = "\n".join([*scrolled, screen_text]) if scrolled else screen_text
     # Lines dropped before this read count as at least their newline.
     total = len(full.encode("utf-8", "surrogateescape")) + dropped
-    room = cap_bytes - len(screen_text.encode("utf-8", "surrogateescape")) - 64
+    data_in = reply.get("data") or {}
+    skipped = int(data_in.get("skipped_bytes") or 0) + int(data_in.get("dropped_bytes") or 0)
+    notes = [f"[... {skipped} bytes of output not rendered ...]"] if skipped else []
+    # What is left for scrollback, the notes and a line saying how much was omitted.
+    room = cap_bytes - len(screen_text.encode("utf-8", "surrogateescape"))
+    room -= sum(len(note) + 1 for note in notes) + 64
     kept: list[str] = []
     size = 0
     for line in reversed(scrolled):
@@ -168,12 +235,15 @@ def compose(reply: dict[str, Any], screen: TermScreen, cap_bytes: int) -> dict[s
         kept.append(line)
     kept.reverse()
     omitted = dropped + len(scrolled) - len(kept)
-    parts = ([f"[... {omitted} lines of scrollback omitted ...]"] if omitted else []) + kept
+    if omitted:
+        notes.append(f"[... {omitted} lines of scrollback omitted ...]")
+    parts = notes + kept
     output = "\n".join([*parts, screen_text])
-    truncated = omitted > 0
+    truncated = omitted > 0 or skipped > 0
+    total += skipped
     encoded = output.encode("utf-8", "surrogateescape")
     if len(encoded) > cap_bytes:  # the screen alone passes the cap
-        half = max(cap_bytes // 2, 64)
+        half = max((cap_bytes - 48) // 2, 64)
         cut = len(encoded) - 2 * half
         output = (
             encoded[:half].decode("utf-8", "replace")

@@ -196,6 +196,11 @@ class TerminalWaitArgs(ToolArgs):
         "(escape sequences removed); not appearing within timeout_s is a timeout error.",
     )
     timeout_s: float | None = Field(None, gt=0, description="Wait at most this long.")
+    view: Literal["screen", "text"] = Field(
+        "screen",
+        description="screen: the scrollback since the last read, then the screen; text: "
+        "the output since the last read as a log (escape sequences and CRs removed).",
+    )
 
     @model_validator(mode="after")
     def _pattern_compiles(self) -> TerminalWaitArgs:
