@@ -35,6 +35,7 @@ from .docker_box import (
     payload_tar,
     pick_user,
 )
+from .docker_runtime import engine_runtimes, is_gvisor, pids_options
 from .docker_stream import hijacked_socket
 
 log = logging.getLogger("toolq.worker.docker")
@@ -58,6 +59,12 @@ class Engine:
         self._users: dict[str, SandboxUser] = {}
         self._use_init = True
         self._baselines: dict[tuple[Any, ...], frozenset[tuple[str, int]]] = {}
+        self.runtimes: dict[str, tuple[str, ...]] = {}  # registered: path, then arguments
+
+    def load_runtimes(self) -> dict[str, tuple[str, ...]]:
+        """Ask the engine which runtimes it has (``docker info``); kept in ``runtimes``."""
+        self.runtimes = engine_runtimes(self.api.info())
+        return self.runtimes
 
     def start_container(self, box: Box) -> Started:
         """Create, provision and start a container, then attach the agent's exec."""
@@ -184,7 +191,7 @@ class Engine:
             mem_limit=memory,
             memswap_limit=memory,  # equal: no swap
             nano_cpus=int(min(config.cpus * per, self._host_cpus()) * 1e9),
-            pids_limit=config.pids * per,
+            **pids_options(config.pids * per, is_gvisor(config.runtime, self.runtimes)),
             network_mode="bridge" if config.network else "none",
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
