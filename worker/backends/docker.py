@@ -69,7 +69,7 @@ from .docker_exchange import Staging, detect
 from .docker_handover import HandOver
 from .docker_prestart import Prestart
 from .docker_recycle import Recycler, Rejected
-from .docker_runtime import check_network, engine_runtimes, unregistered
+from .docker_runtime import check_network, unregistered
 from .docker_stream import ExecStream
 
 log = logging.getLogger("toolq.worker.docker")
@@ -123,8 +123,7 @@ class DockerBackend(HandOver, Prestart, Staging):
     async def _check_runtimes(self) -> None:
         """A worker allowing a runtime its engine does not have would fail every open
         asking for it: it does not start."""
-        info = await asyncio.to_thread(self.api.info)
-        self.registered = engine_runtimes(info)
+        self.registered = await asyncio.to_thread(self.engine.load_runtimes)
         missing = unregistered(self.settings, self.registered)
         if missing:
             raise SandboxError(

@@ -37,6 +37,7 @@ from .docker_box import (
     pick_user,
 )
 from .docker_exchange import IN_DIR, Exchange
+from .docker_runtime import engine_runtimes, is_gvisor, pids_options
 from .docker_stream import hijacked_socket
 
 log = logging.getLogger("toolq.worker.docker")
@@ -61,6 +62,12 @@ class Engine:
         self._use_init = True
         self._baselines: dict[tuple[Any, ...], frozenset[tuple[str, int]]] = {}
         self.exchange: Exchange | None = None  # set by the backend's start (docker_exchange)
+        self.runtimes: dict[str, tuple[str, ...]] = {}  # registered: path, then arguments
+
+    def load_runtimes(self) -> dict[str, tuple[str, ...]]:
+        """Ask the engine which runtimes it has (``docker info``); kept in ``runtimes``."""
+        self.runtimes = engine_runtimes(self.api.info())
+        return self.runtimes
 
     def start_container(self, box: Box) -> Started:
         """Create, provision and start a container, then attach the agent's exec."""
@@ -191,7 +198,7 @@ class Engine:
             mem_limit=memory,
             memswap_limit=memory,  # equal: no swap
             nano_cpus=int(min(config.cpus * per, self._host_cpus()) * 1e9),
-            pids_limit=config.pids * per,
+            **pids_options(config.pids * per, is_gvisor(config.runtime, self.runtimes)),
             network_mode="bridge" if config.network else "none",
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],

@@ -12,10 +12,21 @@ network enabled in root network namespace"), and with it a sandbox has no
 network at all, even on a bridge (measured: "No route to host"). So a spec
 asking for network under a runtime registered with ``--network=none`` is
 refused, with that reason, rather than given a network that is not there.
+
+Under gVisor the pids limit is the sandbox kernel's: every sandbox process
+costs the host ~10 threads (ptrace platform: 38 for an idle sandbox, +~9 per
+``sleep``), and a sandbox whose host pids cgroup is full dies whole ("urpc
+method containerManager.WaitPID failed: EOF") instead of failing the fork. So
+a gVisor container gets ``RLIMIT_NPROC`` = ``pids`` (counted by gVisor's own
+kernel, for this sandbox only: a fork bomb gets EAGAIN and the sandbox lives)
+and a host pids limit ``GVISOR_HOST_PIDS_PER_PROCESS`` times larger, plus the
+sandbox's own threads, as a backstop. (Under runc ``RLIMIT_NPROC`` would count
+every container's processes of the same uid: not used there.)
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from toolq.schemas import ErrorCode, TrajectorySpec
@@ -25,6 +36,9 @@ from .base import SandboxError
 
 #: The registration argument that takes a gVisor sandbox's network away.
 NO_NETWORK_ARG = "--network=none"
+#: Host pids per sandbox process under gVisor (measured ~10 on ptrace; margin for threads).
+GVISOR_HOST_PIDS_PER_PROCESS = 16
+GVISOR_HOST_PIDS_BASE = 256  # the Sentry's and the gofer's own threads (38 measured idle)
 
 
 class RuntimeRefused(SandboxError):
@@ -47,11 +61,32 @@ def pick_runtime(spec: TrajectorySpec, settings: WorkerSettings) -> str:
 
 
 def engine_runtimes(info: dict[str, Any]) -> dict[str, tuple[str, ...]]:
-    """The runtimes an engine has registered (``docker info``), with their arguments."""
+    """The runtimes an engine has registered (``docker info``): their path, then arguments."""
     runtimes = info.get("Runtimes") or {}
     return {
-        str(name): tuple(str(a) for a in (entry or {}).get("runtimeArgs") or ())
+        str(name): (
+            str((entry or {}).get("path") or name),
+            *(str(a) for a in (entry or {}).get("runtimeArgs") or ()),
+        )
         for name, entry in runtimes.items()
+    }
+
+
+def is_gvisor(runtime: str, registered: dict[str, tuple[str, ...]]) -> bool:
+    """Does ``runtime`` run gVisor (its registered binary, or its name, is runsc)?"""
+    path = (registered.get(runtime) or (runtime,))[0]
+    return "runsc" in (os.path.basename(path), runtime)
+
+
+def pids_options(pids: int, gvisor: bool) -> dict[str, Any]:
+    """The create options that cap a container at ``pids`` processes (see above)."""
+    if not gvisor:
+        return {"pids_limit": pids}
+    from docker.types import Ulimit
+
+    return {
+        "pids_limit": pids * GVISOR_HOST_PIDS_PER_PROCESS + GVISOR_HOST_PIDS_BASE,
+        "ulimits": [Ulimit(name="nproc", soft=pids, hard=pids)],
     }
 
 
@@ -62,7 +97,7 @@ def unregistered(settings: WorkerSettings, registered: dict[str, tuple[str, ...]
 
 def check_network(runtime: str, network: bool, registered: dict[str, tuple[str, ...]]) -> None:
     """Refuse network under a runtime registered without one (``NO_NETWORK_ARG``)."""
-    if network and NO_NETWORK_ARG in registered.get(runtime, ()):
+    if network and NO_NETWORK_ARG in registered.get(runtime, ())[1:]:
         raise RuntimeRefused(
             f"the spec asks for network access, but runtime {runtime!r} is registered with "
             f"{NO_NETWORK_ARG} (gVisor needs it to run network-less containers): its "
