@@ -322,9 +322,9 @@ class EventHub:
 
     def fail(self, lost: dict[Call, UnknownTrajectory]) -> None:
         for call, exc in lost.items():
-            fut = self._futures.get(call)
-            if fut is not None and not fut.done():
-                fut.set_exception(exc)
+            for waiter in self._waiters.get(call, ()):
+                if not waiter.done():
+                    waiter.set_exception(exc)
 
     async def close(self) -> None:
         for group in self._groups.values():
