@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from tests.conftest import require_docker
+from tests.conftest import TEST_IMAGE, require_docker
 from tests.helpers import wait_for, worker_process
 from toolq.producer import Client, SnapshotFailed
 from toolq.schemas import ErrorCode
@@ -86,10 +86,15 @@ def test_copies_prefer_the_source_worker_and_overflow_through_redis(start_worker
         client.close(traj)
 
 
+@pytest.mark.parametrize("backend_name", ["local", "docker"])
 def test_source_worker_killed_mid_fork_answers_every_copy_once(
-    start_worker, client: Client, redis_url: str, ns: str, tmp_path
+    start_worker, client: Client, redis_url: str, ns: str, tmp_path, backend_name
 ):
-    dying = worker_process(redis_url, ns, "dying", "--slots", "3", log_dir=str(tmp_path))
+    extra = ["--slots", "3"]
+    if backend_name == "docker":
+        require_docker()
+        extra += ["--backend", "docker", "--image", TEST_IMAGE]  # the last --backend wins
+    dying = worker_process(redis_url, ns, "dying", *extra, log_dir=str(tmp_path))
     try:
         client.open("src", {"labels": {"k": "v"}})
         blob = os.urandom(200_000)
@@ -100,7 +105,7 @@ def test_source_worker_killed_mid_fork_answers_every_copy_once(
             )
         )
         assert client.record("src").owner == "dying"  # type: ignore[union-attr]
-        start_worker("local", slots=8, heartbeat_s=0.3, dead_after_s=2)
+        start_worker(backend_name, slots=8, heartbeat_s=0.3, dead_after_s=2)
         copies = [f"m{i}" for i in range(5)]
         errors: list[BaseException] = []
 

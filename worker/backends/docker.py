@@ -24,7 +24,8 @@ attached: every tool call is a JSON line over that stream (~2 ms), never a new
   unless its backing filesystem is xfs with pquota).
 - ``warm_pool`` containers of the default image and limits are kept started;
   a fork's copies get containers started while its snapshot is packed
-  (``docker_prestart.py``).
+  (``docker_prestart.py``) and their files through a read-only directory of
+  their own (``docker_exchange.py``).
 - ``recycle_containers``: a container of the default image and limits whose
   last slot ended goes back to the pool after a reset verified from the
   engine's side (``docker_recycle.py``), instead of being removed.
