@@ -57,6 +57,10 @@ def test_copies_are_identical_isolated_and_copied_in_host(start_worker, client: 
     assert sh(client, "src", "cat repo/b/t1.txt; ls *.only 2>/dev/null | wc -l") == "line1\n0\n"
     sandboxes = {r.sandbox for r in (client.record(c) for c in copies) if r}
     assert len(sandboxes) == len(copies)  # a container each (one slot per container)
+    # The files came through the copy's own read-only directory, emptied since.
+    seen = "ls -A /opt/toolq/in | wc -l; touch /opt/toolq/in/x 2>/dev/null || echo read-only"
+    assert sh(client, copies[0], seen) == "0\nread-only\n"
+    assert worker.worker and worker.worker.backend.engine.exchange is not None  # not given up
     for traj in ["src", *copies]:
         client.close(traj)
 
