@@ -17,6 +17,7 @@ from tests.conftest import TEST_IMAGE, require_docker
 from tests.helpers import wait_for, worker_process
 from toolq.producer import Client, SnapshotFailed
 from toolq.schemas import ErrorCode
+from toolq.worker.backends.docker_box import safe_name
 
 # Every file's sha256, in name order, then one sha256 of that list.
 DIGEST = "find . -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-64"
@@ -154,6 +155,12 @@ def test_source_worker_killed_mid_fork_answers_every_copy_once(
     assert sum(r.ok for r in answered.values()) >= 1, answered
     for traj in ["src", *copies]:
         client.close(traj)
+    if backend_name == "docker":  # what the killed worker left in the exchange goes
+        survivor = start_worker("docker")
+        exchange = survivor.worker and survivor.worker.backend.engine.exchange
+        assert exchange is not None
+        left = os.path.join(exchange.root, safe_name(f"{ns}-dying"))
+        assert not os.path.exists(left), os.listdir(exchange.root)
 
 
 @pytest.mark.parametrize("backend_name", ["local", "docker"])

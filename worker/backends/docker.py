@@ -113,6 +113,8 @@ class DockerBackend(HandOver, Prestart, Staging):
         self.engine.exchange = await asyncio.to_thread(
             detect, self.api, self.settings.exchange_dir, tag
         )
+        if self.engine.exchange is not None:
+            await self._prune_exchange(self.engine.exchange)
         self._refill_soon()
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="docker-sweep")
 
