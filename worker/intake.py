@@ -244,6 +244,10 @@ class Intake:
                 log.warning("reading the inbox failed (%s); retrying in %.1fs", exc, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
+            except Exception:  # a bug here must not end the inbox: the stream still works
+                log.exception("inbox error; retrying in %.1fs", backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
 
     # --------------------------------------------------------------- claim
     async def claim(self, req: OpenRequest) -> bool:
