@@ -219,6 +219,8 @@ class Intake:
         except (RedisError, OSError) as exc:  # left in our pending list: re-read on catch-up
             self.health.failed()
             log.warning("claiming fork copy %s failed: %s", req.traj, exc)
+        except Exception:  # a bug: the entry stays in our pending list (put back on leaving)
+            log.exception("claiming fork copy %s failed", req.traj)
 
     async def inbox_loop(self) -> None:
         """Claim the fork copies meant for this worker while it has room (a full worker
