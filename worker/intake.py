@@ -219,6 +219,8 @@ class Intake:
         except (RedisError, OSError) as exc:  # left in our pending list: re-read on catch-up
             self.health.failed()
             log.warning("claiming fork copy %s failed: %s", req.traj, exc)
+        except Exception:  # a bug: the entry stays in our pending list (put back on leaving)
+            log.exception("claiming fork copy %s failed", req.traj)
 
     async def inbox_loop(self) -> None:
         """Claim the fork copies meant for this worker while it has room (a full worker
@@ -242,6 +244,10 @@ class Intake:
             except (RedisError, OSError) as exc:
                 self.health.failed()
                 log.warning("reading the inbox failed (%s); retrying in %.1fs", exc, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+            except Exception:  # a bug here must not end the inbox: the stream still works
+                log.exception("inbox error; retrying in %.1fs", backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
 

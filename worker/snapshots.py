@@ -125,7 +125,7 @@ class Snapshots:
             created_ms=created,
             expires_ms=created + int(ttl_s * 1000),
             worker=self.settings.worker_id,
-            sha256=hashlib.sha256(data).hexdigest(),  # ours: what restores check against
+            sha256=await digest(data),  # ours: what restores check against
             spec=saved_spec(spec),
         )
         # The files first: an index entry never names files that were not written.
@@ -233,7 +233,7 @@ class Snapshots:
         data: Any = await retrying(self.health, lambda: self.redis.get(key), "snapshot read")
         if data is None:
             raise SnapshotMissing(_missing(name))
-        if hashlib.sha256(data).hexdigest() != sha256:
+        if await digest(data) != sha256:
             raise SnapshotMissing(f"snapshot {name!r} does not match its index (being replaced?)")
         self._keep(name, sha256, data)
         return bytes(data)
@@ -286,6 +286,11 @@ class Snapshots:
             await self.redis.hdel(self.keys.snapshots, *expired)
         self.observer.snapshots_sampled(count, size)
         return count, size
+
+
+async def digest(data: bytes) -> str:
+    """sha256 in a thread: a workspace's tens of MB would hold up the event loop."""
+    return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
 
 
 def is_gzip(data: bytes) -> bool:

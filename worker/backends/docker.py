@@ -25,7 +25,8 @@ attached: every tool call is a JSON line over that stream (~2 ms), never a new
   unless its backing filesystem is xfs with pquota).
 - ``warm_pool`` containers of the default image and limits are kept started;
   a fork's copies get containers started while its snapshot is packed
-  (``docker_prestart.py``).
+  (``docker_prestart.py``) and their files through a read-only directory of
+  their own (``docker_exchange.py``).
 - ``recycle_containers``: a container of the default image and limits whose
   last slot ended goes back to the pool after a reset verified from the
   engine's side (``docker_recycle.py``), instead of being removed.
@@ -117,6 +118,8 @@ class DockerBackend(HandOver, Prestart, Staging):
         self.engine.exchange = await asyncio.to_thread(
             detect, self.api, self.settings.exchange_dir, tag
         )
+        if self.engine.exchange is not None:
+            await self._prune_exchange(self.engine.exchange)
         self._refill_soon()
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="docker-sweep")
 

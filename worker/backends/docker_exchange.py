@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from .base import Backend, Slot
 
 if TYPE_CHECKING:
+    from ..settings import WorkerSettings
     from .docker_box import Box
     from .docker_engine import Engine
 
@@ -36,6 +39,7 @@ log = logging.getLogger("toolq.worker.docker")
 
 #: Where a container sees its own directory (read-only).
 IN_DIR = "/opt/toolq/in"
+OWNER_FILE = "owner.json"
 
 
 class Exchange:
@@ -43,6 +47,7 @@ class Exchange:
     one directory per container it started."""
 
     def __init__(self, root: str, tag: str) -> None:
+        self.root = root
         self.base = os.path.join(root, tag)
         os.makedirs(os.path.join(self.base, "cache"), mode=0o700, exist_ok=True)
         os.chmod(root, 0o711)  # nobody lists it; each container mounts its own part
@@ -97,6 +102,29 @@ class Exchange:
     def close(self) -> None:
         shutil.rmtree(self.base, ignore_errors=True)
 
+    def mark(self, ns: str, worker_id: str) -> None:
+        """Say whose directory this is, so that ``prune`` finds it once it is dead."""
+        with open(os.path.join(self.base, OWNER_FILE), "w") as fh:
+            json.dump({"ns": ns, "worker": worker_id}, fh)
+
+    def prune(self, ns: str, alive: set[str]) -> int:
+        """Remove the directories that workers of ``ns`` not in ``alive`` left (a
+        SIGKILL leaves its cached archive, in memory under /dev/shm)."""
+        removed = 0
+        for name in os.listdir(self.root):
+            path = os.path.join(self.root, name)
+            if path == self.base:
+                continue
+            try:
+                with open(os.path.join(path, OWNER_FILE)) as fh:
+                    owner = json.load(fh)
+            except (OSError, ValueError):
+                continue  # not a worker's, or being made
+            if owner.get("ns") == ns and owner.get("worker") not in alive:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        return removed
+
 
 def detect(api: Any, wanted: str | None, tag: str) -> Exchange | None:
     """The exchange to use: ``wanted`` ('' off), or, unset, one under /dev/shm when
@@ -126,7 +154,24 @@ class Staging(Backend):
     """The part of ``DockerBackend`` that stages files for its slots' agents."""
 
     engine: Engine
+    settings: WorkerSettings
+    ns: str
     _by_slot: dict[str, Box]
+
+    async def _prune_exchange(self, exchange: Exchange) -> None:
+        """Mark our exchange directory; remove those dead workers of ours left."""
+        exchange.mark(self.ns, self.settings.worker_id)
+        try:
+            beats = await self.worker_heartbeats() if self.worker_heartbeats else None
+        except Exception as exc:  # Redis away: next start
+            log.warning("could not tell which workers are alive: %s", exc)
+            return
+        if beats is not None:
+            now_ms = time.time() * 1000
+            dead_ms = self.settings.dead_after_s * 1000
+            alive = {w for w, beat in beats.items() if 0 < now_ms - beat < dead_ms}
+            alive.add(self.settings.worker_id)
+            await asyncio.to_thread(exchange.prune, self.ns, alive)
 
     async def stage(self, slot: Slot, key: str, data: bytes) -> str | None:
         """Put ``data`` in the slot's container as a file (``docker_exchange``); the
