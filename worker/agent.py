@@ -1610,38 +1610,56 @@ def check_targets(root, dest, members):
     """Refuse, before anything is written, a member that would land through a
     symlink leading out of the workspace (one already there, or one the archive
     makes first) or below something that is not a directory: with the checks of
-    ``check_members``, unpack writes all of an archive or nothing."""
-    made_links = {}  # path -> link target, of the archive's symlinks met so far
+    ``check_members``, unpack writes all of an archive or nothing. An entry
+    replaces what is at its own name (a symlink, a file), as ``unpack_member``
+    does."""
+    made = {}  # path -> what the archive put there so far: "dir", "file" or a link target
     for member in members:
         target = os.path.join(dest, *entry_parts(member.name, "archive entry"))
-        walk_existing(root, os.path.dirname(target) if target != dest else dest, made_links)
-        if member.issym():
-            made_links[target] = member.linkname
-        else:
-            made_links.pop(target, None)
-        in_the_way = os.path.isdir(target) and not os.path.islink(target) and os.listdir(target)
+        walk_existing(root, os.path.dirname(target) if target != dest else dest, made)
+        in_the_way = (
+            target not in made
+            and os.path.isdir(target)
+            and not os.path.islink(target)
+            and os.listdir(target)
+        )
         if not member.isdir() and in_the_way:  # an empty one gives way (unpack_member)
             raise ToolError("io_error", "%s is a directory in the workspace" % member.name)
+        if member.isdir():
+            made[target] = "dir"
+        elif member.issym():
+            made[target] = ("link", member.linkname)
+        else:
+            made[target] = "file"
 
 
-def walk_existing(root, path, made_links):
+def walk_existing(root, path, made):
     """``ensure_dirs`` without writing: each part of ``path`` is a directory, a
-    symlink that stays in the workspace, or missing (it will be made)."""
+    symlink that stays in the workspace, or missing (it will be made), counting
+    what the archive's earlier entries ``made``."""
     current = root
     for part in os.path.relpath(path, root).split(os.sep):
         if part in ("", "."):
             continue
         current = os.path.join(current, part)
-        if current in made_links:
-            current = os.path.normpath(os.path.join(os.path.dirname(current), made_links[current]))
-            if not inside(root, current):
-                raise ToolError("path_outside_workspace", "%s leads outside the workspace" % path)
+        kind = made.get(current)
+        if kind == "dir":
+            continue
+        if kind == "file" or (
+            kind is None
+            and os.path.lexists(current)
+            and not os.path.islink(current)
+            and not os.path.isdir(current)
+        ):
+            raise ToolError("io_error", "%s is not a directory" % current)
+        if kind is not None:
+            current = os.path.normpath(os.path.join(os.path.dirname(current), kind[1]))
         elif os.path.islink(current):
             current = os.path.realpath(current)
-            if not inside(root, current):
-                raise ToolError("path_outside_workspace", "%s leads outside the workspace" % path)
-        elif os.path.lexists(current) and not os.path.isdir(current):
-            raise ToolError("io_error", "%s is not a directory" % current)
+        else:
+            continue
+        if not inside(root, current):
+            raise ToolError("path_outside_workspace", "%s leads outside the workspace" % path)
 
 
 def make_room(root, target):

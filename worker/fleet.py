@@ -38,6 +38,7 @@ from toolq.schemas import (
 
 from .backends.base import TrajState
 from .lease import Lease, RedisHealth
+from .memory import Trimmer
 from .metrics import Observer
 from .settings import WorkerSettings
 from .state import Traj, entry_key, now_ms
@@ -94,6 +95,7 @@ class Fleet:
         self.started_ms = now_ms()
         self._clock_offset_ms = 0  # Redis server time - our time
         self._redis_slow_at = time.monotonic()  # a heartbeat last took long (or start)
+        self._trimmer = Trimmer()  # memory a flood left is given back (see memory.py)
 
     # ---------------------------------------------------------- heartbeat
     async def register(self) -> None:
@@ -109,6 +111,7 @@ class Fleet:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
             beats += 1
+            self._trimmer.freed_bytes(self.writer.trim_journal())
             try:
                 await self._beat_and_confirm()
                 await self._cancels_behind_full_queues()

@@ -43,8 +43,12 @@ from .state import Item, Traj, now_ms
 
 log = logging.getLogger("toolq.worker.writer")
 
-# After Redis errors, writes of this many recent seconds are replayed.
+# After Redis errors, writes of this many recent seconds are replayed...
 REPLAY_WINDOW_S = 10.0
+# ...at most this many bytes of their arguments (the oldest go first): a flood of
+# large results must not hold the worker's memory (a Redis that lost more than
+# this had lost more than its last second of writes anyway).
+REPLAY_MAX_BYTES = 64 * 1024 * 1024
 # Results up to this size (as UTF-8 JSON) are copied into their result event, so
 # that a waiting client needs no HGETALL; larger ones are only in the result hash.
 INLINE_RESULT_MAX_BYTES = 4096
@@ -119,7 +123,8 @@ class Writer:
         self.on_fenced = on_fenced
         self.on_result = on_result
         self._queue: asyncio.Queue[Op] = asyncio.Queue()
-        self._journal: deque[tuple[float, Op]] = deque()
+        self._journal: deque[tuple[float, Op, int]] = deque()  # (when, op, its bytes)
+        self._journal_bytes = 0
         self._catch_up = CatchUp(health, initially=False)
         self._conn: Any = None  # on one Redis, the connection _send writes on
 
@@ -452,14 +457,31 @@ class Writer:
     # ------------------------------------------------------------ replay
     def _remember(self, batch: list[Op]) -> None:
         now = time.monotonic()
-        self._journal.extend((now, op) for op in batch)
-        while self._journal and self._journal[0][0] < now - REPLAY_WINDOW_S:
-            self._journal.popleft()
+        for op in batch:
+            # The op alone: its callbacks hold the call's item and result, which
+            # must not live on for the replay's sake.
+            kept = Op(op.script, op.keys, op.args, op.traj_id, ours=op.ours)
+            size = sum(len(a) for a in op.args if isinstance(a, (bytes, str)))
+            self._journal.append((now, kept, size))
+            self._journal_bytes += size
+        self.trim_journal(now)
+
+    def trim_journal(self, now: float | None = None) -> int:
+        """Forget writes past the replay window (or its byte cap); returns the bytes
+        of their arguments freed. Runs on every batch, and on the heartbeat: an
+        idle writer must not hold the last flood's writes."""
+        now = time.monotonic() if now is None else now
+        journal, before = self._journal, self._journal_bytes
+        while journal and (
+            journal[0][0] < now - REPLAY_WINDOW_S or self._journal_bytes > REPLAY_MAX_BYTES
+        ):
+            self._journal_bytes -= journal.popleft()[2]
+        return before - self._journal_bytes
 
     async def _replay(self) -> None:
         """Write the last seconds' ops again: a restarted Redis may have lost them."""
         generation = self.health.generation
-        ops = [op for at, op in self._journal if at >= time.monotonic() - REPLAY_WINDOW_S]
+        ops = [op for at, op, _size in self._journal if at >= time.monotonic() - REPLAY_WINDOW_S]
         if ops:
             log.warning("replaying %d recent writes after Redis errors", len(ops))
             await self._flush(ops)  # raises on a connection error: the caller retries
