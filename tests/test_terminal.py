@@ -317,3 +317,20 @@ def test_a_lost_sandbox_takes_its_terminals_along(start_worker, client: Client, 
     assert gone.error_code == "not_found" and gone.slot_reset, gone
     fresh = client.call("t", "terminal_open", {"wait_for": PROMPT})
     assert fresh.ok and "BEFORE-LOSS" not in fresh.output, fresh
+
+
+def test_keys_a_program_never_reads_are_a_clear_error(start_worker, client: Client):
+    """A program in raw mode that reads nothing fills the terminal's input: typing more
+    is refused after a few seconds (timeout), and the terminal and the trajectory go on.
+    (In line mode the terminal itself drops what passes a line's length, as any does.)"""
+    start_worker("local")
+    open_traj(client, "local")
+    stuck = (
+        "python3 -c 'import time,tty; tty.setraw(0); print(\"raw\", flush=True); time.sleep(120)'"
+    )
+    assert client.call("t", "terminal_open", {"command": stuck, "wait_for": "raw"}).ok
+    r = send(client, {"keys": "x" * 200_000, "quiet_s": 0})
+    assert not r.ok and r.error_code == "timeout" and "reads no input" in (r.error or ""), r
+    assert client.call("t", "terminal_read", {"quiet_s": 0}).ok
+    assert client.call("t", "terminal_close", {}).ok
+    assert client.call("t", "bash", {"command": "true"}).ok
