@@ -246,6 +246,8 @@ def test_named_keys_command_resize_and_the_terminus_alias(backend, start_worker,
         "t", "send_keys", {"keystrokes": "echo $((40+2))\n", "is_blocking": True, "timeout_sec": 10}
     )
     assert r.ok and r.tool == "terminal_send" and "\n42" in r.output, r
+    r = client.call("t", "send_keys", {"keystrokes": "echo $((6*7))x\n", "duration": 1.0})
+    assert r.ok and r.data["waited"] == "quiet" and "\n42x" in r.output, r
 
 
 def test_close_and_cancel_kill_the_terminals_programs(backend, start_worker, client: Client):
