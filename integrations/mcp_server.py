@@ -60,7 +60,7 @@ class McpSettings:
     """What ``toolq mcp`` serves, and where (the command's options)."""
 
     redis_url: str | None = None
-    namespace: str = "toolq"
+    namespace: str | None = None  #: default: TOOLQ_NAMESPACE, else toolq
     spec: TrajectorySpec = field(default_factory=TrajectorySpec)
     transport: Literal["stdio", "http"] = "stdio"
     host: str = "127.0.0.1"

@@ -93,7 +93,7 @@ class ToolqRuntime(AbstractRuntime):
         *,
         spec: TrajectorySpec | None = None,
         redis_url: str | None = None,
-        namespace: str = "toolq",
+        namespace: str | None = None,
         client: AsyncClient | None = None,
         workspace_root: str = "/workspace",
         wait_slack_s: float = 60.0,

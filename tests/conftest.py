@@ -32,17 +32,23 @@ from toolq.worker.worker import Worker
 TEST_IMAGE = os.environ.get("TOOLQ_TEST_IMAGE", "toolq-sandbox:test")
 NOPYTHON_IMAGE = os.environ.get("TOOLQ_TEST_NOPYTHON_IMAGE", "toolq-nopython:test")
 REQUIRE_DOCKER = os.environ.get("TOOLQ_REQUIRE_DOCKER") == "1"
+# The Docker runtime the tests' workers use (``runsc``: every Docker test under gVisor;
+# CI runs the sandbox-abuse and tool suites so). Worker processes read TOOLQ_RUNTIME.
+TEST_RUNTIME = os.environ.get("TOOLQ_TEST_RUNTIME", "runc")
+if TEST_RUNTIME != "runc":
+    os.environ["TOOLQ_RUNTIME"] = TEST_RUNTIME
 
 
 def docker_ready() -> bool:
-    """True when an engine answers and the test image exists."""
+    """True when an engine answers, the test image exists and the test runtime is registered."""
     if not docker_available():
         return False
     import docker
 
     try:
-        docker.from_env().images.get(TEST_IMAGE)
-        return True
+        engine = docker.from_env()
+        engine.images.get(TEST_IMAGE)
+        return TEST_RUNTIME in (engine.info().get("Runtimes") or {})
     except Exception:
         return False
 
@@ -57,7 +63,7 @@ def require_docker() -> None:
         _DOCKER_READY = docker_ready()
     if not _DOCKER_READY:
         msg = (
-            f"no Docker engine or no image {TEST_IMAGE} "
+            f"no Docker engine, no image {TEST_IMAGE} or no runtime {TEST_RUNTIME} "
             "(run .ci/start-docker and .ci/build-sandbox-image)"
         )
         if REQUIRE_DOCKER:
@@ -178,6 +184,7 @@ def start_worker(redis_url: str, ns: str) -> Iterator[Callable[..., WorkerThread
             "block_ms": 200,
             "default_image": TEST_IMAGE,
             "heartbeat_s": 0.5,
+            "runtime": TEST_RUNTIME,
         }
         fields.update(overrides)
         settings = WorkerSettings(redis_url=redis_url, namespace=ns, backend=backend, **fields)

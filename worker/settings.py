@@ -43,7 +43,8 @@ class WorkerSettings:
     namespace: str = _opt("toolq", "Key prefix.", cli=False)
     backend: str = _opt(
         "auto",
-        "auto: Docker when an engine answers, else local.",
+        "auto: Docker when an engine answers and has the image (--image), else local "
+        "(saying why at start); docker: Docker only; local: no sandbox.",
         choices=("auto", "local", "docker"),
     )
     slots: int = _opt(16, "Trajectories served at once.")
@@ -89,6 +90,16 @@ class WorkerSettings:
     warm_pool: int = _opt(0, "Containers kept started for the default image.")
     start_concurrency: int = _opt(4, "Container starts at once, at most.")
     slots_per_container: int = _opt(1, "Same-image trajectories packed per container.")
+    runtime: str = _opt(
+        "runc",
+        "Docker runtime of specs that name none (e.g. runsc: gVisor, a user-space kernel "
+        "between tools and the host; the engine must have it registered).",
+    )
+    allowed_runtimes: tuple[str, ...] = _opt(
+        (),
+        "Runtimes a spec may ask for (repeatable, or comma-separated) [default: --runtime "
+        "only]; a spec asking for another is refused at open.",
+    )
     recycle_containers: bool = _opt(
         False,
         "Reuse the container of an ended trajectory (its last slot, default image and "
@@ -109,6 +120,17 @@ class WorkerSettings:
         "tmpfs of this size (counts as memory). 0: no cap (the container's writable layer).",
     )
     sweep_s: float = _opt(30.0, "How often containers dead workers left are looked at.")
+    exchange_dir: str | None = _opt(
+        None,
+        "Directory shared with the Docker engine's host through which a fork's copies on "
+        "this worker get their files (each container mounts its own part read-only); "
+        "'' turns it off [default: /dev/shm/toolq-exchange when the engine runs on this host].",
+    )
     # metrics
     metrics_port: int | None = _opt(None, "Serve Prometheus metrics on this port (0: any).")
     metrics_host: str = _opt("0.0.0.0", "Bind address of the metrics server.")
+
+    def runtimes(self) -> frozenset[str]:
+        """The Docker runtimes a spec may ask for: the allow-list plus the default."""
+        named = {r.strip() for item in self.allowed_runtimes for r in item.split(",")}
+        return frozenset(r for r in named | {self.runtime} if r)

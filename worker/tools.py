@@ -317,7 +317,7 @@ class Registry:
             self._adapted[name] = _adapt(tool, name, transform)
         return self._adapted[name]
 
-    def validate(self, tool: Tool, args: dict[str, Any]) -> dict[str, Any]:
+    def validate(self, tool: Tool, args: dict[str, Any], name: str = "") -> dict[str, Any]:
         """Validated arguments as plain JSON values; raises InvalidArgsError.
 
         Strict: arguments must have the JSON types the published schema names
@@ -326,16 +326,37 @@ class Registry:
         try:
             model = tool.args_model.model_validate(args, strict=True)
         except ValidationError as exc:
-            raise InvalidArgsError(format_validation_error(tool.name, exc)) from None
+            raise InvalidArgsError(format_validation_error(tool, exc, name)) from None
         return model.model_dump(mode="json", exclude_none=True)
 
 
-def format_validation_error(tool: str, exc: ValidationError) -> str:
+#: How a model hears of a kind of pydantic error (the others: pydantic's own short text).
+_PROBLEMS = {"missing": "missing", "extra_forbidden": "not a parameter"}
+
+
+def format_validation_error(tool: Tool, exc: ValidationError, name: str = "") -> str:
+    """What a model reads when its arguments are wrong: what is wrong, then how to
+    call the tool (its parameters), two lines with no library boilerplate."""
+    called = name or tool.name
     parts = []
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"]) or "(args)"
-        parts.append(f"{loc}: {err['msg']}")
-    return f"invalid arguments for {tool}: " + "; ".join(parts)
+        problem = _PROBLEMS.get(err["type"], err["msg"].removeprefix("Value error, "))
+        parts.append(f"{loc}: {problem}")
+    return f"invalid arguments for {called}: " + "; ".join(parts) + "\n" + usage(tool, called)
+
+
+def usage(tool: Tool, name: str = "") -> str:
+    """``call bash with {"command": string, "timeout_s"?: number}`` (``?``: optional)."""
+    schema = tool.json_schema()
+    required = set(schema.get("required", []))
+    params = []
+    for key, prop in (schema.get("properties") or {}).items():
+        kind = prop.get("type") or "/".join(
+            str(p.get("type")) for p in prop.get("anyOf", []) if p.get("type") not in (None, "null")
+        )
+        params.append(f'"{key}"{"" if key in required else "?"}: {kind or "any"}')
+    return f"call {name or tool.name} with {{{', '.join(params)}}} (? marks optional)"
 
 
 def _adapt(tool: Tool, alias: str, transform: ArgsTransform) -> Tool:

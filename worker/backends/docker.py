@@ -16,13 +16,16 @@ attached: every tool call is a JSON line over that stream (~2 ms), never a new
   a uid and a kernel: they are separated by workspace path, not by a security
   boundary. With one slot per container the workspace is ``/workspace``.
 - ``disk_mb`` (or the worker's ``max_disk_mb``) makes ``/workspace`` a tmpfs of
-  that size: writes beyond it fail with "No space left on device". A tmpfs is
+  that size, and ``/tmp`` and ``/var/tmp`` too (the sandbox user's home stays
+  in the writable layer): writes beyond it fail with "No space left on device". A tmpfs is
   memory: its pages are charged to the container's memory cgroup, so the
   container's memory limit is ``memory_mb + disk_mb`` and processes keep their
   ``memory_mb``. Without it the workspace lives in the container's writable
   layer, bounded only by the host's disk (overlay2 has no per-container quota
   unless its backing filesystem is xfs with pquota).
-- ``warm_pool`` containers of the default image and limits are kept started.
+- ``warm_pool`` containers of the default image and limits are kept started;
+  a fork's copies get containers started while its snapshot is packed
+  (``docker_prestart.py``).
 - ``recycle_containers``: a container of the default image and limits whose
   last slot ended goes back to the pool after a reset verified from the
   engine's side (``docker_recycle.py``), instead of being removed.
@@ -62,14 +65,17 @@ from .docker_box import (
     safe_name,
 )
 from .docker_engine import Engine
+from .docker_exchange import Staging, detect
 from .docker_handover import HandOver
+from .docker_prestart import Prestart
 from .docker_recycle import Recycler, Rejected
+from .docker_runtime import check_network, unregistered
 from .docker_stream import ExecStream
 
 log = logging.getLogger("toolq.worker.docker")
 
 
-class DockerBackend(HandOver):
+class DockerBackend(HandOver, Prestart, Staging):
     """Slots in Docker containers, each served by one attached agent process."""
 
     name = "docker"
@@ -96,16 +102,35 @@ class DockerBackend(HandOver):
         self.recycler = Recycler(self.engine, settings, self._connect)
         self._recycles: dict[asyncio.Task[float], Box] = {}  # containers being reset
         self._awaited: set[asyncio.Task[float]] = set()  # resets an open waits for
+        self.registered: dict[str, tuple[str, ...]] = {}  # the engine's runtimes, their args
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Remove containers nobody will use again, then fill the warm pool and keep sweeping."""
+        """Check the engine knows every allowed runtime (SandboxError if not), remove
+        containers nobody will use again, then fill the warm pool and keep sweeping."""
+        await self._check_runtimes()
         try:
             await self.sweep()
         except Exception as exc:  # an engine hiccup must not stop the worker starting
             log.warning("could not sweep left-over containers: %s", exc)
+        tag = safe_name(f"{self.ns}-{self.settings.worker_id}")
+        self.engine.exchange = await asyncio.to_thread(
+            detect, self.api, self.settings.exchange_dir, tag
+        )
         self._refill_soon()
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="docker-sweep")
+
+    async def _check_runtimes(self) -> None:
+        """A worker allowing a runtime its engine does not have would fail every open
+        asking for it: it does not start."""
+        self.registered = await asyncio.to_thread(self.engine.load_runtimes)
+        missing = unregistered(self.settings, self.registered)
+        if missing:
+            raise SandboxError(
+                f"runtime(s) {', '.join(missing)} not registered with the Docker engine "
+                f"(it has: {', '.join(sorted(self.registered)) or 'none'}); see the README's "
+                "gVisor section"
+            )
 
     async def shutdown(self) -> None:
         """Remove every container this backend started (waits for starts in flight).
@@ -128,6 +153,8 @@ class DockerBackend(HandOver):
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
         if self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
+        if self.engine.exchange is not None:
+            self.engine.exchange.close()
         with contextlib.suppress(Exception):
             self.api.close()
 
@@ -135,6 +162,7 @@ class DockerBackend(HandOver):
     async def acquire(self, traj_id: str, spec: TrajectorySpec) -> Slot:
         """The trajectory's left-over container (adopted), else a packable, warm or new one."""
         config = box_config(spec, self.settings)
+        check_network(config.runtime, config.network, self.registered)
         if self.settings.slots_per_container == 1:
             adopted = await self._adopt(traj_id, config)
             if adopted is not None:
@@ -413,4 +441,6 @@ class DockerBackend(HandOver):
         finally:
             self._removing.discard(cid)
             self._kept.discard(cid)
+            if self.engine.exchange is not None:
+                self.engine.exchange.removed(cid)
         self.observer.container_removed()

@@ -23,16 +23,22 @@ from toolq.schemas import FINAL_STATUSES, TrajectorySpec
 from ..channel import AgentChannel
 from ..settings import WorkerSettings
 from .base import SandboxError, TrajState
+from .docker_runtime import pick_runtime
 from .docker_stream import ExecStream
 
 AGENT_SOURCE_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "agent.py")
 AGENT_PATH = "/opt/toolq/agent.py"  # inside the container
 WORKSPACE = "/workspace"
+# With ``disk_mb``, tmpfs mounts of that size like the workspace: the directories
+# every user may write to in any image (the sandbox user's home is not among
+# them: a tmpfs would hide what the image keeps there).
+SCRATCH = ("/tmp", "/var/tmp")
 LABEL_MANAGED = "toolq.managed"
 LABEL_NS = "toolq.ns"
 LABEL_WORKER = "toolq.worker"
 LABEL_TRAJ = "toolq.traj"
 LABEL_POOL = "toolq.pool"  # "warm" for containers started ahead of demand
+LABEL_RUNTIME = "toolq.runtime"  # a trajectory adopts only a container of its runtime
 # Appended to a container's name when it is first recycled: its labels (set at
 # create) still name its first trajectory, which must never adopt it.
 RECYCLED_SUFFIX = "-recycled"
@@ -72,7 +78,8 @@ class BoxConfig:
     memory_mb: int
     pids: int
     network: bool
-    disk_mb: int | None = None  # /workspace as a tmpfs of this size; None: the writable layer
+    disk_mb: int | None = None  # /workspace, /tmp, /var/tmp as tmpfs of this size each
+    runtime: str = "runc"  # the Docker runtime (runsc: gVisor); never mixed in one pool
 
 
 def box_config(spec: TrajectorySpec, settings: WorkerSettings) -> BoxConfig:
@@ -87,6 +94,7 @@ def box_config(spec: TrajectorySpec, settings: WorkerSettings) -> BoxConfig:
         pids=min(limits.pids or settings.max_pids, settings.max_pids),
         network=limits.network,
         disk_mb=_capped(limits.disk_mb or settings.default_disk_mb or None, settings.max_disk_mb),
+        runtime=pick_runtime(spec, settings),
     )
 
 

@@ -21,9 +21,11 @@ from .docker_box import (
     LABEL_MANAGED,
     LABEL_NS,
     LABEL_POOL,
+    LABEL_RUNTIME,
     LABEL_TRAJ,
     LABEL_WORKER,
     PYTHON_INIT_COMMAND,
+    SCRATCH,
     SLEEP_COMMAND,
     WORKSPACE,
     Box,
@@ -34,6 +36,8 @@ from .docker_box import (
     payload_tar,
     pick_user,
 )
+from .docker_exchange import IN_DIR, Exchange
+from .docker_runtime import engine_runtimes, is_gvisor, pids_options
 from .docker_stream import hijacked_socket
 
 log = logging.getLogger("toolq.worker.docker")
@@ -57,6 +61,13 @@ class Engine:
         self._users: dict[str, SandboxUser] = {}
         self._use_init = True
         self._baselines: dict[tuple[Any, ...], frozenset[tuple[str, int]]] = {}
+        self.exchange: Exchange | None = None  # set by the backend's start (docker_exchange)
+        self.runtimes: dict[str, tuple[str, ...]] = {}  # registered: path, then arguments
+
+    def load_runtimes(self) -> dict[str, tuple[str, ...]]:
+        """Ask the engine which runtimes it has (``docker info``); kept in ``runtimes``."""
+        self.runtimes = engine_runtimes(self.api.info())
+        return self.runtimes
 
     def start_container(self, box: Box) -> Started:
         """Create, provision and start a container, then attach the agent's exec."""
@@ -95,7 +106,8 @@ class Engine:
         The same for every container of one image started the same way, so it is
         taken once (~0.2 s) per shape: a later cold start does not pay for it.
         """
-        key = (box.config.image, bool(box.config.disk_mb), tuple(command), self._use_init)
+        config = box.config
+        key = (config.image, config.runtime, bool(config.disk_mb), tuple(command), self._use_init)
         if key not in self._baselines:
             try:
                 self._baselines[key] = self.fs_changes(box.cid)
@@ -173,26 +185,32 @@ class Engine:
         tmpfs = None
         if config.disk_mb:
             user = self._image_user(config.image)  # the tmpfs is the sandbox user's from birth
+            size = f"size={config.disk_mb * per}m"
             tmpfs = {
-                WORKSPACE: f"rw,exec,nosuid,nodev,size={config.disk_mb * per}m,mode=0755,"
-                f"uid={user.uid},gid={user.gid}"
+                WORKSPACE: f"rw,exec,nosuid,nodev,{size},mode=0755,uid={user.uid},gid={user.gid}"
             }
+            # The other places any user may write: bounded too, not the engine's disk.
+            tmpfs.update({path: f"rw,exec,nosuid,nodev,{size},mode=1777" for path in SCRATCH})
+        exchange = self.exchange.binds(box.name) if self.exchange else None
         host_config = self.api.create_host_config(
+            binds=exchange[1] if exchange else None,
             init=self._use_init or None,
             mem_limit=memory,
             memswap_limit=memory,  # equal: no swap
             nano_cpus=int(min(config.cpus * per, self._host_cpus()) * 1e9),
-            pids_limit=config.pids * per,
+            **pids_options(config.pids * per, is_gvisor(config.runtime, self.runtimes)),
             network_mode="bridge" if config.network else "none",
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             tmpfs=tmpfs,
+            runtime=config.runtime,
         )
         labels = {
             LABEL_MANAGED: "1",
             LABEL_NS: self.ns,
             LABEL_WORKER: self.settings.worker_id,
             LABEL_TRAJ: box.traj,
+            LABEL_RUNTIME: config.runtime,
         }
         if box.pool:
             labels[LABEL_POOL] = box.pool
@@ -207,7 +225,10 @@ class Engine:
             # sandbox user cannot signal them, so killing all its processes (a
             # recycle's reset) leaves the container running.
             user="0",
+            volumes=[IN_DIR] if exchange else None,
         )
+        if exchange:
+            self.exchange.created(str(created["Id"]), exchange[0])  # type: ignore[union-attr]
         return str(created["Id"])
 
     def _pull(self, image: str) -> None:
@@ -217,8 +238,11 @@ class Engine:
         try:
             self.api.pull(image)  # docker-py splits "repo:tag" itself
         except APIError as exc:
+            from ..service import image_fix  # (service imports the backends)
+
             raise SandboxError(
-                f"image {image} not found and pull failed: {api_message(exc)}"
+                f"image {image} not found and pull failed: {api_message(exc)}; "
+                f"on the worker's host: {image_fix(image)}"
             ) from exc
 
     def _user(self, image: str, cid: str) -> SandboxUser:

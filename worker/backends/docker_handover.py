@@ -36,6 +36,7 @@ from .docker_box import (
     LABEL_MANAGED,
     LABEL_NS,
     LABEL_POOL,
+    LABEL_RUNTIME,
     LABEL_TRAJ,
     LABEL_WORKER,
     Box,
@@ -118,7 +119,12 @@ class HandOver(Backend):
         found = [
             c
             for c in found
-            if c["Id"] not in taken and not labels_of(c).get(LABEL_POOL) and not is_recycled(c)
+            if c["Id"] not in taken
+            and not labels_of(c).get(LABEL_POOL)
+            and not is_recycled(c)
+            # Never across runtimes (a worker defaulting to runsc adopts no runc container);
+            # containers from before the label ran under runc.
+            and labels_of(c).get(LABEL_RUNTIME, "runc") == config.runtime
         ]
         if not found:
             return None

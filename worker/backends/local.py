@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Awaitable
 
 from toolq.schemas import TrajectorySpec
 
@@ -32,7 +33,7 @@ _STREAM_LIMIT = 256 * 1024 * 1024
 NOT_A_SANDBOX = (
     "the local backend is not a sandbox: tool calls run as plain subprocesses of "
     "this host, as the worker's user, with its network and files; spec limits "
-    "network, memory_mb, cpus, pids, disk_mb and image are not enforced"
+    "network, memory_mb, cpus, pids, disk_mb, image and runtime are not enforced"
 )
 
 
@@ -45,6 +46,7 @@ def unenforced(spec: TrajectorySpec) -> list[str]:
     limits = spec.limits
     asked = {
         "image": spec.image is not None,  # the host's python3 runs the agent
+        "runtime": spec.runtime is not None,  # no container: no runtime (gVisor) either
         "limits.network": not limits.network,  # the host's network is reachable
         "limits.cpus": limits.cpus is not None,
         "limits.memory_mb": limits.memory_mb is not None,
@@ -85,9 +87,9 @@ class LocalBackend(Backend):
         assert proc.stdin is not None and proc.stdout is not None
         stdin = proc.stdin
 
-        async def write(data: bytes) -> None:
+        def write(data: bytes) -> Awaitable[None] | None:  # see channel.Write
             stdin.write(data)
-            await stdin.drain()
+            return stdin.drain() if stdin.transport.get_write_buffer_size() else None
 
         channel = AgentChannel(proc.stdout, write, self.on_event, name=slot_id)
         self._procs[slot_id] = proc
