@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 
+from tests.conftest import require_docker
 from tests.helpers import count_procs, unique_sleep
 from toolq.producer import Client
 from toolq.schemas import Result
@@ -245,6 +246,8 @@ def test_named_keys_command_resize_and_the_terminus_alias(backend, start_worker,
         "t", "send_keys", {"keystrokes": "echo $((40+2))\n", "is_blocking": True, "timeout_sec": 10}
     )
     assert r.ok and r.tool == "terminal_send" and "\n42" in r.output, r
+    r = client.call("t", "send_keys", {"keystrokes": "echo $((6*7))x\n", "duration": 1.0})
+    assert r.ok and r.data["waited"] == "quiet" and "\n42x" in r.output, r
 
 
 def test_close_and_cancel_kill_the_terminals_programs(backend, start_worker, client: Client):
@@ -286,3 +289,50 @@ def test_close_and_cancel_kill_the_terminals_programs(backend, start_worker, cli
     if backend == "local":  # the docker backend removes the container, and the processes
         ps = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True, check=True)
         assert f"sleep {seconds}" not in ps.stdout
+
+
+def test_a_lost_sandbox_takes_its_terminals_along(start_worker, client: Client, dc):
+    """The container dies under a waiting read: the read is answered (sandbox_lost),
+    the next sandbox has no terminal of that name, and a new one starts blank."""
+    require_docker()
+    start_worker("docker")
+    client.open("t")
+    opened = client.call("t", "terminal_open", {"wait_for": PROMPT})
+    assert opened.ok, opened
+    assert send(client, {"keys": ["echo BEFORE-LOSS", "Enter"], "wait_for": "BEFORE-LOSS\\n"}).ok
+    result: dict[str, Result] = {}
+
+    def waiting() -> None:
+        args = {"wait_for": "NEVER", "timeout_s": 60}
+        result["r"] = client.call("t", "terminal_read", args, wait_s=120)
+
+    thread = threading.Thread(target=waiting)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while (record := client.record("t")) is not None and record.calls_in_flight == 0:
+        assert time.monotonic() < deadline, record
+        time.sleep(0.05)
+    dc.containers.get(opened.slot.split(":", 1)[0]).remove(force=True)  # <short id>:<slot>
+    thread.join(120)
+    assert result["r"].error_code == "sandbox_lost", result["r"]
+    gone = client.call("t", "terminal_read", {})
+    assert gone.error_code == "not_found" and gone.slot_reset, gone
+    fresh = client.call("t", "terminal_open", {"wait_for": PROMPT})
+    assert fresh.ok and "BEFORE-LOSS" not in fresh.output, fresh
+
+
+def test_keys_a_program_never_reads_are_a_clear_error(start_worker, client: Client):
+    """A program in raw mode that reads nothing fills the terminal's input: typing more
+    is refused after a few seconds (timeout), and the terminal and the trajectory go on.
+    (In line mode the terminal itself drops what passes a line's length, as any does.)"""
+    start_worker("local")
+    open_traj(client, "local")
+    stuck = (
+        "python3 -c 'import time,tty; tty.setraw(0); print(\"raw\", flush=True); time.sleep(120)'"
+    )
+    assert client.call("t", "terminal_open", {"command": stuck, "wait_for": "raw"}).ok
+    r = send(client, {"keys": "x" * 200_000, "quiet_s": 0})
+    assert not r.ok and r.error_code == "timeout" and "reads no input" in (r.error or ""), r
+    assert client.call("t", "terminal_read", {"quiet_s": 0}).ok
+    assert client.call("t", "terminal_close", {}).ok
+    assert client.call("t", "bash", {"command": "true"}).ok

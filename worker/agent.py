@@ -2090,6 +2090,7 @@ MAX_TERMINALS = 8
 TERMINAL_BUFFER_BYTES = 4 * 1024 * 1024  # raw output kept between reads; older is dropped
 TERMINAL_QUIET_S = 0.5  # default: return once the output has been quiet this long
 TERMINAL_SEARCH_BYTES = 1024 * 1024  # a pattern is looked for in the last this many bytes
+TERMINAL_STUCK_S = 5.0  # typing fails after this long without a byte taken
 TERMINAL_TERM = "xterm-256color"
 # Runs in the child after setsid: makes the pty its controlling terminal (job
 # control, Ctrl-C as SIGINT, SIGWINCH), then execs the program.
@@ -2188,6 +2189,8 @@ class Terminal:
         self.rows, self.cols = rows, cols
         master, child = os.openpty()
         self.fd = master
+        # Non-blocking: a write into a full input queue must not hang the slot's thread.
+        os.set_blocking(master, False)
         self.set_size(rows, cols)
         env = base_env(slot)
         env["TERM"] = TERMINAL_TERM
@@ -2233,6 +2236,8 @@ class Terminal:
                 continue
             try:
                 data = os.read(self.fd, 65536)
+            except BlockingIOError:  # woken, nothing to read after all
+                continue
             except OSError:  # EIO: every holder of the pty's other end is gone
                 data = b""
             with self.cond:
@@ -2255,13 +2260,21 @@ class Terminal:
     def send(self, data):
         """Type ``data``; a program that reads nothing fills the pty's input (about 4 KiB)."""
         view = memoryview(data)
-        deadline = time.monotonic() + 5.0
+        poller = select.poll()  # not select(): an agent may hold fds past FD_SETSIZE
+        poller.register(self.fd, select.POLLOUT)
+        deadline = time.monotonic() + TERMINAL_STUCK_S
         while view:
             if not self.alive():
                 raise ToolError("invalid_args", "terminal %r has ended" % self.name)
-            _r, writable, _x = select.select([], [self.fd], [], 0.1)
-            if writable:
-                view = view[os.write(self.fd, view[:4096]) :]
+            written = 0
+            if poller.poll(100):
+                try:
+                    written = os.write(self.fd, view[:4096])
+                except BlockingIOError:  # the input queue is full
+                    pass
+                view = view[written:]
+            if written:
+                deadline = time.monotonic() + TERMINAL_STUCK_S
             elif time.monotonic() > deadline:
                 raise ToolError("timeout", "the program in terminal %r reads no input" % self.name)
 

@@ -403,8 +403,9 @@ def _gemini_run_shell_command(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _terminus_send_keys(args: dict[str, Any]) -> dict[str, Any]:
-    """Terminal-Bench Terminus's command ``{keystrokes, is_blocking?, timeout_sec?}``."""
-    args = renamed({"keystrokes": "keys", "timeout_sec": "timeout_s"})(args)
+    """Terminal-Bench Terminus's command: ``{keystrokes, is_blocking?, timeout_sec?}``
+    (Terminus 1) or ``{keystrokes, duration?}`` (Terminus 2)."""
+    args = renamed({"keystrokes": "keys", "timeout_sec": "timeout_s", "duration": "quiet_s"})(args)
     if args.pop("is_blocking", False) is True:
         args.setdefault("quiet_s", 1.0)  # blocking: until the command has gone quiet
     return args
