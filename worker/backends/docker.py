@@ -64,7 +64,7 @@ from .docker_box import (
 from .docker_engine import Engine
 from .docker_handover import HandOver
 from .docker_recycle import Recycler, Rejected
-from .docker_runtime import check_network, unregistered
+from .docker_runtime import NO_RECYCLING, check_network, is_gvisor, unregistered
 from .docker_stream import ExecStream
 
 log = logging.getLogger("toolq.worker.docker")
@@ -122,6 +122,8 @@ class DockerBackend(HandOver):
                 f"(it has: {', '.join(sorted(self.registered)) or 'none'}); see the README's "
                 "gVisor section"
             )
+        if self.settings.recycle_containers and is_gvisor(self.settings.runtime, self.registered):
+            log.warning("recycle_containers: %s", NO_RECYCLING)
 
     async def shutdown(self) -> None:
         """Remove every container this backend started (waits for starts in flight).
