@@ -35,6 +35,8 @@ class Run:
     errors: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     redis: dict[str, Any] | None = None  # Accounting.counts() of toolq runs
+    # toolq at one trajectory: each call's time per stage (stage_breakdown), in ms
+    breakdown: list[dict[str, float]] = field(default_factory=list)
 
     def stats(self) -> dict[str, Any]:
         ordered = sorted(self.samples_ms) or [float("nan")]
@@ -52,6 +54,7 @@ class Run:
             "calls_per_s": round(n / self.wall_s, 1) if self.wall_s > 0 else 0.0,
             **self.extra,
             **per_call(self.redis, n),
+            **median_stages(self.breakdown),
         }
 
     def merge(self, other: Run) -> None:
@@ -59,6 +62,7 @@ class Run:
         self.samples_ms += other.samples_ms
         self.wall_s += other.wall_s
         self.errors += other.errors
+        self.breakdown += other.breakdown
         if other.redis:
             mine = self.redis or {}
             for key, value in other.redis.items():
@@ -69,6 +73,32 @@ class Run:
                 else:
                     mine[key] = mine.get(key, 0) + value
             self.redis = mine
+
+
+#: A call's path through toolq, stage by stage: (name, from, to), where the ends
+#: are ``Result.stages`` names or the client's own ``submitted`` and ``woken``.
+STAGES = (
+    ("submit → read", "submitted", "read"),
+    ("read → sent", "read", "sent"),
+    ("sent → tool", "sent", "tool_started"),
+    ("tool", "tool_started", "tool_ended"),
+    ("tool → replied", "tool_ended", "replied"),
+    ("replied → made", "replied", "made"),
+    ("made → client", "made", "woken"),
+)
+
+
+def stage_breakdown(times: dict[str, float]) -> dict[str, float]:
+    """One call's milliseconds per stage (``STAGES``), from its stage times."""
+    return {name: times[b] - times[a] for name, a, b in STAGES if a in times and b in times}
+
+
+def median_stages(breakdown: list[dict[str, float]]) -> dict[str, Any]:
+    """The median of each stage over a run's calls (``stages_ms``), if it has them."""
+    if not breakdown:
+        return {}
+    names = [name for name, _, _ in STAGES if all(name in b for b in breakdown)]
+    return {"stages_ms": {n: round(statistics.median(b[n] for b in breakdown), 3) for n in names}}
 
 
 def per_call(redis: dict[str, Any] | None, calls: int) -> dict[str, Any]:

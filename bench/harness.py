@@ -25,6 +25,7 @@ from common import (
     diff,
     process_cpu_s,
     redis_cpu_s,
+    stage_breakdown,
 )
 
 from toolq.producer import AsyncClient
@@ -133,9 +134,20 @@ async def drive(
     return run
 
 
-def toolq_call_fn(client: AsyncClient, trajs: list[str], call: Call) -> CallFn:
+def toolq_call_fn(
+    client: AsyncClient,
+    trajs: list[str],
+    call: Call,
+    breakdown: list[dict[str, float]] | None = None,
+) -> CallFn:
+    """A toolq call; with ``breakdown``, each call's time per stage is added to it."""
+
     async def fn(index: int) -> tuple[bool, str]:
+        submitted = time.time() * 1000
         r = await client.call(trajs[index], call.tool, call.args, wait_s=CALL_WAIT_S)
+        if breakdown is not None and r.stages:
+            times = {**r.stages, "submitted": submitted, "woken": time.time() * 1000}
+            breakdown.append(stage_breakdown(times))
         return r.ok, r.output
 
     return fn

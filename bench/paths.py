@@ -192,16 +192,22 @@ class ToolqPath(Path):
             found["container_mib_per_slot"] = statistics.fmean(mib) / per
         return found
 
-    def fns(self, call: Call, n: int) -> list[CallFn]:
+    def fns(
+        self, call: Call, n: int, breakdown: list[dict[str, float]] | None = None
+    ) -> list[CallFn]:
         assert self.client is not None
-        return [toolq_call_fn(self.client, self.trajs, call)] * n
+        return [toolq_call_fn(self.client, self.trajs, call, breakdown)] * n
 
     async def run(self, call: Call, n: int, budget: Budget) -> Run:
         assert self.worker is not None
         acct = Accounting(self.worker, self.sync)
+        breakdown: list[dict[str, float]] = []  # one trajectory: where each call's time went
         with acct:
-            run = await drive(self.name, call, self.fns(call, n), budget)
+            run = await drive(
+                self.name, call, self.fns(call, n, breakdown if n == 1 else None), budget
+            )
         run.redis = acct.counts()
+        run.breakdown = breakdown
         return run
 
     async def stop(self) -> None:

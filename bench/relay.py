@@ -31,22 +31,57 @@ from toolq.schemas import Keys, lua
 from toolq.worker.embedded import EmbeddedRedis
 
 CALLS, REPLIES = "relay:calls", "relay:replies"
+WARM_UP = 100  # round trips not counted
 
 
-def relay(url: str) -> None:
+def relay(url: str, calls: str = CALLS, replies: str = REPLIES) -> None:
     async def main() -> None:
         r = aioredis.Redis.from_url(url)
         while True:
-            got = await r.xreadgroup("g", "relay", {CALLS: ">"}, count=100, block=0)
+            got = await r.xreadgroup("g", "relay", {calls: ">"}, count=100, block=0)
             for _stream, entries in got:
                 pipe = r.pipeline(transaction=False)
                 for entry_id, fields in entries:
-                    pipe.xadd(REPLIES, {"id": fields[b"id"]}, maxlen=1000)
-                    pipe.xack(CALLS, "g", entry_id)
-                    pipe.xdel(CALLS, entry_id)
+                    pipe.xadd(replies, {"id": fields[b"id"]}, maxlen=1000)
+                    pipe.xack(calls, "g", entry_id)
+                    pipe.xdel(calls, entry_id)
                 await pipe.execute()
 
     asyncio.run(main())
+
+
+def relay_round_trips_ms(
+    url: str, calls: int, pings: bool = False, prefix: str = "relay"
+) -> tuple[list[float], list[float]]:
+    """The floor, measured: ``calls`` round trips through a relay process (warm-up
+    dropped), and with ``pings`` a PING after each, for scale. ``bench/run.py``
+    runs it too, so that toolq's cost is a multiple of it from the same run."""
+    keys = (f"{prefix}:calls", f"{prefix}:replies")
+    r = redis.Redis.from_url(url)
+    r.xgroup_create(keys[0], "g", id="0", mkstream=True)
+    proc = multiprocessing.Process(target=relay, args=(url, *keys), daemon=True)
+    proc.start()
+    cursor, hops, ping_ms = "0-0", [], []
+    try:
+        for i in range(calls + WARM_UP):
+            t0 = time.perf_counter()
+            r.xadd(keys[0], {"id": i})
+            while True:
+                got = r.xread({keys[1]: cursor}, block=5000, count=10)
+                cursor = got[0][1][-1][0]
+                if int(got[0][1][-1][1][b"id"]) == i:
+                    break
+            hops.append((time.perf_counter() - t0) * 1000)
+            if pings:
+                t0 = time.perf_counter()
+                r.ping()
+                ping_ms.append((time.perf_counter() - t0) * 1000)
+    finally:
+        proc.terminate()
+        proc.join(10)
+        r.delete(*keys)
+        r.close()
+    return hops[WARM_UP:], ping_ms[WARM_UP:]
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -59,24 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     with EmbeddedRedis() as server:
         r = redis.Redis.from_url(server.url)
-        r.xgroup_create(CALLS, "g", id="0", mkstream=True)
-        proc = multiprocessing.Process(target=relay, args=(server.url,), daemon=True)
-        proc.start()
-        cursor, hops, pings = "0-0", [], []
-        for i in range(args.calls):
-            t0 = time.perf_counter()
-            r.xadd(CALLS, {"id": i})
-            while True:
-                got = r.xread({REPLIES: cursor}, block=5000, count=10)
-                cursor = got[0][1][-1][0]
-                if int(got[0][1][-1][1][b"id"]) == i:
-                    break
-            hops.append((time.perf_counter() - t0) * 1000)
-            t0 = time.perf_counter()
-            r.ping()
-            pings.append((time.perf_counter() - t0) * 1000)
-        proc.terminate()
-        hops, pings = hops[100:], pings[100:]  # warm-up
+        hops, pings = relay_round_trips_ms(server.url, args.calls, pings=True)
         print(
             f"relay round trip: p50 {statistics.median(hops):.2f} ms, p99 {pct(hops, 0.99):.2f} ms"
         )

@@ -51,6 +51,7 @@ from harness import (
 )
 from paths import ExecPath, LimitPath, Path, RqPath, ToolqPath
 from readme_table import publish as publish_readme_table
+from relay import relay_round_trips_ms
 from report import add_ratios, markdown, plots
 
 from toolq.producer import AsyncClient
@@ -89,6 +90,7 @@ class Config:
     beside_running: int = 8  # claims beside calls: these trajectories call in a loop
     beside_opened: int = 64  # while this many are opened at once
     runtime_level: int = 16  # --runtimes rows: per tool at 1, then `true` at this many
+    relay_calls: int = 1000  # the floor (bench/relay.py): round trips, before and after
 
     def tool_budget(self, exec_path: bool = False) -> Budget:
         if exec_path:
@@ -126,6 +128,7 @@ QUICK = Config(
     beside_running=1,
     beside_opened=2,
     runtime_level=2,
+    relay_calls=20,
 )
 
 
@@ -429,6 +432,17 @@ async def wait_warm(ns: str, count: int, timeout_s: float = 60.0) -> None:
 
 
 # -- main -------------------------------------------------------------------------------
+async def relay_floor(cfg: Config, into: Run, url: str) -> None:
+    """The floor of any Redis-queued call here (``bench/relay.py``): the same hops as
+    toolq's, no work. toolq's added cost is reported as a multiple of its p50."""
+    started = time.perf_counter()
+    samples, _ = await asyncio.to_thread(
+        relay_round_trips_ms, url, cfg.relay_calls, prefix=f"relay{uuid.uuid4().hex[:6]}"
+    )
+    into.samples_ms += samples
+    into.wall_s += time.perf_counter() - started
+
+
 async def run_all(args: argparse.Namespace, cfg: Config, out: str) -> Results:
     res = Results()
     RedisCounter.install()
@@ -449,8 +463,12 @@ async def run_all(args: argparse.Namespace, cfg: Config, out: str) -> Results:
             if "exec" in want:
                 paths += [ExecPath(), ExecPath(cli=True)]
             if paths:
+                floor = Run("relay", "floor", 1)  # before and after: the same load as the paths
+                await relay_floor(cfg, floor, url)
                 with stage(f"Docker paths, up to {top} trajectories", res.stages):
                     await compare(cfg, res, paths, small, out, args.profile)
+                await relay_floor(cfg, floor, url)
+                res.add(floor)
         if big and want & {"limit", "toolq"}:
             paths = []
             if "limit" in want:

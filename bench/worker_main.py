@@ -45,6 +45,7 @@ async def main(settings: WorkerSettings, stats_path: str) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="worker %(levelname)s %(message)s")
+    logging.getLogger("toolq.worker.slots").setLevel(os.environ.get("TOOLQ_SLOTS_LOG", "WARNING"))
     fields = json.loads(sys.argv[1])
     fields["tools_modules"] = tuple(fields.get("tools_modules", ()))
     asyncio.run(main(WorkerSettings(**fields), sys.argv[2]))

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import anyio
 import mcp.types as types
@@ -34,13 +34,14 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
+from mcp.shared.message import SessionMessage
 
 from toolq.producer import AsyncClient
 from toolq.producer.tools import mcp_spec
 from toolq.schemas import TrajectorySpec
 
 from .mcp_session import Sessions, TrajectorySession
-from .mcp_stdin import StdinLines, pollable
+from .mcp_stdin import CheckedLines, StdinLines, pollable
 
 #: Longest the server waits, when it stops, for the closes of its trajectories.
 CLOSE_WAIT_S = 10.0
@@ -59,7 +60,7 @@ class McpSettings:
     """What ``toolq mcp`` serves, and where (the command's options)."""
 
     redis_url: str | None = None
-    namespace: str = "toolq"
+    namespace: str | None = None  #: default: TOOLQ_NAMESPACE, else toolq
     spec: TrajectorySpec = field(default_factory=TrajectorySpec)
     transport: Literal["stdio", "http"] = "stdio"
     host: str = "127.0.0.1"
@@ -189,11 +190,17 @@ async def serve_stdio(settings: McpSettings) -> None:
     scope = anyio.CancelScope()
 
     # A pipe is read without a thread, so that a signal need not wait for a line.
-    stdin: Any = StdinLines() if pollable(0) else None
+    lines: Any = StdinLines() if pollable(0) else anyio.wrap_file(sys.stdin)
+    stdin = CheckedLines(lines)
 
     async def serve() -> None:
         with scope:  # a signal cancels it; the lifespan still closes the trajectory
-            async with stdio_server(stdin=stdin) as (read, write):
+            async with stdio_server(stdin=cast(Any, stdin)) as (read, write):
+
+                async def reply(error: types.JSONRPCError) -> None:
+                    await write.send(SessionMessage(error))
+
+                stdin.reply = reply
                 await server.run(read, write, server.create_initialization_options())
 
     await _until_signal(serve, scope.cancel)

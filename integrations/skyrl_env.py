@@ -64,7 +64,7 @@ class ToolqEnvConfig:
     """``env_config`` of ``toolq/bash`` (a dict, an omegaconf section or this)."""
 
     redis_url: str | None = None  #: default: TOOLQ_REDIS_URL
-    namespace: str = "toolq"
+    namespace: str | None = None  #: default: TOOLQ_NAMESPACE, else toolq
     spec: dict[str, Any] = field(default_factory=dict)  #: every episode's trajectory spec
     traj_prefix: str = "skyrl"  #: trajectory ids are ``<prefix>-<random hex>``
     max_turns: int = 8  #: unless an episode's extras say otherwise

@@ -53,8 +53,8 @@ class ToolqDeploymentConfig(BaseModel):
 
     redis_url: str | None = None
     """toolq's Redis; None: ``TOOLQ_REDIS_URL``, else a local ``toolq worker``'s embedded one."""
-    namespace: str = "toolq"
-    """toolq's key namespace (the workers' ``TOOLQ_NAMESPACE``)."""
+    namespace: str | None = None
+    """toolq's key namespace (the workers'); None: ``TOOLQ_NAMESPACE``, else ``toolq``."""
     trajectory_id: str | None = Field(None, pattern=rf"^{TRAJ_ID_PATTERN}$")
     """The trajectory to open; None: ``<trajectory_prefix>-<random hex>``."""
     trajectory_prefix: str = Field("swerex", pattern=r"^[A-Za-z0-9._:-]{1,100}$")

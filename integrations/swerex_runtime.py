@@ -27,6 +27,7 @@ from swerex.exceptions import (
 from swerex.runtime.abstract import (
     AbstractRuntime,
     Action,
+    BashAction,
     BashInterruptAction,
     BashObservation,
     CloseBashSessionResponse,
@@ -54,7 +55,7 @@ from toolq.producer.model_calls import CLIENT_FAILURES
 from toolq.schemas import Result, TrajectoryRecord, TrajectorySpec
 
 from .swerex_commands import execute_script, split_streams, syntax_error, with_syntax_check
-from .swerex_errors import ToolqRuntimeError, UnsupportedActionError, raise_for_error
+from .swerex_errors import ToolqRuntimeError, raise_for_error
 from .swerex_files import (
     CHUNK_BYTES,
     Calls,
@@ -62,6 +63,13 @@ from .swerex_files import (
     batches,
     upload_calls,
     write_calls,
+)
+from .swerex_interactive import (
+    SAVE_STATE,
+    observation,
+    send_call,
+    start_call,
+    still_running,
 )
 
 
@@ -85,7 +93,7 @@ class ToolqRuntime(AbstractRuntime):
         *,
         spec: TrajectorySpec | None = None,
         redis_url: str | None = None,
-        namespace: str = "toolq",
+        namespace: str | None = None,
         client: AsyncClient | None = None,
         workspace_root: str = "/workspace",
         wait_slack_s: float = 60.0,
@@ -97,6 +105,7 @@ class ToolqRuntime(AbstractRuntime):
         self._redis_url, self._namespace, self._client = redis_url, namespace, client
         self._wait_slack_s = wait_slack_s
         self._sessions: set[str] = set()
+        self._interactive: set[str] = set()  # sessions with a program on their terminal
         self.logger = logger or get_logger("rex-runtime")
 
     @asynccontextmanager
@@ -177,12 +186,9 @@ class ToolqRuntime(AbstractRuntime):
         if action.session not in self._sessions:
             raise SessionDoesNotExistError(f"session {action.session!r} does not exist")
         if isinstance(action, BashInterruptAction):
-            return BashObservation(exit_code=0)
+            return await self._interrupt(action)
         if action.is_interactive_command or action.is_interactive_quit or action.expect:
-            raise UnsupportedActionError(
-                "interactive commands and expect strings are not supported by the toolq "
-                "runtime (a session's commands read no input: stdin is /dev/null)"
-            )
+            return await self._run_interactive(action)
         token = f"TOOLQ{uuid.uuid4().hex}"
         args = {"command": with_syntax_check(action.command, token), "session": action.session}
         result = await self._call("shell", args, action.timeout)
@@ -204,6 +210,54 @@ class ToolqRuntime(AbstractRuntime):
         return BashObservation(
             output=result.output, exit_code=exit_code, failure_reason=session_note(result)
         )
+
+    async def _run_interactive(self, action: BashAction) -> Observation:
+        """An interactive program on the session's terminal (``swerex_interactive``):
+        started in the session's state when none runs, else typed into."""
+        timeout_s = self.timeout_s(action.timeout)
+        session = action.session
+        async with self.connected() as trajectory:
+            if session in self._interactive:
+                call = send_call(session, action, timeout_s)
+            else:
+                saved = await self._call_on(
+                    trajectory, "shell", {"command": SAVE_STATE, "session": session}
+                )
+                raise_for_error(saved)
+                call = start_call(session, action, saved.output.strip(), timeout_s)
+            result = await self._call_on(trajectory, call.tool, call.args, timeout_s)
+        if result.error_code != "timeout":
+            raise_for_error(result)
+        if still_running(result) or result.timed_out:
+            self._interactive.add(session)
+        else:
+            self._interactive.discard(session)
+        observed = observation(action, result, timeout_s)
+        if action.check == "raise" and observed.exit_code not in (0, None):
+            raise NonZeroExitCodeError(
+                f"Command {action.command!r} failed with exit code {observed.exit_code}. "
+                f"Here is the output:\n{observed.output!r}"
+            )
+        return observed
+
+    async def _interrupt(self, action: BashInterruptAction) -> Observation:
+        """Ctrl-C to the session's interactive program, if one runs; killed if it does
+        not end (as swe-rex's fallback kills the job). Otherwise nothing runs: toolq
+        interrupted a command that timed out already."""
+        if action.session not in self._interactive:
+            return BashObservation(exit_code=0)
+        self._interactive.discard(action.session)
+        args = {"terminal": action.session, "keys": "C-c", "view": "text"}
+        wait = {"wait_for": "(?!)", "timeout_s": max(action.timeout * action.n_retry, 0.5)}
+        async with self.connected() as trajectory:
+            result = await self._call_on(trajectory, "terminal_send", {**args, **wait})
+            output = result.output
+            if (result.data or {}).get("alive"):
+                closed = await self._call_on(
+                    trajectory, "terminal_close", {"terminal": action.session}
+                )
+                output += closed.output
+        return BashObservation(output=output.strip(), exit_code=0)
 
     async def close_session(self, request: CloseSessionRequest) -> CloseSessionResponse:
         """End the session's shell (``exit``); ``SessionDoesNotExistError`` if not open."""

@@ -24,7 +24,7 @@ from toolq.schemas import (
 from . import children, ops, snapshots
 from . import tools as tools_mod
 from .client import Client
-from .config import redis_target, resolve_redis_url
+from .config import redis_target, resolve_namespace, resolve_redis_url
 from .drive import (
     BACKOFF,
     CLUSTER_KW,
@@ -32,8 +32,8 @@ from .drive import (
     REDIS_DOWN,
     RETRIES,
     CallLike,
+    RetryBudget,
     as_spec,
-    backoff_s,
     bg_wait_op,
     call_wait_s,
     calls_wait_s,
@@ -42,10 +42,13 @@ from .drive import (
     look_op,
     queue,
     raise_errors,
+    renamed_wait_s,
     tool_calls,
     with_source,
 )
-from .ops import Cmd, Op, ToolCall
+from .liveness import Liveness, workers_alive_op
+from .mux import MuxConnection
+from .ops import Cmd, Op, ToolCall, WaitTimeout
 from .session import AsyncTrajectory
 from .waits import Call, EventHub, cursor_before
 
@@ -60,7 +63,7 @@ class AsyncClient:
     def __init__(
         self,
         redis_url: str | None = None,
-        namespace: str = "toolq",
+        namespace: str | None = None,
         redis_client: aioredis.Redis | None = None,
     ) -> None:
         target, self.cluster = redis_target(resolve_redis_url(redis_url))
@@ -74,8 +77,12 @@ class AsyncClient:
             self.redis = cast(aioredis.Redis, cluster)
         else:
             self.redis = aioredis.Redis.from_url(target, retry=retry, **CONNECT_KW)
-        self.keys = Keys(namespace)
-        self._hub = EventHub(self.redis, self.keys, self.cluster)
+        self.keys = Keys(resolve_namespace(namespace))
+        self._liveness = Liveness()
+        # Scripts (every submit) and the event reader's wakes share one pipelined
+        # connection on one Redis.
+        self._mux = None if self.cluster else MuxConnection(self.redis.connection_pool)
+        self._hub = EventHub(self.redis, self.keys, self.cluster, self._mux)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -86,6 +93,8 @@ class AsyncClient:
     async def aclose(self) -> None:
         """Stop the event reader and close the connections."""
         await self._hub.close()
+        if self._mux is not None:
+            await self._mux.aclose()
         await self.redis.aclose()
 
     # ------------------------------------------------------------- driver
@@ -99,14 +108,15 @@ class AsyncClient:
             return value
 
     async def _execute(self, cmds: list[Cmd]) -> list[Any]:
-        for attempt in range(RETRIES + 1):
+        budget = RetryBudget(RETRIES)
+        while True:
             try:
                 return await self._execute_once(cmds)
-            except REDIS_DOWN:  # safe to send again: every operation is idempotent
-                if attempt == RETRIES:
+            except REDIS_DOWN as exc:  # safe to send again: every operation is idempotent
+                delay_s = budget.delay_s(exc)
+                if delay_s is None:
                     raise
-                await asyncio.sleep(backoff_s(attempt))
-        raise AssertionError("unreachable")
+                await asyncio.sleep(delay_s)
 
     async def _execute_once(self, cmds: list[Cmd]) -> list[Any]:
         replies = await self._pipeline(cmds)
@@ -118,6 +128,8 @@ class AsyncClient:
         return raise_errors(replies)
 
     async def _pipeline(self, cmds: list[Cmd]) -> list[Any]:
+        if self._mux is not None and cmds and all(c.name in ("evalsha", "eval") for c in cmds):
+            return await self._mux.execute([(cmd.name.upper(), *cmd.args) for cmd in cmds])
         pipe = self.redis.pipeline(transaction=False)
         for cmd in cmds:
             queue(pipe, cmd)
@@ -193,8 +205,16 @@ class AsyncClient:
         wait = wait_s if wait_s is not None else calls_wait_s(to_submit)
         return await _gather([self._await(d, wait) for d in done])
 
-    async def result(self, traj_id: str, call_id: str, timeout_s: float | None = 60.0) -> Result:
-        return await self._await(ops.Submitted(traj_id, call_id, ""), default_wait_s(timeout_s))
+    async def result(
+        self,
+        traj_id: str,
+        call_id: str,
+        wait_s: float | None = 60.0,
+        *,
+        timeout_s: float | None = None,
+    ) -> Result:
+        wait_s = renamed_wait_s(wait_s, timeout_s)
+        return await self._await(ops.Submitted(traj_id, call_id, ""), default_wait_s(wait_s))
 
     async def results(self, calls: Iterable[Call], *, wait_s: float | None = 60.0) -> list[Result]:
         return await _gather([self.result(t, c, wait_s) for t, c in calls])
@@ -211,6 +231,15 @@ class AsyncClient:
                 task.cancel()
 
     async def _await(self, done: ops.Submitted, wait_s: float) -> Result:
+        if not self._liveness.seen:  # before the first wait: warn when no worker serves us
+            self._liveness.note(await self._drive(workers_alive_op(self.keys)), self.keys)
+        try:
+            return await self._await_result(done, wait_s)
+        except WaitTimeout as exc:
+            alive = await self._drive(workers_alive_op(self.keys))
+            raise WaitTimeout(self._liveness.explain(exc, alive, self.keys)) from None
+
+    async def _await_result(self, done: ops.Submitted, wait_s: float) -> Result:
         if done.entry_id:
             cursor = cursor_before(done.entry_id)
         else:  # answered at once, or an older call: look first, then wait from now

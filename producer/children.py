@@ -22,7 +22,7 @@ from typing import Any
 
 from toolq.schemas import FINAL_STATUSES, Keys, TrajectoryRecord, TrajectorySpec, lua
 
-from .ops import Cmd, LimitExceeded, Op, cancel_cmd, lineage, now_ms, one, open_record, s, script
+from .ops import Cmd, LimitExceeded, Op, cancel_each, lineage, now_ms, one, open_record, s, script
 from .ops import select_runs as _select_runs
 
 #: A place reserved this long ago for a child that has no record yet is a
@@ -97,8 +97,8 @@ def cancel_tree(keys: Keys, roots: list[str], seen: set[str] | None = None) -> O
     seen = set(seen or ()) | set(roots)
     generation = roots
     while generation:
-        outcomes = yield [cancel_cmd(keys, t) for t in generation]
-        by_outcome = dict(zip(generation, (s(o) for o in outcomes), strict=True))
+        outcomes = yield from cancel_each(keys, generation)
+        by_outcome = dict(zip(generation, outcomes, strict=True))
         done = [t for t, o in by_outcome.items() if o == "cancelled"]
         if done:
             yield [Cmd("zrem", (keys.pending, *done))]

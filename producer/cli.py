@@ -13,14 +13,19 @@ from typing import Any
 
 import click
 
-from toolq.schemas import Keys, Limits, TrajectorySpec
+from toolq.schemas import Limits, TrajectorySpec
 
 from . import cli_bg, cli_files, cli_status
-from .cli_errors import EXIT_TIMEOUT, EXIT_USAGE, CliError, ToolqGroup
+from .cli_errors import EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_USAGE, CliError, ToolqGroup
 from .cli_mcp import mcp_cmd
 from .cli_tools import tools_cmd
 from .client import Client
-from .ops import WaitTimeout
+from .drive import call_wait_s
+from .liveness import workers_alive_op
+from .ops import WaitTimeout, new_call_id
+
+#: ``--wait``: seconds, never negative.
+WAIT_S = click.FloatRange(min=0)
 
 
 def _json_arg(value: str, what: str) -> Any:
@@ -54,11 +59,8 @@ def _spec(spec_json: str) -> TrajectorySpec:
 
 
 def _workers_alive(client: Client) -> bool:
-    """Has any worker of the namespace beaten within the last 30 s (its clock)?"""
-    beats: Any = client.redis.zrange(Keys(client.keys.ns).workers, 0, -1, withscores=True)
-    now_ms = client.redis.time()
-    cutoff = now_ms[0] * 1000 + now_ms[1] // 1000 - 30_000
-    return any(score >= cutoff for _, score in beats)
+    """Has any worker of the namespace beaten within the last 30 s (Redis's clock)?"""
+    return client._drive(workers_alive_op(client.keys))
 
 
 @click.group(cls=ToolqGroup)
@@ -80,7 +82,7 @@ def main(ctx: click.Context, redis_url: str | None, namespace: str, debug: bool)
 
     Exit status: 0 done (for `call`: the tool succeeded), 1 the tool failed or
     what was asked for does not exist, 2 usage, 3 Redis or the Docker engine
-    cannot be reached, 124 a wait timed out.
+    cannot be reached, 124 a wait timed out, 130 interrupted (Ctrl-C).
     """
     ctx.ensure_object(dict).update(redis_url=redis_url, namespace=namespace, debug=debug)
 
@@ -88,11 +90,12 @@ def main(ctx: click.Context, redis_url: str | None, namespace: str, debug: bool)
 @main.command("open")
 @click.argument("traj")
 @click.option("--spec", "spec_json", default=None, help="Trajectory spec as JSON.")
+@click.option("--reuse", is_flag=True, help="Start an ended trajectory of this id over.")
 @click.pass_context
-def open_cmd(ctx: click.Context, traj: str, spec_json: str | None) -> None:
+def open_cmd(ctx: click.Context, traj: str, spec_json: str | None, reuse: bool) -> None:
     """Open trajectory TRAJ (no-op if it is open already)."""
     spec = _spec(spec_json) if spec_json else None
-    status = _client(ctx).open(traj, spec)
+    status = _client(ctx).open(traj, spec, reuse=reuse)
     click.echo(json.dumps({"traj": traj, "status": status}))
 
 
@@ -100,9 +103,25 @@ def open_cmd(ctx: click.Context, traj: str, spec_json: str | None) -> None:
 @click.argument("traj")
 @click.argument("tool")
 @click.argument("args", default="{}")
-@click.option("--timeout", "timeout_s", type=float, default=None, help="Call timeout (s).")
-@click.option("--call-id", default=None, help="Client call id (idempotent resubmission).")
-@click.option("--wait", "wait_s", type=float, default=None, help="Seconds to wait for the result.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Call timeout (s)  [default: the trajectory's limits.call_timeout_s]",
+)
+@click.option(
+    "--call-id",
+    default=None,
+    help="Client call id (idempotent resubmission)  [default: a fresh one]",
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=WAIT_S,
+    default=None,
+    help="Seconds to wait for the result  [default: the call timeout + 60, or 120]",
+)
 @click.pass_context
 def call_cmd(
     ctx: click.Context,
@@ -117,27 +136,53 @@ def call_cmd(
 
     Opens TRAJ with the default spec if needed. Exit status: 0 when the tool
     succeeded, 1 when it failed, 2 on usage errors, 3 when Redis cannot be
-    reached, 124 when no result came in time (says so when no worker is alive).
+    reached, 124 when no result came in time (says so when no worker is alive),
+    130 on Ctrl-C (the call runs on: the line printed says how to get its result
+    or cancel it).
     """
     parsed = _json_arg(args, "ARGS")
     if not isinstance(parsed, dict):
         raise click.UsageError("ARGS must be a JSON object")
     client = _client(ctx)
-    client.open(traj)
-    alive = _workers_alive(client)
-    if not alive:
+    call_id = call_id or new_call_id()
+    wait = wait_s if wait_s is not None else call_wait_s(timeout_s)
+    submitted = False
+    try:
+        client.open(traj)
+        client.submit(traj, tool, parsed, call_id=call_id, timeout_s=timeout_s)
+        submitted = True
+        result = client.result(traj, call_id, wait)  # says at once when no worker is alive
+    except KeyboardInterrupt:  # the call is in Redis (or may be): it runs on without us
+        runs = "still runs" if submitted else "may have been submitted"
         click.echo(
-            f"toolq: no worker is alive in namespace {client.keys.ns!r}: the call waits "
-            "until one starts (`toolq worker`)",
+            f"toolq: interrupted; call {call_id} of {traj} {runs}: its result: "
+            f"`toolq result {traj} {call_id}`; to stop it: `toolq cancel {traj}`",
             err=True,
         )
-    try:
-        result = client.call(
-            traj, tool, parsed, timeout_s=timeout_s, call_id=call_id, wait_s=wait_s
-        )
+        sys.exit(EXIT_INTERRUPTED)
     except WaitTimeout as exc:
-        hint = "" if alive else " (no worker is alive: start one with `toolq worker`)"
-        raise CliError(f"{exc}{hint}", EXIT_TIMEOUT) from None
+        raise CliError(str(exc), EXIT_TIMEOUT) from None
+    click.echo(result.model_dump_json())
+    sys.exit(0 if result.ok else 1)
+
+
+@main.command("result")
+@click.argument("traj")
+@click.argument("call_id")
+@click.option(
+    "--wait", "wait_s", type=WAIT_S, default=60.0, show_default=True, help="Seconds to wait."
+)
+@click.pass_context
+def result_cmd(ctx: click.Context, traj: str, call_id: str, wait_s: float) -> None:
+    """Print the result of call CALL_ID of TRAJ as JSON, waiting for it if needed.
+
+    Exit status as for `call`: 0 the tool succeeded, 1 it failed, 124 no result
+    came in time.
+    """
+    try:
+        result = _client(ctx).result(traj, call_id, wait_s)
+    except WaitTimeout as exc:
+        raise CliError(str(exc), EXIT_TIMEOUT) from None
     click.echo(result.model_dump_json())
     sys.exit(0 if result.ok else 1)
 
@@ -155,7 +200,8 @@ def close_cmd(ctx: click.Context, traj: str) -> None:
 @click.argument("traj")
 @click.pass_context
 def cancel_cmd(ctx: click.Context, traj: str) -> None:
-    """Cancel TRAJ now: kill what runs, answer pending calls with `cancelled`."""
+    """Cancel TRAJ and its open children now: kill what runs, answer pending calls
+    with `cancelled`."""
     entry = _client(ctx).cancel(traj)
     click.echo(json.dumps({"traj": traj, "cancel_entry": entry}))
 

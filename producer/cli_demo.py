@@ -32,20 +32,16 @@ print(f"{len(primes)} primes below {n}")
 def pick_backend(choice: str, image: str) -> tuple[str, str]:
     """``(backend, why)``: Docker only when an engine answers and the sandbox image
     is there; ``why`` says why ``auto`` chose local ('' otherwise)."""
-    from toolq.worker.service import docker_unavailable
+    from toolq.worker.service import docker_unavailable, image_fix, image_missing
 
     if choice != "auto":
         return choice, ""
     why = docker_unavailable()
     if why is not None:
         return "local", f"no Docker engine answered ({why})"
-    import docker
-
-    try:
-        docker.from_env().images.get(image)
-        return "docker", ""
-    except Exception:
-        return "local", f"the Docker engine has no image {image}"
+    if image_missing(image):
+        return "local", f"the Docker engine has no image {image} (fix: {image_fix(image)})"
+    return "docker", ""
 
 
 def warn_local(why: str) -> None:
@@ -171,10 +167,13 @@ def run_demo(
 )
 @click.pass_context
 def demo(ctx: click.Context, trajectories: int, rounds: int, backend: str, image: str) -> None:
-    """Run a small realistic workload end to end and print a summary (needs the worker).
+    """Run a small realistic workload end to end and print a summary.
 
-    Each trajectory writes a program, runs it, reads what it wrote, lists its
-    workspace, a few rounds. Exit status 0 when every call succeeded.
+    Self-contained: it runs its own worker, and its own Redis unless
+    TOOLQ_REDIS_URL names one; nothing else needs to be started (it needs the
+    worker package, `pip install 'toolq[worker]'`). Each trajectory writes a
+    program, runs it, reads what it wrote, lists its workspace, a few rounds.
+    Exit status 0 when every call succeeded.
     """
     obj = ctx.find_root().obj or {}
     ok = run_demo(

@@ -7,19 +7,21 @@
 | 2 | usage: a bad option, argument, URL or spec field (named) |
 | 3 | infrastructure: Redis or the Docker engine cannot be reached |
 | 124 | a wait timed out |
+| 130 | interrupted (Ctrl-C); ``call`` says how to get the result of the call it left running |
 
 Errors print as ``Error: ...`` on stderr without a traceback; ``toolq --debug``
-(or ``TOOLQ_DEBUG=1``) shows it.
+(or ``TOOLQ_DEBUG=1``) prints the traceback too, with the same exit status.
 """
 
 from __future__ import annotations
 
 import sys
+import traceback
 from typing import Any
 
 import click
 from pydantic import ValidationError
-from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -28,7 +30,7 @@ from toolq.schemas import InvalidIdError
 from .config import NoRedisError
 from .ops import ToolqError, WaitTimeout
 
-EXIT_FAILED, EXIT_USAGE, EXIT_INFRA, EXIT_TIMEOUT = 1, 2, 3, 124
+EXIT_FAILED, EXIT_USAGE, EXIT_INFRA, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 3, 124, 130
 
 
 class CliError(click.ClickException):
@@ -36,7 +38,9 @@ class CliError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        # An instance attribute as click reads it; click >= 8.5 declares the class's
+        # a ClassVar, which mypy will not let an instance assign.
+        vars(self)["exit_code"] = exit_code
 
 
 def classify(exc: BaseException) -> CliError | None:
@@ -51,6 +55,8 @@ def classify(exc: BaseException) -> CliError | None:
         return CliError(str(exc), EXIT_FAILED)
     if isinstance(exc, (RedisConnectionError, RedisTimeoutError, AuthenticationError)):
         return CliError(f"cannot reach Redis: {exc}", EXIT_INFRA)
+    if isinstance(exc, ResponseError) and "DB index" in str(exc):  # redis://host/99
+        return CliError(f"bad Redis URL: {exc} (the /N after the host)", EXIT_USAGE)
     if isinstance(exc, RedisError):
         return CliError(f"Redis refused: {exc}", EXIT_INFRA)
     if _is_docker_error(exc):
@@ -83,15 +89,15 @@ class ToolqGroup(click.Group):
         except (click.exceptions.Exit, click.Abort, click.ClickException, SystemExit):
             raise
         except KeyboardInterrupt:
-            raise click.Abort() from None
+            click.echo("toolq: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except Exception as exc:
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
+            debug = bool(ctx.obj and ctx.obj.get("debug"))
+            if debug:  # the traceback, then the same line and status as without --debug
+                traceback.print_exc()
             found = classify(exc)
             if found is not None:
                 raise found from None
-            click.echo(
-                f"Error: unexpected {type(exc).__name__}: {exc} (run with --debug for details)",
-                err=True,
-            )
+            hint = "" if debug else " (run with --debug for details)"
+            click.echo(f"Error: unexpected {type(exc).__name__}: {exc}{hint}", err=True)
             sys.exit(EXIT_FAILED)

@@ -22,9 +22,32 @@ from toolq.schemas import Result, SnapshotInfo, TrajectorySpec
 
 from .cli_errors import EXIT_USAGE, CliError
 
+#: The most an upload may unpack to (the ``unpack`` tool's default ``max_bytes``).
+UPLOAD_MAX_BYTES = 256 * 1024**2
+
+
+def check_size(path: str, max_bytes: int = UPLOAD_MAX_BYTES) -> None:
+    """Refuse a tree whose files add up to more than ``max_bytes`` (their apparent
+    size, which a tar carries: a sparse file counts in full) before packing it."""
+    total, largest = 0, ("", 0)
+    for parent, _dirs, files in os.walk(path):
+        for name in files:
+            full = os.path.join(parent, name)
+            size = os.lstat(full).st_size
+            total += size
+            largest = max(largest, (full, size), key=lambda x: x[1])
+            if total > max_bytes:
+                raise CliError(
+                    f"{path} holds more than {max_bytes} bytes (at least {total}; "
+                    f"{largest[0]}: {largest[1]} bytes): an upload unpacks to at most that",
+                    EXIT_USAGE,
+                )
+
 
 def pack_dir(path: str) -> bytes:
-    """``path``'s contents as a tar.gz; a link in it is an error (uploads carry none)."""
+    """``path``'s contents as a tar.gz; a link in it is an error (uploads carry none),
+    and so is a tree larger than ``UPLOAD_MAX_BYTES`` (checked before packing)."""
+    check_size(path)
     buf = io.BytesIO()
 
     def no_links(info: tarfile.TarInfo) -> tarfile.TarInfo:

@@ -28,13 +28,28 @@ def _row(rec: TrajectoryRecord) -> str:
     )
 
 
+def _check_labels(labels: tuple[str, ...]) -> tuple[str, ...]:
+    """``--label`` values are ``k=v`` (a usage error otherwise, exit 2)."""
+    for label in labels:
+        key, sep, _ = label.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{label!r} is not k=v", param_hint="'--label'")
+    return labels
+
+
 @click.command("runs")
 @click.option(
     "--status",
     type=click.Choice(["pending", "running", "completed", "failed", "timeout", "cancelled"]),
     default=None,
 )
-@click.option("--label", "labels", multiple=True, help="Filter by label k=v (repeatable).")
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    callback=lambda _ctx, _param, value: _check_labels(value),
+    help="Filter by label k=v (repeatable).",
+)
 @click.option("--parent", default=None, help="Only the children of this trajectory.")
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--count", "count_only", is_flag=True, help="Only count by status.")
@@ -52,7 +67,7 @@ def runs(
     """List trajectories (newest first) or count them by status.
 
     Pending ones show how long they have waited for a slot (the backlog).
-    ``--parent P`` lists P's children: its open ones, and ended ones until a
+    --parent P lists P's children: its open ones, and ended ones until a
     later child's open frees their places.
     """
     from .cli import _client

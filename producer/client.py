@@ -38,7 +38,7 @@ from toolq.schemas import (
 
 from . import children, ops, snapshots
 from . import tools as tools_mod
-from .config import redis_target, resolve_redis_url
+from .config import redis_target, resolve_namespace, resolve_redis_url
 from .drive import (
     BACKOFF,
     CLUSTER_KW,
@@ -46,9 +46,9 @@ from .drive import (
     REDIS_DOWN,
     RETRIES,
     CallLike,
+    RetryBudget,
     as_spec,
     await_op,
-    backoff_s,
     bg_wait_op,
     call_wait_s,
     calls_wait_s,
@@ -56,10 +56,12 @@ from .drive import (
     default_wait_s,
     queue,
     raise_errors,
+    renamed_wait_s,
     tool_calls,
     wait_set_op,
     with_source,
 )
+from .liveness import Liveness, workers_alive_op
 from .ops import (
     Cmd,
     LimitExceeded,
@@ -94,12 +96,12 @@ class Client:
     def __init__(
         self,
         redis_url: str | None = None,
-        namespace: str = "toolq",
+        namespace: str | None = None,
         redis_client: redis.Redis | None = None,
         retries: int = RETRIES,
     ) -> None:
         """``retries``: how often a command is sent again while Redis is unreachable
-        (15-30 s with the default; the CLI gives up after about a second)."""
+        (at least 30 s with the default; the CLI gives up after about a second)."""
         target, self.cluster = redis_target(resolve_redis_url(redis_url))
         self.retries = retries
         # One layer of retries, ours (``_execute``): redis-py's own would multiply it.
@@ -113,7 +115,8 @@ class Client:
             )
         else:
             self.redis = redis.Redis.from_url(target, retry=retry, **CONNECT_KW)
-        self.keys = Keys(namespace)
+        self.keys = Keys(resolve_namespace(namespace))
+        self._liveness = Liveness()
 
     def __enter__(self) -> Client:
         return self
@@ -132,14 +135,15 @@ class Client:
             return value
 
     def _execute(self, cmds: list[Cmd]) -> list[Any]:
-        for attempt in range(self.retries + 1):
+        budget = RetryBudget(self.retries)
+        while True:
             try:
                 return self._execute_once(cmds)
-            except REDIS_DOWN:  # safe to send again: every operation is idempotent
-                if attempt == self.retries:
+            except REDIS_DOWN as exc:  # safe to send again: every operation is idempotent
+                delay_s = budget.delay_s(exc)
+                if delay_s is None:
                     raise
-                time.sleep(backoff_s(attempt))
-        raise AssertionError("unreachable")
+                time.sleep(delay_s)
 
     def _execute_once(self, cmds: list[Cmd]) -> list[Any]:
         replies = self._pipeline(cmds)
@@ -218,7 +222,9 @@ class Client:
         """Replace the tool policy for the calls submitted after this (a ``policy``
         entry: calls submitted before it keep the old one). Returns the entry's call
         id; its result says the policy is in force, or why it was refused (a
-        ``call_timeout_s`` above the spec's ``max_call_timeout_s``)."""
+        ``call_timeout_s`` above the spec's ``max_call_timeout_s``). Both tool lists
+        are replaced: one left ``None`` is lifted (no ``allowed_tools``: every tool
+        not blocked may run, whatever the spec said)."""
         entry = ops.policy_entry(step, allowed_tools, blocked_tools, call_timeout_s)
         return self._drive(ops.submit(self.keys, traj_id, entry)).call_id
 
@@ -272,10 +278,19 @@ class Client:
         done = self._drive(ops.submit_many(self.keys, traj_id, to_submit))
         return self._await(done, wait_s if wait_s is not None else calls_wait_s(to_submit))
 
-    def result(self, traj_id: str, call_id: str, timeout_s: float | None = 60.0) -> Result:
-        """Wait up to ``timeout_s`` for a call's result; raises ``WaitTimeout``."""
+    def result(
+        self,
+        traj_id: str,
+        call_id: str,
+        wait_s: float | None = 60.0,
+        *,
+        timeout_s: float | None = None,
+    ) -> Result:
+        """Wait up to ``wait_s`` for a call's result; raises ``WaitTimeout``.
+        (``timeout_s=`` is the deprecated name of ``wait_s``.)"""
+        wait_s = renamed_wait_s(wait_s, timeout_s)
         done = ops.Submitted(traj_id, call_id, "")
-        return self._await([done], default_wait_s(timeout_s), look_first=True)[0]
+        return self._await([done], default_wait_s(wait_s), look_first=True)[0]
 
     def results(self, calls: Iterable[Call], *, wait_s: float | None = 60.0) -> list[Result]:
         """Wait for the results of ``(traj_id, call_id)`` pairs, of any trajectories,
@@ -292,13 +307,31 @@ class Client:
         submitted = [ops.Submitted(t, c, "") for t, c in calls]
         waits, found = self._drive(wait_set_op(self.keys, submitted, True, self.cluster))
         yield from found.values()
+        if waits.pending:
+            self._check_workers()
         while waits.pending:
-            yield from self._drive(wait_some_op(waits, deadline)).values()
+            try:
+                yield from self._drive(wait_some_op(waits, deadline)).values()
+            except WaitTimeout as exc:
+                raise self._explain(exc) from None
 
     def _await(
         self, calls: list[ops.Submitted], wait_s: float, look_first: bool = False
     ) -> list[Result]:
-        return self._drive(await_op(self.keys, calls, wait_s, look_first, self.cluster))
+        self._check_workers()
+        try:
+            return self._drive(await_op(self.keys, calls, wait_s, look_first, self.cluster))
+        except WaitTimeout as exc:
+            raise self._explain(exc) from None
+
+    def _check_workers(self) -> None:
+        """Before waiting: warn once (logging) when no worker serves the namespace."""
+        if not self._liveness.seen:
+            self._liveness.note(self._drive(workers_alive_op(self.keys)), self.keys)
+
+    def _explain(self, exc: WaitTimeout) -> WaitTimeout:
+        alive = self._drive(workers_alive_op(self.keys))
+        return WaitTimeout(self._liveness.explain(exc, alive, self.keys))
 
     # ------------------------------------------------------- agent loops
     def trajectory(

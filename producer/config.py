@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
-from toolq.schemas.local import NoRedisError, redis_target, resolve_redis_url
+from toolq.schemas.local import (
+    ClusterNodeError,
+    NoRedisError,
+    redis_target,
+    resolve_namespace,
+    resolve_redis_url,
+)
 
-__all__ = ["NoRedisError", "redis_target", "resolve_redis_url"]
+__all__ = [
+    "ClusterNodeError",
+    "NoRedisError",
+    "redis_target",
+    "resolve_namespace",
+    "resolve_redis_url",
+]

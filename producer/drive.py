@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
-from redis.exceptions import ClusterDownError, TryAgainError
+from redis.exceptions import AskError, BusyLoadingError, ClusterError, MovedError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from toolq.schemas import BgTask, Keys, Result, TrajectoryRecord, TrajectorySpec, TrajStatus
 
 from . import ops
+from .config import ClusterNodeError
 from .ops import Cmd, Op, ToolCall
 from .waits import Call, WaitSet, cursor_before, wait_op
 
@@ -41,17 +43,65 @@ CLUSTER_KW: dict[str, Any] = {
 
 
 # What a restarting Redis or a cluster failing over answers for a while: wait and
-# send again (redis-py's own cluster retries do not back off).
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError)
+# send again (redis-py's own cluster retries do not back off). ClusterError covers
+# CLUSTERDOWN and redis-py's "TTL exhausted" after redirections that went on (a
+# slot migrating: TRYAGAIN until its keys have moved). BusyLoadingError (a Redis
+# loading its data) is a ConnectionError.
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterError, TryAgainError)
+
+
+#: How long clients wait, besides their retries, for a Redis that answers LOADING
+#: (restarted, loading its AOF: it is up and will serve once loaded).
+LOADING_WAIT_S = 300.0
+
+
+#: The default budget (``RETRIES``) also lasts at least this long: longer than a
+#: Redis Cluster failover at Redis's default cluster-node-timeout (15 s: the
+#: master is found failed, a replica elected and the clients' slot map renewed).
+RETRY_MIN_S = 30.0
+
+
+class RetryBudget:
+    """When to send a command again after ``REDIS_DOWN``: ``retries`` backoffs
+    while Redis is unreachable (the default, ``RETRIES``, for at least
+    ``RETRY_MIN_S``); a Redis that answers LOADING is waited for on top of
+    those, up to ``LOADING_WAIT_S``."""
+
+    def __init__(self, retries: int) -> None:
+        self.retries = retries
+        self.attempt = 0
+        self.min_s = RETRY_MIN_S if retries >= RETRIES else 0.0
+        self.started = time.monotonic()
+        self.loading_since: float | None = None
+
+    def delay_s(self, exc: BaseException) -> float | None:
+        """Seconds to wait before the next try, or None: give up (raise ``exc``)."""
+        now = time.monotonic()
+        if isinstance(exc, BusyLoadingError):
+            self.loading_since = self.loading_since or now
+            if now - self.loading_since < LOADING_WAIT_S:
+                return float(random.uniform(0.05, 0.5))
+        if self.attempt >= self.retries and now - self.started >= self.min_s:
+            return None
+        self.attempt += 1
+        return backoff_s(self.attempt - 1)
 
 
 def backoff_s(attempt: int) -> float:
-    """Exponential backoff with full jitter, capped at 2 s (15-30 s over RETRIES)."""
+    """Exponential backoff with full jitter, capped at 2 s."""
     return float(random.uniform(0, min(0.05 * 2**attempt, 2.0)))
 
 
 def default_wait_s(timeout_s: float | None) -> float:
     return 60.0 if timeout_s is None else timeout_s
+
+
+def renamed_wait_s(wait_s: float | None, timeout_s: float | None) -> float | None:
+    """``result(timeout_s=)``: the old name of ``wait_s`` (every wait takes ``wait_s``)."""
+    if timeout_s is None:
+        return wait_s
+    warnings.warn("result(timeout_s=) is deprecated: use wait_s=", DeprecationWarning, stacklevel=3)
+    return timeout_s
 
 
 def call_wait_s(timeout_s: float | None) -> float:
@@ -113,6 +163,10 @@ def with_source(cmd: Cmd) -> Cmd:
 
 def raise_errors(replies: list[Any]) -> list[Any]:
     for reply in replies:
+        if isinstance(reply, AskError):  # MOVED too: only a cluster node answers that
+            node = f"{reply.host}:{reply.port}"
+            word = "MOVED" if isinstance(reply, MovedError) else "ASK"
+            raise ClusterNodeError(f"it answered {word} {reply.slot_id} {node}", node) from reply
         if isinstance(reply, Exception):
             raise reply
     return replies

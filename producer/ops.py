@@ -10,6 +10,7 @@ forgotten them (NOSCRIPT) and sends the pipeline again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -32,6 +33,7 @@ from toolq.schemas import (
     check_part,
     check_traj_id,
     lua,
+    stream_call_id,
 )
 
 from . import tools as tools_mod
@@ -44,6 +46,7 @@ RESULT_TTL_MS = 3600 * 1000
 EVENTS_MAXLEN = 64
 RETENTION_MS = 24 * 3600 * 1000
 RUNS_PAGE = 500
+INBOX_TTL_S = 60  # a worker's inbox holds duplicates only: unread, they may go
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,13 @@ Op = Generator[list[Cmd], list[Any], T]
 
 def script(source: str, keys: list[str], args: Iterable[Any]) -> Cmd:
     """EVALSHA of ``source`` (the driver loads it if Redis does not know it)."""
-    sha = hashlib.sha1(source.encode()).hexdigest()
-    return Cmd("evalsha", (sha, len(keys), *keys, *args), script=source)
+    return Cmd("evalsha", (script_sha(source), len(keys), *keys, *args), script=source)
+
+
+@functools.cache
+def script_sha(source: str) -> str:
+    """The SHA1 Redis names a script by (computed once per script: every submit runs one)."""
+    return hashlib.sha1(source.encode()).hexdigest()
 
 
 def one(cmd: Cmd) -> Op[Any]:
@@ -115,19 +123,27 @@ def new_call_id() -> str:
 
 
 # ------------------------------------------------------------- lifecycle
-def open_traj(keys: Keys, traj_id: str, spec: TrajectorySpec | None, reuse: bool) -> Op[str]:
+def open_traj(
+    keys: Keys,
+    traj_id: str,
+    spec: TrajectorySpec | None,
+    reuse: bool,
+    prefer: tuple[str, int] | None = None,
+) -> Op[str]:
     """Create the record and enqueue the open request (again, if an earlier
     open died in between). Returns the status (``new`` when just created).
 
-    A spec that names a parent opens a child (``children.open_child``): raises
-    ``LimitExceeded`` when the parent refuses it."""
+    ``prefer`` (worker id, ms): a fork's copy, for that worker first (see
+    ``OpenRequest.prefer``). A spec that names a parent opens a child
+    (``children.open_child``): raises ``LimitExceeded`` when the parent refuses it."""
     check_traj_id(traj_id)
     spec = spec or TrajectorySpec()
     if spec.parent is not None:
         from . import children  # it builds on this module
 
         return (yield from children.open_child(keys, traj_id, spec, reuse))
-    return (yield from open_record(keys, traj_id, spec, reuse, lineage(spec, 0, None)))
+    extra = lineage(spec, 0, None)
+    return (yield from open_record(keys, traj_id, spec, reuse, extra, prefer))
 
 
 def lineage(spec: TrajectorySpec, depth: int, parent_max_depth: int | None) -> dict[str, str]:
@@ -144,31 +160,53 @@ def lineage(spec: TrajectorySpec, depth: int, parent_max_depth: int | None) -> d
 
 
 def open_record(
-    keys: Keys, traj_id: str, spec: TrajectorySpec, reuse: bool, extra: dict[str, str]
+    keys: Keys,
+    traj_id: str,
+    spec: TrajectorySpec,
+    reuse: bool,
+    extra: dict[str, str],
+    prefer: tuple[str, int] | None = None,
 ) -> Op[str]:
-    """The open script (with ``extra`` fields in a new record), then the open request."""
+    """The open script (with ``extra`` fields in a new record), then the open request
+    (``prefer``: also in that worker's inbox, see ``open_traj``)."""
     # Only the fields the caller set: a trajectory opened from a snapshot keeps the
     # snapshot's spec where the opener's says nothing (a default is not a choice).
     spec_json = spec.model_dump_json(exclude_unset=True, exclude_none=True)
-    fields = {**OpenRequest(traj=traj_id).to_fields(), "spec": spec_json}
+    request = OpenRequest(traj=traj_id)
+    if prefer is not None:
+        request = OpenRequest(traj=traj_id, prefer=prefer[0], prefer_ms=prefer[1])
+    fields = {**request.to_fields(), "spec": spec_json}
     at = now_ms()
     record_keys = [keys.traj(traj_id), keys.calls(traj_id), keys.events(traj_id)]
     record_keys += [keys.bg_index(traj_id), keys.children(traj_id)]
     argv = [traj_id, at, fields["spec"], int(reuse), *(x for kv in extra.items() for x in kv)]
     status = s((yield [script(lua.OPEN, record_keys, argv)])[0])
     if status in ("new", "requeue"):
+        inbox = []
+        if prefer is not None:  # a duplicate for the preferred worker; expires if unread
+            box = keys.worker_inbox(prefer[0])
+            inbox = [Cmd("rpush", (box, json.dumps(fields))), Cmd("expire", (box, INBOX_TTL_S))]
         yield [
             Cmd("zadd", (keys.runs, {traj_id: at}), {"nx": True}),
             Cmd("zadd", (keys.pending, {traj_id: at}), {"nx": True}),
+            *inbox,
             Cmd("xadd", (keys.open, fields)),
             script(lua.ENQUEUED, [keys.traj(traj_id)], [at]),
         ]
         return "new" if status == "new" else "pending"
     if status not in ("pending", "running"):
-        raise TrajectoryEnded(
-            f"trajectory {traj_id} has ended ({status}); open(reuse=True) starts it over"
-        )
+        record = yield from get_record(keys, traj_id)
+        raise TrajectoryEnded(ended_message(traj_id, status, record))
     return status
+
+
+def ended_message(traj_id: str, status: str, record: TrajectoryRecord | None) -> str:
+    """Why an ended trajectory refuses, and how to start it over (any client)."""
+    reason = f": {record.reason}" if record is not None and record.reason else ""
+    return (
+        f"trajectory {traj_id} has ended ({status}{reason}); to start it over under the "
+        f"same id: `toolq open {traj_id} --reuse` (Python: open(..., reuse=True))"
+    )
 
 
 @dataclass(frozen=True)
@@ -222,7 +260,11 @@ def submit_many(
 def _submit_cmd(keys: Keys, traj_id: str, fields: dict[str, str]) -> Cmd:
     flat = [x for kv in fields.items() for x in kv]
     argv = [keys.result(traj_id, ""), RESULT_TTL_MS, EVENTS_MAXLEN, now_ms(), *flat]
-    return script(lua.SUBMIT, [keys.traj(traj_id), keys.calls(traj_id), keys.events(traj_id)], argv)
+    declared = _traj_keys(keys, traj_id)
+    call_id = stream_call_id(fields, "")
+    if call_id:  # the result key, declared: safe while a cluster migrates the slot
+        declared.append(keys.result(traj_id, call_id))
+    return script(lua.SUBMIT, declared, argv)
 
 
 def entry_fields(entry: CallEntry | ToolCall) -> dict[str, str]:
@@ -306,7 +348,7 @@ def cancel(keys: Keys, traj_id: str) -> Op[str]:
     """The cancel script, then the same for its open children (and theirs);
     returns 'requested', 'cancelled' or 'ended'."""
     check_traj_id(traj_id)
-    outcome = s((yield [cancel_cmd(keys, traj_id)])[0])
+    (outcome,) = yield from cancel_each(keys, [traj_id])
     if outcome == "unknown":
         raise UnknownTrajectory(f"no trajectory {traj_id}")
     if outcome == "cancelled":
@@ -317,17 +359,47 @@ def cancel(keys: Keys, traj_id: str) -> Op[str]:
     return outcome
 
 
-def cancel_cmd(keys: Keys, traj_id: str) -> Cmd:
-    """The cancel script for one trajectory (its reply: see ``lua.CANCEL``)."""
+# Rounds of the cancel script that may meet calls submitted after the stream was
+# read ('retry'); the last round builds the result keys in the script instead.
+CANCEL_ROUNDS = 5
+
+
+def cancel_each(keys: Keys, traj_ids: list[str]) -> Op[list[str]]:
+    """The cancel script for each trajectory, each given the result keys of the
+    calls in its stream (read just before); returns the outcomes, in order."""
+    outcomes = ["retry"] * len(traj_ids)
+    for round_no in range(CANCEL_ROUNDS):
+        todo = [i for i, o in enumerate(outcomes) if o == "retry"]
+        if not todo:
+            break
+        declared = round_no < CANCEL_ROUNDS - 1
+        streams: list[Any] = [[] for _ in todo]
+        if declared:
+            streams = yield [Cmd("xrange", (keys.calls(traj_ids[i]),)) for i in todo]
+        replies = yield [
+            cancel_cmd(keys, traj_ids[i], stream, declared)
+            for i, stream in zip(todo, streams, strict=True)
+        ]
+        for i, reply in zip(todo, replies, strict=True):
+            outcomes[i] = s(reply)
+    return outcomes
+
+
+def cancel_cmd(keys: Keys, traj_id: str, stream: Iterable[Any] = (), declared: bool = True) -> Cmd:
+    """The cancel script for one trajectory (its reply: see ``lua.CANCEL``), with
+    the result keys of ``stream``'s calls (entries as XRANGE returns them)."""
     argv = [keys.result(traj_id, ""), RESULT_TTL_MS, EVENTS_MAXLEN, now_ms(), RETENTION_MS, traj_id]
-    return script(lua.CANCEL, [*_traj_keys(keys, traj_id), keys.children(traj_id)], argv)
+    argv.append("1" if declared else "0")
+    call_ids = {stream_call_id(fields, entry_id) for entry_id, fields in stream}
+    results = [keys.result(traj_id, c) for c in sorted(c for c in call_ids if c)]
+    return script(lua.CANCEL, [*_traj_keys(keys, traj_id), keys.children(traj_id), *results], argv)
 
 
 def _raise_ended(keys: Keys, traj_id: str) -> Op[None]:
     record = yield from get_record(keys, traj_id)
     if record is None:
         raise UnknownTrajectory(f"no trajectory {traj_id}")
-    raise TrajectoryEnded(f"trajectory {traj_id} has ended ({record.status.value})")
+    raise TrajectoryEnded(ended_message(traj_id, record.status.value, record))
 
 
 # --------------------------------------------------------------- reading

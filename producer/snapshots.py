@@ -33,18 +33,31 @@ class SnapshotFailed(ToolqError):
         self.result = result
 
 
-def snapshot_entry(name: str, ttl_s: float | None) -> CallEntry:
-    """The entry that saves the workspace and spec under ``name``."""
-    args = SnapshotArgs(name=name, ttl_s=ttl_s).model_dump(exclude_none=True)
+#: How long other workers leave a fork's copies to the worker that took its
+#: snapshot (it copies the files in-host; see ``OpenRequest.prefer``). That worker
+#: claims at once when it has room; a dead or full one costs the copies this wait.
+PREFER_SOURCE_MS = 2000
+
+
+def snapshot_entry(name: str, ttl_s: float | None, copies: int | None = None) -> CallEntry:
+    """The entry that saves the workspace and spec under ``name`` (``copies``: a
+    fork's, that many copies open next)."""
+    args = SnapshotArgs(name=name, ttl_s=ttl_s, copies=copies).model_dump(exclude_none=True)
     # Idempotent: taken again (same name, same files) when its worker died mid-way.
     return CallEntry(type="snapshot", args=args, call_id=ops.new_call_id(), idempotent=True)
 
 
 def take_op(
-    keys: Keys, traj_id: str, name: str, ttl_s: float | None, wait_s: float, cluster: bool
+    keys: Keys,
+    traj_id: str,
+    name: str,
+    ttl_s: float | None,
+    wait_s: float,
+    cluster: bool,
+    copies: int | None = None,
 ) -> Op[Result]:
     """Submit a snapshot entry and wait for its result."""
-    done = yield from ops.submit(keys, traj_id, snapshot_entry(name, ttl_s))
+    done = yield from ops.submit(keys, traj_id, snapshot_entry(name, ttl_s, copies))
     return (yield from await_op(keys, [done], wait_s, False, cluster))[0]
 
 
@@ -62,20 +75,30 @@ def fork_op(
     cluster: bool,
 ) -> Op[Result]:
     """Snapshot ``traj_id``, then open each of ``new_ids`` from it; the snapshot's
-    result. Raises ``SnapshotFailed`` (nothing opened) when it was not taken."""
+    result. Raises ``SnapshotFailed`` (nothing opened) when it was not taken.
+
+    The copies' open requests prefer the worker that took the snapshot (it holds
+    the files: an in-host copy, no Redis read); others claim them after
+    ``PREFER_SOURCE_MS``, so a copy opens even when that worker is full or dead."""
     for new_id in new_ids:
         check_traj_id(new_id)
     in_use = yield [Cmd("exists", (keys.traj(new_id),)) for new_id in new_ids]
     taken_ids = [new_id for new_id, used in zip(new_ids, in_use, strict=True) if used]
     if taken_ids:  # a copy must be a new trajectory, not one that exists already
         raise ToolqError(f"cannot fork into trajectories that exist: {', '.join(taken_ids)}")
-    taken = yield from take_op(keys, traj_id, fork_name(traj_id), ttl_s, wait_s, cluster)
+    record = yield from ops.get_record(keys, traj_id)
+    if record is None:
+        raise ops.UnknownTrajectory(f"no trajectory {traj_id}: nothing to fork")
+    name = fork_name(traj_id)
+    taken = yield from take_op(keys, traj_id, name, ttl_s, wait_s, cluster, len(new_ids) or None)
     if not taken.ok:
         raise SnapshotFailed(taken)
     name = str((taken.data or {})["name"])
+    holder = str((taken.data or {}).get("worker") or "") or None
     start = (spec or TrajectorySpec()).model_copy(update={"snapshot": name})
+    prefer = (holder, PREFER_SOURCE_MS) if holder else None
     for new_id in new_ids:
-        if (yield from ops.open_traj(keys, new_id, start, False)) != "new":
+        if (yield from ops.open_traj(keys, new_id, start, False, prefer)) != "new":
             raise ToolqError(f"{new_id} was opened by someone else while the fork ran")
     return taken
 

@@ -83,6 +83,10 @@ class CallStats(BaseModel):
     calls: int = 0
     failed: int = 0
     last_minute_calls: int = Field(0, description="Calls answered in the last full minute.")
+    recent_calls: int = Field(
+        0, description="Calls answered in the last full minute and this one so far."
+    )
+    recent_s: float = Field(0.0, description="Seconds recent_calls cover (60 to 120).")
     errors: dict[str, int] = Field(default_factory=dict, description="error_code -> count")
     latency: Latency = Field(default_factory=Latency)
 
@@ -93,7 +97,13 @@ class CallStats(BaseModel):
 
     @property
     def calls_per_s(self) -> float:
-        """Calls per second over the elapsed part of the window."""
+        """Calls per second now: over the last full minute and this one so far (a
+        window-long average would hide a change of pace for minutes)."""
+        return self.recent_calls / self.recent_s if self.recent_s > 0 else 0.0
+
+    @property
+    def window_calls_per_s(self) -> float:
+        """Calls per second over the elapsed part of the window (its average)."""
         return self.calls / self.covered_s if self.covered_s > 0 else 0.0
 
     @property
@@ -142,6 +152,7 @@ class Status(BaseModel):
         data["slots_total"] = sum(w.slots_total for w in self.alive)
         data["calls"]["error_rate"] = round(self.calls.error_rate, 4)
         data["calls"]["calls_per_s"] = round(self.calls.calls_per_s, 3)
+        data["calls"]["window_calls_per_s"] = round(self.calls.window_calls_per_s, 3)
         data["calls"]["last_minute_calls_per_s"] = round(self.calls.last_minute_calls_per_s, 3)
         return data
 
@@ -209,7 +220,7 @@ def collect(
         trajectories=_count_statuses(rec["status"] for _, rec in runs),
         runs_sampled=len(run_ids),
         runs_total=int(runs_total),
-        calls=_call_stats(stats[:window_min], stats[1], window_min, now),
+        calls=_call_stats(stats[:window_min], stats[0], stats[1], window_min, now),
         running=_newest_first(running)[:running_shown],
         running_total=len(running),
     )
@@ -271,7 +282,11 @@ def _counts(fields: dict[Any, Any]) -> dict[str, int]:
 
 
 def _call_stats(
-    window: list[dict[Any, Any]], last_minute: dict[Any, Any], window_min: int, now: int
+    window: list[dict[Any, Any]],
+    this_minute: dict[Any, Any],
+    last_minute: dict[Any, Any],
+    window_min: int,
+    now: int,
 ) -> CallStats:
     totals: dict[str, int] = {}
     for fields in window:
@@ -284,6 +299,8 @@ def _call_stats(
         calls=totals.get("calls", 0),
         failed=totals.get("failed", 0),
         last_minute_calls=_counts(last_minute).get("calls", 0),
+        recent_calls=_counts(last_minute).get("calls", 0) + _counts(this_minute).get("calls", 0),
+        recent_s=60 + (now % 60_000) / 1000,
         errors=dict(sorted(errors.items(), key=lambda kv: -kv[1])),
         latency=latency_from_fields(totals),
     )

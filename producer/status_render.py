@@ -136,9 +136,10 @@ def _or_dash(value: int | None) -> str:
 
 
 def _calls(c: CallStats) -> list[RenderableType]:
+    avg = f"{c.window_s // 60} MIN AVG/S"
     table = _table(
-        "ANSWERED", "FAILED", "ERROR RATE", "CALLS/S", "LAST MIN CALLS/S", "P50", "P95",
-        right=("ANSWERED", "FAILED", "ERROR RATE", "CALLS/S", "LAST MIN CALLS/S"),
+        "ANSWERED", "FAILED", "ERROR RATE", "CALLS/S", "LAST MIN CALLS/S", avg, "P50", "P95",
+        right=("ANSWERED", "FAILED", "ERROR RATE", "CALLS/S", "LAST MIN CALLS/S", avg),
     )  # fmt: skip
     table.add_row(
         Text(str(c.calls)),
@@ -146,6 +147,7 @@ def _calls(c: CallStats) -> list[RenderableType]:
         Text(f"{c.error_rate:.1%}"),
         Text(f"{c.calls_per_s:.2f}"),
         Text(f"{c.last_minute_calls_per_s:.2f}"),
+        Text(f"{c.window_calls_per_s:.2f}"),
         Text(format_latency(c.latency.p50_ms)),
         Text(format_latency(c.latency.p95_ms)),
     )

@@ -22,19 +22,20 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.crc import key_slot
-from redis.exceptions import ClusterDownError, RedisError
+from redis.exceptions import ClusterError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from toolq.schemas import Keys, Result
 
-from .ops import Cmd, Op, WaitTimeout, result_of, s
+from .ops import Cmd, Op, UnknownTrajectory, WaitTimeout, result_of, s
 
 Call = tuple[str, str]  # (trajectory id, call id)
 #: Longest single blocking read: then result hashes are looked at directly.
@@ -138,6 +139,34 @@ def fetch_cmds(keys: Keys, calls: Iterable[Call]) -> list[Cmd]:
     return [Cmd("hgetall", (keys.result(t, c),)) for t, c in calls]
 
 
+def look_cmds(keys: Keys, calls: list[Call]) -> tuple[list[Cmd], list[str]]:
+    """The result hashes of ``calls`` and whether their trajectories' records still
+    exist (commands, and the trajectories they ask about, in order)."""
+    trajs = sorted({t for t, _ in calls})
+    return fetch_cmds(keys, calls) + [Cmd("exists", (keys.traj(t),)) for t in trajs], trajs
+
+
+def looked(
+    calls: list[Call], trajs: list[str], replies: list[Any]
+) -> tuple[dict[Call, Result], dict[Call, UnknownTrajectory]]:
+    """What a look found: results, and calls that will never get one because
+    their trajectory's record is gone (lost in a Redis crash, or expired)."""
+    hashes, exists = replies[: len(calls)], replies[len(calls) :]
+    gone = {t for t, there in zip(trajs, exists, strict=True) if not there}
+    found: dict[Call, Result] = {}
+    lost: dict[Call, UnknownTrajectory] = {}
+    for call, fields in zip(calls, hashes, strict=True):
+        result = result_of(fields)
+        if result is not None:
+            found[call] = result
+        elif call[0] in gone:
+            lost[call] = UnknownTrajectory(
+                f"trajectory {call[0]} is gone (its record was lost, e.g. by a Redis crash "
+                f"that lost its last writes, or expired): call {call[1]} will get no result"
+            )
+    return found, lost
+
+
 def wait_op(waits: WaitSet, deadline: float) -> Op[dict[Call, Result]]:
     """Wait (blocking reads) until every call in ``waits`` has a result, or the
     deadline (monotonic) passes: raises WaitTimeout naming the first missing."""
@@ -171,8 +200,14 @@ def wait_some_op(waits: WaitSet, deadline: float) -> Op[dict[Call, Result]]:
             found.update(got)
             fetch += missing
         if time.monotonic() >= waits.look_at:  # an event may have been trimmed: look
-            fetch = list(waits.pending)
             waits.look_at = time.monotonic() + LOOK_EVERY_MS / 1000
+            calls = list(waits.pending)
+            cmds, trajs = look_cmds(waits.keys, calls)
+            got, lost = looked(calls, trajs, (yield cmds))
+            if lost:
+                raise next(iter(lost.values()))
+            found.update(got)
+            fetch = []
         if fetch:
             for call, fields in zip(fetch, (yield fetch_cmds(waits.keys, fetch)), strict=True):
                 result = result_of(fields)
@@ -208,33 +243,56 @@ class EventHub:
     """Every wait of one asyncio client: a reader per hash-slot group of streams
     (one group off a cluster), woken through its wake stream when a wait joins."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, cluster: bool = False) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, cluster: bool = False, mux: Any = None
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.cluster = cluster
+        self.mux = mux  # the client's MuxConnection on one Redis: wakes go through it
         self.reader_id = uuid.uuid4().hex[:12]
-        self._futures: dict[Call, asyncio.Future[Result]] = {}
-        self._waiters: dict[Call, int] = {}
+        self._waiters: dict[Call, list[asyncio.Future[Result]]] = {}
         self._groups: dict[int, _HubGroup] = {}
+        # Per trajectory, the last event read: a new call's events come after it.
+        self._seen: OrderedDict[str, str] = OrderedDict()
+        # Results whose event was read before their wait joined (None: in the hash).
+        self._early: OrderedDict[Call, Result | None] = OrderedDict()
 
     async def wait(self, traj_id: str, call_id: str, cursor: str, timeout_s: float) -> Result:
-        """The call's result, once its event (or its hash) shows it."""
+        """The call's result, once its event (or its hash) shows it.
+
+        The read starts after the last event this hub read of the trajectory
+        when that is later than ``cursor`` (an entry's millisecond holds the
+        previous call's result event as often as not: reading it again was a
+        wasted round trip). Results read before their wait joined are kept
+        (``_early``), so that start skips nothing."""
         call = (traj_id, call_id)
-        if call not in self._futures:
-            self._futures[call] = asyncio.get_running_loop().create_future()
-        self._waiters[call] = self._waiters.get(call, 0) + 1
+        if call in self._early:
+            early = self._early.pop(call)
+            if early is not None:
+                return early
+        else:
+            seen = self._seen.get(traj_id)
+            if seen is not None and _key(seen) > _key(cursor):
+                cursor = seen
+        loop = asyncio.get_running_loop()
+        # A future per waiter, timed out by a timer of its own: the result wakes
+        # the caller in one turn of the loop (wait_for and shield take three).
+        waiter: asyncio.Future[Result] = loop.create_future()
+        self._waiters.setdefault(call, []).append(waiter)
+        timer = loop.call_later(timeout_s, _time_out, waiter, call)
         group = self._group_of(traj_id)
         group.waits.add(traj_id, call_id, cursor)
         group.joined()
         try:
-            return await asyncio.wait_for(asyncio.shield(self._futures[call]), timeout_s)
-        except asyncio.TimeoutError:
-            raise WaitTimeout(f"no result for call {call_id} of {traj_id} yet") from None
+            return await waiter
         finally:
-            self._waiters[call] -= 1
-            if not self._waiters[call]:
-                del self._waiters[call]
-                self._futures.pop(call, None)
+            timer.cancel()
+            left = self._waiters.get(call, [])
+            if waiter in left:
+                left.remove(waiter)
+            if not left:
+                self._waiters.pop(call, None)
                 group.waits.discard(call)
 
     def _group_of(self, traj_id: str) -> _HubGroup:
@@ -246,13 +304,47 @@ class EventHub:
 
     def resolve(self, found: dict[Call, Result]) -> None:
         for call, result in found.items():
-            fut = self._futures.get(call)
-            if fut is not None and not fut.done():
-                fut.set_result(result)
+            for waiter in self._waiters.get(call, ()):
+                if not waiter.done():
+                    waiter.set_result(result)
+
+    def read(self, events: list[Any], waits: WaitSet) -> None:
+        """Note what a read saw: each stream's last event, and results nobody waits for yet."""
+        for stream, entries in events:
+            if not entries:
+                continue
+            traj_id = _traj_of(s(stream))
+            _remember(self._seen, traj_id, s(entries[-1][0]))
+            for _entry_id, fields in entries:
+                call = (traj_id, _field(fields, "call_id"))
+                if _field(fields, "type") == "result" and call not in waits.pending:
+                    _remember(self._early, call, inline_result(fields.get(b"result")))
+
+    def fail(self, lost: dict[Call, UnknownTrajectory]) -> None:
+        for call, exc in lost.items():
+            for waiter in self._waiters.get(call, ()):
+                if not waiter.done():
+                    waiter.set_exception(exc)
 
     async def close(self) -> None:
         for group in self._groups.values():
             await group.close()
+
+
+#: Entries kept in EventHub's per-trajectory memory (least recently used go first).
+HUB_MEMORY = 4096
+
+
+def _remember(memory: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+    memory[key] = value
+    memory.move_to_end(key)
+    while len(memory) > HUB_MEMORY:
+        memory.popitem(last=False)
+
+
+def _time_out(waiter: asyncio.Future[Result], call: Call) -> None:
+    if not waiter.done():
+        waiter.set_exception(WaitTimeout(f"no result for call {call[1]} of {call[0]} yet"))
 
 
 class _HubGroup:
@@ -261,6 +353,10 @@ class _HubGroup:
     def __init__(self, hub: EventHub, wake_key: str) -> None:
         self.hub = hub
         self.redis = hub.redis
+        # On one Redis the group's blocking read has a connection of its own
+        # (no pool checkout per read); a cluster client routes each read.
+        pool = None if hub.cluster else getattr(hub.redis, "connection_pool", None)
+        self._conn: Any = pool.make_connection() if pool is not None else None
         self.wake_key = wake_key
         self.waits = WaitSet(hub.keys)
         self.wake_cursor = "$"
@@ -280,10 +376,18 @@ class _HubGroup:
 
     async def _wake(self) -> None:
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xadd(self.wake_key, {"w": "1"}, maxlen=16)
-            pipe.pexpire(self.wake_key, WAKE_TTL_MS)
-            await pipe.execute()
+            if self.hub.mux is not None:  # one Redis: behind the submits, no pool checkout
+                await self.hub.mux.execute(
+                    [
+                        ("XADD", self.wake_key, "MAXLEN", 16, "*", "w", "1"),
+                        ("PEXPIRE", self.wake_key, WAKE_TTL_MS),
+                    ]
+                )
+            else:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.xadd(self.wake_key, {"w": "1"}, maxlen=16)
+                pipe.pexpire(self.wake_key, WAKE_TTL_MS)
+                await pipe.execute()
         except (RedisError, OSError):
             pass  # the read ends by itself within LOOK_EVERY_MS
         finally:
@@ -303,7 +407,7 @@ class _HubGroup:
                     self.wake_cursor = s(last[0][0]) if last else "0-0"
                 look_at = await self._read_once(look_at)
                 errors = 0
-            except (RedisConnectionError, RedisTimeoutError, ClusterDownError, OSError):
+            except (RedisConnectionError, RedisTimeoutError, ClusterError, TryAgainError, OSError):
                 await asyncio.sleep(min(0.05 * 2**errors, 2.0))
                 errors += 1
 
@@ -311,17 +415,31 @@ class _HubGroup:
         streams = {**self.waits.streams(), self.wake_key: self.wake_cursor}
         self.blocked = True
         try:
-            reply: Any = await xread(self.redis, streams, LOOK_EVERY_MS)
+            if self._conn is not None:
+                reply: Any = await self._xread_own(streams)
+            else:
+                reply = await xread(self.redis, streams, LOOK_EVERY_MS)
         finally:
             self.blocked = False
         events = [(st, es) for st, es in reply or [] if s(st) != self.wake_key]
         for st, es in reply or []:
             if s(st) == self.wake_key and es:
                 self.wake_cursor = s(es[-1][0])
+        self.hub.read(events, self.waits)
         found, fetch = self.waits.scan(events)
         if time.monotonic() >= look_at:  # an event may have been trimmed: look at the hashes
-            fetch = list(self.waits.pending)
             look_at = time.monotonic() + LOOK_EVERY_MS / 1000
+            calls = list(self.waits.pending)
+            cmds, trajs = look_cmds(self.hub.keys, calls)
+            pipe = self.redis.pipeline(transaction=False)
+            for cmd in cmds:
+                getattr(pipe, cmd.name)(*cmd.args)
+            got, lost = looked(calls, trajs, await pipe.execute())
+            found.update(got)
+            self.hub.fail(lost)
+            for call in lost:
+                self.waits.discard(call)
+            fetch = []
         if fetch:
             pipe = self.redis.pipeline(transaction=False)
             for cmd in fetch_cmds(self.hub.keys, fetch):
@@ -335,10 +453,27 @@ class _HubGroup:
             self.waits.discard(call)
         return look_at
 
+    async def _xread_own(self, streams: dict[str, str]) -> Any:
+        """The blocking XREAD on the group's own connection, parsed as redis-py would."""
+        conn = self._conn
+        try:
+            await conn.send_packed_command(conn.pack_command(*xread_args(streams, LOOK_EVERY_MS)))
+            raw = await conn.read_response()
+        except ResponseError:
+            raise  # a whole reply: the connection is fine
+        except BaseException:
+            await conn.disconnect(nowait=True)  # half read: the next read connects anew
+            raise
+        parse = self.redis.response_callbacks.get("XREAD")
+        return parse(raw) if parse is not None and raw is not None else raw
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        if self._conn is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._conn.disconnect()
         with contextlib.suppress(RedisError, OSError):
             await self.redis.delete(self.wake_key)

@@ -13,12 +13,15 @@ from .keys import (
     check_part,
     check_traj_id,
     latency_field,
+    stream_call_id,
 )
 from .models import (
     BG_FINAL_STATUSES,
     BG_STATUSES,
     CLOSED_REASON,
     DEFAULT_IMAGE,
+    ECHO_MAX_CHARS,
+    ERROR_MAX_CHARS,
     FINAL_STATUSES,
     INFRA_ERROR_CODES,
     PROTOCOL_VERSION,
@@ -38,6 +41,7 @@ from .models import (
     TrajStatus,
     WireModel,
     WorkerInfo,
+    cut_text,
 )
 
 __version__ = "0.1.0"
@@ -47,6 +51,8 @@ __all__ = [
     "BG_STATUSES",
     "CLOSED_REASON",
     "DEFAULT_IMAGE",
+    "ECHO_MAX_CHARS",
+    "ERROR_MAX_CHARS",
     "FINAL_STATUSES",
     "GROUP",
     "INFRA_ERROR_CODES",
@@ -74,6 +80,8 @@ __all__ = [
     "__version__",
     "check_part",
     "check_traj_id",
+    "cut_text",
     "latency_field",
     "lua",
+    "stream_call_id",
 ]

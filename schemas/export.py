@@ -75,13 +75,13 @@ MESSAGES: dict[str, Message] = {
 
 
 def json_fields(schema: dict[str, Any]) -> list[str]:
-    """Fields whose wire value is JSON text: the ones that hold objects."""
+    """Fields whose wire value is JSON text: the ones that hold objects or lists."""
     defs = schema.get("$defs", {})
 
     def is_object(option: dict[str, Any]) -> bool:
         if "$ref" in option:  # "#/$defs/Name": a nested model or an enum
             option = defs[option["$ref"].rsplit("/", 1)[-1]]
-        return option.get("type") == "object"
+        return option.get("type") in ("object", "array")  # both travel as JSON text
 
     props = schema.get("properties", {})
     return [name for name, prop in props.items() if any(map(is_object, prop.get("anyOf", [prop])))]

@@ -8,7 +8,9 @@ written atomically by one Lua script or MULTI.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 #: Consumer group every stream toolq reads with XREADGROUP uses.
 GROUP = "workers"
@@ -36,18 +38,50 @@ class InvalidIdError(ValueError):
     """An id that would break key naming (or is simply not allowed)."""
 
 
+#: An invalid id is quoted in its error up to this many characters.
+QUOTED_ID_MAX_CHARS = 100
+
+
+def _quoted(value: object) -> str:
+    text = repr(value)
+    if len(text) <= QUOTED_ID_MAX_CHARS:
+        return text
+    return f"{text[:QUOTED_ID_MAX_CHARS]}... ({len(text) - QUOTED_ID_MAX_CHARS} chars cut)"
+
+
 def check_traj_id(traj_id: str) -> str:
     """Return ``traj_id`` if it matches ``[A-Za-z0-9._:-]{1,128}``, else raise."""
     if not isinstance(traj_id, str) or not _TRAJ_ID_RE.match(traj_id):
-        raise InvalidIdError(f"invalid trajectory id {traj_id!r}: must match {TRAJ_ID_PATTERN}")
+        raise InvalidIdError(
+            f"invalid trajectory id {_quoted(traj_id)}: must match {TRAJ_ID_PATTERN}"
+        )
     return traj_id
 
 
 def check_part(value: str, what: str = "id") -> str:
     """Check a call id, task id or worker id used inside a key."""
     if not isinstance(value, str) or not _PART_RE.match(value):
-        raise InvalidIdError(f"invalid {what} {value!r}: must match [A-Za-z0-9._:-]{{1,200}}")
+        pattern = "[A-Za-z0-9._:-]{1,200}"
+        raise InvalidIdError(f"invalid {what} {_quoted(value)}: must match {pattern}")
     return value
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def stream_call_id(fields: Mapping[Any, Any], entry_id: Any) -> str | None:
+    """The id a calls-stream entry is answered under, as the scripts' ``call_id_of``
+    names it: its ``call_id`` when that is a valid id, else its entry id; None for
+    a control entry (close, cancel), which gets no result. ``fields`` as a Redis
+    client parses an entry (str or bytes)."""
+    flat = {_text(k): _text(v) for k, v in fields.items()}
+    if flat.get("type") in ("close", "cancel"):
+        return None
+    call_id = flat.get("call_id")
+    if call_id is not None and _PART_RE.match(call_id):
+        return call_id
+    return _text(entry_id)
 
 
 @dataclass(frozen=True)
@@ -74,6 +108,12 @@ class Keys:
     def worker_trajs(self, worker_id: str) -> str:
         """Set: trajectories a worker owns, so that a survivor can take them over."""
         return f"{self.ns}:worker:{worker_id}:trajs"
+
+    def worker_inbox(self, worker_id: str) -> str:
+        """List, short TTL: open requests (JSON) of fork copies meant for this worker,
+        which holds their snapshot's files; copies of the ones on ``open`` (the worker
+        claims whichever it reads first, the other is a duplicate)."""
+        return f"{self.ns}:worker:{worker_id}:inbox"
 
     @property
     def tools(self) -> str:

@@ -34,6 +34,18 @@ class NoRedisError(RuntimeError):
     """No Redis URL was given and no embedded Redis is running."""
 
 
+class ClusterNodeError(NoRedisError):
+    """A plain ``redis://`` URL names a node of a Redis Cluster: toolq needs to know
+    it talks to a cluster (``redis+cluster://``) to route each key to its node."""
+
+    def __init__(self, answer: str, node: str = "") -> None:
+        example = f"redis+cluster://{node}" if node else "redis+cluster://host:port"
+        super().__init__(
+            f"this Redis is a node of a Redis Cluster ({answer}): connect with "
+            f"{example} (any node), or set TOOLQ_REDIS_CLUSTER=1"
+        )
+
+
 def resolve_redis_url(url: str | None = None) -> str:
     """``url``, else ``TOOLQ_REDIS_URL``, else a running embedded Redis."""
     found = url or os.environ.get("TOOLQ_REDIS_URL") or read_embedded_url()
@@ -43,6 +55,15 @@ def resolve_redis_url(url: str | None = None) -> str:
             "or start `toolq worker`, which runs an embedded Redis"
         )
     return found
+
+
+DEFAULT_NAMESPACE = "toolq"
+
+
+def resolve_namespace(namespace: str | None = None) -> str:
+    """``namespace``, else ``TOOLQ_NAMESPACE``, else ``toolq``: the same key prefix
+    the CLI and ``toolq worker`` use in the same environment."""
+    return namespace or os.environ.get("TOOLQ_NAMESPACE") or DEFAULT_NAMESPACE
 
 
 #: URL schemes that name a Redis Cluster (any of its nodes): ``redis+cluster://host:port``.

@@ -1,8 +1,14 @@
 """Every Lua script of the protocol, in one place (producers and workers run them).
 
 Each script touches the keys of one trajectory only (one ``{T}`` hash tag), so
-it runs unchanged on Redis Cluster. Result keys are built from a prefix passed
-in ARGV (``<ns>:{T}:result:``): the same hash tag, so the same cluster slot.
+it runs unchanged on Redis Cluster. Every key a script touches is declared in
+KEYS, result and background-task keys included: while a cluster migrates the
+trajectory's slot (a reshard), Redis can then redirect the whole script (ASK,
+TRYAGAIN) before it runs, where an undeclared key missing on the old node would
+fail it halfway ("Script attempted to access a non local key"). Scripts that
+answer the entries of a stream (``CANCEL``, ``END``) or mark the tasks of an
+index (``BG_LOST``) take the keys of what the caller read just before; an entry
+that arrived since is left for the caller's next run.
 
 Scripts a worker runs for a trajectory it owns are *fenced*: they take the
 worker's id and the ownership epoch it got from ``CLAIM`` and write nothing
@@ -37,13 +43,25 @@ local function owns()
 end
 """
 
+# declared_from(): the keys declared from KEYS[first] on, as a set.
+_DECLARED_LUA = """
+local function declared_from(first)
+  local set = {}
+  for i = first, #KEYS do set[KEYS[i]] = true end
+  return set
+end
+"""
+
 # answer(): a failed result for one call unless it has one, with its event.
-# Needs: KEYS[1] record, rkey prefix, result TTL (ms), events key, events maxlen, now.
-_ANSWER_LUA = """
-local function answer(prefix, cid, code, message, ttl_ms, events, maxlen, now)
-  local rkey = prefix .. cid
+# Needs: KEYS[1] record, the result key (declared), result TTL (ms), events key,
+# events maxlen, now.
+_ANSWER_LUA = (
+    _DECLARED_LUA
+    + """
+local function answer(rkey, cid, code, message, ttl_ms, events, maxlen, now)
   if redis.call('EXISTS', rkey) == 1 then return 0 end
-  local traj = redis.call('HGET', KEYS[1], 'traj') or ''
+  -- A record's key is <ns>:{T}: a never-opened trajectory's answers name it too.
+  local traj = redis.call('HGET', KEYS[1], 'traj') or string.match(KEYS[1], '{([^{}]*)}$') or ''
   local fields = {'v', '1', 'call_id', cid, 'traj', traj, 'ok', '0', 'error_code', code,
                   'error', message, 'finished_ms', now}
   redis.call('HSET', rkey, unpack(fields))
@@ -54,9 +72,11 @@ local function answer(prefix, cid, code, message, ttl_ms, events, maxlen, now)
              'call_id', cid, 'ok', '0', 'error_code', code, 'result', cjson.encode(inline))
   return 1
 end
+-- A field of an entry (the last one of that name, as the workers parse it).
 local function field(flat, name)
-  for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
-  return nil
+  local value = nil
+  for i = 1, #flat, 2 do if flat[i] == name then value = flat[i + 1] end end
+  return value
 end
 -- A call's id: its call_id when that is a valid id ([A-Za-z0-9._:-]{1,200}),
 -- else its entry id (as the workers answer it).
@@ -72,6 +92,7 @@ local function is_call(flat)
   return kind ~= 'close' and kind ~= 'cancel'
 end
 """
+)
 
 # ---------------------------------------------------------------- producers
 
@@ -160,14 +181,19 @@ end
 return 1
 """
 
-# KEYS: traj, calls, events   ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms,
-#                                   then the entry's field/value pairs
+# KEYS: traj, calls, events[, result key]
+# ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms, then the entry's
+#       field/value pairs
 # Returns {call_id, entry_id}: where the call's result will be, and the entry
 # added to the calls stream ('' when none was kept). A call whose `call_id`
 # already has a result is not added again. A call to a trajectory that ended
 # is answered at once with `trajectory_ended`, one to a trajectory never
 # opened (or expired) with `bad_request`: no call is ever left without a
 # result. A close or cancel entry for such a trajectory is not added (both ids '').
+# The result key (<prefix><call_id>) is declared as KEYS[4] for a call with a
+# `call_id` (cluster-safe while its slot migrates); a call without one is named
+# by its entry id, which nobody knows before the script runs: that key is built
+# from the prefix (give every call a `call_id` on a cluster).
 SUBMIT = (
     FINAL_LUA
     + _ANSWER_LUA
@@ -179,7 +205,11 @@ if not is_call(entry) then
   if not st or final[st] then return {'', ''} end
   return {'', redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))}
 end
-if cid and redis.call('EXISTS', ARGV[1] .. cid) == 1 then return {cid, ''} end
+local rkey = cid and ARGV[1] .. cid
+if rkey and KEYS[4] and KEYS[4] ~= rkey then
+  return redis.error_reply('KEYS[4] is not the result key of the call_id')
+end
+if rkey and redis.call('EXISTS', rkey) == 1 then return {cid, ''} end
 if st and not final[st] then
   local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
   redis.call('HINCRBY', KEYS[1], 'calls_submitted', 1)
@@ -189,14 +219,15 @@ if not cid then  -- the entry id names the call: take one, keep nothing
   cid = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
   redis.call('XDEL', KEYS[2], cid)
   if redis.call('XLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
+  rkey = ARGV[1] .. cid
 end
 if not st then
-  answer(ARGV[1], cid, 'bad_request', 'the trajectory is not open: open it before submitting calls',
+  answer(rkey, cid, 'bad_request', 'the trajectory is not open: open it before submitting calls',
          ARGV[2], KEYS[3], ARGV[3], ARGV[4])
   redis.call('PEXPIRE', KEYS[3], ARGV[2])
 else
   local reason = redis.call('HGET', KEYS[1], 'reason') or st
-  answer(ARGV[1], cid, 'trajectory_ended',
+  answer(rkey, cid, 'trajectory_ended',
          'the trajectory has ended (' .. st .. ': ' .. reason .. ')',
          ARGV[2], KEYS[3], ARGV[3], ARGV[4])
 end
@@ -204,15 +235,20 @@ return {cid, ''}
 """
 )
 
-# KEYS: traj, calls, events[, children]
-# ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms, retention_ms, traj_id
+# KEYS: traj, calls, events[, children[, result keys]]
+# ARGV: result_key_prefix, result_ttl_ms, events_maxlen, now_ms, retention_ms, traj_id[,
+#       declared ('1': KEYS[5..] are the result keys of the calls in the stream)]
 # Cancels a trajectory no worker owns (pending) right here: every call in its
 # stream gets a `cancelled` result. An owned one gets a cancel entry, which its
 # worker acts on as soon as it reads it, and `cancel_requested_ms` in its record,
 # which the worker looks at while the entry waits behind a full read-ahead.
-# Returns 'requested', 'cancelled', 'ended' (it had ended already) or 'unknown'
-# (never opened, or expired). Its children are the caller's to cancel (they live
-# in other slots on a cluster); `cancel_requested_ms` makes RESERVE_CHILD refuse
+# Returns 'requested', 'cancelled', 'ended' (it had ended already), 'unknown'
+# (never opened, or expired) or, when declared, 'retry': a call in the stream
+# has no declared result key (it arrived after the caller read the stream;
+# nothing was changed: read again and run it again). Without `declared` the
+# result keys are built from the prefix (older callers; not cluster-safe while
+# the slot migrates). Its children are the caller's to cancel (they live in
+# other slots on a cluster); `cancel_requested_ms` makes RESERVE_CHILD refuse
 # new ones meanwhile.
 CANCEL = (
     FINAL_LUA
@@ -227,12 +263,25 @@ if st == 'running' or (owner and owner ~= '') then
   redis.call('HSET', KEYS[1], 'cancel_requested_ms', ARGV[4])
   return 'requested'
 end
+local entries = redis.call('XRANGE', KEYS[2], '-', '+')
+local declared = ARGV[7] == '1' and declared_from(5)
+if declared then
+  for _, e in ipairs(entries) do
+    if is_call(e[2]) and not declared[ARGV[1] .. call_id_of(e[2], e[1])] then
+      return 'retry'
+    end
+  end
+end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'ended_ms', ARGV[4],
            'reason', 'cancelled by client before it started')
-for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
+for _, e in ipairs(entries) do
   if is_call(e[2]) then
-    answer(ARGV[1], call_id_of(e[2], e[1]), 'cancelled', 'trajectory cancelled',
-           ARGV[2], KEYS[3], ARGV[3], ARGV[4])
+    local cid = call_id_of(e[2], e[1])
+    if answer(ARGV[1] .. cid, cid, 'cancelled', 'trajectory cancelled',
+              ARGV[2], KEYS[3], ARGV[3], ARGV[4]) == 1 then
+      redis.call('HINCRBY', KEYS[1], 'calls_total', 1)
+      redis.call('HINCRBY', KEYS[1], 'calls_failed', 1)
+    end
   end
 end
 redis.call('DEL', KEYS[2])
@@ -318,6 +367,9 @@ return {'ok', tostring(epoch), claimed_ms, redis.call('HGET', KEYS[1], 'policy')
 # ARGV: worker, epoch, group, entry_id, result_ttl_ms, events_maxlen, ok, error_code,
 #       call_id, now_ms, the result's fields as one JSON object of strings, inline ('1':
 #       the event carries that JSON too, so a waiting client needs no HGETALL)
+#       [, output: the result's `output` field, raw, when the JSON leaves it out (a
+#       large result: decoding megabytes of JSON in the script cost more than the
+#       call)]
 # Fenced. Writes the result only if none exists (exactly one final result per
 # call), then acknowledges and deletes the entry: an answered call leaves the
 # stream. Returns 1 (written), 0 (it had a result already) or FENCED.
@@ -332,6 +384,10 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
     fields[#fields + 1] = name
     fields[#fields + 1] = value
     if name == 'infra' and value == '1' then infra = true end
+  end
+  if #ARGV >= 13 then
+    fields[#fields + 1] = 'output'
+    fields[#fields + 1] = ARGV[13]
   end
   redis.call('HSET', KEYS[2], unpack(fields))
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
@@ -368,15 +424,18 @@ return 1
 """
 )
 
-# KEYS: traj, events, calls[, children]
+# KEYS: traj, events, calls, children, then the result keys of the stream's
+#       first `batch` calls (as the caller read them just before)
 # ARGV: worker, epoch ('' : only a trajectory nobody owns, i.e. whose open request
 #       was invalid), status, now_ms, reason, retention_ms, events_maxlen,
 #       result_key_prefix, result_ttl_ms, batch (entries answered per run),
-#       events kept after the end
+#       events kept after the end[, error code of those answers]
 # Fenced. Moves the trajectory to a final state once, then answers the calls
-# still in its stream with `trajectory_ended` (at most `batch` per run) and
-# deletes the stream once empty. Returns how many entries are left (call it
-# again until 0), or FENCED.
+# still in its stream with `trajectory_ended` (or the code given: a failed start's
+# snapshot_not_found), at most `batch` per run and only those whose result key is
+# declared (it stops at the first other one), counts them in calls_total, and
+# deletes the stream once empty. Returns how many entries are left (read the
+# stream and call it again until 0), or FENCED.
 END = (
     FINAL_LUA
     + _FENCE_LUA
@@ -400,11 +459,18 @@ if not (st and final[st]) then
 end
 local reason = redis.call('HGET', KEYS[1], 'reason') or st
 local message = 'the trajectory has ended (' .. st .. ': ' .. reason .. ')'
+local code = ARGV[12]
+if not code or code == '' then code = 'trajectory_ended' end
 local entries = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', ARGV[10])
+local declared = declared_from(5)
 for _, e in ipairs(entries) do
   if is_call(e[2]) then
-    answer(ARGV[8], call_id_of(e[2], e[1]), 'trajectory_ended', message,
-           ARGV[9], KEYS[2], ARGV[7], ARGV[4])
+    local cid = call_id_of(e[2], e[1])
+    if not declared[ARGV[8] .. cid] then break end
+    if answer(ARGV[8] .. cid, cid, code, message, ARGV[9], KEYS[2], ARGV[7], ARGV[4]) == 1 then
+      redis.call('HINCRBY', KEYS[1], 'calls_total', 1)  -- submitted while open: answered now
+      redis.call('HINCRBY', KEYS[1], 'calls_failed', 1)
+    end
   end
   redis.call('XDEL', KEYS[3], e[1])
 end
@@ -477,18 +543,22 @@ return 'new'
 """
 )
 
-# KEYS: traj, bg index, events
+# KEYS: traj, bg index, events, then the task hashes (<ns>:{T}:bg:<task_id>) to look at
 # ARGV: worker, epoch, events_maxlen, now_ms, bg key prefix (<ns>:{T}:bg:)
-# Fenced. Marks every task still `running` as `lost` (its agent is gone: nobody
-# can report on it), with an event each. Returns how many it marked, or FENCED.
+# Fenced. Marks every indexed task still `running` as `lost` (its agent is gone:
+# nobody can report on it), with an event each: those whose hash is declared
+# (the caller passes the index it read and the tasks it wrote itself). Returns
+# how many it marked, or FENCED.
 BG_LOST = (
     _FENCE_LUA
+    + _DECLARED_LUA
     + """
 if not owns() then return -1 end
 local marked = 0
+local declared = declared_from(4)
 for _, task in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   local key = ARGV[5] .. task
-  if redis.call('HGET', key, 'status') == 'running' then
+  if declared[key] and redis.call('HGET', key, 'status') == 'running' then
     redis.call('HSET', key, 'status', 'lost', 'ended_ms', ARGV[4])
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', '1', 'type', 'bg',
                'task_id', task, 'status', 'lost')

@@ -18,6 +18,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .keys import TRAJ_ID_PATTERN
 
 PROTOCOL_VERSION = 1
+#: A result's ``error`` is cut to this many characters (a message that echoes
+#: hostile input, e.g. a 1 MB tool name, does not make a 1 MB result).
+ERROR_MAX_CHARS = 4096
+#: A result's ``tool`` (the name asked for, when refused) is cut to this many.
+ECHO_MAX_CHARS = 256
+
+
+def cut_text(text: str, max_chars: int) -> str:
+    """``text``, or its first characters with how many were cut, in ``max_chars``."""
+    if len(text) <= max_chars:
+        return text
+    note = f"... ({len(text) - max_chars} chars cut)"
+    return text[: max(0, max_chars - len(note))] + note
+
+
 #: The sandbox image of a spec that names none (a worker may set another).
 DEFAULT_IMAGE = "toolq-sandbox:latest"
 
@@ -158,7 +173,7 @@ def _json_object(value: Any, what: str) -> Any:
         try:
             value = json.loads(value) if value.strip() else {}
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{what} is not valid JSON: {exc.msg}") from None
+            raise ValueError(f"{what} is not valid JSON: {exc.msg} (char {exc.pos})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{what} must be a JSON object")
     return value
@@ -273,6 +288,14 @@ class OpenRequest(WireModel):
     graceful: bool = Field(
         False, description="The previous owner handed it back cleanly (nothing was running)."
     )
+    prefer: str | None = Field(
+        None,
+        description="A fork's copy: the worker that holds its snapshot's files (it copies "
+        "them in-host); other workers leave it to that worker for prefer_ms.",
+    )
+    prefer_ms: int | None = Field(
+        None, ge=0, le=60_000, description="With prefer: how long others leave it (ms)."
+    )
 
     @field_validator("spec", mode="before")
     @classmethod
@@ -317,6 +340,13 @@ class SnapshotArgs(BaseModel):
     ttl_s: float | None = Field(
         None, gt=0, description="Kept this long (default and cap: the worker's settings)."
     )
+    copies: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="A fork's snapshot: this many copies open next, so the worker starts "
+        "their sandboxes while it packs.",
+    )
 
 
 class SnapshotInfo(BaseModel):
@@ -326,7 +356,9 @@ class SnapshotInfo(BaseModel):
 
     name: str
     source: str = Field("", description="The trajectory it was taken of.")
-    bytes: int = Field(0, description="Compressed size (tar.gz).")
+    bytes: int = Field(
+        0, description="Stored size: a tar.gz (a fork's: a plain tar when that fits the cap)."
+    )
     uncompressed_bytes: int = 0
     entries: int = 0
     created_ms: int = 0
@@ -361,18 +393,34 @@ class Result(WireModel):
     behind_ms: float = Field(
         0.0,
         description="The part of queued_ms spent behind this trajectory's earlier calls (they "
-        "run one at a time); queued_ms - behind_ms is the wait for toolq itself.",
+        "run one at a time) or behind the start of its slot (a sandbox starting); "
+        "queued_ms - behind_ms is the wait for a worker to read and start the call.",
     )
     run_ms: float = 0.0
     worker: str = ""
     slot: str = ""
     finished_ms: int = 0
     data: dict[str, Any] | None = Field(None, description="Structured tool output.")
+    stages: dict[str, float] | None = Field(
+        None,
+        description="When the call passed each stage, as Unix time in milliseconds (fractions "
+        "for microseconds), by the clock of the host that saw it: `read` (the worker read the "
+        "entry), `sent` (it left for the sandbox), `tool_started` and `tool_ended` (the tool "
+        "in the sandbox), `replied` (the sandbox's reply was back in the worker), `made` (the "
+        "result was made and queued for writing). Stages a call did not pass are absent (a "
+        "refused call has `read` and `made`). With the client's own submit time and the time "
+        "it got the result, they split a call's latency into queue, toolq and tool time.",
+    )
 
     @field_validator("data", mode="before")
     @classmethod
     def _parse_data(cls, value: Any) -> Any:
         return None if value in (None, "") else _json_object(value, "data")
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _parse_stages(cls, value: Any) -> Any:
+        return None if value in (None, "") else _json_object(value, "stages")
 
 
 EventType = Literal["result", "bg", "state"]
@@ -434,13 +482,27 @@ class TrajectoryRecord(WireModel):
         "is no sandbox: e.g. limits.network, limits.memory_mb); absent when all are.",
     )
     created_ms: int | None = None
+    enqueued_ms: int | None = Field(
+        None,
+        description="When its open request went onto <ns>:open (set by the opener after the "
+        "XADD); a pending record without it is an open that died half done, which the next "
+        "open enqueues again.",
+    )
+    cancel_requested_ms: int | None = Field(
+        None,
+        description="When a cancel of it was requested while a worker owned it: the worker "
+        "acts on it even while the cancel entry waits behind a full read-ahead, and no new "
+        "child may be opened under it.",
+    )
     started_ms: int | None = None
     claimed_ms: int | None = Field(
         None, description="When the current owner claimed it (Redis's clock)."
     )
     ended_ms: int | None = None
     last_activity_ms: int | None = None
-    calls_total: int = Field(0, description="Calls answered (a final result written).")
+    calls_total: int = Field(
+        0, description="Calls answered (a final result written), by a worker or a script."
+    )
     calls_failed: int = Field(0, description="Calls answered with ok=0.")
     calls_submitted: int = Field(0, description="Calls submitted while the trajectory was open.")
     calls_infra: int = Field(0, description="Calls answered with infra = 1.")
@@ -458,6 +520,11 @@ class TrajectoryRecord(WireModel):
     exit_tool: str | None = Field(None, description="The exit tool whose call ended it.")
     final_result: dict[str, Any] | None = Field(
         None, description="The arguments of that exit-tool call."
+    )
+    copied_via: str | None = Field(
+        None,
+        description="Opened from a snapshot: how its files came, 'host' (from the memory "
+        "of the worker that took it, on its host) or 'redis' (read from Redis).",
     )
 
     @property
@@ -518,6 +585,11 @@ class WorkerInfo(WireModel):
     slots_used: int = 0
     started_ms: int = 0
     heartbeat_ms: int = 0
+    dead_after_s: float = Field(
+        0.0,
+        description="Its dead_after_s: a heartbeat (the <ns>:workers score) older than this "
+        "means it is dead and its trajectories are taken over (0: not published).",
+    )
 
 
 class ToolInfo(BaseModel):

@@ -42,6 +42,14 @@ def test_quick_mode_writes_every_output(tmp_path: Path) -> None:
     assert toolq["client_rt_per_call"] > 0 and toolq["worker_rt_per_call"] > 0
     markdown = (tmp_path / "report.md").read_text()
     assert "## Targets" in markdown and "| path | tool |" in markdown
+    # One trajectory: each toolq row says where its calls' time went, stage by stage.
+    staged = [r for r in rows if r["path"].startswith("toolq") and r["concurrency"] == 1]
+    assert staged and all(len(r["stages_ms"]) == 7 for r in staged), staged
+    assert "where a toolq call's time goes" in markdown
+    if docker:  # the relay floor, measured in the same run, and the added cost as its multiple
+        floor = next(r for r in rows if r["path"] == "relay")
+        assert floor["n"] > 0 and floor["p50_ms"] > 0
+        assert "x the floor" in markdown
     for png in ("results.png", "latency.png", "throughput.png"):
         assert (tmp_path / png).stat().st_size > 1000
     if docker:  # --publish writes README's table from this same report

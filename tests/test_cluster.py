@@ -21,6 +21,7 @@ from redis.crc import key_slot
 from tests.helpers import TOOLQ, redis_client, wait_for, worker_process
 from toolq.producer import AsyncClient, Client
 from toolq.producer.cli import main
+from toolq.producer.config import ClusterNodeError
 from toolq.schemas import FINAL_STATUSES, Keys
 from toolq.worker.embedded_cluster import EmbeddedCluster
 
@@ -208,3 +209,30 @@ def test_external_tools_on_a_cluster_use_a_plain_redis_for_rq(
     finally:
         worker.stop()
         rq.stop()
+
+
+def test_a_plain_url_of_a_cluster_node_says_to_use_redis_cluster(
+    redis_cluster: EmbeddedCluster, ns: str
+):
+    node = f"127.0.0.1:{redis_cluster.nodes[0].port}"
+    plain = f"redis://{node}/0"
+    hint = r"redis\+cluster://127\.0\.0\.1:\d+"
+    # most keys live on the other masters: MOVED
+    with Client(plain, ns) as c, pytest.raises(ClusterNodeError, match=hint):
+        for i in range(20):
+            c.open(f"p{i}")
+    opened = [
+        CliRunner().invoke(main, ["--redis-url", plain, "--namespace", ns, "open", f"p{i}"])
+        for i in range(20)
+    ]
+    refused = [r for r in opened if r.exit_code != 0]
+    assert refused and all("node of a Redis Cluster" in r.output for r in refused)
+    assert all(r.exit_code == 2 for r in refused)  # a usage error
+    worker = subprocess.run(
+        [*TOOLQ, "--redis-url", plain, "worker", "--backend", "local"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert worker.returncode == 2, worker.stderr
+    assert f"redis+cluster://{node}" in worker.stderr

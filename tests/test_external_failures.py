@@ -138,6 +138,7 @@ def test_timeouts_follow_one_rule(rq_host: Any, start_worker: Any, client: Clien
     # fractions of a second hold (RQ counts whole seconds)
     r = client.call("t", "append_line", {**line, "pause_s": 1.7}, timeout_s=1.2)
     assert r.error_code == "timeout", r
+    assert "timed out after 1.2s" in (r.error or ""), r  # as asked, not RQ's whole 2 s
     assert client.call("t", "append_line", {**line, "pause_s": 0.1}, timeout_s=1.2).ok
 
 

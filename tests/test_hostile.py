@@ -437,3 +437,23 @@ def GLOBAL(keys: Keys) -> set[bytes]:
         k.encode()
         for k in (keys.open, keys.dead, keys.runs, keys.pending, keys.workers, keys.tools)
     }
+
+
+def test_echoed_input_is_cut_in_the_result(start_worker, client: Client, redis_url, ns):
+    from toolq.schemas import ECHO_MAX_CHARS, ERROR_MAX_CHARS
+
+    r, keys = redis.Redis.from_url(redis_url), Keys(ns)
+    start_worker("local")
+    client.open("t")
+    huge = "x" * 1_000_000
+    bad_id = r.xadd(keys.calls("t"), {"tool": "bash", "args": "{}", "call_id": huge}).decode()
+    r.xadd(keys.calls("t"), {"tool": huge, "args": "{}", "call_id": "long-tool"})
+    r.xadd(keys.calls("t"), {"tool": "bash", "args": json.dumps({huge: 1}), "call_id": "long-arg"})
+    for call_id in (bad_id, "long-tool", "long-arg"):
+        got = client.result("t", call_id)
+        assert not got.ok and got.error_code in ("bad_request", "unknown_tool", "invalid_args"), got
+        assert len(got.error or "") <= ERROR_MAX_CHARS and len(got.tool) <= ECHO_MAX_CHARS, got
+        stored = sum(len(k) + len(v) for k, v in r.hgetall(keys.result("t", call_id)).items())
+        assert stored < 2 * ERROR_MAX_CHARS + 1000, (call_id, stored)
+    assert "chars cut" in (client.result("t", "long-tool").error or "")
+    assert client.call("t", "bash", {"command": "echo fine"}).output == "fine\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
 import signal
 import subprocess
 import sys
@@ -322,3 +323,73 @@ def test_toolq_works_without_the_mcp_extra_and_says_how_to_get_it(redis_url: str
         text=True,
     )
     assert imported.stdout.strip() == "False"  # the CLI does not import the SDK
+
+
+def _reply_line(proc: subprocess.Popen) -> dict[str, Any]:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    assert ready, "no reply within 60 s"
+    reply: dict[str, Any] = json.loads(proc.stdout.readline())
+    return reply
+
+
+#: Lines that are no JSON-RPC message, and the error code and id of their reply.
+BAD_LINES = [
+    (b"{not json\n", -32700, None),
+    (b'{"jsonrpc": "2.0", "id": 7, "params": {}}\n', -32600, 7),  # no method
+    (b'{"jsonrpc": "1.0", "id": "a", "method": "ping"}\n', -32600, "a"),
+    (b'{"id": 8, "method": "ping"}\n', -32600, 8),  # no jsonrpc at all
+    (b'[{"jsonrpc": "2.0", "id": 9, "method": "ping"}]\n', -32600, None),  # a batch
+    (b'{"jsonrpc": "2.0", "id": 10, "method": 5}\n', -32600, 10),
+    (b"\xff\xfe\n", -32700, None),
+]
+
+
+def test_stdio_answers_what_is_no_json_rpc_message_with_its_error(
+    redis_url: str, ns: str, worker: Any, tmp_path: Path
+) -> None:
+    """Each bad line gets JSON-RPC's error reply (the SDK alone drops it and the client
+    waits for nothing); the session goes on, and a good request still gets its answer."""
+    command = toolq_mcp(redis_url, ns, "--spec", json.dumps(SPEC))
+    with (tmp_path / "mcp.log").open("w") as log:
+        proc = subprocess.Popen(command, stdin=PIPE, stdout=PIPE, stderr=log, bufsize=0)
+    try:
+        assert "result" in rpc(proc, 1, "initialize", INITIALIZE)
+        notify(proc, "notifications/initialized")
+        assert proc.stdin is not None
+        for line, code, msg_id in BAD_LINES:
+            proc.stdin.write(line)
+            reply = _reply_line(proc)
+            assert reply["jsonrpc"] == "2.0" and reply["error"]["code"] == code, (line, reply)
+            assert reply["id"] == msg_id, (line, reply)
+        proc.stdin.write(b"\n")  # a blank line is no message: no reply
+        assert "result" in rpc(proc, 2, "ping", {})
+        listed = rpc(proc, 3, "tools/list", {})
+        assert any(t["name"] == "bash" for t in listed["result"]["tools"])
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        assert proc.wait(60) == 0, (tmp_path / "mcp.log").read_text()
+
+
+def test_stdin_from_a_file_gets_the_same_error_replies(
+    redis_url: str, ns: str, worker: Any, tmp_path: Path
+) -> None:
+    """stdin a regular file (it cannot be polled): the same checks, the error replies in
+    the order of their lines."""
+    requests = tmp_path / "requests.jsonl"
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INITIALIZE}
+    lines = [json.dumps(init).encode() + b"\n"] + [line for line, _, _ in BAD_LINES]
+    requests.write_bytes(b"".join(lines))
+    with requests.open("rb") as stdin:
+        r = subprocess.run(
+            toolq_mcp(redis_url, ns, "--spec", json.dumps(SPEC)),
+            stdin=stdin,
+            capture_output=True,
+            timeout=120,
+        )
+    assert r.returncode == 0, r.stderr
+    replies = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [r["id"] for r in replies if "result" in r] == [1]  # initialize, answered
+    codes = [(reply["error"]["code"], reply["id"]) for reply in replies if "error" in reply]
+    assert codes == [(code, msg_id) for _, code, msg_id in BAD_LINES]

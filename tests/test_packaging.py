@@ -50,7 +50,7 @@ def test_toolq_imports_no_agent_framework():
     integrations package must not import any of them (only an adapter module does)."""
     code = (
         "import sys, toolq.producer, toolq.producer.cli, toolq.worker.worker, toolq.integrations\n"
-        "frameworks = ('mcp', 'swerex', 'skyrl_gym', 'uvicorn', 'omegaconf')\n"
+        "frameworks = ('mcp', 'swerex', 'skyrl_gym', 'uvicorn', 'omegaconf', 'minisweagent')\n"
         "imported = [m for m in frameworks if m in sys.modules]\n"
         "assert not imported, imported\n"
         "import toolq.integrations.mcp_server\n"

@@ -197,7 +197,9 @@ def test_a_container_that_cannot_be_made_new_is_removed(
     assert container(after) not in used.values()
     assert after.output == "0\n755\n"  # a fresh container: none of it
     wait_for(
-        lambda: not {c.id[:12] for c in dc.containers.list(all=True)} & set(used.values()),
+        lambda: (
+            not {c.id[:12] for c in dc.containers.list(all=True, sparse=True)} & set(used.values())
+        ),
         what="the rejected containers to be removed",
     )
 
@@ -283,7 +285,9 @@ def test_with_the_setting_off_nothing_is_reused(recycling, client: Client, dc):
     one = client.call("one", "bash", {"command": "true"})
     client.close("one")
     wait_for(
-        lambda: container(one) not in {c.id[:12] for c in dc.containers.list(all=True)},
+        lambda: (
+            container(one) not in {c.id[:12] for c in dc.containers.list(all=True, sparse=True)}
+        ),
         what="the container to be removed",
     )
     client.open("two")

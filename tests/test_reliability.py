@@ -262,3 +262,32 @@ def test_tls_connections(ns, tmp_path):
                 assert c.call("t", "bash", {"command": "echo over tls"}).output == "over tls\n"
         finally:
             worker.stop()
+
+
+def test_a_wait_on_a_trajectory_whose_record_is_lost_raises_unknown_trajectory(
+    client: Client, redis_url, ns
+):
+    import asyncio
+
+    from toolq.producer import AsyncClient, UnknownTrajectory
+
+    r, keys = redis.Redis.from_url(redis_url), Keys(ns)
+    client.open("t")  # no worker: its calls wait
+    running = client.submit("t", "bash", {"command": "true"})
+    queued = client.submit("t", "bash", {"command": "true"})
+
+    def lose_the_record() -> None:  # as a Redis crash that lost its last writes can
+        time.sleep(0.5)
+        r.delete(keys.traj("t"))
+
+    threading.Thread(target=lose_the_record).start()
+    # The waits would last a minute; they end within seconds of the loss instead.
+    with pytest.raises(UnknownTrajectory, match="trajectory t is gone"):
+        client.result("t", running, timeout_s=60)
+
+    async def wait_async() -> None:
+        async with AsyncClient(redis_url, ns) as c:
+            await c.result("t", queued, timeout_s=60)
+
+    with pytest.raises(UnknownTrajectory, match="trajectory t is gone"):
+        asyncio.run(wait_async())

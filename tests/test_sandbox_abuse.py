@@ -289,6 +289,27 @@ def test_disk_fill_stops_at_the_workspace_cap_and_the_slot_keeps_working(
     assert owner.output.split()[0] == owner.output.split()[1] == "sandbox", owner
 
 
+def test_disk_mb_bounds_tmp_and_var_tmp_too(docker_only, start_worker, client, dc):
+    start_worker(docker_only)
+    client.open("t", {"limits": {"disk_mb": 16, "memory_mb": 128}})
+    for place in ("/tmp", "/var/tmp"):  # 1 GiB asked for: 16 MiB land, in memory
+        fill = client.call(
+            "t", "bash", {"command": f"dd if=/dev/zero of={place}/big bs=1M count=1024"}
+        )
+        assert not fill.ok and "No space left on device" in fill.output, (place, fill)
+        size = client.call("t", "bash", {"command": f"df -m {place} | tail -1"})
+        assert size.output.split()[1] == "16", size
+    slot = client.call("t", "bash", {"command": "true"}).slot
+    # The container's writable layer (what `docker ps -s` shows) took none of it.
+    (listed,) = dc.api.containers(all=True, size=True, filters={"id": short_id(slot)})
+    size_rw = listed.get("SizeRw") or 0
+    assert size_rw < 4 * 1024 * 1024, size_rw
+    cleared = client.call(
+        "t", "bash", {"command": "rm /tmp/big /var/tmp/big; echo ok > /tmp/f; cat /tmp/f"}
+    )
+    assert cleared.output == "ok\n", cleared
+
+
 def test_the_worker_caps_every_workspace(docker_only, start_worker, client):
     start_worker(docker_only, max_disk_mb=8)
     client.open("t", {"limits": {"disk_mb": 1000}})

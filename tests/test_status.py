@@ -137,7 +137,7 @@ def test_status_of_an_empty_namespace(client: Client, redis_url, ns):
     text = _status(redis_url, ns)
     assert "0 alive, 0 dead" in text
     assert "BACKLOG  0 trajectories" in text
-    assert _line(text, "0.0%").split() == ["0", "0", "0.0%", "0.00", "0.00", "-", "-"]
+    assert _line(text, "0.0%").split() == ["0", "0", "0.0%", "0.00", "0.00", "0.00", "-", "-"]
     assert "RUNNING NOW  none" in text
     assert "WARNING" not in text
 
@@ -200,7 +200,8 @@ def test_calls_per_second_and_latency_percentiles(client: Client, redis_url, ns)
     assert (calls.calls, calls.last_minute_calls) == (150, 120)
     assert calls.last_minute_calls_per_s == 2.0
     assert calls.covered_s == 4 * 60 + 30
-    assert calls.calls_per_s == pytest.approx(150 / 270)
+    assert calls.window_calls_per_s == pytest.approx(150 / 270)
+    assert calls.calls_per_s == pytest.approx((120 + 30) / 90)  # now: the last 1.5 minutes
     assert calls.latency.samples == 150
     assert (calls.latency.p50_ms, calls.latency.p95_ms) == (5.0, 50.0)
 
@@ -223,8 +224,8 @@ def test_status_shows_calls_per_second_and_latency(client: Client, redis_url, ns
     assert data["calls"]["latency"]["buckets_ms"] == {"20": 5 * 57, "1000": 5 * 3}
 
     text = _status(redis_url, ns)
-    row = _line(text, "≤ 20 ms").split()  # answered, failed, rate, calls/s, last min, p50, p95
-    assert row == ["300", "0", "0.0%", row[3], "1.00", "≤", "20", "ms", "≤", "20", "ms"]
+    row = _line(text, "≤ 20 ms").split()  # answered, failed, rate, calls/s, last min, avg, p50, p95
+    assert row == ["300", "0", "0.0%", row[3], "1.00", row[5], "≤", "20", "ms", "≤", "20", "ms"]
 
 
 def _running(client: Client, ns: str, traj: str, age_s: float, answered: int, sent: int) -> None:
@@ -262,3 +263,14 @@ def test_what_runs_now_newest_first_and_capped(client: Client, redis_url, ns):
     _, owner, age, calls, in_flight = _line(text, "run-12").split()
     assert (owner, calls, in_flight) == ("w-1", "12/13", "1") and age.endswith("m")
     assert "run-02" not in text and "… and 3 more" in text
+
+
+def test_the_headline_calls_per_second_is_the_pace_now(client: Client, redis_url, ns):
+    """Quiet for minutes, then 160 calls/s: CALLS/S says 160, not a 5-minute average."""
+    now_ms = (int(time.time()) // 60) * 60_000 + 30_000
+    minute = now_ms // 60_000
+    _count_calls(client, ns, minute - 1, {3: 160 * 60})
+    _count_calls(client, ns, minute, {3: 160 * 30})
+    calls = collect(client.redis, Keys(ns), now_ms=now_ms).calls
+    assert calls.calls_per_s == pytest.approx(160)
+    assert calls.window_calls_per_s == pytest.approx(160 * 90 / 270)  # the average lags

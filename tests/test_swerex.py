@@ -42,7 +42,6 @@ from tests.swerex_support import (
 )
 from toolq.integrations.swerex import (
     ToolqRuntimeError,
-    UnsupportedActionError,
 )
 from toolq.producer import Client
 
@@ -116,7 +115,7 @@ def test_a_session_sources_its_startup_files(start_worker, deployed):
     assert asyncio.run(main()) == "yes\n"
 
 
-def test_a_bad_session_name_or_interactive_action_is_refused(start_worker, deployed):
+def test_a_bad_session_name_is_refused(start_worker, deployed):
     start_worker("local")
 
     async def main() -> None:
@@ -126,10 +125,6 @@ def test_a_bad_session_name_or_interactive_action_is_refused(start_worker, deplo
             assert bad_name.value.error_code == "invalid_args"
             with pytest.raises(SessionDoesNotExistError):  # it was not created
                 await rt.run_in_session(A("true", session="no spaces"))
-            with pytest.raises(UnsupportedActionError, match="interactive"):
-                await rt.run_in_session(A("python3", is_interactive_command=True))
-            with pytest.raises(UnsupportedActionError):
-                await rt.run_in_session(A("python3", expect=[">>> "]))
             assert (await rt.run_in_session(A("echo still"))).output == "still\n"
 
     asyncio.run(main())
@@ -357,3 +352,55 @@ def test_session_commands_answer_as_swerexs_local_runtime(start_worker, deployed
     expected, got = asyncio.run(main())
     for action, want, have in zip(CONFORMANCE, expected, got, strict=True):
         assert have == want, action.command
+
+
+# ------------------------------------------------------ interactive programs
+def test_interactive_programs_run_on_a_terminal_in_the_sessions_state(
+    backend, start_worker, deployed
+):
+    start_worker(backend)
+
+    async def main() -> None:
+        async with runtime_with_session(deployed) as rt:
+            await rt.run_in_session(A("mkdir -p sub && cd sub && export LEVEL=7"))
+            started = await rt.run_in_session(
+                A("python3 -q", is_interactive_command=True, expect=[">>> "])
+            )
+            assert started.expect_string == ">>> " and started.exit_code == 0
+            r = await rt.run_in_session(
+                A(
+                    "import os; print(os.getcwd().endswith('/sub'), os.environ['LEVEL'])",
+                    is_interactive_command=True,
+                    expect=[">>> ", "NEVER"],
+                )
+            )
+            assert r.output == "True 7" and r.expect_string == ">>> ", r
+            quit_ = await rt.run_in_session(A("quit()", is_interactive_quit=True, check="raise"))
+            assert quit_.exit_code == 0
+            # the session's own shell is as it was
+            assert (await rt.run_in_session(A("pwd; echo $LEVEL"))).output.endswith("/sub\n7\n")
+            # an expect string on a plain command: it stops there, the program waits for input
+            r = await rt.run_in_session(
+                A("printf 'name? '; read name; echo hello $name", expect=[r"name\? "])
+            )
+            assert r.expect_string == r"name\? " and r.exit_code is None, r
+            r = await rt.run_in_session(A("bob", is_interactive_command=True, expect=["NEVER"]))
+            assert r.output == "hello bob" and r.expect_string == "SHELLPS1PREFIX", r
+            # a pattern that never comes: swe-rex's timeout error; an interrupt ends the program
+            # (killed, since it ignores Ctrl-C), and the next one starts afresh
+            stubborn = (
+                "python3 -c 'import signal,time; signal.signal(2, 1); print(1); time.sleep(99)'"
+            )
+            with pytest.raises(CommandTimeoutError, match=r"timeout after 1\.0 seconds"):
+                await rt.run_in_session(
+                    A(stubborn, is_interactive_command=True, expect=["NEVER"], timeout=1.0)
+                )
+            interrupted = await rt.run_in_session(BashInterruptAction())
+            assert interrupted.exit_code == 0
+            r = await rt.run_in_session(
+                A("python3 -q", is_interactive_command=True, expect=[">>> "])
+            )
+            assert r.expect_string == ">>> "
+            await rt.run_in_session(A("quit()", is_interactive_quit=True))
+
+    asyncio.run(main())

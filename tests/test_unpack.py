@@ -65,6 +65,26 @@ HOSTILE = {
 }
 
 
+def test_an_existing_symlink_out_of_the_workspace_refuses_the_whole_archive(
+    backend, start_worker, client: Client
+):
+    start_worker(backend)
+    client.open("t")
+    sh(client, "t", "mkdir -p in; ln -s /tmp in/out; echo old > in/kept")
+    archive = targz(
+        entry("first.txt", b"first"), entry("kept", b"new"), entry(f"out/{MARK}"), entry("last")
+    )
+    result = client.call("t", "unpack", {"data": archive, "path": "in"})
+    assert not result.ok and result.error_code == "path_outside_workspace", result
+    # All or nothing: the entries before the bad one were not written either.
+    assert sh(client, "t", "ls -A in; cat in/kept").split() == ["kept", "out", "old"]
+    assert sh(client, "t", f"ls /tmp/{MARK} 2>/dev/null; echo end").strip() == "end"
+    sh(client, "t", "echo file > in/plain")  # a file where the archive wants a directory
+    result = client.call("t", "unpack", {"data": targz(entry("a"), entry("plain/b")), "path": "in"})
+    assert not result.ok and result.error_code == "io_error", result
+    assert sh(client, "t", "ls -A in").split() == ["kept", "out", "plain"]
+
+
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_archives_are_refused_before_anything_is_written(
     case, backend, start_worker, client: Client
@@ -146,3 +166,25 @@ def test_cli_upload_and_download_round_trip(start_worker, redis_url: str, ns: st
     assert refused.returncode == 2 and "link" in refused.stderr
     missing = toolq(redis_url, ns, "download", "t", "nope")
     assert missing.returncode == 1 and "not_found" in missing.stdout
+
+
+def test_cli_upload_of_a_huge_sparse_file_is_refused_before_packing(
+    redis_url: str, ns: str, tmp_path
+):
+    from toolq.producer.cli_files import UPLOAD_MAX_BYTES
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small.txt").write_text("x")
+    with open(src / "sparse.img", "wb") as fh:  # 10 GB that take no disk
+        fh.truncate(10 * 1024**3)
+    assert UPLOAD_MAX_BYTES < 10 * 1024**3
+    # No worker: a refusal before packing never reaches Redis. Compressing 10 GB
+    # of zeros takes a minute; the check is one walk of the tree.
+    refused = subprocess.run(
+        [sys.executable, "-m", "toolq.producer.cli", "--redis-url", redis_url, "--namespace", ns,
+         "upload", "t", str(src)],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert "sparse.img" in refused.stderr and "more than" in refused.stderr, refused.stderr

@@ -49,6 +49,9 @@ class BgRecorder:
         # Slot -> (trajectory, epoch), remembered from a task's first event: the
         # final events of a drop arrive after the worker has detached the slot.
         self._slots: dict[str, tuple[str, str]] = {}
+        # Trajectory -> the task ids recorded for it (BG_LOST declares their keys).
+        self._tasks: dict[str, set[str]] = {}
+        self._marking: set[asyncio.Task[None]] = set()
 
     def on_event(self, msg: dict[str, Any]) -> None:
         """Record one ``bg`` event; a malformed one is logged and dropped."""
@@ -64,6 +67,7 @@ class BgRecorder:
         except (ValidationError, InvalidIdError) as exc:
             log.warning("malformed bg event from slot %s: %s", slot, exc)
             return
+        self._tasks.setdefault(traj_id, set()).add(record.task_id)
         written = self.writer.bg_write(
             traj_id, epoch, record.task_id, record.started_ms, record.status, record.to_fields()
         )
@@ -109,12 +113,27 @@ class BgRecorder:
         self.tasks_lost(traj)
 
     def tasks_lost(self, traj: Traj) -> None:
-        """Mark ``traj``'s tasks still ``running`` in Redis as ``lost``."""
-        marked = self.writer.bg_lost(traj.traj_id, traj.epoch)
+        """Mark ``traj``'s tasks still ``running`` in Redis as ``lost``: at once
+        those this worker recorded (queued behind their last writes), then, once
+        its index is read, any other (a previous owner's)."""
+        known = self._tasks.pop(traj.traj_id, set())
+        if known:
+            self.writer.bg_lost(traj.traj_id, traj.epoch, known).add_done_callback(self._lost)
+        task = asyncio.get_running_loop().create_task(self._others_lost(traj, known))
+        self._marking.add(task)
+        task.add_done_callback(self._marking.discard)
 
-        def observe(fut: asyncio.Future[Any]) -> None:
-            count = fut.result()
-            for _ in range(count if isinstance(count, int) and count > 0 else 0):
-                self.observer.bg_task_changed("lost")
+    async def _others_lost(self, traj: Traj, known: set[str]) -> None:
+        try:
+            others = await self.writer.bg_tasks(traj.traj_id) - known
+            if others:
+                done = self.writer.bg_lost(traj.traj_id, traj.epoch, others)
+                await done
+                self._lost(done)
+        except Exception as exc:  # logged: those tasks stay `running` in Redis
+            log.warning("marking the tasks of %s lost failed: %s", traj.traj_id, exc)
 
-        marked.add_done_callback(observe)
+    def _lost(self, fut: asyncio.Future[Any]) -> None:
+        count = fut.result() if not fut.cancelled() and fut.exception() is None else 0
+        for _ in range(count if isinstance(count, int) and count > 0 else 0):
+            self.observer.bg_task_changed("lost")

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 Reply = dict[str, Any]
 EventHandler = Callable[[Reply], Awaitable[None] | None]
+#: Writes bytes to the agent at once; returns what to await while its buffer is
+#: full (backpressure), or None when the bytes are on their way already.
+Write = Callable[[bytes], Awaitable[None] | None]
 
 # Agent replies can carry large outputs (a 64 MiB file read as base64).
 LINE_LIMIT_BYTES = 256 * 1024 * 1024
@@ -36,7 +39,7 @@ class AgentChannel:
     def __init__(
         self,
         reader: asyncio.StreamReader,
-        write: Callable[[bytes], Awaitable[None]],
+        write: Write,
         on_event: EventHandler | None = None,
         name: str = "agent",
     ) -> None:
@@ -91,13 +94,21 @@ class AgentChannel:
             data = json.dumps(frame, separators=(",", ":")).encode("ascii") + b"\n"
             if blobs:
                 data += b"".join(blobs)
-            task = asyncio.ensure_future(self._send(data))
-            self._sends.add(task)  # keep a reference until the write is done
-            task.add_done_callback(self._sends.discard)
+            # Written now, in this turn of the loop: a task would send it one turn
+            # later, after the reader's next XREADGROUP has gone out.
+            try:
+                pending = self._write(data)
+            except (OSError, RuntimeError) as exc:
+                self._fail(ChannelClosedError(f"write failed: {exc}"))
+                return
+            if pending is not None:  # the buffer is full: wait for it in a task
+                task = asyncio.ensure_future(self._drain(pending))
+                self._sends.add(task)  # keep a reference until the write is done
+                task.add_done_callback(self._sends.discard)
 
-    async def _send(self, data: bytes) -> None:
+    async def _drain(self, pending: Awaitable[None]) -> None:
         try:
-            await self._write(data)
+            await pending
         except (OSError, RuntimeError) as exc:
             self._fail(ChannelClosedError(f"write failed: {exc}"))
 

@@ -41,20 +41,41 @@ def _settings_options(func: Any) -> Any:
 
 
 @click.command("worker")
+@click.option(
+    "--redis-url",
+    envvar="TOOLQ_REDIS_URL",
+    show_envvar=True,
+    help="Redis URL (redis://, rediss://, redis+cluster://) [default: an embedded Redis].",
+)
+@click.option(
+    "--namespace",
+    envvar="TOOLQ_NAMESPACE",
+    show_envvar=True,
+    help="Key prefix; producers must use the same. [default: toolq]",
+)
 @_settings_options
 @click.option(
     "--log-level",
     envvar="TOOLQ_LOG_LEVEL",
+    show_envvar=True,
     default="INFO",
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
 @click.pass_context
-def worker(ctx: click.Context, /, log_level: str, **opts: Any) -> None:
+def worker(
+    ctx: click.Context,
+    /,
+    redis_url: str | None,
+    namespace: str | None,
+    log_level: str,
+    **opts: Any,
+) -> None:
     """Run a worker until SIGTERM/SIGINT.
 
     Without TOOLQ_REDIS_URL it starts an embedded Redis that local `toolq`
-    commands find on their own. Every flag is also a TOOLQ_* variable.
+    commands find on their own. Every flag is also a TOOLQ_* environment
+    variable, named after each option below ([env var: ...]).
     """
     from .service import run_worker
 
@@ -64,6 +85,8 @@ def worker(ctx: click.Context, /, log_level: str, **opts: Any) -> None:
     if "tools_modules" in given:
         given["tools_modules"] = tuple(given["tools_modules"])
     settings = WorkerSettings(
-        redis_url=obj.get("redis_url"), namespace=obj.get("namespace", "toolq"), **given
+        redis_url=redis_url or obj.get("redis_url"),
+        namespace=namespace or obj.get("namespace") or "toolq",
+        **given,
     )
     run_worker(settings)

@@ -68,15 +68,16 @@ class EmbeddedRedis:
         ]  # fmt: skip
         self._start()
 
-    def _start(self) -> None:
+    def _start(self, timeout_s: float = 10.0) -> None:
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self._wait_ready()
+        self._wait_ready(timeout_s)
 
-    def restart(self, down_s: float = 0.0) -> None:
-        """Stop and start again on the same port and data dir (the AOF is reloaded)."""
+    def restart(self, down_s: float = 0.0, timeout_s: float = 10.0) -> None:
+        """Stop and start again on the same port and data dir (the AOF is reloaded);
+        returns once it answers (``timeout_s``: loading a large AOF takes time)."""
         self._terminate()
         time.sleep(down_s)
-        self._start()
+        self._start(timeout_s)
 
     def _wait_ready(self, timeout_s: float = 10.0) -> None:
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2, password=self.password)

@@ -168,13 +168,22 @@ def failure_reply(job: Job, exc_type: Any, exc_value: Any, tb: Any) -> dict[str,
     extra = {"truncated": truncated, "output_bytes": total, "run_ms": _run_ms(job)}
     tool = job.kwargs.get("tool", "?")
     if exc_type is not None and issubclass(exc_type, JobTimeoutException):
-        message = f"external tool {tool} timed out after {job.timeout}s"
+        message = f"external tool {tool} timed out after {timeout_text(job)}"
         return error_reply(ErrorCode.TIMEOUT, message, output, timed_out=True, **extra)
     name = getattr(exc_type, "__name__", "Error")
     if exc_type is not None and issubclass(exc_type, AbandonedJobError):
         message = "the RQ worker running the job died (RQ abandoned it); the tool did not fail"
         return error_reply(ErrorCode.EXTERNAL_LOST, message, output, **extra)
     return error_reply(ErrorCode.TOOL_ERROR, f"{name}: {exc_value}", output, **extra)
+
+
+def timeout_text(job: Job) -> str:
+    """The timeout the call asked for (``1.2s``), not RQ's whole-second job timeout."""
+    asked: Any = (job.kwargs or {}).get("timeout_s") or job.timeout
+    try:
+        return f"{float(asked):g}s"
+    except (TypeError, ValueError):
+        return f"{asked}s"
 
 
 def _run_ms(job: Job) -> float:
@@ -237,7 +246,7 @@ def outcome_of(connection: SyncRedis, job_id: str, queue: str) -> dict[str, Any]
     latest = job.latest_result()
     trace = (latest.exc_string if latest else None) or ""
     if "JobTimeoutException" in trace:
-        return error_reply(ErrorCode.TIMEOUT, f"external tool timed out after {job.timeout}s")
+        return error_reply(ErrorCode.TIMEOUT, f"external tool timed out after {timeout_text(job)}")
     if any(sign in trace for sign in RQ_SIDE_FAILURES):
         message = f"the RQ side failed, not the tool: {trace.strip().splitlines()[0][:300]}"
         return error_reply(ErrorCode.EXTERNAL_LOST, message, trace, run_ms=_run_ms(job))

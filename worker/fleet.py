@@ -165,6 +165,7 @@ class Fleet:
             slots_used=len(self.owned),
             started_ms=self.started_ms,
             heartbeat_ms=self.redis_now_ms(),
+            dead_after_s=self.settings.dead_after_s,
         )
         pipe = self.redis.pipeline(transaction=False)
         # Redis's clock, from the node that holds the heartbeats (one clock on a cluster)

@@ -6,12 +6,21 @@ reading of calls. A claim starts a new ownership epoch (``lua.CLAIM``);
 entries a previous owner read and never answered are queued first
 (``CallReader.adopt``), then the trajectory is served. An open request that
 cannot be parsed is dead-lettered and its trajectory fails, its calls answered.
+
+A fork's copies prefer the worker that took its snapshot (``OpenRequest.prefer``):
+that worker also finds them in its inbox (``Keys.worker_inbox``) and claims them
+at once while it has room; any other worker that reads one leaves it unacknowledged
+until ``prefer_ms`` after it was enqueued, then claims it (the claim script refuses
+it when the preferred worker was first), or puts it back for anyone when it has
+no room itself. Nothing is lost when either worker dies: the entry stays in the
+dead one's pending list until the fleet puts it back (``Fleet.release_open_entries``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +70,11 @@ def _s(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _plain(fields: dict[Any, Any]) -> dict[Any, Any]:
+    """An open request's fields to enqueue again, for any worker (no preference)."""
+    return {_s(k): _s(v) for k, v in fields.items() if _s(k) not in ("prefer", "prefer_ms")}
+
+
 class Intake:
     """See the module docstring."""
 
@@ -93,10 +107,13 @@ class Intake:
         self.serve = serve
         self.drop = drop
         self._room = asyncio.Event()
+        self._claiming: set[str] = set()  # claims in flight: a duplicate waits for none
+        self._deferred: set[asyncio.Task[None]] = set()  # copies left to their worker
 
     @property
     def free_slots(self) -> int:
-        return self.settings.slots - len(self.owned)
+        # Claims in flight count: the inbox and the open stream claim concurrently.
+        return self.settings.slots - len(self.owned) - len(self._claiming)
 
     def slot_freed(self) -> None:
         """A trajectory left: the loop may claim again."""
@@ -104,7 +121,19 @@ class Intake:
 
     # ---------------------------------------------------------------- loop
     async def run(self) -> None:
-        """Claim while there is room, until cancelled."""
+        """Claim while there is room, until cancelled (the inbox too)."""
+        inbox = asyncio.create_task(self.inbox_loop(), name="intake-inbox")
+        try:
+            await self._run_open()
+        finally:
+            tasks = [inbox, *self._deferred]
+            for task in tasks:  # a deferred entry stays unacknowledged: put back on leaving
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _run_open(self) -> None:
         catch_up = CatchUp(self.health)
         backoff_s = 0.1
         while True:
@@ -151,12 +180,84 @@ class Intake:
             await self._dead(entry_id, fields, reason)
             await self._fail_unopenable(traj_field(fields), reason)
         else:
-            await self.claim(req)
+            wait_s = self._left_to_other_s(entry_id, req)
+            if wait_s > 0:  # acknowledged when it is claimed or put back
+                task = asyncio.create_task(self._claim_later(entry_id, fields, req, wait_s))
+                self._deferred.add(task)
+                task.add_done_callback(self._deferred.discard)
+                return
+            if self.free_slots > 0 or req.traj in self.owned:
+                await self.claim(req)
+            else:  # the inbox took the room meanwhile: for another worker (or us, later)
+                await self.redis.xadd(self.keys.open, _plain(fields))
         await self.redis.xack(self.keys.open, GROUP, entry_id)
+
+    # --------------------------------------------------------- fork copies
+    def _left_to_other_s(self, entry_id: str, req: OpenRequest) -> float:
+        """How much longer a request preferring another worker is left to it (0: claim)."""
+        if not req.prefer or req.prefer == self.worker_id or not req.prefer_ms:
+            return 0.0
+        try:
+            enqueued_ms = int(entry_id.split("-")[0])
+        except ValueError:
+            enqueued_ms = 0
+        until_ms = enqueued_ms + req.prefer_ms  # by Redis's clock: ours may be skewed, so
+        return min(req.prefer_ms, max(0.0, until_ms - now_ms())) / 1000.0  # never longer
+
+    async def _claim_later(
+        self, entry_id: str, fields: dict[Any, Any], req: OpenRequest, wait_s: float
+    ) -> None:
+        """Claim a copy its preferred worker did not take in time, or put it back."""
+        await asyncio.sleep(wait_s)
+        await self.lease.wait_valid()
+        try:
+            if self.free_slots > 0:
+                await self.claim(req)
+            else:  # no room here: anyone may take it now
+                await self.redis.xadd(self.keys.open, _plain(fields))
+            await self.redis.xack(self.keys.open, GROUP, entry_id)
+        except (RedisError, OSError) as exc:  # left in our pending list: re-read on catch-up
+            self.health.failed()
+            log.warning("claiming fork copy %s failed: %s", req.traj, exc)
+
+    async def inbox_loop(self) -> None:
+        """Claim the fork copies meant for this worker while it has room (a full worker
+        drops them: their entries on the open stream go to another worker)."""
+        key = self.keys.worker_inbox(self.worker_id)
+        timeout_s = max(1, self.settings.block_ms // 1000)
+        backoff_s = 0.1
+        while True:
+            try:
+                await self.lease.wait_valid()
+                got: Any = await self.redis.blpop([key], timeout=timeout_s)
+                backoff_s = 0.1
+                if not got or self.free_slots <= 0:
+                    continue
+                try:
+                    req = parse_open(json.loads(got[1]))
+                except ValueError as exc:  # its open stream entry gets the clear error
+                    log.warning("ignored a bad inbox entry: %s", exc)
+                    continue
+                await self.claim(req)
+            except (RedisError, OSError) as exc:
+                self.health.failed()
+                log.warning("reading the inbox failed (%s); retrying in %.1fs", exc, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
 
     # --------------------------------------------------------------- claim
     async def claim(self, req: OpenRequest) -> bool:
         """Take ownership of a trajectory and start serving it."""
+        traj_id = req.traj
+        if traj_id in self._claiming:
+            return False  # a duplicate (a fork copy read from the inbox and the stream)
+        self._claiming.add(traj_id)
+        try:
+            return await self._claim(req)
+        finally:
+            self._claiming.discard(traj_id)
+
+    async def _claim(self, req: OpenRequest) -> bool:
         traj_id = req.traj
         stale = self.owned.get(traj_id)
         if stale is not None:

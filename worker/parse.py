@@ -100,7 +100,7 @@ def _parse_call(entry_id: str, fields: dict[Any, Any] | None, max_entry_bytes: i
         if item.kind != "call":  # a control entry's own fields are all it needs
             entry = CallEntry(type=item.kind)
         elif _only_args_wrong(exc):  # e.g. a model's truncated JSON: the model should hear it
-            item.error = (ErrorCode.INVALID_ARGS, f"invalid arguments: {_short(exc)}")
+            item.error = (ErrorCode.INVALID_ARGS, args_text(exc, raw.get("tool", "")))
             return item
         else:
             item.error = (ErrorCode.BAD_REQUEST, f"malformed call entry: {_short(exc)}")
@@ -112,6 +112,17 @@ def _parse_call(entry_id: str, fields: dict[Any, Any] | None, max_entry_bytes: i
             f"protocol version {entry.v} is newer than this worker's ({PROTOCOL_VERSION})",
         )
     return item
+
+
+def args_text(exc: ValueError, tool: str) -> str:
+    """``args is not valid JSON: ...`` as a model reads it: the problem, then how to
+    send arguments; pydantic's wrapping (type, input, URL) left out."""
+    problems = []
+    for err in exc.errors() if isinstance(exc, ValidationError) else []:
+        problems.append(str(err["msg"]).removeprefix("Value error, "))
+    problem = "; ".join(problems) or _short(exc)
+    named = f" {tool[:100]}" if tool else ""
+    return f"{problem[:400]}\nsend the{named} tool's arguments as one JSON object"
 
 
 def _only_args_wrong(exc: ValueError) -> bool:

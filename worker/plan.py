@@ -7,6 +7,7 @@ is either a ``Plan`` or a ``Refusal`` (the error result to give instead).
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
 from dataclasses import dataclass
@@ -150,6 +151,15 @@ def call_timeout_s(
     return max(0.001, min(float(timeout_s), *caps))
 
 
+def unknown_tool_text(registry: Registry, name: str) -> str:
+    """What a model reads for a tool name no worker knows: the nearest name, and
+    the tools there are (``toolq tools`` lists them with their parameters)."""
+    names = sorted(registry.tools)
+    near = difflib.get_close_matches(name, [*names, *registry.aliases], n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"unknown tool {name!r}{hint}; the tools are: {', '.join(names)}"
+
+
 def plan_call(
     registry: Registry,
     settings: WorkerSettings,
@@ -166,7 +176,7 @@ def plan_call(
         return policy_refusal(registry, spec, name) or ExitPlan(name, entry.args)
     tool = registry.resolve(name)
     if tool is None:
-        return Refusal(ErrorCode.UNKNOWN_TOOL, f"unknown tool {name!r}")
+        return Refusal(ErrorCode.UNKNOWN_TOOL, unknown_tool_text(registry, name))
     refused = policy_refusal(registry, spec, name)
     if refused is not None:
         return refused
@@ -177,7 +187,7 @@ def plan_call(
     if left_s <= 0:
         return Refusal(ErrorCode.LIMIT_EXCEEDED, f"deadline_s limit ({limits.deadline_s}s) passed")
     try:
-        args = registry.validate(tool, entry.args)
+        args = registry.validate(tool, entry.args, name)
     except InvalidArgsError as exc:
         return Refusal(ErrorCode.INVALID_ARGS, str(exc))
     sandbox_arg = None if tool.external else args.get("timeout_s")

@@ -58,6 +58,7 @@ class ReadGroup:
         self._waking = False
         self._changed = asyncio.Event()
         self._ready = False  # the wake stream and its consumer group exist
+        self._conn: Any = None  # on one Redis, the connection the reads block on
 
     async def read_once(self) -> int:
         """One read (blocking up to ``block_ms``); returns how many call entries came."""
@@ -76,8 +77,11 @@ class ReadGroup:
         args += ["BLOCK", self.block_ms, "STREAMS", *names, *([">"] * len(names))]
         self.blocked = True
         try:
-            client: Any = self.redis
-            resp: Any = await client.execute_command(*args, **self._route())
+            if isinstance(self.redis, aioredis.Redis):
+                resp: Any = await self._read_own(args)
+            else:
+                client: Any = self.redis
+                resp = await client.execute_command(*args, **self._route())
         finally:
             self.blocked = False
         entries = 0
@@ -89,6 +93,24 @@ class ReadGroup:
                 entries += len(got)
                 self.deliver(name, got)
         return entries
+
+    async def _read_own(self, args: list[Any]) -> Any:
+        """One Redis: the read on the group's own connection, parsed as redis-py
+        would (no pool checkout per read: this runs once per batch of calls)."""
+        if self._conn is None:
+            pool: Any = self.redis.connection_pool  # make_connection is untyped
+            self._conn = pool.make_connection()
+        conn = self._conn
+        try:
+            await conn.send_packed_command(conn.pack_command(*args))
+            raw = await conn.read_response()
+        except ResponseError:
+            raise  # a whole reply: the connection is fine
+        except BaseException:
+            await conn.disconnect(nowait=True)  # half read: the next read connects anew
+            raise
+        parse = self.redis.response_callbacks.get("XREADGROUP")
+        return parse(raw) if parse is not None and raw is not None else raw
 
     async def _acknowledge_wakes(self, got: list[Any]) -> None:
         ids = [e[0] for e in got]
@@ -120,9 +142,27 @@ class ReadGroup:
             self._waking = False
 
     async def forget(self) -> None:
-        """The group has no members left: its wake stream goes."""
+        """The group has no members left: its wake stream and its connection go."""
         with contextlib.suppress(RedisError, OSError):
             await self.redis.delete(self.wake_key)
+        if self._conn is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._conn.disconnect()
+            self._conn = None
+
+
+#: Loop turns from entries delivered to their calls' frames written to the
+#: sandboxes: the trajectory's task wakes in the next turn and queues its request,
+#: the channel writes the turn's requests as one frame in the turn after.
+TURNS_TO_START = 2
+
+
+async def let_calls_start() -> None:
+    """Let the calls just delivered leave for their sandboxes before the next read:
+    its XREADGROUP would otherwise go out first, and on a busy host each send to a
+    process that wakes costs about as much as the hop itself (bench/notes.md)."""
+    for _ in range(TURNS_TO_START):
+        await asyncio.sleep(0)
 
 
 async def run_loop(
@@ -137,7 +177,8 @@ async def run_loop(
     while True:
         try:
             await ready()
-            await group.read_once()
+            if await group.read_once():
+                await let_calls_start()
         except (RedisError, OSError) as exc:
             if isinstance(exc, ResponseError) and str(exc).startswith("UNBLOCKED"):
                 continue

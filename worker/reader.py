@@ -28,7 +28,7 @@ from .metrics import Observer
 from .parse import parse_call
 from .read_group import ReadGroup, run_loop
 from .settings import WorkerSettings
-from .state import Item, Traj, entry_key
+from .state import Item, Traj, entry_key, wall_ms
 
 log = logging.getLogger("toolq.worker.reader")
 
@@ -186,8 +186,10 @@ class CallReader:
         when they are still queued or running here.
         """
         in_flight = traj.in_flight() if reclaimed else set()
+        read_at_ms = wall_ms()
         for entry_id, fields in entries:
             item = parse_call(_s(entry_id), fields, self.settings.max_entry_bytes)
+            item.read_at_ms = read_at_ms
             if reclaimed:
                 if item.entry_id in in_flight:
                     continue

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from toolq.schemas import INFRA_ERROR_CODES, ErrorCode, Result
+from toolq.schemas import (
+    ECHO_MAX_CHARS,
+    ERROR_MAX_CHARS,
+    INFRA_ERROR_CODES,
+    ErrorCode,
+    Result,
+    cut_text,
+)
 
-from .state import Item, entry_ms, now_ms
+from .state import Item, entry_ms, now_ms, wall_ms
 
 
 def error_reply(code: ErrorCode, message: str, output: str = "", **extra: Any) -> dict[str, Any]:
@@ -41,15 +48,16 @@ def make_result(
     data = reply.get("data")
     started = now_ms() if started_ms is None else started_ms
     queued_ms = max(0.0, float(started - entry_ms(item.entry_id)))
+    error = reply.get("error")
     return Result(
         call_id=item.call_id,
         traj=traj_id,
-        tool=tool,
+        tool=cut_text(tool, ECHO_MAX_CHARS),
         ok=bool(reply.get("ok")),
         output=output,
         exit_code=reply.get("exit_code"),
         error_code=reply.get("error_code"),
-        error=reply.get("error"),
+        error=cut_text(str(error), ERROR_MAX_CHARS) if error is not None else None,
         truncated=bool(reply.get("truncated")),
         output_bytes=int(reply.get("output_bytes") or len(output)),
         timed_out=bool(reply.get("timed_out")),
@@ -62,7 +70,28 @@ def make_result(
         slot=slot_id,
         finished_ms=now_ms(),
         data=data if isinstance(data, dict) else None,
+        stages=stages_of(item, reply),
     )
+
+
+#: Reply fields that carry stage times (Unix ms), and the stage each one names.
+REPLY_STAGES = (
+    ("sent_at_ms", "sent"),  # set by the runner around the sandbox call
+    ("started_at_ms", "tool_started"),  # set by the agent
+    ("ended_at_ms", "tool_ended"),
+    ("replied_at_ms", "replied"),
+)
+
+
+def stages_of(item: Item, reply: dict[str, Any]) -> dict[str, float]:
+    """The call's stage times (``Result.stages``): those it passed, then ``made``."""
+    stages = {"read": item.read_at_ms} if item.read_at_ms else {}
+    for field, stage in REPLY_STAGES:
+        value = reply.get(field)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            stages[stage] = float(value)
+    stages["made"] = wall_ms()
+    return stages
 
 
 def requested_tool(item: Item) -> str:

@@ -32,7 +32,8 @@ from .results import error_reply, make_result, requested_tool
 from .settings import WorkerSettings
 from .slots import SlotKeeper
 from .snapshots import Snapshots
-from .state import Item, Traj, entry_ms, now_ms
+from .state import Item, Traj, entry_ms, now_ms, wall_ms
+from .terminals import TERMINAL_TOOLS, prepare, render
 from .tools import Registry
 from .writer import Writer
 
@@ -164,10 +165,12 @@ class Runner:
             reply = await self.external.call(traj, item, plan)
         else:
             assert traj.slot is not None
-            ran = await self._call_agent(traj, traj.slot, plan)
+            slot = traj.slot
+            terminal = plan.tool.name in TERMINAL_TOOLS  # the worker renders its screen
+            ran = await self._call_agent(traj, slot, prepare(slot, plan) if terminal else plan)
             if ran is None:
                 return
-            reply = ran
+            reply = await render(slot, plan, ran) if terminal else ran
         behind_ms = traj.behind_ms(item, started_ms)
         self.emit(traj, item, self._final_reply(traj, reply), plan.tool.name, started_ms, behind_ms)
 
@@ -200,6 +203,8 @@ class Runner:
             self.answer(traj, item, planned.code, planned.message)
             return
         wanted, plan = planned
+        if wanted.copies:  # a fork's: its copies' sandboxes start while this packs
+            self.slots.prestart(traj, min(wanted.copies, self.settings.slots - len(self.owned)))
         if not await self._may_start(traj, item, in_slot=True):
             return
         assert traj.slot is not None
@@ -257,6 +262,7 @@ class Runner:
         """Run the call in the slot's agent; None when it never started and another
         worker owns the trajectory now (that worker answers it)."""
         while True:
+            sent_at_ms = wall_ms()
             try:
                 fut = slot.channel.submit(
                     "call",
@@ -269,7 +275,7 @@ class Runner:
                     # reaches it after we stalled is not run.
                     start_by_ms=self.lease.expires_ms(),
                 )
-                reply = await asyncio.wait_for(fut, plan.timeout_s + AGENT_GRACE_S)
+                reply = await reply_within(fut, plan.timeout_s + AGENT_GRACE_S)
             except (ChannelClosedError, asyncio.TimeoutError) as exc:
                 why = "sandbox stopped answering" if isinstance(exc, asyncio.TimeoutError) else exc
                 self.observer.slot_lost()
@@ -279,6 +285,7 @@ class Runner:
                     ErrorCode.SANDBOX_LOST, f"the sandbox was lost during the call: {why}"
                 )
             if reply.get("error_code") != "not_started":
+                reply["sent_at_ms"], reply["replied_at_ms"] = sent_at_ms, wall_ms()
                 return reply
             await self._hold_lease()  # the fleet confirms what we own, then we try again
             if traj.dropped or traj.ending is not None:
@@ -335,6 +342,7 @@ class Runner:
                 self.answer(traj, waiting, exc.code, str(exc))
             traj.items.clear()
             why = f"sandbox failed to start: {exc}" if exc.code == ErrorCode.SANDBOX_ERROR else exc
+            traj.end_code = exc.code.value  # calls not read yet waited on this start too
             traj.request_end(TrajStatus.FAILED, str(why))
             return False
         return True
@@ -360,7 +368,7 @@ class Runner:
         """Free the slot, record the final state once; END answers what is left."""
         status, reason = traj.ending or (TrajStatus.FAILED, "ended")
         await self.drop_slot(traj)
-        reply = await self.writer.end(traj.traj_id, traj.epoch, status.value, reason)
+        reply = await self.writer.end(traj.traj_id, traj.epoch, status.value, reason, traj.end_code)
         await self.forget(traj)
         if reply != lua.FENCED:
             self.observer.traj_ended(status.value)
@@ -399,3 +407,19 @@ class Runner:
             if traj.slot is not None and traj.slot.name == slot_name:
                 return traj
         return None
+
+
+async def reply_within(fut: asyncio.Future[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
+    """The agent's reply, or ``asyncio.TimeoutError`` after ``timeout_s``. A timer
+    on the future itself: the reply wakes the call in one turn of the loop
+    (``asyncio.wait_for`` takes two), and a late reply finds it done and is dropped."""
+    timer = asyncio.get_running_loop().call_later(timeout_s, _expire, fut)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())

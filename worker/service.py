@@ -7,12 +7,15 @@ import logging
 import os
 import signal
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
-from toolq.schemas.local import redis_target
+from toolq.schemas import DEFAULT_IMAGE
+from toolq.schemas.local import ClusterNodeError, redis_target
 
 from .backends.base import Backend
 from .backends.local import LocalBackend
@@ -42,11 +45,47 @@ def docker_available(docker_host: str | None = None) -> bool:
     return docker_unavailable(docker_host) is None
 
 
+def image_fix(image: str) -> str:
+    """The command that puts ``image`` on the engine."""
+    if image == DEFAULT_IMAGE:
+        return f"docker build -t {image} deploy/sandbox  (in a toolq checkout)"
+    return f"docker pull {image}  (or build it)"
+
+
+def image_missing(image: str, docker_host: str | None = None) -> bool:
+    """True when the engine (which answers) does not have ``image`` locally."""
+    import docker
+    from docker.errors import ImageNotFound
+
+    try:
+        client = docker.DockerClient(base_url=docker_host) if docker_host else docker.from_env()
+    except Exception:  # no engine: the backend itself says so when it starts
+        return False
+    try:
+        client.images.get(image)
+        return False
+    except ImageNotFound:
+        return True
+    except Exception:
+        return False
+    finally:
+        client.close()
+
+
 def make_backend(settings: WorkerSettings) -> Backend:
-    """The backend the settings ask for (``auto``: Docker if an engine answers)."""
+    """The backend the settings ask for (``auto``: Docker if an engine answers and
+    has the default image; else local, saying why and how to get the image)."""
     choice = settings.backend
     if choice == "auto":
-        choice = _auto_backend(settings.docker_host)
+        choice = _auto_backend(settings.docker_host, settings.default_image)
+    elif choice == "docker" and image_missing(settings.default_image, settings.docker_host):
+        # One line at start, before a call fails with sandbox_error on a pull.
+        log.warning(
+            "the Docker engine has no image %s: calls on the default image fail until "
+            "it is there: %s",
+            settings.default_image,
+            image_fix(settings.default_image),
+        )
     if choice == "local":
         return LocalBackend(settings.workspace_dir)
     if choice == "docker":
@@ -57,11 +96,20 @@ def make_backend(settings: WorkerSettings) -> Backend:
     raise ValueError(f"unknown backend {settings.backend!r} (auto, local or docker)")
 
 
-def _auto_backend(docker_host: str | None) -> str:
-    """``docker`` when an engine answers; else ``local``, with a warning saying why."""
+def _auto_backend(docker_host: str | None, image: str) -> str:
+    """``docker`` when an engine answers and has ``image``; else ``local``, with a
+    warning saying why (and, for a missing image, the command that fixes it)."""
     why = docker_unavailable(docker_host)
     if why is None:
-        return "docker"
+        if not image_missing(image, docker_host):
+            return "docker"
+        log.warning(
+            "backend=auto: the Docker engine has no image %s, so this worker runs the "
+            "local backend (no sandbox); for Docker sandboxes run: %s, then restart the worker",
+            image,
+            image_fix(image),
+        )
+        return "local"
     where = docker_host or os.environ.get("DOCKER_HOST") or "the default socket"
     log.warning(
         "backend=auto: no Docker engine answered at %s (%s); falling back to the local "
@@ -98,10 +146,29 @@ def connect(url: str) -> aioredis.Redis:
     )
 
 
+async def refuse_cluster_node(redis: aioredis.Redis, url: str) -> None:
+    """Raise ``ClusterNodeError`` when a plain Redis client talks to a cluster node
+    (it would answer MOVED for most keys: say so at start, not in every retry)."""
+    if isinstance(redis, aioredis.RedisCluster):
+        return
+    try:
+        info = await redis.info("cluster")
+    except RedisError:  # down, or INFO not allowed: the worker's own retries take over
+        return
+    if str(info.get("cluster_enabled", "0")) == "1":
+        node = urlsplit(url).netloc.rpartition("@")[2]
+        raise ClusterNodeError("INFO says cluster_enabled:1", node)
+
+
 async def serve(settings: WorkerSettings, backend: Backend | None = None) -> None:
     """Run one worker until SIGTERM/SIGINT."""
     assert settings.redis_url
     redis = connect(settings.redis_url)
+    try:
+        await refuse_cluster_node(redis, settings.redis_url)
+    except BaseException:
+        await redis.aclose()
+        raise
     worker = Worker(settings, redis, backend or make_backend(settings))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -43,7 +43,8 @@ class WorkerSettings:
     namespace: str = _opt("toolq", "Key prefix.", cli=False)
     backend: str = _opt(
         "auto",
-        "auto: Docker when an engine answers, else local.",
+        "auto: Docker when an engine answers and has the image (--image), else local "
+        "(saying why at start); docker: Docker only; local: no sandbox.",
         choices=("auto", "local", "docker"),
     )
     slots: int = _opt(16, "Trajectories served at once.")
@@ -119,6 +120,12 @@ class WorkerSettings:
         "tmpfs of this size (counts as memory). 0: no cap (the container's writable layer).",
     )
     sweep_s: float = _opt(30.0, "How often containers dead workers left are looked at.")
+    exchange_dir: str | None = _opt(
+        None,
+        "Directory shared with the Docker engine's host through which a fork's copies on "
+        "this worker get their files (each container mounts its own part read-only); "
+        "'' turns it off [default: /dev/shm/toolq-exchange when the engine runs on this host].",
+    )
     # metrics
     metrics_port: int | None = _opt(None, "Serve Prometheus metrics on this port (0: any).")
     metrics_host: str = _opt("0.0.0.0", "Bind address of the metrics server.")

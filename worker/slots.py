@@ -17,7 +17,7 @@ from .backends.base import Backend
 from .bgtasks import BgRecorder
 from .metrics import Observer
 from .snapshots import SnapshotMissing, Snapshots
-from .state import Traj
+from .state import Traj, now_ms
 from .writer import Writer
 
 log = logging.getLogger("toolq.worker.slots")
@@ -55,17 +55,38 @@ class SlotKeeper:
         await self._resolve_snapshot(traj)
         traj.slot = await self.backend.acquire(traj.traj_id, traj.spec)
         self.observer.slot_started(time.monotonic() - started)
+        copied_via = ""
         if traj.spec.snapshot and not traj.slot.adopted:  # a new workspace: its files
-            await self.snapshots.restore(traj.slot, traj.spec.snapshot)
+            acquired = time.monotonic()
+            copied_via = await self.snapshots.restore(traj.slot, traj.spec.snapshot, self.backend)
+            log.debug(
+                "%s: slot in %.2fs, files (%s) in %.2fs",
+                traj.traj_id,
+                acquired - started,
+                copied_via,
+                time.monotonic() - acquired,
+            )
         if traj.previous_owner and not traj.slot.adopted:
             traj.slot_reset = True  # the previous owner's workspace is gone
+        # Calls that came while the slot started waited behind its start, not for a
+        # worker (toolq_slot_start_seconds has that): behind_ms counts it, so the
+        # wait for toolq (queued_ms - behind_ms, ToolqSlowQueue) does not.
+        traj.free_since_ms = max(traj.free_since_ms, now_ms())
         traj.previous_owner = None
         # The record says what serves it now (container labels name only who started it).
         slot = traj.slot
         unenforced = self._unenforced(traj)
-        self.writer.set_fields(
-            traj, slot=slot.slot_id, host=HOST, sandbox=slot.sandbox_id, unenforced=unenforced
-        )
+        fields = {"slot": slot.slot_id, "host": HOST, "sandbox": slot.sandbox_id}
+        if copied_via:  # how this workspace got its snapshot's files (the record says)
+            fields["copied_via"] = copied_via
+        self.writer.set_fields(traj, **fields, unenforced=unenforced)
+
+    def prestart(self, traj: Traj, count: int) -> None:
+        """Start sandboxes for ``count`` trajectories like ``traj`` that will open soon
+        (a fork's copies), where the backend can (Docker)."""
+        hook = getattr(self.backend, "prestart", None)
+        if hook is not None and count > 0:
+            hook(traj.spec, count)
 
     async def _resolve_snapshot(self, traj: Traj) -> None:
         """Opened from a snapshot: run with its spec under the opener's (once; the

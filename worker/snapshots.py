@@ -12,6 +12,7 @@ the fleet, since the files are in Redis.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import logging
 import time
@@ -35,6 +36,10 @@ log = logging.getLogger("toolq.worker.snapshots")
 PACK_TOOL = Tool("_snapshot_pack", "The worker's own: pack the workspace.", ToolArgs)
 #: Snapshots are counted every this many heartbeats (and after each one taken).
 SAMPLE_EVERY_BEATS = 5
+#: Copies of a snapshot up to this size (its files' bytes) get a plain tar, which
+#: the worker gunzips once for all of them (the agents' ``tar`` unpacks it several
+#: times faster than a tar.gz); larger ones get the tar.gz (the worker's memory).
+PLAIN_MAX_BYTES = 512 * 1024 * 1024
 
 
 class SnapshotMissing(SandboxError):
@@ -82,6 +87,8 @@ class Snapshots:
         self.redis = redis
         self.health = health
         self._recent: dict[tuple[str, str], bytes] = {}  # (name, sha256) -> files: see _keep
+        self._plain: dict[tuple[str, str], asyncio.Task[bytes]] = {}  # the same, gunzipped
+        self._packed_here: set[tuple[str, str]] = set()  # of those, the ones taken here
         self.keys = Keys(settings.namespace)
         self.observer = observer
 
@@ -94,7 +101,10 @@ class Snapshots:
             message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             return Refusal(ErrorCode.INVALID_ARGS, f"bad snapshot arguments: {message}")
         cap = self.settings.snapshot_max_bytes
-        return wanted, Plan(PACK_TOOL, {"max_bytes": cap}, self.settings.snapshot_timeout_s, 0)
+        # A fork's: a plain tar when it fits the cap (packed faster, and its copies
+        # here unpack it with tar; Redis holds it uncompressed).
+        args = {"max_bytes": cap, **({"compress": "auto"} if wanted.copies else {})}
+        return wanted, Plan(PACK_TOOL, args, self.settings.snapshot_timeout_s, 0)
 
     async def store(
         self, traj_id: str, spec: TrajectorySpec, wanted: SnapshotArgs, reply: dict[str, Any]
@@ -125,13 +135,15 @@ class Snapshots:
         await retrying(self.health, lambda: self.redis.hset(*index), "snapshot index")
         self.observer.snapshot_taken(len(data))
         self._keep(wanted.name, info.sha256, data)
+        self._packed_here = {(wanted.name, info.sha256)}
         await self.sample_safely()
         skipped, vanished = int(counts.get("skipped", 0)), int(counts.get("vanished", 0))
         note = f"; {skipped} special files left out" if skipped else ""
         note += f"; {vanished} files deleted while packing left out" if vanished else ""
         output = (
             f"snapshot {wanted.name}: {info.entries} entries, {info.uncompressed_bytes} bytes "
-            f"({info.bytes} compressed), kept {ttl_s:g}s{note}"
+            f"({info.bytes} {'compressed' if is_gzip(data) else 'stored'}), "
+            f"kept {ttl_s:g}s{note}"
         )
         shown = info.model_dump(exclude={"spec"})
         data_out = {**shown, "skipped": skipped, "vanished": vanished}
@@ -160,32 +172,61 @@ class Snapshots:
             raise SnapshotMissing(_missing(spec.snapshot))
         return overlay(info.spec, spec)
 
-    async def restore(self, slot: Slot, name: str) -> None:
+    async def restore(self, slot: Slot, name: str, backend: Any = None) -> str:
         """Fill a new workspace with the snapshot's files (checked against the index:
         files and index are two writes, so a snapshot retaken under the same name
-        meanwhile, or damaged files, are refused rather than opened)."""
+        meanwhile, or damaged files, are refused rather than opened). Returns how
+        they came: ``host`` (this worker's memory: it took the snapshot, or read it
+        for an earlier copy) or ``redis``.
+
+        A snapshot taken here goes to the copy as a plain tar, as a file staged in
+        its container where the backend can (``DockerBackend.stage``: no bytes
+        through the engine's stream), else over the agent's stream."""
         info = await self.info(name)
         if info is None:
             raise SnapshotMissing(_missing(name))
-        data = self._recent.get((name, info.sha256))
+        via, data = "host", self._recent.get((name, info.sha256))
         if data is None:
-            data = await self._read(name, info.sha256)
+            via, data = "redis", await self._read(name, info.sha256)
+        # Packed here: our own agent's archive of a workspace, never one crafted in
+        # Redis, so the copy's agent may unpack it with the image's tar.
+        native = (name, info.sha256) in self._packed_here
+        staged, key = None, f"{info.sha256[:32]}.tar"
+        if native and info.uncompressed_bytes <= PLAIN_MAX_BYTES:
+            data = await self._plain_tar(name, info.sha256, data)
+            if getattr(backend, "stage", None) is not None:
+                staged = await backend.stage(slot, key, data)
+        try:
+            reply = await self._unpack(slot, name, {"native": native, "file": staged}, data)
+            if staged and reply.get("error_code") == "not_found":  # not what the engine mounts
+                backend.unstage(slot, key, broken=True)
+                staged, reply = None, await self._unpack(slot, name, {"native": native}, data)
+        finally:
+            if staged:
+                backend.unstage(slot, key)
+        if not reply.get("ok", True):
+            raise SandboxError(f"restoring snapshot {name} failed: {reply.get('error')}")
+        self.observer.snapshot_restored()
+        return via
+
+    async def _unpack(
+        self, slot: Slot, name: str, args: dict[str, Any], data: bytes
+    ) -> dict[str, Any]:
+        """The agent's reply to unpacking ``data`` (or the file ``args`` names)."""
         timeout_s = self.settings.snapshot_timeout_s
         try:
             fut = slot.channel.submit(
                 "call",
                 slot=slot.name,
                 tool="_snapshot_unpack",
-                blob=data,
+                args=args,
+                blob=None if args.get("file") else data,
                 timeout_s=timeout_s,
             )
-            reply = await asyncio.wait_for(fut, timeout_s + AGENT_GRACE_S)
+            return await asyncio.wait_for(fut, timeout_s + AGENT_GRACE_S)
         except (ChannelClosedError, asyncio.TimeoutError) as exc:
             lost = f"restoring snapshot {name} failed: the sandbox was lost ({exc!r})"
             raise SandboxError(lost) from None
-        if not reply.get("ok", True):
-            raise SandboxError(f"restoring snapshot {name} failed: {reply.get('error')}")
-        self.observer.snapshot_restored()
 
     async def _read(self, name: str, sha256: str) -> bytes:
         key = self.keys.snapshot_data(name)
@@ -201,7 +242,21 @@ class Snapshots:
         """Remember the last snapshot's files: a fork's copies are opened together,
         mostly on the worker that took it, and each would read and hash them again.
         Keyed by the index's sha256, so a snapshot retaken under the name is read anew."""
-        self._recent = {(name, sha256): data}
+        if (name, sha256) not in self._recent:
+            self._recent, self._plain, self._packed_here = {(name, sha256): data}, {}, set()
+
+    async def _plain_tar(self, name: str, sha256: str, data: bytes) -> bytes:
+        """The snapshot's files as a plain tar, gunzipped once (in a thread) for all
+        the copies that open together."""
+        if not is_gzip(data):
+            return data  # a fork's, stored plain
+        key = (name, sha256)
+        task = self._plain.get(key)
+        if task is None:
+            task = asyncio.ensure_future(asyncio.to_thread(gzip.decompress, data))
+            if key in self._recent:
+                self._plain[key] = task
+        return await asyncio.shield(task)
 
     # ------------------------------------------------------------- metrics
     async def sample_loop(self) -> None:
@@ -231,6 +286,10 @@ class Snapshots:
             await self.redis.hdel(self.keys.snapshots, *expired)
         self.observer.snapshots_sampled(count, size)
         return count, size
+
+
+def is_gzip(data: bytes) -> bool:
+    return data[:2] == b"\x1f\x8b"
 
 
 def _missing(name: str) -> str:

@@ -20,6 +20,11 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def wall_ms() -> float:
+    """Unix time in milliseconds, to the microsecond: a result's stage times."""
+    return round(time.time() * 1000, 3)
+
+
 def entry_key(entry_id: str) -> tuple[int, int]:
     """A stream entry id as a sortable pair (``"0-0"`` for anything unparsable)."""
     ms, _, seq = entry_id.partition("-")
@@ -50,6 +55,7 @@ class Item:
     client_call_id: str | None = None
     kind: str = "call"  # call | close | cancel
     size_bytes: int = 0
+    read_at_ms: float = 0.0  # when this worker read it (Unix ms): the result's stages.read
 
     @property
     def call_id(self) -> str:
@@ -73,6 +79,9 @@ class Traj:
     slot: Slot | None = None
     task: asyncio.Task[None] | None = None
     ending: tuple[TrajStatus, str] | None = None  # status, reason
+    # The error code of the calls still in its stream at the end ('': trajectory_ended);
+    # a failed slot start (snapshot_not_found, sandbox_error) answers them with its own.
+    end_code: str = ""
     current: Item | None = None  # the call being run
     slot_reset: bool = False  # the next result says the workspace was lost
     slot_lost: bool = False  # the slot died during a call: the next one starts a fresh one

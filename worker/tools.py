@@ -6,6 +6,7 @@ valid call looks like, so bad arguments are refused before anything runs.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -171,6 +172,79 @@ class StrReplaceEditorArgs(ToolArgs):
     )
 
 
+TERMINAL_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+
+
+class TerminalWaitArgs(ToolArgs):
+    """How long a terminal call waits before it reads the screen."""
+
+    terminal: str = Field(
+        "default",
+        pattern=TERMINAL_PATTERN,
+        description="Terminal name; each name is its own (at most 8 per trajectory).",
+    )
+    quiet_s: float | None = Field(
+        None,
+        ge=0,
+        le=600,
+        description="Return once the output has been quiet this long (default 0.5; 0: at once).",
+    )
+    wait_for: str | None = Field(
+        None,
+        max_length=4096,
+        description="A regular expression: return once it appears in the new output "
+        "(escape sequences removed); not appearing within timeout_s is a timeout error.",
+    )
+    timeout_s: float | None = Field(None, gt=0, description="Wait at most this long.")
+    view: Literal["screen", "text"] = Field(
+        "screen",
+        description="screen: the scrollback since the last read, then the screen; text: "
+        "the output since the last read as a log (escape sequences and CRs removed).",
+    )
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> TerminalWaitArgs:
+        if self.wait_for is not None:
+            try:
+                re.compile(self.wait_for)
+            except re.error as exc:
+                raise ValueError(f"wait_for is not a regular expression: {exc}") from None
+        return self
+
+
+class TerminalOpenArgs(TerminalWaitArgs):
+    """Open a terminal (a pseudo-terminal running a shell, or ``command``); an open one
+    is resized, or started afresh with ``restart``."""
+
+    rows: int = Field(24, ge=2, le=500, description="Screen height.")
+    cols: int = Field(80, ge=10, le=1000, description="Screen width.")
+    command: str | None = Field(
+        None, min_length=1, description="Run this (bash -c) instead of an interactive bash."
+    )
+    restart: bool = Field(False, description="End the open one first and start afresh.")
+
+
+class TerminalSendArgs(TerminalWaitArgs):
+    """Type into a terminal (tmux send-keys style), then wait and read its screen."""
+
+    keys: str | list[str] = Field(
+        description="Text, or a list of items; an item that is a key name (Enter, Tab, "
+        "Escape, BSpace, Up, Down, Left, Right, Home, End, PageUp, PageDown, F1-F12, "
+        "C-c, C-d, M-x, ...) sends that key, anything else is typed as text."
+    )
+    literal: bool = Field(False, description="Type every item as text, key names too.")
+
+
+class TerminalReadArgs(TerminalWaitArgs):
+    """Wait and read a terminal's screen without typing anything."""
+
+
+class TerminalCloseArgs(ToolArgs):
+    """End a terminal's program and everything it started."""
+
+    terminal: str = Field("default", pattern=TERMINAL_PATTERN)
+
+
 @dataclass
 class Tool:
     """A tool: a name, a description and a pydantic model of its arguments.
@@ -243,7 +317,7 @@ class Registry:
             self._adapted[name] = _adapt(tool, name, transform)
         return self._adapted[name]
 
-    def validate(self, tool: Tool, args: dict[str, Any]) -> dict[str, Any]:
+    def validate(self, tool: Tool, args: dict[str, Any], name: str = "") -> dict[str, Any]:
         """Validated arguments as plain JSON values; raises InvalidArgsError.
 
         Strict: arguments must have the JSON types the published schema names
@@ -252,16 +326,37 @@ class Registry:
         try:
             model = tool.args_model.model_validate(args, strict=True)
         except ValidationError as exc:
-            raise InvalidArgsError(format_validation_error(tool.name, exc)) from None
+            raise InvalidArgsError(format_validation_error(tool, exc, name)) from None
         return model.model_dump(mode="json", exclude_none=True)
 
 
-def format_validation_error(tool: str, exc: ValidationError) -> str:
+#: How a model hears of a kind of pydantic error (the others: pydantic's own short text).
+_PROBLEMS = {"missing": "missing", "extra_forbidden": "not a parameter"}
+
+
+def format_validation_error(tool: Tool, exc: ValidationError, name: str = "") -> str:
+    """What a model reads when its arguments are wrong: what is wrong, then how to
+    call the tool (its parameters), two lines with no library boilerplate."""
+    called = name or tool.name
     parts = []
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"]) or "(args)"
-        parts.append(f"{loc}: {err['msg']}")
-    return f"invalid arguments for {tool}: " + "; ".join(parts)
+        problem = _PROBLEMS.get(err["type"], err["msg"].removeprefix("Value error, "))
+        parts.append(f"{loc}: {problem}")
+    return f"invalid arguments for {called}: " + "; ".join(parts) + "\n" + usage(tool, called)
+
+
+def usage(tool: Tool, name: str = "") -> str:
+    """``call bash with {"command": string, "timeout_s"?: number}`` (``?``: optional)."""
+    schema = tool.json_schema()
+    required = set(schema.get("required", []))
+    params = []
+    for key, prop in (schema.get("properties") or {}).items():
+        kind = prop.get("type") or "/".join(
+            str(p.get("type")) for p in prop.get("anyOf", []) if p.get("type") not in (None, "null")
+        )
+        params.append(f'"{key}"{"" if key in required else "?"}: {kind or "any"}')
+    return f"call {name or tool.name} with {{{', '.join(params)}}} (? marks optional)"
 
 
 def _adapt(tool: Tool, alias: str, transform: ArgsTransform) -> Tool:
@@ -307,6 +402,14 @@ def _gemini_run_shell_command(args: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
+def _terminus_send_keys(args: dict[str, Any]) -> dict[str, Any]:
+    """Terminal-Bench Terminus's command ``{keystrokes, is_blocking?, timeout_sec?}``."""
+    args = renamed({"keystrokes": "keys", "timeout_sec": "timeout_s"})(args)
+    if args.pop("is_blocking", False) is True:
+        args.setdefault("quiet_s", 1.0)  # blocking: until the command has gone quiet
+    return args
+
+
 # Tool names agent frameworks already emit -> (built-in tool, argument transform).
 FRAMEWORK_ALIASES: dict[str, tuple[str, ArgsTransform | None]] = {
     "terminal": ("bash", None),
@@ -330,6 +433,7 @@ FRAMEWORK_ALIASES: dict[str, tuple[str, ArgsTransform | None]] = {
         ),
     ),
     "list_dir": ("list_files", renamed({"relative_workspace_path": "path"}, drop=("explanation",))),
+    "send_keys": ("terminal_send", _terminus_send_keys),
 }
 
 
@@ -350,6 +454,10 @@ def builtin_registry() -> Registry:
         ("bg_output", "A background task's output, optionally waiting for its end.", BgOutputArgs),
         ("bg_stop", "Stop a background task and its process group.", BgStopArgs),
         ("str_replace_editor", "View, create and edit files.", StrReplaceEditorArgs),
+        ("terminal_open", "Open a terminal (a shell on a pseudo-terminal).", TerminalOpenArgs),
+        ("terminal_send", "Type keys into a terminal; returns its screen.", TerminalSendArgs),
+        ("terminal_read", "Wait for a terminal's output; returns its screen.", TerminalReadArgs),
+        ("terminal_close", "End a terminal's program.", TerminalCloseArgs),
     ):
         reg.register(Tool(name, description, args))
     for alias, (target, transform) in FRAMEWORK_ALIASES.items():

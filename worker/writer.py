@@ -25,7 +25,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import (
     BusyLoadingError,
-    ClusterDownError,
+    ClusterError,
     MasterDownError,
     NoScriptError,
     RedisError,
@@ -35,9 +35,9 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from toolq.schemas import GROUP, ErrorCode, Keys, Result, lua
+from toolq.schemas import GROUP, ErrorCode, Keys, Result, lua, stream_call_id
 
-from .lease import CatchUp, RedisHealth
+from .lease import CatchUp, RedisHealth, retrying
 from .settings import WorkerSettings
 from .state import Item, Traj, now_ms
 
@@ -169,9 +169,16 @@ class Writer:
 
     def _finish_op(self, traj: Traj, item: Item, result: Result) -> Op:
         # Encoded once, for the hash and the event alike; bytes, not str: a lone
-        # surrogate in a tool's output must not fail the write.
-        as_json = json.dumps(result.compact_fields(), separators=(",", ":"), ensure_ascii=False)
+        # surrogate in a tool's output must not fail the write. An output too large
+        # for the event travels raw beside the JSON: escaping it here and decoding it
+        # in the script cost 5x and 30x the bytes' own trip (bench/notes.md).
+        fields = result.compact_fields()
+        raw_output: list[bytes] = []
+        if len(result.output) > INLINE_RESULT_MAX_BYTES:
+            raw_output.append(fields.pop("output", "").encode("utf-8", "replace"))
+        as_json = json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
         blob = as_json.encode("utf-8", "replace")
+        inline = not raw_output and len(blob) <= INLINE_RESULT_MAX_BYTES
         t = traj.traj_id
         return Op(
             FINISH,
@@ -193,7 +200,8 @@ class Writer:
                 result.call_id,
                 result.finished_ms,
                 blob,
-                "1" if len(blob) <= INLINE_RESULT_MAX_BYTES else "0",
+                "1" if inline else "0",
+                *raw_output,
             ],
             t,
         )
@@ -204,8 +212,9 @@ class Writer:
         keys = [self.keys.traj(t), self.keys.calls(t)]
         self.send(Op(ACK, keys, [self.worker_id, traj.epoch, GROUP, entry_id], t))
 
-    async def end(self, traj_id: str, epoch: str, status: str, reason: str) -> int:
-        """Record the final state and answer what is left in the stream.
+    async def end(self, traj_id: str, epoch: str, status: str, reason: str, code: str = "") -> int:
+        """Record the final state and answer what is left in the stream (with ``code``;
+        '': ``trajectory_ended``).
 
         ``epoch`` '' ends a trajectory nobody owns (its open request was
         invalid). Returns the END reply of the last run: 0, or FENCED.
@@ -225,11 +234,28 @@ class Writer:
             self.settings.result_ttl_s * 1000,
             END_BATCH,
             self.settings.events_after_end,
+            code,
         ]
+        stuck = 0
         while True:
-            left = int(await self.write(Op(END, keys, args, t, ours=bool(epoch))))
+            results = await self._result_keys(t, END_BATCH)
+            left = int(await self.write(Op(END, [*keys, *results], args, t, ours=bool(epoch))))
             if left <= 0:
                 return left
+            stuck = stuck + 1 if not results else 0
+            if stuck >= 3:  # nothing to declare, yet entries left: a bug, not a loop forever
+                log.error("END of %s: %d entries left that it does not answer", t, left)
+                return left
+
+    async def _result_keys(self, traj_id: str, count: int) -> list[str]:
+        """The result keys of the first ``count`` calls in the trajectory's stream
+        (the keys END declares: see ``lua.END``)."""
+        client: Any = self.redis
+        entries = await retrying(
+            self.health, lambda: client.xrange(self.keys.calls(traj_id), count=count), "xrange"
+        )
+        ids = (stream_call_id(fields, entry_id) for entry_id, fields in entries)
+        return [self.keys.result(traj_id, c) for c in dict.fromkeys(ids) if c]
 
     async def release(self, traj_id: str, owner: str, epoch: str) -> int:
         """Hand ``owner``'s trajectory back to the pool (ours, or a dead worker's);
@@ -275,12 +301,21 @@ class Writer:
         ]
         return self.send(Op(BG_WRITE, keys, args, t))
 
-    def bg_lost(self, traj_id: str, epoch: str) -> asyncio.Future[Any]:
-        """Mark the trajectory's running background tasks lost (their agent is gone)."""
+    def bg_lost(self, traj_id: str, epoch: str, tasks: set[str]) -> asyncio.Future[Any]:
+        """Mark those of ``tasks`` still running lost (their agent is gone); only
+        declared task hashes are touched (see ``lua.BG_LOST``)."""
         t = traj_id
         keys = [self.keys.traj(t), self.keys.bg_index(t), self.keys.events(t)]
+        keys += [self.keys.bg(t, task) for task in sorted(tasks)]
         args = [self.worker_id, epoch, self.settings.events_maxlen, now_ms(), self.keys.bg(t, "")]
         return self.send(Op(BG_LOST, keys, args, t))
+
+    async def bg_tasks(self, traj_id: str) -> set[str]:
+        """The ids in the trajectory's background-task index."""
+        client: Any = self.redis
+        index = self.keys.bg_index(traj_id)
+        ids = await retrying(self.health, lambda: client.zrange(index, 0, -1), "zrange")
+        return {x.decode() if isinstance(x, bytes) else str(x) for x in ids}
 
     # -------------------------------------------------------------- loop
     async def run(self) -> None:
@@ -452,7 +487,7 @@ def _is_outage(value: Any) -> bool:
         (
             RedisConnectionError,
             RedisTimeoutError,
-            ClusterDownError,
+            ClusterError,  # CLUSTERDOWN, and redirections that went on (TTL exhausted)
             TryAgainError,
             MasterDownError,
             BusyLoadingError,

@@ -67,10 +67,16 @@ return 1
 const SUBMIT_LUA = `
 local final = {['cancelled']=1, ['completed']=1, ['failed']=1, ['timeout']=1}
 
-local function answer(prefix, cid, code, message, ttl_ms, events, maxlen, now)
-  local rkey = prefix .. cid
+local function declared_from(first)
+  local set = {}
+  for i = first, #KEYS do set[KEYS[i]] = true end
+  return set
+end
+
+local function answer(rkey, cid, code, message, ttl_ms, events, maxlen, now)
   if redis.call('EXISTS', rkey) == 1 then return 0 end
-  local traj = redis.call('HGET', KEYS[1], 'traj') or ''
+  -- A record's key is <ns>:{T}: a never-opened trajectory's answers name it too.
+  local traj = redis.call('HGET', KEYS[1], 'traj') or string.match(KEYS[1], '{([^{}]*)}$') or ''
   local fields = {'v', '1', 'call_id', cid, 'traj', traj, 'ok', '0', 'error_code', code,
                   'error', message, 'finished_ms', now}
   redis.call('HSET', rkey, unpack(fields))
@@ -81,9 +87,11 @@ local function answer(prefix, cid, code, message, ttl_ms, events, maxlen, now)
              'call_id', cid, 'ok', '0', 'error_code', code, 'result', cjson.encode(inline))
   return 1
 end
+-- A field of an entry (the last one of that name, as the workers parse it).
 local function field(flat, name)
-  for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
-  return nil
+  local value = nil
+  for i = 1, #flat, 2 do if flat[i] == name then value = flat[i + 1] end end
+  return value
 end
 -- A call's id: its call_id when that is a valid id ([A-Za-z0-9._:-]{1,200}),
 -- else its entry id (as the workers answer it).
@@ -106,7 +114,11 @@ if not is_call(entry) then
   if not st or final[st] then return {'', ''} end
   return {'', redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))}
 end
-if cid and redis.call('EXISTS', ARGV[1] .. cid) == 1 then return {cid, ''} end
+local rkey = cid and ARGV[1] .. cid
+if rkey and KEYS[4] and KEYS[4] ~= rkey then
+  return redis.error_reply('KEYS[4] is not the result key of the call_id')
+end
+if rkey and redis.call('EXISTS', rkey) == 1 then return {cid, ''} end
 if st and not final[st] then
   local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
   redis.call('HINCRBY', KEYS[1], 'calls_submitted', 1)
@@ -116,14 +128,15 @@ if not cid then  -- the entry id names the call: take one, keep nothing
   cid = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
   redis.call('XDEL', KEYS[2], cid)
   if redis.call('XLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
+  rkey = ARGV[1] .. cid
 end
 if not st then
-  answer(ARGV[1], cid, 'bad_request', 'the trajectory is not open: open it before submitting calls',
+  answer(rkey, cid, 'bad_request', 'the trajectory is not open: open it before submitting calls',
          ARGV[2], KEYS[3], ARGV[3], ARGV[4])
   redis.call('PEXPIRE', KEYS[3], ARGV[2])
 else
   local reason = redis.call('HGET', KEYS[1], 'reason') or st
-  answer(ARGV[1], cid, 'trajectory_ended',
+  answer(rkey, cid, 'trajectory_ended',
          'the trajectory has ended (' .. st .. ': ' .. reason .. ')',
          ARGV[2], KEYS[3], ARGV[3], ARGV[4])
 end
@@ -135,10 +148,16 @@ return {cid, ''}
 const CANCEL_LUA = `
 local final = {['cancelled']=1, ['completed']=1, ['failed']=1, ['timeout']=1}
 
-local function answer(prefix, cid, code, message, ttl_ms, events, maxlen, now)
-  local rkey = prefix .. cid
+local function declared_from(first)
+  local set = {}
+  for i = first, #KEYS do set[KEYS[i]] = true end
+  return set
+end
+
+local function answer(rkey, cid, code, message, ttl_ms, events, maxlen, now)
   if redis.call('EXISTS', rkey) == 1 then return 0 end
-  local traj = redis.call('HGET', KEYS[1], 'traj') or ''
+  -- A record's key is <ns>:{T}: a never-opened trajectory's answers name it too.
+  local traj = redis.call('HGET', KEYS[1], 'traj') or string.match(KEYS[1], '{([^{}]*)}$') or ''
   local fields = {'v', '1', 'call_id', cid, 'traj', traj, 'ok', '0', 'error_code', code,
                   'error', message, 'finished_ms', now}
   redis.call('HSET', rkey, unpack(fields))
@@ -149,9 +168,11 @@ local function answer(prefix, cid, code, message, ttl_ms, events, maxlen, now)
              'call_id', cid, 'ok', '0', 'error_code', code, 'result', cjson.encode(inline))
   return 1
 end
+-- A field of an entry (the last one of that name, as the workers parse it).
 local function field(flat, name)
-  for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
-  return nil
+  local value = nil
+  for i = 1, #flat, 2 do if flat[i] == name then value = flat[i + 1] end end
+  return value
 end
 -- A call's id: its call_id when that is a valid id ([A-Za-z0-9._:-]{1,200}),
 -- else its entry id (as the workers answer it).
@@ -176,12 +197,25 @@ if st == 'running' or (owner and owner ~= '') then
   redis.call('HSET', KEYS[1], 'cancel_requested_ms', ARGV[4])
   return 'requested'
 end
+local entries = redis.call('XRANGE', KEYS[2], '-', '+')
+local declared = ARGV[7] == '1' and declared_from(5)
+if declared then
+  for _, e in ipairs(entries) do
+    if is_call(e[2]) and not declared[ARGV[1] .. call_id_of(e[2], e[1])] then
+      return 'retry'
+    end
+  end
+end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'ended_ms', ARGV[4],
            'reason', 'cancelled by client before it started')
-for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
+for _, e in ipairs(entries) do
   if is_call(e[2]) then
-    answer(ARGV[1], call_id_of(e[2], e[1]), 'cancelled', 'trajectory cancelled',
-           ARGV[2], KEYS[3], ARGV[3], ARGV[4])
+    local cid = call_id_of(e[2], e[1])
+    if answer(ARGV[1] .. cid, cid, 'cancelled', 'trajectory cancelled',
+              ARGV[2], KEYS[3], ARGV[3], ARGV[4]) == 1 then
+      redis.call('HINCRBY', KEYS[1], 'calls_total', 1)
+      redis.call('HINCRBY', KEYS[1], 'calls_failed', 1)
+    end
   end
 end
 redis.call('DEL', KEYS[2])
@@ -397,8 +431,14 @@ class ToolqClient {
       throw new ToolqError(`invalid call_id ${JSON.stringify(entry.call_id)}`);
     }
     const k = this.keys;
+    // The result key is declared (KEYS[4]) when the entry names its call: the
+    // script then runs on a cluster slot being migrated, too.
+    const keys = [k.traj(traj), k.calls(traj), k.events(traj)];
+    if (entry.call_id !== undefined && entry.type !== 'close' && entry.type !== 'cancel') {
+      keys.push(k.result(traj, entry.call_id));
+    }
     return this.send([
-      'EVAL', SUBMIT_LUA, 3, k.traj(traj), k.calls(traj), k.events(traj),
+      'EVAL', SUBMIT_LUA, keys.length, ...keys,
       k.result(traj, ''), RESULT_TTL_MS, EVENTS_MAXLEN, Date.now(),
       ...encode({ v: PROTOCOL_VERSION, ...entry }),
     ]);

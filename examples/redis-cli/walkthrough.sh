@@ -15,17 +15,14 @@
 # work: set REDIS_CLI to a wrapper script that adds it): each command names
 # the keys of one trajectory or one global key, so redis-cli follows MOVED to
 # the right node.
-set -euo pipefail
-
-REDIS_URL="${TOOLQ_REDIS_URL:-redis://127.0.0.1:6379}"
-NS="${TOOLQ_NAMESPACE:-toolq}"
-T="${TOOLQ_TRAJ:-walk-$$}"
-WAIT_S="${TOOLQ_WAIT_S:-60}"
-REDIS_CLI="${REDIS_CLI:-redis-cli}"
-
-fail() { echo "walkthrough: $*" >&2; exit 1; }
-
 # doc:setup
+set -euo pipefail
+REDIS_URL="${TOOLQ_REDIS_URL:-redis://127.0.0.1:6379}"   # the settings every toolq client reads
+NS="${TOOLQ_NAMESPACE:-toolq}"
+T="${TOOLQ_TRAJ:-walk-$$}"                # the trajectory id
+WAIT_S="${TOOLQ_WAIT_S:-60}"              # how long a wait may take
+REDIS_CLI="${REDIS_CLI:-redis-cli}"
+fail() { echo "walkthrough: $*" >&2; exit 1; }
 r() { "$REDIS_CLI" -e -u "$REDIS_URL" "$@"; }   # -e: exit non-zero on an error reply
 now_ms() { echo "$(date +%s)000"; }
 # /doc
@@ -62,10 +59,16 @@ LUA
 SUBMIT_LUA=$(cat <<'LUA'
 local final = {['cancelled']=1, ['completed']=1, ['failed']=1, ['timeout']=1}
 
-local function answer(prefix, cid, code, message, ttl_ms, events, maxlen, now)
-  local rkey = prefix .. cid
+local function declared_from(first)
+  local set = {}
+  for i = first, #KEYS do set[KEYS[i]] = true end
+  return set
+end
+
+local function answer(rkey, cid, code, message, ttl_ms, events, maxlen, now)
   if redis.call('EXISTS', rkey) == 1 then return 0 end
-  local traj = redis.call('HGET', KEYS[1], 'traj') or ''
+  -- A record's key is <ns>:{T}: a never-opened trajectory's answers name it too.
+  local traj = redis.call('HGET', KEYS[1], 'traj') or string.match(KEYS[1], '{([^{}]*)}$') or ''
   local fields = {'v', '1', 'call_id', cid, 'traj', traj, 'ok', '0', 'error_code', code,
                   'error', message, 'finished_ms', now}
   redis.call('HSET', rkey, unpack(fields))
@@ -76,9 +79,11 @@ local function answer(prefix, cid, code, message, ttl_ms, events, maxlen, now)
              'call_id', cid, 'ok', '0', 'error_code', code, 'result', cjson.encode(inline))
   return 1
 end
+-- A field of an entry (the last one of that name, as the workers parse it).
 local function field(flat, name)
-  for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
-  return nil
+  local value = nil
+  for i = 1, #flat, 2 do if flat[i] == name then value = flat[i + 1] end end
+  return value
 end
 -- A call's id: its call_id when that is a valid id ([A-Za-z0-9._:-]{1,200}),
 -- else its entry id (as the workers answer it).
@@ -101,7 +106,11 @@ if not is_call(entry) then
   if not st or final[st] then return {'', ''} end
   return {'', redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))}
 end
-if cid and redis.call('EXISTS', ARGV[1] .. cid) == 1 then return {cid, ''} end
+local rkey = cid and ARGV[1] .. cid
+if rkey and KEYS[4] and KEYS[4] ~= rkey then
+  return redis.error_reply('KEYS[4] is not the result key of the call_id')
+end
+if rkey and redis.call('EXISTS', rkey) == 1 then return {cid, ''} end
 if st and not final[st] then
   local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
   redis.call('HINCRBY', KEYS[1], 'calls_submitted', 1)
@@ -111,14 +120,15 @@ if not cid then  -- the entry id names the call: take one, keep nothing
   cid = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
   redis.call('XDEL', KEYS[2], cid)
   if redis.call('XLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
+  rkey = ARGV[1] .. cid
 end
 if not st then
-  answer(ARGV[1], cid, 'bad_request', 'the trajectory is not open: open it before submitting calls',
+  answer(rkey, cid, 'bad_request', 'the trajectory is not open: open it before submitting calls',
          ARGV[2], KEYS[3], ARGV[3], ARGV[4])
   redis.call('PEXPIRE', KEYS[3], ARGV[2])
 else
   local reason = redis.call('HGET', KEYS[1], 'reason') or st
-  answer(ARGV[1], cid, 'trajectory_ended',
+  answer(rkey, cid, 'trajectory_ended',
          'the trajectory has ended (' .. st .. ': ' .. reason .. ')',
          ARGV[2], KEYS[3], ARGV[3], ARGV[4])
 end

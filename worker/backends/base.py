@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from toolq.schemas import ErrorCode, TrajectorySpec
 
@@ -34,6 +35,8 @@ class Slot:
     channel: AgentChannel
     sandbox_id: str = ""  # container id / process id
     adopted: bool = False  # True when it reuses a workspace a previous owner left
+    #: The emulators of its terminals (``worker/terminals.py``): they go with the agent.
+    terminals: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,16 @@ attached: every tool call is a JSON line over that stream (~2 ms), never a new
   a uid and a kernel: they are separated by workspace path, not by a security
   boundary. With one slot per container the workspace is ``/workspace``.
 - ``disk_mb`` (or the worker's ``max_disk_mb``) makes ``/workspace`` a tmpfs of
-  that size: writes beyond it fail with "No space left on device". A tmpfs is
+  that size, and ``/tmp`` and ``/var/tmp`` too (the sandbox user's home stays
+  in the writable layer): writes beyond it fail with "No space left on device". A tmpfs is
   memory: its pages are charged to the container's memory cgroup, so the
   container's memory limit is ``memory_mb + disk_mb`` and processes keep their
   ``memory_mb``. Without it the workspace lives in the container's writable
   layer, bounded only by the host's disk (overlay2 has no per-container quota
   unless its backing filesystem is xfs with pquota).
-- ``warm_pool`` containers of the default image and limits are kept started.
+- ``warm_pool`` containers of the default image and limits are kept started;
+  a fork's copies get containers started while its snapshot is packed
+  (``docker_prestart.py``).
 - ``recycle_containers``: a container of the default image and limits whose
   last slot ended goes back to the pool after a reset verified from the
   engine's side (``docker_recycle.py``), instead of being removed.
@@ -62,7 +65,9 @@ from .docker_box import (
     safe_name,
 )
 from .docker_engine import Engine
+from .docker_exchange import Staging, detect
 from .docker_handover import HandOver
+from .docker_prestart import Prestart
 from .docker_recycle import Recycler, Rejected
 from .docker_runtime import NO_RECYCLING, check_network, is_gvisor, unregistered
 from .docker_stream import ExecStream
@@ -70,7 +75,7 @@ from .docker_stream import ExecStream
 log = logging.getLogger("toolq.worker.docker")
 
 
-class DockerBackend(HandOver):
+class DockerBackend(HandOver, Prestart, Staging):
     """Slots in Docker containers, each served by one attached agent process."""
 
     name = "docker"
@@ -108,6 +113,10 @@ class DockerBackend(HandOver):
             await self.sweep()
         except Exception as exc:  # an engine hiccup must not stop the worker starting
             log.warning("could not sweep left-over containers: %s", exc)
+        tag = safe_name(f"{self.ns}-{self.settings.worker_id}")
+        self.engine.exchange = await asyncio.to_thread(
+            detect, self.api, self.settings.exchange_dir, tag
+        )
         self._refill_soon()
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="docker-sweep")
 
@@ -146,6 +155,8 @@ class DockerBackend(HandOver):
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
         if self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
+        if self.engine.exchange is not None:
+            self.engine.exchange.close()
         with contextlib.suppress(Exception):
             self.api.close()
 
@@ -432,4 +443,6 @@ class DockerBackend(HandOver):
         finally:
             self._removing.discard(cid)
             self._kept.discard(cid)
+            if self.engine.exchange is not None:
+                self.engine.exchange.removed(cid)
         self.observer.container_removed()

@@ -29,6 +29,10 @@ from .docker_stream import ExecStream
 AGENT_SOURCE_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "agent.py")
 AGENT_PATH = "/opt/toolq/agent.py"  # inside the container
 WORKSPACE = "/workspace"
+# With ``disk_mb``, tmpfs mounts of that size like the workspace: the directories
+# every user may write to in any image (the sandbox user's home is not among
+# them: a tmpfs would hide what the image keeps there).
+SCRATCH = ("/tmp", "/var/tmp")
 LABEL_MANAGED = "toolq.managed"
 LABEL_NS = "toolq.ns"
 LABEL_WORKER = "toolq.worker"
@@ -74,7 +78,7 @@ class BoxConfig:
     memory_mb: int
     pids: int
     network: bool
-    disk_mb: int | None = None  # /workspace as a tmpfs of this size; None: the writable layer
+    disk_mb: int | None = None  # /workspace, /tmp, /var/tmp as tmpfs of this size each
     runtime: str = "runc"  # the Docker runtime (runsc: gVisor); never mixed in one pool
 
 

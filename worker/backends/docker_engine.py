@@ -25,6 +25,7 @@ from .docker_box import (
     LABEL_TRAJ,
     LABEL_WORKER,
     PYTHON_INIT_COMMAND,
+    SCRATCH,
     SLEEP_COMMAND,
     WORKSPACE,
     Box,
@@ -35,6 +36,7 @@ from .docker_box import (
     payload_tar,
     pick_user,
 )
+from .docker_exchange import IN_DIR, Exchange
 from .docker_runtime import engine_runtimes, is_gvisor, pids_options
 from .docker_stream import hijacked_socket
 
@@ -59,6 +61,7 @@ class Engine:
         self._users: dict[str, SandboxUser] = {}
         self._use_init = True
         self._baselines: dict[tuple[Any, ...], frozenset[tuple[str, int]]] = {}
+        self.exchange: Exchange | None = None  # set by the backend's start (docker_exchange)
         self.runtimes: dict[str, tuple[str, ...]] = {}  # registered: path, then arguments
 
     def load_runtimes(self) -> dict[str, tuple[str, ...]]:
@@ -187,11 +190,15 @@ class Engine:
         tmpfs = None
         if config.disk_mb:
             user = self._image_user(config.image)  # the tmpfs is the sandbox user's from birth
+            size = f"size={config.disk_mb * per}m"
             tmpfs = {
-                WORKSPACE: f"rw,exec,nosuid,nodev,size={config.disk_mb * per}m,mode=0755,"
-                f"uid={user.uid},gid={user.gid}"
+                WORKSPACE: f"rw,exec,nosuid,nodev,{size},mode=0755,uid={user.uid},gid={user.gid}"
             }
+            # The other places any user may write: bounded too, not the engine's disk.
+            tmpfs.update({path: f"rw,exec,nosuid,nodev,{size},mode=1777" for path in SCRATCH})
+        exchange = self.exchange.binds(box.name) if self.exchange else None
         host_config = self.api.create_host_config(
+            binds=exchange[1] if exchange else None,
             init=self._use_init or None,
             mem_limit=memory,
             memswap_limit=memory,  # equal: no swap
@@ -223,7 +230,10 @@ class Engine:
             # sandbox user cannot signal them, so killing all its processes (a
             # recycle's reset) leaves the container running.
             user="0",
+            volumes=[IN_DIR] if exchange else None,
         )
+        if exchange:
+            self.exchange.created(str(created["Id"]), exchange[0])  # type: ignore[union-attr]
         return str(created["Id"])
 
     def _pull(self, image: str) -> None:
@@ -233,8 +243,11 @@ class Engine:
         try:
             self.api.pull(image)  # docker-py splits "repo:tag" itself
         except APIError as exc:
+            from ..service import image_fix  # (service imports the backends)
+
             raise SandboxError(
-                f"image {image} not found and pull failed: {api_message(exc)}"
+                f"image {image} not found and pull failed: {api_message(exc)}; "
+                f"on the worker's host: {image_fix(image)}"
             ) from exc
 
     def _user(self, image: str, cid: str) -> SandboxUser:

@@ -29,6 +29,14 @@ import time
 KILL_DEADLINE_S = 5.0
 # Writable by the sandbox user and invisible to the engine's filesystem diff.
 SHARED_MOUNTS = ("/dev/shm", "/dev/mqueue")
+# The same when they are tmpfs mounts (a container with disk_mb).
+SCRATCH_MOUNTS = ("/tmp", "/var/tmp")
+
+
+def mounts():
+    return (*SHARED_MOUNTS, *(m for m in SCRATCH_MOUNTS if os.path.ismount(m)))
+
+
 SYSV_IPC = ("/proc/sysvipc/shm", "/proc/sysvipc/sem", "/proc/sysvipc/msg")
 WORKSPACE_MODE = 0o755
 SHOWN = 20  # leftovers named in the report, at most
@@ -122,7 +130,7 @@ def clean(workspace, added):
         os.chmod(workspace, WORKSPACE_MODE)  # a trajectory may have chmod-ed it
     except OSError as exc:
         errors.append(f"{workspace}: {exc}")
-    for directory in (workspace, *SHARED_MOUNTS):
+    for directory in (workspace, *mounts()):
         empty(directory, errors)
     for path in added:
         try:
@@ -130,7 +138,7 @@ def clean(workspace, added):
         except Exception as exc:
             errors.append(f"{path}: {exc}")
     left = []
-    for directory in (workspace, *SHARED_MOUNTS):
+    for directory in (workspace, *mounts()):
         left += leftovers(directory)
     try:
         mode = stat.S_IMODE(os.stat(workspace).st_mode)

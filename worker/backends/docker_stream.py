@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Awaitable
 from typing import Any
 
 from ..channel import LINE_LIMIT_BYTES
@@ -99,12 +100,13 @@ class ExecStream(asyncio.Protocol):
             log.warning("%s agent stderr: %s", self.name, line.decode("utf-8", "replace"))
 
     # -- writing
-    async def write(self, data: bytes) -> None:
-        """Send bytes to the agent's stdin (waits while the socket buffer is full)."""
+    def write(self, data: bytes) -> Awaitable[Any] | None:
+        """Send bytes to the agent's stdin now; what to await while the socket
+        buffer is full, else None (``channel.Write``)."""
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("exec stream is closed")
         self.transport.write(data)
-        await self._can_write.wait()
+        return None if self._can_write.is_set() else self._can_write.wait()
 
     def close(self) -> None:
         if self.transport is not None:

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Awaitable
 
 from toolq.schemas import TrajectorySpec
 
@@ -86,9 +87,9 @@ class LocalBackend(Backend):
         assert proc.stdin is not None and proc.stdout is not None
         stdin = proc.stdin
 
-        async def write(data: bytes) -> None:
+        def write(data: bytes) -> Awaitable[None] | None:  # see channel.Write
             stdin.write(data)
-            await stdin.drain()
+            return stdin.drain() if stdin.transport.get_write_buffer_size() else None
 
         channel = AgentChannel(proc.stdout, write, self.on_event, name=slot_id)
         self._procs[slot_id] = proc

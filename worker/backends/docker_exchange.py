@@ -1,0 +1,153 @@
+"""Files handed to one container through a read-only bind mount (issue 31).
+
+A fork's copies on the worker that took its snapshot need the same archive in
+each of their containers. Over each agent's attach stream the engine relays
+every byte (N copies: N times the workspace through the engine); instead, when
+the worker shares a filesystem with the engine's host, each container it starts
+gets its own directory of ``root`` mounted read-only at ``IN_DIR``. The worker
+writes the archive once and hard-links it into the directories of the copies'
+containers; each agent unpacks it from there, and the worker unlinks it again.
+A container sees only its own directory, read-only: nothing of another's.
+
+``detect`` turns it on when the engine is reached by its local socket and says
+it runs on this host; the worker setting ``exchange_dir`` names the directory
+(or turns it off with ``""``). Where the directory is not what the engine
+mounts after all, the agent finds no file and the copy falls back to its stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import threading
+from typing import TYPE_CHECKING, Any
+
+from .base import Backend, Slot
+
+if TYPE_CHECKING:
+    from .docker_box import Box
+    from .docker_engine import Engine
+
+log = logging.getLogger("toolq.worker.docker")
+
+#: Where a container sees its own directory (read-only).
+IN_DIR = "/opt/toolq/in"
+
+
+class Exchange:
+    """One worker's directories under ``root``: a cache of staged archives, and
+    one directory per container it started."""
+
+    def __init__(self, root: str, tag: str) -> None:
+        self.base = os.path.join(root, tag)
+        os.makedirs(os.path.join(self.base, "cache"), mode=0o700, exist_ok=True)
+        os.chmod(root, 0o711)  # nobody lists it; each container mounts its own part
+        self._dirs: dict[str, str] = {}  # container id -> its directory
+        self._lock = threading.Lock()
+
+    def binds(self, name: str) -> tuple[str, dict[str, dict[str, str]]]:
+        """A new container's directory, and the bind that mounts it read-only."""
+        path = os.path.join(self.base, name)
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        os.chmod(path, 0o755)  # the sandbox user must read it
+        return path, {path: {"bind": IN_DIR, "mode": "ro"}}
+
+    def created(self, cid: str, path: str) -> None:
+        self._dirs[cid] = path
+
+    def stage(self, cid: str, key: str, data: bytes, name: str) -> str | None:
+        """Put ``data`` (written once per ``key``) in the container's directory as
+        ``name``; the path the container sees it at, or None when it has no directory."""
+        directory = self._dirs.get(cid)
+        if directory is None:
+            return None
+        cached = os.path.join(self.base, "cache", key)
+        with self._lock:  # the copies of a fork stage at once: one writes it
+            if not os.path.exists(cached):
+                for old in os.listdir(os.path.dirname(cached)):  # one archive at a time
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(os.path.dirname(cached), old))
+                partial = f"{cached}.part"
+                with open(partial, "wb") as fh:
+                    fh.write(data)
+                os.chmod(partial, 0o444)
+                os.replace(partial, cached)
+        target = os.path.join(directory, name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
+        os.link(cached, target)
+        return f"{IN_DIR}/{name}"
+
+    def unstage(self, cid: str, name: str) -> None:
+        directory = self._dirs.get(cid)
+        if directory is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+
+    def removed(self, cid: str) -> None:
+        """The container is gone: so is its directory."""
+        directory = self._dirs.pop(cid, None)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def detect(api: Any, wanted: str | None, tag: str) -> Exchange | None:
+    """The exchange to use: ``wanted`` ('' off), or, unset, one under /dev/shm when
+    the engine is on this host (its local socket, its name is our host name)."""
+    if wanted == "":
+        return None
+    root = wanted
+    if root is None:
+        try:
+            local = str(api.base_url).startswith("http+docker://") and (
+                str(api.info().get("Name") or "") == socket.gethostname()
+            )
+        except Exception:  # an engine that will not say: the stream path
+            local = False
+        if not local or not os.path.isdir("/dev/shm"):
+            return None
+        root = "/dev/shm/toolq-exchange"
+    try:
+        os.makedirs(root, mode=0o711, exist_ok=True)
+        return Exchange(root, tag)
+    except OSError as exc:
+        log.warning("no exchange directory at %s (%s): copies use their streams", root, exc)
+        return None
+
+
+class Staging(Backend):
+    """The part of ``DockerBackend`` that stages files for its slots' agents."""
+
+    engine: Engine
+    _by_slot: dict[str, Box]
+
+    async def stage(self, slot: Slot, key: str, data: bytes) -> str | None:
+        """Put ``data`` in the slot's container as a file (``docker_exchange``); the
+        path it sees it at, or None where there is no exchange (adopted ones too)."""
+        exchange = self.engine.exchange
+        box = self._by_slot.get(slot.slot_id)
+        if exchange is None or box is None or box.adopted:
+            return None
+        name = f"{slot.name}-{key}"  # packed slots of one container stage apart
+        try:
+            return await asyncio.to_thread(exchange.stage, slot.sandbox_id, key, data, name)
+        except OSError as exc:  # full, gone: the stream still works
+            log.warning("staging a snapshot in %s failed: %s", exchange.base, exc)
+            return None
+
+    def unstage(self, slot: Slot, key: str, broken: bool = False) -> None:
+        """Take a staged file away again; ``broken``: the container did not see it
+        (the directory is not what the engine mounts): no more staging."""
+        exchange = self.engine.exchange
+        if exchange is not None:
+            exchange.unstage(slot.sandbox_id, f"{slot.name}-{key}")
+            if broken:
+                log.warning("the engine does not mount %s: copies use their streams", exchange.base)
+                self.engine.exchange = None
