@@ -425,13 +425,15 @@ def _runtime_section(report: dict[str, Any]) -> list[str]:
         head += [f"limit {rt} p50 ms", f"toolq {rt} p50 ms", f"toolq adds ({rt}) ms"]
     head += [f"{rt} limit ÷ {base}" for rt in runtimes[1:]]
     head += [f"toolq calls/s {rt}" for rt in runtimes]
+    head += [f"worker CPU ms/call {rt}" for rt in runtimes]
     lines = [
         "",
         "## Docker runtimes (`--runtimes`)",
         "",
         f"The same calls under each runtime, interleaved in one stage. `÷ {base}`: what "
         "the runtime costs the agent stream (the limit); `toolq adds`: toolq's p50 minus "
-        "the limit's p50 under the same runtime.",
+        "the limit's p50 under the same runtime (noisy on a loaded host); worker CPU per "
+        "call: toolq's own work, which wall-clock noise does not inflate.",
         "",
         "| " + " | ".join(head) + " |",
         "|---|" + "--:|" * (len(head) - 1),
@@ -442,7 +444,7 @@ def _runtime_section(report: dict[str, Any]) -> list[str]:
     )
     for tool, conc in keys:
         cells = [f"`{tool}`", str(conc)]
-        limits, tputs = {}, []
+        limits, tputs, cpus = {}, [], []
         for rt in runtimes:
             lim = _find(rows, f"limit_{rt}", tool, conc)
             mine = _find(rows, f"toolq_{rt}", tool, conc)
@@ -450,8 +452,9 @@ def _runtime_section(report: dict[str, Any]) -> list[str]:
             adds = mine["p50_ms"] - lim["p50_ms"] if mine and lim else None
             cells += [_fmt(limits[rt]), _fmt(mine and mine["p50_ms"]), _fmt(adds)]
             tputs.append(_fmt(mine and mine["calls_per_s"]))
+            cpus.append(_fmt(mine and mine.get("worker_cpu_ms_per_call")))
         cells += [_fmt(_ratio(limits[rt], limits[base])) for rt in runtimes[1:]]
-        lines.append("| " + " | ".join(cells + tputs) + " |")
+        lines.append("| " + " | ".join(cells + tputs + cpus) + " |")
     return lines
 
 
