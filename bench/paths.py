@@ -66,10 +66,14 @@ class Path:
 class LimitPath(Path):
     """The agent over its stream, driven from this process: no Redis, no worker."""
 
-    def __init__(self, size: int, per_container: int = 1, local: bool = False) -> None:
+    def __init__(
+        self, size: int, per_container: int = 1, local: bool = False, runtime: str = ""
+    ) -> None:
         super().__init__(size)
         self.name = "limit_local" if local else "limit"
-        self.per_container, self.local = per_container, local
+        if runtime:  # the --runtimes rows: limit_runc, limit_runsc
+            self.name = f"limit_{runtime}"
+        self.per_container, self.local, self.runtime = per_container, local, runtime
         self.backend: Backend | None = None
         self.slots: list[Slot] = []
 
@@ -86,8 +90,10 @@ class LimitPath(Path):
                 default_image=IMAGE,
                 namespace=f"benchlim{uuid.uuid4().hex[:6]}",
                 slots_per_container=self.per_container,
+                runtime=self.runtime or "runc",
             )
             self.backend = DockerBackend(settings)
+            await asyncio.to_thread(self.backend.engine.load_runtimes)  # as a worker's start
         self.slots, _ = await acquire_all(self.backend, self.size, self.per_container)
 
     def fns(self, call: Call, n: int) -> list[CallFn]:
@@ -110,9 +116,13 @@ class ToolqPath(Path):
         local: bool = False,
         cold: int = 0,
         slots: int | None = None,
+        runtime: str = "",
     ) -> None:
         super().__init__(size)
         self.name = "toolq_local" if local else "toolq"
+        self.runtime = runtime
+        if runtime:  # the --runtimes rows: toolq_runc, toolq_runsc
+            self.name = f"toolq_{runtime}"
         self.url, self.per_container, self.local, self.cold = url, per_container, local, cold
         self.slots = slots or size  # the worker's (more than size: room to open others)
         self.ns = f"bench{uuid.uuid4().hex[:6]}"
@@ -126,6 +136,7 @@ class ToolqPath(Path):
         self.worker = await asyncio.to_thread(
             WorkerProc, self.url, self.ns, backend=backend, default_image=IMAGE,
             slots=self.slots, slots_per_container=self.per_container,
+            runtime=self.runtime or "runc",
         )  # fmt: skip
         self.client = AsyncClient(self.url, self.ns)
         if self.cold:
@@ -134,6 +145,8 @@ class ToolqPath(Path):
         ready = await open_all(self.client, self.trajs, self.per_container)
         kind = f"{self.per_container} slots/container" if self.per_container > 1 else "unpacked"
         label = f"{backend}: open {self.size} at once ({kind})"
+        if self.runtime:
+            label = f"{backend} ({self.runtime}): open {self.size} at once ({kind})"
         self.lifecycle[label] = ready
         await asyncio.sleep(0.5)  # let the start storm settle before measuring memory
         self.memory = await asyncio.to_thread(self._memory, rss0)
@@ -151,7 +164,8 @@ class ToolqPath(Path):
                 raise RuntimeError(f"cold open failed: {r.error}")
             await self.client.close(f"cold{i}")
             await asyncio.sleep(0.5)  # let its container go
-        self.lifecycle["docker: cold open (image present)"] = took
+        where = f"docker ({self.runtime})" if self.runtime else "docker"
+        self.lifecycle[f"{where}: cold open (image present)"] = took
 
     def _memory(self, rss0: int) -> dict[str, Any]:
         assert self.worker is not None

@@ -45,9 +45,11 @@ def _find(rows: list[dict[str, Any]], path: str, tool: str, conc: int) -> dict[s
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Ratios to the limit and to the RQ baseline at the same tool and concurrency."""
+    """Ratios to the limit and to the RQ baseline at the same tool and concurrency
+    (a ``--runtimes`` row, ``toolq_runsc``, to the limit of its own runtime)."""
     for row in rows:
-        limit = _find(rows, "limit", row["tool"], row["concurrency"])
+        own = "limit_" + row["path"].split("_", 1)[1] if row.get("runtime") else "limit"
+        limit = _find(rows, own, row["tool"], row["concurrency"])
         rq = _find(rows, "rq", row["tool"], row["concurrency"])
         row["p50_x_limit"] = _ratio(row["p50_ms"], limit and limit["p50_ms"])
         row["tput_x_limit"] = _ratio(row["calls_per_s"], limit and limit["calls_per_s"])
@@ -293,7 +295,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     lines += [_row(r) for r in _sorted(many)]
     lines += _redis_section(rows) + _memory_section(report) + _beside_section(report)
-    lines += _lifecycle_section(report)
+    lines += _lifecycle_section(report) + _runtime_section(report)
     lines += ["", "## How it was run", ""]
     lines += [f"- **{label}**: {what}" for label, what in PATHS.values()]
     lines += ["", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in cfg.items()) + "."]
@@ -406,6 +408,53 @@ def _lifecycle_section(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name} | {m['n']} | {_fmt(m['p50_s'])} | {_fmt(m['max_s'])} | {m.get('note', '')} |"
         )
+    return lines
+
+
+def _runtime_section(report: dict[str, Any]) -> list[str]:
+    """``--runtimes``: each runtime's limit and toolq, measured interleaved in one
+    stage. The runtime's cost is its limit over runc's; toolq's own cost is its p50
+    minus its runtime's limit p50 (what toolq adds on top of the agent stream)."""
+    runtimes = report.get("config", {}).get("runtimes") or []
+    rows = report["rows"]
+    if len(runtimes) < 2 or not any(r.get("runtime") for r in rows):
+        return []
+    base = runtimes[0]
+    head = ["tool", "trajectories"]
+    for rt in runtimes:
+        head += [f"limit {rt} p50 ms", f"toolq {rt} p50 ms", f"toolq adds ({rt}) ms"]
+    head += [f"{rt} limit ÷ {base}" for rt in runtimes[1:]]
+    head += [f"toolq calls/s {rt}" for rt in runtimes]
+    head += [f"worker CPU ms/call {rt}" for rt in runtimes]
+    lines = [
+        "",
+        "## Docker runtimes (`--runtimes`)",
+        "",
+        f"The same calls under each runtime, interleaved in one stage. `÷ {base}`: what "
+        "the runtime costs the agent stream (the limit); `toolq adds`: toolq's p50 minus "
+        "the limit's p50 under the same runtime (noisy on a loaded host); worker CPU per "
+        "call: toolq's own work, which wall-clock noise does not inflate.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "--:|" * (len(head) - 1),
+    ]
+    keys = sorted(
+        {(r["tool"], r["concurrency"]) for r in rows if r.get("runtime")},
+        key=lambda k: (k[1], TOOLS.index(k[0]) if k[0] in TOOLS else 99),
+    )
+    for tool, conc in keys:
+        cells = [f"`{tool}`", str(conc)]
+        limits, tputs, cpus = {}, [], []
+        for rt in runtimes:
+            lim = _find(rows, f"limit_{rt}", tool, conc)
+            mine = _find(rows, f"toolq_{rt}", tool, conc)
+            limits[rt] = lim and lim["p50_ms"]
+            adds = mine["p50_ms"] - lim["p50_ms"] if mine and lim else None
+            cells += [_fmt(limits[rt]), _fmt(mine and mine["p50_ms"]), _fmt(adds)]
+            tputs.append(_fmt(mine and mine["calls_per_s"]))
+            cpus.append(_fmt(mine and mine.get("worker_cpu_ms_per_call")))
+        cells += [_fmt(_ratio(limits[rt], limits[base])) for rt in runtimes[1:]]
+        lines.append("| " + " | ".join(cells + tputs + cpus) + " |")
     return lines
 
 

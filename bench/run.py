@@ -1,6 +1,7 @@
 """Run the whole benchmark: toolq against the limit, RQ + docker exec, and the rest.
 
     python bench/run.py [--quick] [--publish] [--profile] [--paths toolq,limit,...]
+                        [--runtimes runc,runsc]
 
 Writes bench/out/<time>/ (report.json with every sample, report.md, results.png,
 latency.png, throughput.png); ``--publish`` copies report.md and results.png to
@@ -88,6 +89,7 @@ class Config:
     scale_pack: int = 8  # this many slots per container
     beside_running: int = 8  # claims beside calls: these trajectories call in a loop
     beside_opened: int = 64  # while this many are opened at once
+    runtime_level: int = 16  # --runtimes rows: per tool at 1, then `true` at this many
     relay_calls: int = 1000  # the floor (bench/relay.py): round trips, before and after
 
     def tool_budget(self, exec_path: bool = False) -> Budget:
@@ -125,6 +127,7 @@ QUICK = Config(
     scale=0,
     beside_running=1,
     beside_opened=2,
+    runtime_level=2,
     relay_calls=20,
 )
 
@@ -269,12 +272,12 @@ def summarize_profile(raw: str, top: int = 25) -> None:
 
 
 # -- container lifecycle --------------------------------------------------------------
-async def warm_pool_opens(cfg: Config, res: Results, url: str) -> None:
+async def warm_pool_opens(cfg: Config, res: Results, url: str, runtime: str = "") -> None:
     """Open -> first result when an idle warm container is waiting."""
     ns = f"benchwarm{uuid.uuid4().hex[:6]}"
     worker = await asyncio.to_thread(
         WorkerProc, url, ns, backend="docker", default_image=IMAGE, slots=4,
-        warm_pool=cfg.warm_pool,
+        warm_pool=cfg.warm_pool, runtime=runtime or "runc",
     )  # fmt: skip
     took = []
     try:
@@ -289,7 +292,25 @@ async def warm_pool_opens(cfg: Config, res: Results, url: str) -> None:
                 await client.close(f"warm{i}")
     finally:
         await asyncio.to_thread(worker.stop)
-    res.life("docker: warm-pool open", took, f"warm_pool={cfg.warm_pool}, refilled between opens")
+    where = f"docker ({runtime})" if runtime else "docker"
+    note = f"warm_pool={cfg.warm_pool}, refilled between opens"
+    res.life(f"{where}: warm-pool open", took, note)
+
+
+async def runtime_rows(cfg: Config, res: Results, url: str, runtimes: list[str]) -> None:
+    """The same calls under each Docker runtime (runc, runsc: gVisor), interleaved in
+    one stage: the limit and toolq per runtime, cold and warm opens per runtime."""
+    paths: list[Path] = []
+    for runtime in runtimes:
+        paths.append(LimitPath(cfg.runtime_level, runtime=runtime))
+        paths.append(ToolqPath(cfg.runtime_level, url, cold=cfg.cold, runtime=runtime))
+    await compare(cfg, res, paths, [1, cfg.runtime_level], "", False)
+    names = {f"{kind}_{runtime}": runtime for runtime in runtimes for kind in ("limit", "toolq")}
+    for run in res.rows:
+        if run.path in names:
+            run.extra["runtime"] = names[run.path]
+    for runtime in runtimes:
+        await warm_pool_opens(cfg, res, url, runtime)
 
 
 async def open_storm(res: Results, url: str, size: int) -> None:
@@ -456,6 +477,9 @@ async def run_all(args: argparse.Namespace, cfg: Config, out: str) -> Results:
                 paths.append(ToolqPath(max(big), url, cfg.pack))
             with stage(f"Docker paths, {cfg.pack} slots per container", res.stages):
                 await compare(cfg, res, paths, big, out, False)
+        if len(args.runtimes) > 1 or args.runtimes != ["runc"]:
+            with stage(f"runtimes {', '.join(args.runtimes)}", res.stages):
+                await runtime_rows(cfg, res, url, args.runtimes)
         if args.storm:
             with stage(f"open {args.storm} unpacked trajectories at once", res.stages):
                 await open_storm(res, url, args.storm)
@@ -487,6 +511,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="py-spy the worker and client")
     parser.add_argument("--paths", default=",".join(ALL_PATHS), help="comma-separated subset")
     parser.add_argument("--levels", default=None, help="concurrency levels, e.g. 1,16,64,256")
+    parser.add_argument(
+        "--runtimes",
+        default="runc",
+        help="Docker runtimes compared side by side (limit and toolq rows, cold and warm "
+        "opens), e.g. runc,runsc; registered with the engine (see README, gVisor)",
+    )
     parser.add_argument("--pack", type=int, default=None, help="slots per container above 64")
     parser.add_argument("--rq-workers", type=int, default=None)
     parser.add_argument(
@@ -499,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.paths = [p for p in args.paths.split(",") if p]
+    args.runtimes = [r for r in args.runtimes.split(",") if r]
     unknown = set(args.paths) - set(ALL_PATHS)
     if unknown:
         parser.error(f"unknown paths {sorted(unknown)}; choose from {ALL_PATHS}")
@@ -539,7 +570,12 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "elapsed_s": round(time.perf_counter() - t0, 1),
         "host": host,
-        "config": {**asdict(cfg), "paths": args.paths, "small_file": SMALL_FILE},
+        "config": {
+            **asdict(cfg),
+            "paths": args.paths,
+            "runtimes": args.runtimes,
+            "small_file": SMALL_FILE,
+        },
         "rows": rows,
         "lifecycle": res.lifecycle,
         "memory": res.memory,

@@ -69,10 +69,24 @@ def emit(message):
     line = json.dumps(message, separators=(",", ":")) + "\n"
     data = line.encode("utf-8", "surrogateescape")
     with _write_lock:
-        _out.write(data)
+        _write_all(data)
         if blob is not None:
-            _out.write(blob)
+            _write_all(blob)
         _out.flush()
+
+
+def _write_all(data):
+    """Write every byte of ``data`` to the worker. Under ``python3 -u`` stdout is a raw
+    FileIO, whose write may be short: gVisor writes at most 64 KiB per call to the
+    exec's pipe (Linux's blocking pipes never return short), and a dropped rest
+    would corrupt the stream."""
+    view = memoryview(data)
+    while view:
+        written = _out.write(view)
+        if written is None:  # a non-blocking stdout, full: wait until it drains
+            select.select([], [_out], [])
+            continue
+        view = view[written:]
 
 
 class ToolError(Exception):

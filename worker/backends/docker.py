@@ -70,7 +70,7 @@ from .docker_exchange import Staging, detect
 from .docker_handover import HandOver
 from .docker_prestart import Prestart
 from .docker_recycle import Recycler, Rejected
-from .docker_runtime import check_network, unregistered
+from .docker_runtime import NO_RECYCLING, check_network, is_gvisor, unregistered
 from .docker_stream import ExecStream
 
 log = logging.getLogger("toolq.worker.docker")
@@ -134,6 +134,8 @@ class DockerBackend(HandOver, Prestart, Staging):
                 f"(it has: {', '.join(sorted(self.registered)) or 'none'}); see the README's "
                 "gVisor section"
             )
+        if self.settings.recycle_containers and is_gvisor(self.settings.runtime, self.registered):
+            log.warning("recycle_containers: %s", NO_RECYCLING)
 
     async def shutdown(self) -> None:
         """Remove every container this backend started (waits for starts in flight).

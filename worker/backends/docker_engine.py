@@ -85,7 +85,8 @@ class Engine:
                 user = self._user(box.config.image, cid)
                 self.api.put_archive(cid, "/", payload_tar(user))
                 self.api.start(cid)
-                if self.settings.recycle_containers:
+                # No baseline, no recycling: gVisor's insides are not the engine's to see.
+                if self.settings.recycle_containers and not self.gvisor(box):
                     box.baseline = self._baseline(box, command)
                 exec_id = self._agent_exec(cid, user)
             except APIError as exc:
@@ -115,6 +116,10 @@ class Engine:
                 log.warning("no filesystem baseline for %s: %s", box.config.image, exc)
                 return None
         return self._baselines[key]
+
+    def gvisor(self, box: Box) -> bool:
+        """Does ``box`` run under gVisor (see docker_runtime.py)?"""
+        return is_gvisor(box.config.runtime, self.runtimes)
 
     def fs_changes(self, cid: str) -> frozenset[tuple[str, int]]:
         """The engine's diff of a container's writable layer: (path, kind) pairs,
@@ -198,7 +203,7 @@ class Engine:
             mem_limit=memory,
             memswap_limit=memory,  # equal: no swap
             nano_cpus=int(min(config.cpus * per, self._host_cpus()) * 1e9),
-            **pids_options(config.pids * per, is_gvisor(config.runtime, self.runtimes)),
+            **pids_options(config.pids * per, self.gvisor(box)),
             network_mode="bridge" if config.network else "none",
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
