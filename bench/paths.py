@@ -213,7 +213,7 @@ class ToolqPath(Path):
     async def stop(self) -> None:
         if self.client is not None:
             await close_all(self.client, self.trajs)
-            await self.client.redis.aclose()
+            await self.client.aclose()
         if self.worker is not None:
             await asyncio.to_thread(self.worker.stop)
         self.sync.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import signal
 import statistics
 import time
 
@@ -35,6 +36,10 @@ WARM_UP = 100  # round trips not counted
 
 
 def relay(url: str, calls: str = CALLS, replies: str = REPLIES) -> None:
+    # A child of bench/run.py inherits its SIGTERM handler (KeyboardInterrupt): a
+    # terminate() must just end it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
     async def main() -> None:
         r = aioredis.Redis.from_url(url)
         while True:

@@ -137,6 +137,10 @@ def connect(url: str) -> aioredis.Redis:
         "socket_connect_timeout": 30,
         "protocol": 2,
         "socket_keepalive": True,
+        # redis-py 8 caps a pool at 100 connections and fails the 101st command at
+        # once ("Too many connections"): hundreds of trajectories ending together
+        # each hold one for a moment. Redis's own maxclients is the real bound.
+        "max_connections": 10_000,
     }
     if cluster:
         client: Any = aioredis.RedisCluster.from_url(target, **common)
