@@ -46,18 +46,19 @@ from .drive import (
     tool_calls,
     with_source,
 )
+from .hub import EventHub
 from .liveness import Liveness, workers_alive_op
 from .mux import MuxConnection
 from .ops import Cmd, Op, ToolCall, WaitTimeout
 from .session import AsyncTrajectory
-from .waits import Call, EventHub, cursor_before
+from .waits import Call, cursor_before
 
 
 class AsyncClient:
     """asyncio toolq client: the same methods as ``Client``, awaitable.
 
     All its waits share one connection: one reader serves every concurrent
-    ``call``/``result`` of the client (``waits.EventHub``).
+    ``call``/``result`` of the client (``hub.EventHub``).
     """
 
     def __init__(

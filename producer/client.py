@@ -163,7 +163,7 @@ class Client:
         return list(pipe.execute(raise_on_error=False))
 
     def _routed_xread(self, cmd: Cmd) -> Any:
-        """An XREAD sent to its slot's node outright (see ``waits.xread``)."""
+        """An XREAD sent to its slot's node outright (see ``hub.xread``)."""
         (streams,) = cmd.args
         client: Any = self.redis
         args = xread_args(streams, cmd.kwargs.get("block"))
