@@ -37,9 +37,7 @@ CONNECT_KW: dict[str, Any] = {
     "max_connections": 10_000,
     "retry_on_error": RETRY_ON,
 }
-CLUSTER_KW: dict[str, Any] = {
-    k: v for k, v in CONNECT_KW.items() if k not in ("max_connections", "retry_on_error")
-}
+CLUSTER_KW: dict[str, Any] = {k: v for k, v in CONNECT_KW.items() if k != "retry_on_error"}
 
 
 # What a restarting Redis or a cluster failing over answers for a while: wait and

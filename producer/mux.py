@@ -47,15 +47,21 @@ class MuxConnection:
         if not commands:
             return []  # nothing to send: no reply will come to wait for
         conn = await self._connected()
+        packed = conn.pack_commands(commands)  # a bad argument fails this caller alone
         batch = _Batch(len(commands), asyncio.get_running_loop().create_future())
         # Queued before the write, and nothing awaits in between on a connected
         # socket: the batches' order on the socket is their order here.
         self._waiting.append(batch)
         self._has_waiting.set()
         try:
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            await conn.send_packed_command(packed, check_health=False)
         except BaseException as exc:
-            self._broken(exc)
+            # redis-py dropped the socket (a write that failed, or was cancelled
+            # half done): what is in flight on it fails. A newer connection is left be.
+            if conn is self._conn:
+                self._broken(exc)
+            elif not batch.done.done():
+                batch.done.set_exception(RedisConnectionError(str(exc)))
             if batch.done.done() and not batch.done.cancelled():
                 batch.done.exception()  # raised here instead: mark it retrieved
             raise
@@ -76,29 +82,42 @@ class MuxConnection:
 
     async def _read_loop(self) -> None:
         while True:
-            if not self._waiting:
-                self._has_waiting.clear()
-                await self._has_waiting.wait()
-                continue
-            conn = self._conn
-            batch = self._waiting[0]
             try:
-                assert conn is not None
-                reply = await conn.read_response()
-            except ResponseError as exc:
-                reply = exc
+                await self._read_one()
             except asyncio.CancelledError:
                 self._broken(RedisConnectionError("client closed"))
                 raise
-            except Exception as exc:
-                if conn is self._conn:  # else: a connection given up already
-                    self._broken(exc)
-                continue
-            batch.replies.append(reply)
-            if len(batch.replies) == batch.size:
-                self._waiting.popleft()
-                if not batch.done.done():
-                    batch.done.set_result(batch.replies)
+            except Exception as exc:  # a bug here must not leave every caller hanging
+                self._broken(exc)
+
+    async def _read_one(self) -> None:
+        """Wait for a batch in flight, read one reply, hand out the batch once whole."""
+        if not self._waiting:
+            self._has_waiting.clear()
+            await self._has_waiting.wait()
+            return
+        conn, batch = self._conn, self._waiting[0]
+        if conn is None:  # between a loss and the next connect: nothing to read
+            self._has_waiting.clear()
+            await self._has_waiting.wait()
+            return
+        try:
+            reply = await conn.read_response()
+        except ResponseError as exc:
+            reply = exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if conn is self._conn:  # else: a connection given up already
+                self._broken(exc)
+            return
+        if conn is not self._conn or not self._waiting or self._waiting[0] is not batch:
+            return  # read off a connection given up meanwhile: its batches failed already
+        batch.replies.append(reply)
+        if len(batch.replies) == batch.size:
+            self._waiting.popleft()
+            if not batch.done.done():
+                batch.done.set_result(batch.replies)
 
     def _broken(self, exc: BaseException) -> None:
         """The connection is lost (or half read): every batch in flight fails."""
@@ -113,11 +132,14 @@ class MuxConnection:
             task.add_done_callback(lambda t: t.exception())
 
     async def aclose(self) -> None:
-        """Close the connection and stop the reader."""
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-        if self._conn is not None:
-            await self._conn.disconnect()
-            self._conn = None
+        """Stop the reader and close the connection; what is in flight fails."""
+        async with self._connecting:  # no connect under way installs a new reader
+            if self._reader is not None:
+                self._reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._reader
+            conn = self._conn
+            self._broken(RedisConnectionError("client closed"))
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect()

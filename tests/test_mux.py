@@ -5,6 +5,7 @@ in flight and connects again."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -57,6 +58,30 @@ def test_a_killed_connection_fails_the_next_batch_and_connects_again(redis_url: 
         (new_id,) = await mux.execute([("CLIENT", "ID")])
         assert new_id != conn_id
         await mux.aclose()
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_closing_fails_what_is_in_flight_instead_of_hanging(redis_url: str) -> None:
+    admin = redis_client(redis_url)
+
+    def blocked() -> bool:
+        return any(c.get("cmd") == "blpop" for c in admin.client_list())
+
+    async def run() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        mux = MuxConnection(client.connection_pool)
+        # Kept in flight by the server for 10 s (a blocking command, for the test only).
+        pending = asyncio.ensure_future(mux.execute([("BLPOP", "toolq-mux-test:never", 10)]))
+        deadline = time.monotonic() + 30
+        while not blocked():
+            assert time.monotonic() < deadline, "the BLPOP never reached Redis"
+            await asyncio.sleep(0.01)
+        assert not pending.done()
+        await mux.aclose()
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(pending, 5)
         await client.aclose()
 
     asyncio.run(run())

@@ -88,6 +88,8 @@ class LocalBackend(Backend):
         stdin = proc.stdin
 
         def write(data: bytes) -> Awaitable[None] | None:  # see channel.Write
+            if stdin.transport.is_closing():  # a dead agent: fail the channel now
+                raise ConnectionResetError("agent stdin is closed")
             stdin.write(data)
             return stdin.drain() if stdin.transport.get_write_buffer_size() else None
 
