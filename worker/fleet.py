@@ -102,28 +102,55 @@ class Fleet:
         """First heartbeat; what "we" owned before a restart under this id is re-queued."""
         await self.beat(force=True)
         self.lease.renew(time.monotonic())
+        await self._record()
         for traj_id in await self.redis.smembers(self.keys.worker_trajs(self.worker_id)):
             await self.requeue(_s(traj_id), self.worker_id, graceful=False)
 
     async def heartbeat_loop(self) -> None:
+        """Beat every ``heartbeat_s``; the upkeep runs beside it, in a loop of its own:
+        on a cluster its look-ups may wait for a node that fails over, and that must
+        not delay a beat (the lease would lapse and every trajectory would stall)."""
+        upkeep = asyncio.create_task(self._upkeep_loop(), name="upkeep")
+        try:
+            while True:
+                await asyncio.sleep(self.settings.heartbeat_s)
+                self._trimmer.freed_bytes(self.writer.trim_journal())
+                try:
+                    await self._beat_and_confirm()
+                except (RedisError, OSError) as exc:
+                    self.health.failed()
+                    log.warning("heartbeat failed: %s", exc)
+        finally:
+            upkeep.cancel()
+
+    async def _upkeep_loop(self) -> None:
+        """After each beat: the worker's record, ownership look-ups, cancels, takeovers,
+        and every ``HOUSEKEEPING_S`` the housekeeping."""
         every = max(1, int(HOUSEKEEPING_S / self.settings.heartbeat_s))
-        beats = 0
+        rounds = 0
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
-            beats += 1
-            self._trimmer.freed_bytes(self.writer.trim_journal())
+            rounds += 1
+            if not self.lease.valid():  # the beat confirms what we own first
+                continue
+            started = time.monotonic()
             try:
-                await self._beat_and_confirm()
+                await self._record()
+                await self.confirm_ownership()
                 await self._cancels_behind_full_queues()
+                if time.monotonic() - started > max(3 * self.settings.heartbeat_s, 1.0):
+                    # Redis stalled under these look-ups (the beat may not have told
+                    # yet): others' heartbeats look stale for the same reason.
+                    self._redis_slow_at = time.monotonic()
                 await self.take_over_dead()
-                if beats % every == 0:
+                if rounds % every == 0:
                     await self.trim_open()
                     await self.prune_pending()
                     await self.prune_runs()
                     await self.reclaim()
             except (RedisError, OSError) as exc:
                 self.health.failed()
-                log.warning("heartbeat failed: %s", exc)
+                log.warning("heartbeat upkeep failed: %s", exc)
 
     async def _beat_and_confirm(self) -> None:
         """Beat; after our lease lapsed, confirm what we own before acting again."""
@@ -135,11 +162,13 @@ class Fleet:
         if took_s > max(3 * self.settings.heartbeat_s, 1.0):
             # Redis itself stalled: nobody could beat, so others' heartbeats look stale.
             self._redis_slow_at = time.monotonic()
-        if lapsed:
-            log.warning("lease lapsed (%.1fs since the last heartbeat)", self.lease.age_s())
-            for traj in self.owned.values():  # time stood still for them too: no idle reaping
-                traj.last_activity = time.monotonic()
-        await self.confirm_ownership(everything=lapsed)
+        if not lapsed:  # nobody can have taken us for dead: what we own is ours
+            self.lease.renew(sent_at)
+            return
+        log.warning("lease lapsed (%.1fs since the last heartbeat)", self.lease.age_s())
+        for traj in self.owned.values():  # time stood still for them too: no idle reaping
+            traj.last_activity = time.monotonic()
+        await self.confirm_ownership(everything=True)
         self.lease.renew(sent_at)
 
     async def _declared_dead(self) -> None:
@@ -156,9 +185,8 @@ class Fleet:
             await self.lost(traj)
         await self.register()
 
-    async def beat(self, force: bool = False) -> bool:
-        """Send a heartbeat; False when the fleet had declared us dead (see ``lua.BEAT``)."""
-        info = WorkerInfo(
+    def _info(self) -> WorkerInfo:
+        return WorkerInfo(
             worker=self.worker_id,
             host=socket.gethostname(),
             pid=os.getpid(),
@@ -170,25 +198,35 @@ class Fleet:
             heartbeat_ms=self.redis_now_ms(),
             dead_after_s=self.settings.dead_after_s,
         )
+
+    async def beat(self, force: bool = False) -> bool:
+        """Send a heartbeat; False when the fleet had declared us dead (see ``lua.BEAT``)."""
+        # The beat itself: Redis's clock and the heartbeat, both on the node of the
+        # heartbeats (one clock on a cluster). It alone renews the lease: the keys
+        # below may live on other cluster nodes, and one of those failing over must
+        # not stop this worker serving the trajectories the others hold.
         pipe = self.redis.pipeline(transaction=False)
-        # Redis's clock, from the node that holds the heartbeats (one clock on a cluster)
         pipe.execute_command("EVAL", "return redis.call('TIME')", 1, self.keys.workers)
-        beat = [self.worker_id, info.heartbeat_ms, "1" if force else "0"]
+        beat = [self.worker_id, self.redis_now_ms(), "1" if force else "0"]
         pipe.execute_command("EVAL", lua.BEAT, 1, self.keys.workers, *beat)
-        pipe.hset(self.keys.worker(self.worker_id), mapping=info.to_fields())
+        sent_ms = now_ms()
+        (seconds, micros), alive = await pipe.execute()
+        self._clock_offset_ms = int(seconds) * 1000 + int(micros) // 1000 - sent_ms
+        return bool(alive)
+
+    async def _record(self) -> None:
+        """The worker's record (``toolq status``), the backlog sample, the metrics' counts."""
+        self._sample_slots()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.worker(self.worker_id), mapping=self._info().to_fields())
         pipe.pexpire(self.keys.worker(self.worker_id), int(self.settings.dead_after_s * 4000))
         pipe.zcard(self.keys.pending)
         pipe.zrange(self.keys.pending, 0, 0, withscores=True)
         self.observer.heartbeat(pipe)
-        sent_ms = now_ms()
         replies = await pipe.execute()
-        seconds, micros = replies[0]
-        self._clock_offset_ms = int(seconds) * 1000 + int(micros) // 1000 - sent_ms
-        backlog, oldest = replies[4], replies[5]
+        backlog, oldest = replies[2], replies[3]
         oldest_age_s = (self.redis_now_ms() - oldest[0][1]) / 1000 if oldest else 0.0
         self.observer.backlog_sampled(int(backlog), max(0.0, oldest_age_s))
-        self._sample_slots()
-        return bool(replies[1])
 
     def _sample_slots(self) -> None:
         trajs = list(self.owned.values())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -75,9 +76,10 @@ class CallReader:
         self.cluster = cluster
         self._groups: dict[str, tuple[ReadGroup, asyncio.Task[None]]] = {}
         self._members: dict[str, set[str]] = {}
-        self._catch_up = CatchUp(health)
-        self._catching_up = asyncio.Lock()
-        self._backoff_s = 0.1
+        # Per read group: after Redis errors each group catches up its own members,
+        # so a cluster node that is down stalls only the groups it serves.
+        self._catch_ups: dict[str, CatchUp] = {}
+        self._backoff_s: dict[str, float] = {}
 
     # ------------------------------------------------------------- reading
     async def run(self) -> None:
@@ -126,14 +128,22 @@ class CallReader:
             block_ms=self.settings.block_ms,
             count=self.settings.read_ahead,
         )
+        self._catch_ups[key] = CatchUp(self.health)
         task = asyncio.create_task(
-            run_loop(group, ready=self._ready, failed=self._failed), name=f"reader-{key or 'all'}"
+            run_loop(
+                group,
+                ready=functools.partial(self._ready, key),
+                failed=functools.partial(self._failed, key),
+            ),
+            name=f"reader-{key or 'all'}",
         )
         self._groups[key] = (group, task)
 
     def _stop_group(self, key: str) -> None:
         group, task = self._groups.pop(key)
         self._members.pop(key, None)
+        self._catch_ups.pop(key, None)
+        self._backoff_s.pop(key, None)
         task.cancel()
         asyncio.get_running_loop().create_task(group.forget())
 
@@ -154,22 +164,23 @@ class CallReader:
         if traj is not None:
             self.dispatch(traj, entries)
 
-    async def _ready(self) -> None:
-        """Before each read: a valid lease, and the catch-up after Redis errors done."""
+    async def _ready(self, key: str) -> None:
+        """Before each read of group ``key``: a valid lease, and the group's catch-up
+        after Redis errors done."""
         await self.lease.wait_valid()
-        if self._catch_up.due():
-            async with self._catching_up:
-                if self._catch_up.due():
-                    generation = self.health.generation
-                    await self._catch_up_reads()
-                    self._catch_up.done(generation)
-        self._backoff_s = 0.1
+        catch_up = self._catch_ups.get(key)
+        if catch_up is not None and catch_up.due():
+            generation = self.health.generation
+            await self._catch_up_reads(list(self._members.get(key, ())))
+            catch_up.done(generation)
+        self._backoff_s[key] = 0.1
 
-    async def _failed(self, exc: BaseException) -> None:
+    async def _failed(self, key: str, exc: BaseException) -> None:
         self.health.failed()
-        log.warning("reading calls failed (%s); retrying in %.1fs", exc, self._backoff_s)
-        await asyncio.sleep(self._backoff_s)
-        self._backoff_s = min(self._backoff_s * 2, 5.0)
+        backoff_s = self._backoff_s.get(key, 0.1)
+        log.warning("reading calls failed (%s); retrying in %.1fs", exc, backoff_s)
+        await asyncio.sleep(backoff_s)
+        self._backoff_s[key] = min(backoff_s * 2, 5.0)
 
     def queue_shrunk(self, traj: Traj) -> None:
         """The runner took an entry: a queue that was full has room again."""
@@ -264,10 +275,11 @@ class CallReader:
         entries.sort(key=lambda e: entry_key(_s(e[0])))
         return entries
 
-    async def _catch_up_reads(self) -> None:
+    async def _catch_up_reads(self, traj_ids: list[str]) -> None:
         """After Redis errors: recreate groups a Redis without persistence forgot,
-        and re-read entries delivered to this worker whose reply never arrived."""
-        for traj_id in list(self.owned):
+        and re-read entries delivered to this worker whose reply never arrived
+        (for ``traj_ids``: one read group's members)."""
+        for traj_id in traj_ids:
             with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
                 await self.redis.xgroup_create(
                     self.keys.calls(traj_id), GROUP, id="0", mkstream=True

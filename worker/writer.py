@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 from redis.exceptions import (
     BusyLoadingError,
     ClusterError,
@@ -37,6 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from toolq.schemas import GROUP, ErrorCode, Keys, Result, lua, stream_call_id
 
+from .lanes import LaneOp, Lanes
 from .lease import CatchUp, RedisHealth, retrying
 from .settings import WorkerSettings
 from .state import Item, Traj, now_ms
@@ -101,6 +103,7 @@ class Op:
     done: Callable[[Any], None] | None = None  # called with the reply, once written
     fallback: Callable[[Exception], Op] | None = None  # what to write if Redis refuses it
     ours: bool = True  # False: written for another owner (a dead worker's hand-back)
+    replayed: bool = False  # a journal copy sent again after Redis errors: no callbacks
     future: asyncio.Future[Any] | None = field(default=None, repr=False)
 
 
@@ -122,11 +125,14 @@ class Writer:
         self.health = health
         self.on_fenced = on_fenced
         self.on_result = on_result
-        self._queue: asyncio.Queue[Op] = asyncio.Queue()
+        self._queue: asyncio.Queue[Op | None] = asyncio.Queue()  # None: a lane finished
         self._journal: deque[tuple[float, Op, int]] = deque()  # (when, op, its bytes)
         self._journal_bytes = 0
         self._catch_up = CatchUp(health, initially=False)
         self._conn: Any = None  # on one Redis, the connection _send writes on
+        self._cluster = not isinstance(redis, aioredis.Redis)
+        self._lanes = Lanes(self._lane_of)  # on a cluster (see worker/lanes.py)
+        self._lane_tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ sending
     def send(self, op: Op) -> asyncio.Future[Any]:
@@ -325,8 +331,11 @@ class Writer:
     # -------------------------------------------------------------- loop
     async def run(self) -> None:
         """Flush whatever is queued, forever (a bad op never stops later ones)."""
+        if self._cluster:
+            await self._run_lanes()
+            return
         while True:
-            batch = [await self._queue.get()]
+            batch: list[Any] = [await self._queue.get()]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
@@ -342,7 +351,63 @@ class Writer:
                     log.exception("settling a write for %s failed", op.traj_id)
                 self._queue.task_done()
 
-    async def _flush_with_retry(self, batch: list[Op]) -> list[Any]:
+    async def _run_lanes(self) -> None:
+        """On a cluster: each node's ops flush as its own lane (see worker/lanes.py)."""
+        try:
+            while True:
+                for op in [await self._queue.get(), *self._queue_now()]:
+                    if op is None:  # a lane finished: what waited for it may go now
+                        self._queue.task_done()
+                    else:
+                        self._lanes.add(op)
+                if self._catch_up.due():  # first, the journal again (see _replay)
+                    generation = self.health.generation
+                    self._lanes.add_first(self._replay_ops())
+                    self._catch_up.done(generation)
+                for lane, ops in self._lanes.take().items():
+                    task = asyncio.create_task(self._write_lane(lane, ops))  # type: ignore[arg-type]
+                    self._lane_tasks.add(task)
+                    task.add_done_callback(self._lane_tasks.discard)
+        finally:
+            for task in list(self._lane_tasks):
+                task.cancel()
+
+    def _queue_now(self) -> list[Op | None]:
+        got = []
+        while not self._queue.empty():
+            got.append(self._queue.get_nowait())
+        return got
+
+    async def _write_lane(self, lane: str, ops: list[Op]) -> None:
+        try:
+            try:
+                replies = await self._flush_with_retry(ops, replay=False)
+            except Exception as exc:  # a bug, or an error Redis gives the whole batch
+                log.exception("writing %d ops failed", len(ops))
+                replies = [exc] * len(ops)
+            self._remember([op for op in ops if not op.replayed])
+            for op, reply in zip(ops, replies, strict=True):
+                if op.replayed:
+                    continue
+                try:
+                    await self._settle(op, reply)
+                except Exception:
+                    log.exception("settling a write for %s failed", op.traj_id)
+                self._queue.task_done()
+        finally:
+            self._lanes.done(lane, ops)
+            self._queue.put_nowait(None)
+
+    def _lane_of(self, op: LaneOp) -> str:
+        """The node that serves an op's keys (all in its trajectory's hash slot)."""
+        assert isinstance(op, Op)
+        try:
+            slot = key_slot(op.keys[0].encode())
+            return str(self.redis.nodes_manager.get_node_from_slot(slot).name)  # type: ignore[attr-defined]
+        except Exception:  # no map yet (the cluster is reconfiguring): one lane for those
+            return ""
+
+    async def _flush_with_retry(self, batch: list[Op], replay: bool = True) -> list[Any]:
         """Flush, retrying through Redis outages; after one, replay recent writes first.
 
         An outage shows as an exception (a connection lost) or, on a cluster,
@@ -356,7 +421,7 @@ class Writer:
         while True:
             failure: Any
             try:
-                if self._catch_up.due():
+                if replay and self._catch_up.due():
                     await self._replay()
                 got = await self._flush([batch[i] for i in todo])
             except (RedisError, OSError) as exc:
@@ -478,10 +543,19 @@ class Writer:
             self._journal_bytes -= journal.popleft()[2]
         return before - self._journal_bytes
 
+    def _replay_ops(self) -> list[Op]:
+        """Copies of the last seconds' ops, to write again (see ``_replay``)."""
+        since = time.monotonic() - REPLAY_WINDOW_S
+        return [
+            Op(op.script, op.keys, op.args, op.traj_id, ours=op.ours, replayed=True)
+            for at, op, _size in self._journal
+            if at >= since
+        ]
+
     async def _replay(self) -> None:
         """Write the last seconds' ops again: a restarted Redis may have lost them."""
         generation = self.health.generation
-        ops = [op for at, op, _size in self._journal if at >= time.monotonic() - REPLAY_WINDOW_S]
+        ops = self._replay_ops()
         if ops:
             log.warning("replaying %d recent writes after Redis errors", len(ops))
             await self._flush(ops)  # raises on a connection error: the caller retries
