@@ -46,6 +46,10 @@ class WorkerRow(BaseModel):
     version: str = ""
     host: str = ""
     pid: int = 0
+    images_held: int | None = Field(
+        None, description="Images its engine holds (None: it publishes none: not Docker)."
+    )
+    images_pulling: int | None = Field(None, description="Images its engine is pulling now.")
 
 
 class Backlog(BaseModel):
@@ -199,10 +203,12 @@ def collect(
     pipe = r.pipeline(transaction=False)
     for worker_id, _ in beats:
         pipe.hgetall(keys.worker(_s(worker_id)))
+        pipe.hvals(keys.worker_images(_s(worker_id)))
     for traj_id in run_ids:
         pipe.hmget(keys.traj(_s(traj_id)), _RUN_FIELDS)
     replies = pipe.execute()
-    infos, records = replies[: len(beats)], replies[len(beats) :]
+    infos, images = replies[: 2 * len(beats) : 2], replies[1 : 2 * len(beats) : 2]
+    records = replies[2 * len(beats) :]
     runs = [
         (_s(traj_id), dict(zip(_RUN_FIELDS, record, strict=True)))
         for traj_id, record in zip(run_ids, records, strict=True)
@@ -213,8 +219,8 @@ def collect(
         namespace=keys.ns,
         at_ms=now,
         workers=[
-            _worker_row(_s(w), score, fields, now, dead_after_s)
-            for (w, score), fields in zip(beats, infos, strict=True)
+            _worker_row(_s(w), score, fields, now, dead_after_s, held)
+            for (w, score), fields, held in zip(beats, infos, images, strict=True)
         ],
         backlog=_backlog(pending, oldest, now),
         trajectories=_count_statuses(rec["status"] for _, rec in runs),
@@ -227,10 +233,18 @@ def collect(
 
 
 def _worker_row(
-    worker_id: str, beat_ms: float, fields: dict[Any, Any], now: int, dead_after_s: float
+    worker_id: str,
+    beat_ms: float,
+    fields: dict[Any, Any],
+    now: int,
+    dead_after_s: float,
+    images: list[Any] | None = None,
 ) -> WorkerRow:
     age_s = max(0.0, (now - beat_ms) / 1000)
     row = WorkerRow(worker=worker_id, alive=age_s <= dead_after_s, heartbeat_age_s=age_s)
+    if images:  # Keys.worker_images: image states, and its free slots
+        states = [_s(v) for v in images]
+        row.images_held, row.images_pulling = states.count("held"), states.count("pulling")
     if fields:  # the hash expires a while after a worker dies
         info = WorkerInfo.from_fields(fields)
         row = row.model_copy(

@@ -14,7 +14,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .status import CallStats, Status, format_age, format_latency
+from .status import CallStats, Status, WorkerRow, format_age, format_latency
 
 #: Width of plain-text output: wide enough that worker and trajectory ids fit.
 PLAIN_WIDTH = 120
@@ -62,8 +62,8 @@ def _workers(status: Status) -> list[RenderableType]:
     if not status.workers:
         return parts
     table = _table(
-        "WORKER", "STATE", "HEARTBEAT", "SLOTS", "BACKEND", "VERSION", "HOST",
-        right=("HEARTBEAT", "SLOTS"),
+        "WORKER", "STATE", "HEARTBEAT", "SLOTS", "IMAGES", "BACKEND", "VERSION", "HOST",
+        right=("HEARTBEAT", "SLOTS", "IMAGES"),
     )  # fmt: skip
     for w in sorted(status.workers, key=lambda w: (not w.alive, w.worker)):
         table.add_row(
@@ -71,11 +71,19 @@ def _workers(status: Status) -> list[RenderableType]:
             Text("alive", style="green") if w.alive else Text("DEAD", style="bold red"),
             Text(f"{format_age(w.heartbeat_age_s)} ago"),
             Text(f"{w.slots_used}/{w.slots_total}"),
+            Text(_images(w)),
             Text(w.backend or "?", style="yellow" if w.backend == "local" else ""),
             Text(w.version or "?"),
             Text(w.host or "?"),
         )
     return [*parts, table]
+
+
+def _images(w: WorkerRow) -> str:
+    """Images held, and pulling when any: ``12 (+2)``; ``-`` when none published."""
+    if w.images_held is None:
+        return "-"
+    return f"{w.images_held} (+{w.images_pulling})" if w.images_pulling else str(w.images_held)
 
 
 def _backlog(status: Status) -> list[RenderableType]:

@@ -115,6 +115,18 @@ class Keys:
         claims whichever it reads first, the other is a duplicate)."""
         return f"{self.ns}:worker:{worker_id}:inbox"
 
+    def worker_images(self, worker_id: str) -> str:
+        """Hash, TTL: the images a worker's engine holds (``held``) or is pulling
+        (``pulling``), image reference -> state; rewritten by the worker as that
+        changes (``worker/images.py``), so an open goes first to a holder."""
+        return f"{self.ns}:worker:{worker_id}:images"
+
+    def engine_images(self, engine_id: str) -> str:
+        """Hash: task images toolq put on one Docker engine (pulled, or started a
+        container of) -> when last used (unix ms); the image budget removes the least
+        recently used of these, and only these (``worker/image_budget.py``)."""
+        return f"{self.ns}:engine:{engine_id}:images"
+
     @property
     def tools(self) -> str:
         """Hash: tool name -> JSON document describing the tool."""

@@ -14,6 +14,10 @@ until ``prefer_ms`` after it was enqueued, then claims it (the claim script refu
 it when the preferred worker was first), or puts it back for anyone when it has
 no room itself. Nothing is lost when either worker dies: the entry stays in the
 dead one's pending list until the fleet puts it back (``Fleet.release_open_entries``).
+
+An open whose image this worker's engine lacks is left the same way to a worker
+that holds it and has room (``images.ImageAware.defer_s`` puts it in that
+worker's inbox), for ``image_claim_delay_s``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from toolq.schemas import (
 )
 
 from .bgtasks import BgRecorder
+from .images import ImageAware
 from .lease import CatchUp, Lease, RedisHealth, retrying
 from .metrics import Observer
 from .parse import parse_open, preview, traj_field
@@ -109,6 +114,7 @@ class Intake:
         self._room = asyncio.Event()
         self._claiming: set[str] = set()  # claims in flight: a duplicate waits for none
         self._deferred: set[asyncio.Task[None]] = set()  # copies left to their worker
+        self.images: ImageAware | None = None  # set by the worker: claims prefer holders
 
     @property
     def free_slots(self) -> int:
@@ -118,6 +124,8 @@ class Intake:
     def slot_freed(self) -> None:
         """A trajectory left: the loop may claim again."""
         self._room.set()
+        if self.images is not None:
+            self.images.capacity_changed()
 
     # ---------------------------------------------------------------- loop
     async def run(self) -> None:
@@ -181,6 +189,8 @@ class Intake:
             await self._fail_unopenable(traj_field(fields), reason)
         else:
             wait_s = self._left_to_other_s(entry_id, req)
+            if wait_s <= 0 and self.images is not None:  # left to a holder of its image?
+                wait_s = await self.images.defer_s(req, fields)
             if wait_s > 0:  # acknowledged when it is claimed or put back
                 task = asyncio.create_task(self._claim_later(entry_id, fields, req, wait_s))
                 self._deferred.add(task)
@@ -303,6 +313,8 @@ class Intake:
             self.bg.tasks_lost(traj)  # its tasks died with the previous owner's agent
         self.owned[traj_id] = traj
         self.observer.traj_claimed()
+        if self.images is not None:
+            self.images.capacity_changed()
         self.serve(traj)
         self.reader.wake(traj)
         return True

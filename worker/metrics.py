@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 
 from toolq.schemas import FINAL_STATUSES, ErrorCode, Keys, Result, __version__, latency_field
 
+from .metrics_images import ImageHooks, ImageMetrics
 from .metrics_redis import instrument_redis
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ START_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
-class Observer:
+class Observer(ImageHooks):
     """Lifecycle hooks of a worker and its backend. Every hook is a no-op here."""
 
     async def worker_started(self, worker_id: str, backend: str, redis: aioredis.Redis) -> None:
@@ -133,7 +134,7 @@ class Observer:
         """The snapshots kept in Redis (all workers'), and their compressed bytes."""
 
 
-class WorkerMetrics(Observer):
+class WorkerMetrics(ImageMetrics, Observer):
     """The worker's Prometheus metrics and per-minute Redis call counts."""
 
     def __init__(self, settings: WorkerSettings, tools: Registry) -> None:
@@ -152,6 +153,7 @@ class WorkerMetrics(Observer):
         """Create every metric in this worker's registry."""
         r = self.registry
         ProcessCollector(registry=r)
+        self.define_image_metrics(r)
         self.info = Info("toolq_worker", "Worker identity.", registry=r)
         self.calls = Counter(
             "toolq_calls", "Calls answered, by tool and outcome.", ["tool", "outcome"], registry=r

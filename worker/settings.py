@@ -126,6 +126,29 @@ class WorkerSettings:
         "this worker get their files (each container mounts its own part read-only); "
         "'' turns it off [default: /dev/shm/toolq-exchange when the engine runs on this host].",
     )
+    # task images (docs/images.md)
+    image_aware: bool = _opt(
+        True,
+        "An open goes first to a worker whose engine holds (or is pulling) its image; "
+        "the others leave it to that worker for --image-claim-delay-s unless it is full.",
+    )
+    image_claim_delay_s: float = _opt(
+        1.0, "How long a worker without an open's image leaves it to a holder with room."
+    )
+    image_refresh_s: float = _opt(
+        5.0, "How often the engine's images are listed, published and held to the budget."
+    )
+    image_pulls: int = _opt(
+        2, "Image pulls at once on this worker's engine, at most (prefetches and on demand)."
+    )
+    prefetch: bool = _opt(
+        True, "Pull the images of waiting opens ahead (one worker of the fleet per image)."
+    )
+    image_budget_bytes: int | None = _opt(
+        None,
+        "Image layer bytes on the engine, at most: least recently used task images are "
+        "removed (never one in use or being pulled, never the default image). None: no budget.",
+    )
     # metrics
     metrics_port: int | None = _opt(None, "Serve Prometheus metrics on this port (0: any).")
     metrics_host: str = _opt("0.0.0.0", "Bind address of the metrics server.")

@@ -24,6 +24,7 @@ from .backends.base import Backend
 from .bgtasks import BgRecorder
 from .external_runner import ExternalRunner
 from .fleet import Fleet
+from .images import ImageAware
 from .intake import Intake
 from .lease import Lease, RedisHealth, retrying
 from .metrics import Observer, WorkerMetrics
@@ -90,6 +91,11 @@ class Worker:
             backend_name=backend.name, lost=self.runner.drop, reclaim=self.reader.reclaim,
             cancel=self.runner.cancel,
         )  # fmt: skip
+        self.images = None if backend.images is None else ImageAware(
+            settings, redis, backend.images, self.health, lambda: self.intake.free_slots,
+            self.observer,
+        )  # fmt: skip
+        self.intake.images = self.images
         backend.on_event = self._on_agent_event
         backend.worker_heartbeats = self.fleet.heartbeats
         backend.trajectory_states = self.fleet.trajectory_states
@@ -106,6 +112,8 @@ class Worker:
             asyncio.create_task(self.fleet.reap_loop(), name="reaper"),
             asyncio.create_task(self.snapshots.sample_loop(), name="snapshots"),
         ]
+        if self.images is not None:
+            self._tasks.append(asyncio.create_task(self.images.run(), name="images"))
         self.ready.set()
         await self._stopping.wait()
         await self.shutdown()
@@ -132,7 +140,8 @@ class Worker:
     async def shutdown(self) -> None:
         """Stop reading, let running calls finish, hand back what is owned."""
         log.info("worker %s shutting down", self.id)
-        await _cancel([t for t in self._tasks if t.get_name() in ("intake", "reader")])
+        # (images: a worker that claims no more must not draw opens to its inbox)
+        await _cancel([t for t in self._tasks if t.get_name() in ("intake", "reader", "images")])
         self.runner.draining = True  # calls already queued run on the next owner, not here
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         while any(t.busy for t in self.owned.values()) and time.monotonic() < deadline:

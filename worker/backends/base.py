@@ -68,6 +68,10 @@ class Backend(abc.ABC):
     #: a trajectory's next owner and remove those of ended ones.
     trajectory_states: Callable[[list[str]], Awaitable[dict[str, TrajState]]] | None = None
 
+    #: The engine's images (``docker_images.EngineImages``) where the backend has
+    #: images; None: every open is alike to it (``worker/images.py`` stays off).
+    images: Any = None
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepare (e.g. remove sandboxes left by dead workers)."""
 

@@ -68,6 +68,7 @@ from .docker_box import (
 from .docker_engine import Engine
 from .docker_exchange import Staging, detect
 from .docker_handover import HandOver
+from .docker_images import EngineImages
 from .docker_prestart import Prestart
 from .docker_recycle import Recycler, Rejected
 from .docker_runtime import NO_RECYCLING, check_network, is_gvisor, unregistered
@@ -104,12 +105,14 @@ class DockerBackend(HandOver, Prestart, Staging):
         self._recycles: dict[asyncio.Task[float], Box] = {}  # containers being reset
         self._awaited: set[asyncio.Task[float]] = set()  # resets an open waits for
         self.registered: dict[str, tuple[str, ...]] = {}  # the engine's runtimes, their args
+        self.images = EngineImages(self.api, settings, self._images_in_use)
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Check the engine knows every allowed runtime (SandboxError if not), remove
         containers nobody will use again, then fill the warm pool and keep sweeping."""
         await self._check_runtimes()
+        self.images.observer = self.observer
         try:
             await self.sweep()
         except Exception as exc:  # an engine hiccup must not stop the worker starting
@@ -122,6 +125,11 @@ class DockerBackend(HandOver, Prestart, Staging):
             await self._prune_exchange(self.engine.exchange)
         self._refill_soon()
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="docker-sweep")
+
+    def _images_in_use(self) -> set[str]:
+        """Images of this backend's containers, those still starting included."""
+        boxes = [*self._boxes, *self._recycles.values()]
+        return {b.config.image for b in boxes}
 
     async def _check_runtimes(self) -> None:
         """A worker allowing a runtime its engine does not have would fail every open
@@ -376,6 +384,9 @@ class DockerBackend(HandOver, Prestart, Staging):
             if box.adopted:
                 got = await asyncio.to_thread(self.engine.attach_agent, box)
             else:
+                waited_s = await self.images.ensure(box.config.image)  # one pull per image
+                if waited_s > 0:
+                    self.observer.open_waited_for_pull(waited_s)
                 async with self._start_sem:  # start storms slow the engine down for everyone
                     got = await asyncio.to_thread(self.engine.start_container, box)
             await self._connect(box, got)
