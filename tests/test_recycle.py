@@ -32,7 +32,7 @@ from toolq.worker.tools import builtin_registry
 # exactly what the same container showed when it was fresh.
 PROBE = (
     "env | sort; find /workspace /tmp /var/tmp /dev/shm /dev/mqueue ~ -mindepth 1 | sort;"
-    " stat -c '%n %a %U' /workspace ~ /tmp; ps -eo user,args | sort;"
+    " stat -c '%n %a %U' /workspace ~ /tmp; md5sum ~/.bashrc; ps -eo user,args --sort=user,args;"
     " cat /proc/sysvipc/shm /proc/sysvipc/sem /proc/sysvipc/msg"
 )
 
@@ -104,6 +104,9 @@ def failing_calls(client: Client, traj: str) -> list[str]:
 @pytest.mark.parametrize("disk_mb", [2048, 0], ids=["workspace-tmpfs", "workspace-in-layer"])
 def test_the_next_trajectory_gets_the_container_as_new(recycling, client: Client, dc, disk_mb):
     port = recycling(default_disk_mb=disk_mb)
+    home_poisons = [  # a home tmpfs is emptied and refilled from the image: undone
+        ("bash", {"command": "echo 'export POISON=1' >> ~/.bashrc && chmod 700 ~"}),
+    ]
     client.open("first")
     fresh = client.call("first", "bash", {"command": PROBE})
     assert fresh.ok, fresh
@@ -116,12 +119,13 @@ def test_the_next_trajectory_gets_the_container_as_new(recycling, client: Client
             ("bash", {"command": "mkdir -p ~/.cache/tool && echo z > ~/.cache/tool/z"}),
             ("bash", {"command": "echo s > /dev/shm/shared; chmod 700 /workspace"}),
             ("bash", {"command": "echo 'export X=1' > /etc/profile.d/x.sh || echo refused"}),
+            *(home_poisons if disk_mb else []),
             ("shell", {"command": "echo $LEFT_BEHIND; pwd"}),
         ],
     )
     assert all(p.ok for p in poison), poison
     assert "refused" in poison[5].output  # not the sandbox user's to write
-    assert poison[6].output == "poison\n/workspace/sub\n"
+    assert poison[-1].output == "poison\n/workspace/sub\n"
     client.close("first")
     wait_for(lambda: recycled(port) == 1, what="the container to be recycled")
 
@@ -171,7 +175,9 @@ def test_processes_left_behind_are_killed_before_reuse(
 def test_a_container_that_cannot_be_made_new_is_removed(
     recycling, client: Client, dc, redis_url: str, ns: str
 ):
-    port = recycling()
+    # disk_mb 0: the home is the image's own, in the container's layer, where the
+    # engine's diff sees a change (a home tmpfs is emptied and refilled instead).
+    port = recycling(default_disk_mb=0)
     poisons = {
         "rc": "echo 'export POISON=1' >> ~/.bashrc",  # an image file changed
         "home": "chmod 700 ~",  # an image directory's mode changed
@@ -207,7 +213,7 @@ def test_a_container_that_cannot_be_made_new_is_removed(
 def test_an_open_during_a_reset_waits_for_it_or_starts_a_container(recycling, client: Client):
     # One slot: the next trajectory is claimed once the last one's slot is
     # released, while its container is being reset.
-    port = recycling(slots=1)
+    port = recycling(slots=1, default_disk_mb=0)  # the home in the layer (see above)
     client.open("t1")
     r1 = client.call("t1", "bash", {"command": "echo one > f"})
     client.close("t1")

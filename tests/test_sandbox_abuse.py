@@ -289,10 +289,13 @@ def test_disk_fill_stops_at_the_workspace_cap_and_the_slot_keeps_working(
     assert owner.output.split()[0] == owner.output.split()[1] == "sandbox", owner
 
 
-def test_disk_mb_bounds_tmp_and_var_tmp_too(docker_only, start_worker, client, dc):
+def test_disk_mb_bounds_tmp_var_tmp_and_home_too(docker_only, start_worker, client, dc):
     start_worker(docker_only)
     client.open("t", {"limits": {"disk_mb": 16, "memory_mb": 128}})
-    for place in ("/tmp", "/var/tmp"):  # 1 GiB asked for: 16 MiB land, in memory
+    # The home keeps what the image has there (the tmpfs is seeded at start).
+    home = client.call("t", "bash", {"command": "cd ~ && pwd && stat -c %U . .bashrc"})
+    assert home.ok and home.output == "/home/sandbox\nsandbox\nsandbox\n", home
+    for place in ("/tmp", "/var/tmp", "/home/sandbox"):  # 1 GiB asked: 16 MiB land, in memory
         fill = client.call(
             "t", "bash", {"command": f"dd if=/dev/zero of={place}/big bs=1M count=1024"}
         )
@@ -305,7 +308,7 @@ def test_disk_mb_bounds_tmp_and_var_tmp_too(docker_only, start_worker, client, d
     size_rw = listed.get("SizeRw") or 0
     assert size_rw < 4 * 1024 * 1024, size_rw
     cleared = client.call(
-        "t", "bash", {"command": "rm /tmp/big /var/tmp/big; echo ok > /tmp/f; cat /tmp/f"}
+        "t", "bash", {"command": "rm /tmp/big /var/tmp/big ~/big; echo ok > /tmp/f; cat /tmp/f"}
     )
     assert cleared.output == "ok\n", cleared
 

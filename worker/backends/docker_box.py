@@ -33,6 +33,23 @@ WORKSPACE = "/workspace"
 # every user may write to in any image (the sandbox user's home is not among
 # them: a tmpfs would hide what the image keeps there).
 SCRATCH = ("/tmp", "/var/tmp")
+
+
+def home_mount(user: SandboxUser) -> str:
+    """The sandbox user's home when ``disk_mb`` makes it a tmpfs too ('' when not:
+    root's, none, or already inside a bounded mount). The tmpfs would hide what
+    the image keeps there, so the engine copies that in at start (``seed_home``)."""
+    home = os.path.normpath(user.home) if user.home.startswith("/") else ""
+    covered = (WORKSPACE, *SCRATCH)
+    if (
+        user.uid == 0
+        or home in ("", "/")
+        or any(home == m or home.startswith(m + "/") for m in covered)
+    ):
+        return ""
+    return home
+
+
 LABEL_MANAGED = "toolq.managed"
 LABEL_NS = "toolq.ns"
 LABEL_WORKER = "toolq.worker"
@@ -107,10 +124,12 @@ def _capped(wanted: int | None, cap: int | None) -> int | None:
 
 @dataclass(frozen=True)
 class SandboxUser:
-    """Who the agent runs as, and who owns ``/workspace``."""
+    """Who the agent runs as, and who owns ``/workspace``; ``home``: its home
+    directory in the image's /etc/passwd ('' when it has none)."""
 
     uid: int
     gid: int
+    home: str = ""
 
     @property
     def spec(self) -> str:
@@ -119,11 +138,12 @@ class SandboxUser:
 
 def pick_user(passwd: str, image_user: str = "") -> SandboxUser:
     """The image's non-root ``USER``, else ``sandbox``, else uid 1000, else root."""
-    entries: dict[str, tuple[int, int]] = {}
+    entries: dict[str, tuple[int, int, str]] = {}
     for line in passwd.splitlines():
         parts = line.split(":")
         if len(parts) >= 4 and parts[2].isdigit() and parts[3].isdigit():
-            entries[parts[0]] = (int(parts[2]), int(parts[3]))
+            home = parts[5] if len(parts) >= 6 else ""
+            entries[parts[0]] = (int(parts[2]), int(parts[3]), home)
     name, _, group = image_user.partition(":")
     if name and name not in ("root", "0"):
         if name.isdigit():
@@ -131,16 +151,17 @@ def pick_user(passwd: str, image_user: str = "") -> SandboxUser:
             gid = (
                 int(group)
                 if group.isdigit()
-                else next((g for u, g in entries.values() if u == uid), uid)
+                else next((g for u, g, _h in entries.values() if u == uid), uid)
             )
-            return SandboxUser(uid, gid)
+            home = next((h for u, _g, h in entries.values() if u == uid), "")
+            return SandboxUser(uid, gid, home)
         if name in entries:
             return SandboxUser(*entries[name])
     if "sandbox" in entries:
         return SandboxUser(*entries["sandbox"])
-    for uid, gid in entries.values():
+    for uid, gid, home in entries.values():
         if uid == 1000:
-            return SandboxUser(uid, gid)
+            return SandboxUser(uid, gid, home)
     return SandboxUser(0, 0)
 
 

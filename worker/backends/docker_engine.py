@@ -32,6 +32,7 @@ from .docker_box import (
     SandboxUser,
     Started,
     api_message,
+    home_mount,
     no_python_message,
     payload_tar,
     pick_user,
@@ -41,6 +42,25 @@ from .docker_runtime import engine_runtimes, is_gvisor, pids_options
 from .docker_stream import hijacked_socket
 
 log = logging.getLogger("toolq.worker.docker")
+
+
+# The image's home, kept in the container's layer beside the agent, and the
+# stdlib-only program that unpacks it into the home's tmpfs (run as the sandbox
+# user, so its files become that user's: tarfile sets owners only as root).
+HOME_TAR = "/opt/toolq/home.tar"
+EXTRACT_HOME = (
+    "import sys, tarfile\nwith tarfile.open(sys.argv[1]) as tar:\n    tar.extractall(sys.argv[2])\n"
+)
+
+
+def file_tar(path: str, data: bytes) -> bytes:
+    """A tar holding one file: ``path``'s base name with ``data``, readable by all."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(os.path.basename(path))
+        info.size, info.mode = len(data), 0o644
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 class Engine:
@@ -59,6 +79,7 @@ class Engine:
         self.api: Any = client.api
         self._ncpu: float | None = None
         self._users: dict[str, SandboxUser] = {}
+        self._homes: dict[str, bytes | None] = {}  # image -> its sandbox user's home, a tar
         self._use_init = True
         self._baselines: dict[tuple[Any, ...], frozenset[tuple[str, int]]] = {}
         self.exchange: Exchange | None = None  # set by the backend's start (docker_exchange)
@@ -84,7 +105,9 @@ class Engine:
             try:
                 user = self._user(box.config.image, cid)
                 self.api.put_archive(cid, "/", payload_tar(user))
+                self._read_home(box)
                 self.api.start(cid)
+                self.seed_home(box)
                 # No baseline, no recycling: gVisor's insides are not the engine's to see.
                 if self.settings.recycle_containers and not self.gvisor(box):
                     box.baseline = self._baseline(box, command)
@@ -196,6 +219,9 @@ class Engine:
             }
             # The other places any user may write: bounded too, not the engine's disk.
             tmpfs.update({path: f"rw,exec,nosuid,nodev,{size},mode=1777" for path in SCRATCH})
+            home = self.home_of(box)
+            if home:  # seeded with the image's at start (seed_home)
+                tmpfs[home] = f"rw,exec,nosuid,nodev,{size},mode=0755,uid={user.uid},gid={user.gid}"
         exchange = self.exchange.binds(box.name) if self.exchange else None
         host_config = self.api.create_host_config(
             binds=exchange[1] if exchange else None,
@@ -256,6 +282,46 @@ class Engine:
             image_user = (self.api.inspect_image(image).get("Config") or {}).get("User") or ""
             self._users[image] = pick_user(self._passwd(cid), image_user)
         return self._users[image]
+
+    def home_of(self, box: Box) -> str:
+        """The home tmpfs of ``box`` ('' when none): with ``disk_mb``, under runc (under
+        gVisor a tmpfs lives inside the sandbox, where ``put_archive`` cannot seed it)."""
+        if not box.config.disk_mb or self.gvisor(box):
+            return ""
+        return home_mount(self._image_user(box.config.image))
+
+    def _read_home(self, box: Box) -> None:
+        """Read the image's home from a created container, before its tmpfs hides it
+        (once per image), and leave it as a tar beside the agent for ``seed_home``."""
+        from docker.errors import NotFound
+
+        home = self.home_of(box)
+        if not home:
+            return
+        if box.config.image not in self._homes:
+            try:
+                chunks, _ = self.api.get_archive(box.cid, home)
+                self._homes[box.config.image] = b"".join(chunks)
+            except NotFound:  # the image has no such directory: an empty home
+                self._homes[box.config.image] = None
+        data = self._homes[box.config.image]
+        if data:
+            self.api.put_archive(box.cid, os.path.dirname(HOME_TAR), file_tar(HOME_TAR, data))
+
+    def seed_home(self, box: Box) -> None:
+        """Copy the image's home into the (empty) tmpfs over it: at start, and after
+        a recycle emptied it. As the sandbox user, from inside: the engine's
+        ``put_archive`` writes under a tmpfs, not into it."""
+        home = self.home_of(box)
+        if not home or not self._homes.get(box.config.image):
+            return
+        user = self._user(box.config.image, box.cid)
+        argv = ["python3", "-I", "-S", "-c", EXTRACT_HOME, HOME_TAR, os.path.dirname(home)]
+        exec_id = self.api.exec_create(box.cid, argv, user=user.spec, workdir="/")["Id"]
+        out = bytes(self.api.exec_start(exec_id))
+        if self.api.exec_inspect(exec_id).get("ExitCode") != 0:
+            said = out[-300:].decode("utf-8", "replace")
+            raise SandboxError(self._start_error(box, f"copying the image's {home} in: {said}"))
 
     def _image_user(self, image: str) -> SandboxUser:
         """The agent's user for an image before any container of it exists (a probe one)."""

@@ -137,6 +137,7 @@ class Recycler:
             raise Rejected("filesystem", describe_changes(box.baseline, now))
         if report.get("left") or report.get("ipc") or report.get("errors"):
             raise Rejected("leftovers", json.dumps(report)[:SHOWN_CHARS])
+        self.engine.seed_home(box)  # a home tmpfs was emptied with the rest: as new again
 
     def _rename(self, box: Box) -> None:
         if not box.name.endswith(RECYCLED_SUFFIX):

@@ -9,8 +9,9 @@ reused; the worker does, from the engine's side (``docker_recycle.py``).
 - ``kill``: SIGKILL every other process of this user (the last trajectory's,
   however they detached: setsid, nohup, double forks) until none is left.
   Prints ``{"left": N}``.
-- ``clean WORKSPACE [PATH ...]``: empty the workspace and the shared-memory
-  mounts (tmpfs: the engine's filesystem diff cannot see them), delete the
+- ``clean WORKSPACE [PATH ...]``: empty the workspace, the shared-memory
+  mounts and the scratch ones (``/tmp``, ``/var/tmp`` and the home when they are
+  tmpfs: the engine's filesystem diff cannot see them), delete the
   PATHs (what the engine's diff says the trajectory added to the container's
   writable layer), then report what is still there: entries in those mounts,
   System V IPC objects. Run only once ``kill`` left nothing running, so no
@@ -20,6 +21,7 @@ reused; the worker does, from the engine's side (``docker_recycle.py``).
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import stat
@@ -34,7 +36,10 @@ SCRATCH_MOUNTS = ("/tmp", "/var/tmp")
 
 
 def mounts():
-    return (*SHARED_MOUNTS, *(m for m in SCRATCH_MOUNTS if os.path.ismount(m)))
+    # The user's home too, when it is a tmpfs (the worker copies the image's back in).
+    home = pwd.getpwuid(os.getuid()).pw_dir
+    scratch = (*SCRATCH_MOUNTS, home) if home not in ("", "/") else SCRATCH_MOUNTS
+    return (*SHARED_MOUNTS, *(m for m in scratch if os.path.ismount(m)))
 
 
 SYSV_IPC = ("/proc/sysvipc/shm", "/proc/sysvipc/sem", "/proc/sysvipc/msg")
