@@ -29,6 +29,7 @@ from harness import (
     release_all,
     toolq_call_fn,
 )
+from relay_agent import RelayAgent
 
 from toolq.producer import AsyncClient
 from toolq.worker.backends.base import Backend, Slot
@@ -217,6 +218,25 @@ class ToolqPath(Path):
         if self.worker is not None:
             await asyncio.to_thread(self.worker.stop)
         self.sync.close()
+
+
+class RelayAgentPath(Path):
+    """Redis hops and the agent, nothing else (``bench/relay_agent.py``): toolq's floor."""
+
+    name = "relay_agent"
+
+    def __init__(self, size: int, url: str) -> None:
+        super().__init__(size)
+        self.relay = RelayAgent(url, size)
+
+    async def start(self) -> None:
+        await self.relay.start()
+
+    def fns(self, call: Call, n: int) -> list[CallFn]:
+        return [self.relay.fn(call)] * n
+
+    async def stop(self) -> None:
+        await self.relay.stop()
 
 
 class RqPath(Path):

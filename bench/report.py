@@ -17,6 +17,11 @@ PATHS: dict[str, tuple[str, str]] = {
     "exec_cli": ("docker exec (CLI)", "`docker exec` as a process per call"),
     "toolq_local": ("toolq (local)", "the toolq path with the local backend (agent subprocesses)"),
     "limit_local": ("limit (local agent)", "the request straight to a local agent subprocess"),
+    "relay_agent": (
+        "relay + agent (no toolq)",
+        "bench/relay_agent.py: XADD → relay process (XREADGROUP, the agent over its stream,"
+        " XADD) → XREAD: the simplest program doing toolq's hops and the agent's",
+    ),
     "relay": (
         "relay floor (no tool)",
         "bench/relay.py: XADD → relay process (XREADGROUP, XADD) → XREAD, the same Redis hops"

@@ -49,7 +49,7 @@ from harness import (
     release_all,
     toolq_call_fn,
 )
-from paths import ExecPath, LimitPath, Path, RqPath, ToolqPath
+from paths import ExecPath, LimitPath, Path, RelayAgentPath, RqPath, ToolqPath
 from readme_table import publish as publish_readme_table
 from relay import relay_round_trips_ms
 from report import add_ratios, markdown, plots
@@ -58,7 +58,7 @@ from toolq.producer import AsyncClient
 from toolq.worker.embedded import EmbeddedRedis
 
 T = TypeVar("T")
-ALL_PATHS = ["exec", "limit", "toolq", "rq", "toolq_local", "limit_local"]
+ALL_PATHS = ["exec", "limit", "relay_agent", "toolq", "rq", "toolq_local", "limit_local"]
 TRUE = CALLS["true"]
 
 
@@ -456,6 +456,8 @@ async def run_all(args: argparse.Namespace, cfg: Config, out: str) -> Results:
             paths: list[Path] = []
             if "limit" in want:
                 paths.append(LimitPath(top))
+            if "relay_agent" in want:
+                paths.append(RelayAgentPath(top, url))
             if "toolq" in want:
                 paths.append(ToolqPath(top, url, cold=cfg.cold))
             if "rq" in want and rq_top:
