@@ -102,6 +102,34 @@ def _sorted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=key)
 
 
+def relay_agent(rows: list[dict[str, Any]], out: list[tuple[str, str, bool | None]]) -> None:
+    """toolq beside the simplest program doing its hops and the agent's (``relay_agent``):
+    what toolq's own work costs, with the machine's share of the hops taken out."""
+    for tool in TOOLS:
+        mine, limit = _find(rows, "toolq", tool, 1), _find(rows, "limit", tool, 1)
+        bare = _find(rows, "relay_agent", tool, 1)
+        if mine and limit and bare and bare["p50_ms"] > limit["p50_ms"]:
+            ours, theirs = mine["p50_ms"] - limit["p50_ms"], bare["p50_ms"] - limit["p50_ms"]
+            out.append(
+                (
+                    f"`{tool}`, 1 trajectory: toolq's p50 over the limit ≤ 1.25x relay_agent's",
+                    f"{ours:.2f} vs {theirs:.2f} ms = {ours / theirs:.2f}x",
+                    ours / theirs <= 1.25,
+                )
+            )
+    top = max((r["concurrency"] for r in rows if r["path"] == "relay_agent"), default=0)
+    mine, bare = _find(rows, "toolq", "true", top), _find(rows, "relay_agent", "true", top)
+    if top > 1 and mine and bare:
+        r = mine["calls_per_s"] / bare["calls_per_s"]
+        out.append(
+            (
+                f"{top} trajectories: calls/s ≥ 0.95x relay_agent's",
+                f"{mine['calls_per_s']:.0f} vs {bare['calls_per_s']:.0f} = {r:.2f}x",
+                r >= 0.95,
+            )
+        )
+
+
 def targets(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     """(target, what was measured, met?) for each goal of the performance issue."""
     rows = report["rows"]
@@ -132,6 +160,7 @@ def targets(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 r <= 2,
             )
         )
+    relay_agent(rows, out)
     latency("write_64k", 1.5)
     latency("out_1mb", 1.3)
     mine64, limit64 = _find(rows, "toolq", "true", 64), _find(rows, "limit", "true", 64)
