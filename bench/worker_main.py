@@ -3,7 +3,8 @@
     python bench/worker_main.py SETTINGS_JSON STATS_FILE
 
 Runs like ``toolq worker`` (SIGTERM stops it gracefully). On SIGUSR1 it writes
-its Redis round trips, commands and RSS to STATS_FILE as one JSON object.
+its Redis round trips, commands and RSS to STATS_FILE as one JSON object; on
+SIGUSR2 every asyncio task's stack to stderr.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def dump(path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def dump_tasks() -> None:
+    """SIGUSR2: every task's stack to stderr (what a worker that does not stop waits for)."""
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
+
+
 async def main(settings: WorkerSettings, stats_path: str) -> None:
     RedisCounter.install()
     redis = connect(settings.redis_url or "")
@@ -37,6 +44,7 @@ async def main(settings: WorkerSettings, stats_path: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     loop.add_signal_handler(signal.SIGUSR1, dump, stats_path)
+    loop.add_signal_handler(signal.SIGUSR2, dump_tasks)
     try:
         await worker.run()
     finally:

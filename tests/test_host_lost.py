@@ -53,6 +53,7 @@ def test_a_host_lost_with_its_worker_is_taken_over_on_another_host(
     require_docker()
     docker_namespaces.add(ns)
     main_engine = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    docker0 = os.path.exists("/sys/class/net/docker0")  # the first engine's bridge stays
     with SecondEngine(TEST_IMAGE) as engine2, Client(redis_url, ns) as client:
         lost_host = docker_worker(redis_url, ns, "lost-host", engine2.url, tmp_path)
         survivor = None
@@ -102,3 +103,5 @@ def test_a_host_lost_with_its_worker_is_taken_over_on_another_host(
                 if proc is not None and proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(60)
+    assert os.path.exists("/sys/class/net/docker0") == docker0
+    assert not [i for i in os.listdir("/sys/class/net") if i.startswith("tqe2")]

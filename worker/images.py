@@ -41,7 +41,7 @@ from redis.exceptions import RedisError
 from toolq.schemas import Keys, OpenRequest
 
 from .image_budget import victims
-from .lease import RedisHealth
+from .lease import RedisHealth, wait_event
 from .metrics import Observer
 from .settings import WorkerSettings
 
@@ -155,8 +155,7 @@ class ImageAware:
                     await asyncio.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, 5.0)
                 tick_s = min(TICK_S, self.settings.image_refresh_s)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.images.changed.wait(), tick_s)
+                await wait_event(self.images.changed, tick_s)
         finally:
             # A stopped worker holds nothing any more: claims stop coming its way.
             with contextlib.suppress(RedisError, OSError, asyncio.CancelledError):

@@ -89,6 +89,17 @@ class CatchUp:
         self._seen = generation
 
 
+async def wait_event(event: asyncio.Event, timeout_s: float) -> None:
+    """``event.wait()`` for at most ``timeout_s``. Not ``asyncio.wait_for``: on
+    Python < 3.12 it can swallow a cancel that comes as the event is set, and a
+    loop around it then never ends (a worker that cannot stop)."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout_s)
+    finally:
+        waiter.cancel()
+
+
 async def retrying(health: RedisHealth, fn: Callable[[], Awaitable[T]], what: str) -> T:
     """Run a Redis operation until it succeeds (reporting failures to ``health``)."""
     delay_s = 0.05

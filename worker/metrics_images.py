@@ -32,6 +32,9 @@ class ImageHooks:
     def image_removed(self, size_bytes: int) -> None:
         """The image budget removed an image that freed ``size_bytes``."""
 
+    def image_warm_hit(self) -> None:
+        """An open of a task image took a container its warm pool had started."""
+
 
 class ImageMetrics(ImageHooks):
     """Prometheus series of the image hooks; ``define_image_metrics`` creates them."""
@@ -71,6 +74,11 @@ class ImageMetrics(ImageHooks):
         self.image_removed_bytes = Counter(
             "toolq_image_removed_bytes", "Bytes the image budget freed.", registry=r
         )
+        self.image_warm_hits = Counter(
+            "toolq_image_warm_hits",
+            "Opens of task images that took a container of their image's warm pool.",
+            registry=r,
+        )
 
     def image_pulled(self, seconds: float, ok: bool) -> None:
         self.image_pull_s.labels("ok" if ok else "failed").observe(seconds)
@@ -91,3 +99,6 @@ class ImageMetrics(ImageHooks):
     def image_removed(self, size_bytes: int) -> None:
         self.images_removed.inc()
         self.image_removed_bytes.inc(size_bytes)
+
+    def image_warm_hit(self) -> None:
+        self.image_warm_hits.inc()

@@ -149,6 +149,14 @@ class WorkerSettings:
         "Image layer bytes on the engine, at most: least recently used task images are "
         "removed (never one in use or being pulled, never the default image). None: no budget.",
     )
+    image_warm_pool: int = _opt(
+        0,
+        "Idle containers kept started for task images (all together), shared out by each "
+        "image's opens in the last --image-warm-window-s; 0: none.",
+    )
+    image_warm_window_s: float = _opt(
+        300.0, "How far back the opens that size the task images' warm pools are counted."
+    )
     # metrics
     metrics_port: int | None = _opt(None, "Serve Prometheus metrics on this port (0: any).")
     metrics_host: str = _opt("0.0.0.0", "Bind address of the metrics server.")

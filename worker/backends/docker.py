@@ -73,6 +73,7 @@ from .docker_prestart import Prestart
 from .docker_recycle import Recycler, Rejected
 from .docker_runtime import NO_RECYCLING, check_network, is_gvisor, unregistered
 from .docker_stream import ExecStream
+from .docker_warm import ImageWarm
 
 log = logging.getLogger("toolq.worker.docker")
 
@@ -106,6 +107,7 @@ class DockerBackend(HandOver, Prestart, Staging):
         self._awaited: set[asyncio.Task[float]] = set()  # resets an open waits for
         self.registered: dict[str, tuple[str, ...]] = {}  # the engine's runtimes, their args
         self.images = EngineImages(self.api, settings, self._images_in_use)
+        self.image_warm = ImageWarm(self, lambda config: self._new_box(config, warm=True))
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -124,6 +126,7 @@ class DockerBackend(HandOver, Prestart, Staging):
         if self.engine.exchange is not None:
             await self._prune_exchange(self.engine.exchange)
         self._refill_soon()
+        self.image_warm.start()
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="docker-sweep")
 
     def _images_in_use(self) -> set[str]:
@@ -151,6 +154,7 @@ class DockerBackend(HandOver, Prestart, Staging):
         Containers handed over with ``release(keep=True)`` are not its own any more.
         """
         self._closing = True
+        await self.image_warm.stop()
         for task in (self._refill_task, self._sweeper):
             if task is not None:
                 task.cancel()
@@ -184,6 +188,7 @@ class DockerBackend(HandOver, Prestart, Staging):
                 except SandboxError as exc:
                     log.warning("adopted container %s failed (%s): starting one", adopted.name, exc)
         box = self._pick(config) or await self._await_reset(config)
+        self.image_warm.opened(config, box)
         return await self._open_slot(box or self._new_box(config, traj_id), spec)
 
     async def _open_slot(self, box: Box, spec: TrajectorySpec) -> Slot:
