@@ -10,13 +10,13 @@ import sys
 
 import pytest
 
-from toolq.worker.backends.local import AGENT_PATH
+from toolq.worker.backends.agent_app import agent_file
 from toolq.worker.channel import LINE_LIMIT_BYTES, AgentChannel, ChannelClosedError
 
 
 async def agent_channel(tmp: str) -> tuple[AgentChannel, asyncio.subprocess.Process]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, AGENT_PATH, stdin=asyncio.subprocess.PIPE,
+        sys.executable, agent_file(), stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, limit=LINE_LIMIT_BYTES,
     )  # fmt: skip
     assert proc.stdin is not None and proc.stdout is not None

@@ -24,7 +24,7 @@ def test_the_wheel_ships_every_package_and_the_schemas(tmp_path):
     )  # fmt: skip
     (wheel,) = tmp_path.glob("toolq-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("schemas/keys.py", "producer/client.py", "worker/agent.py",
+    for module in ("schemas/keys.py", "producer/client.py", "worker/agent/loop.py",
                    "worker/backends/docker.py", "worker/backends/local.py",
                    "schemas/json/result.json"):  # fmt: skip
         assert f"toolq/{module}" in names, module

@@ -22,12 +22,12 @@ from toolq.schemas import FINAL_STATUSES, TrajectorySpec
 
 from ..channel import AgentChannel
 from ..settings import WorkerSettings
+from .agent_app import agent_zipapp
 from .base import SandboxError, TrajState
 from .docker_runtime import pick_runtime
 from .docker_stream import ExecStream
 
-AGENT_SOURCE_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "agent.py")
-AGENT_PATH = "/opt/toolq/agent.py"  # inside the container
+AGENT_PATH = "/opt/toolq/agent.pyz"  # inside the container: agent_app.agent_zipapp()
 WORKSPACE = "/workspace"
 # With ``disk_mb``, tmpfs mounts of that size like the workspace: the directories
 # every user may write to in any image (the sandbox user's home is not among
@@ -166,13 +166,12 @@ def pick_user(passwd: str, image_user: str = "") -> SandboxUser:
 
 
 def payload_tar(user: SandboxUser, workspace: bool = True) -> bytes:
-    """The agent file plus (``workspace``) a ``/workspace`` owned by the sandbox user, as one tar.
+    """The agent (its zipapp) plus (``workspace``) a ``/workspace`` of the sandbox user, one tar.
 
     An adopted container gets the agent only (a newer worker may bring a newer
     one): its workspace is there already.
     """
-    with open(AGENT_SOURCE_PATH, "rb") as fh:
-        agent = fh.read()
+    agent = agent_zipapp()
     now_s = int(time.time())
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:

@@ -22,11 +22,11 @@ from collections.abc import Awaitable
 from toolq.schemas import TrajectorySpec
 
 from ..channel import AgentChannel
+from .agent_app import agent_file
 from .base import Backend, SandboxError, Slot
 
 log = logging.getLogger("toolq.worker.local")
 
-AGENT_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "agent.py")
 _STREAM_LIMIT = 256 * 1024 * 1024
 
 #: What an operator reads at worker start (and ``toolq demo`` prints).
@@ -78,7 +78,7 @@ class LocalBackend(Backend):
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-u",
-            AGENT_PATH,
+            agent_file(),  # the zipapp a container gets
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=_STREAM_LIMIT,
