@@ -13,54 +13,16 @@ from typing import Any
 
 import click
 
-from toolq.schemas import Limits, TrajectorySpec
-
 from . import cli_bg, cli_files, cli_status
-from .cli_errors import EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_USAGE, CliError, ToolqGroup
+from .cli_common import client_of, json_arg, spec_of
+from .cli_errors import EXIT_INTERRUPTED, EXIT_TIMEOUT, CliError, ToolqGroup
 from .cli_mcp import mcp_cmd
 from .cli_tools import tools_cmd
-from .client import Client
 from .drive import call_wait_s
-from .liveness import workers_alive_op
 from .ops import WaitTimeout, new_call_id
 
 #: ``--wait``: seconds, never negative.
 WAIT_S = click.FloatRange(min=0)
-
-
-def _json_arg(value: str, what: str) -> Any:
-    try:
-        return json.loads(value)
-    except (ValueError, RecursionError) as exc:  # bad JSON, a 5,000-digit number, deep nesting
-        raise click.UsageError(f"{what} is not valid JSON: {exc}") from None
-
-
-def _client(ctx: click.Context) -> Client:
-    obj = ctx.ensure_object(dict)
-    if "client" not in obj:
-        # A command gives up on an unreachable Redis after a few seconds (exit 3).
-        obj["client"] = Client(obj.get("redis_url"), obj.get("namespace", "toolq"), retries=2)
-    client: Client = obj["client"]
-    return client
-
-
-def _spec(spec_json: str) -> TrajectorySpec:
-    """A spec from the command line: a field it does not know is a typo, named."""
-    data = _json_arg(spec_json, "--spec")
-    if not isinstance(data, dict):
-        raise click.UsageError("--spec must be a JSON object")
-    unknown = sorted(set(data) - set(TrajectorySpec.model_fields))
-    limits = data.get("limits")
-    if isinstance(limits, dict):
-        unknown += sorted(f"limits.{k}" for k in set(limits) - set(Limits.model_fields))
-    if unknown:
-        raise CliError(f"unknown spec field(s): {', '.join(unknown)}", EXIT_USAGE)
-    return TrajectorySpec.model_validate(data)
-
-
-def _workers_alive(client: Client) -> bool:
-    """Has any worker of the namespace beaten within the last 30 s (Redis's clock)?"""
-    return client._drive(workers_alive_op(client.keys))
 
 
 @click.group(cls=ToolqGroup)
@@ -94,8 +56,8 @@ def main(ctx: click.Context, redis_url: str | None, namespace: str, debug: bool)
 @click.pass_context
 def open_cmd(ctx: click.Context, traj: str, spec_json: str | None, reuse: bool) -> None:
     """Open trajectory TRAJ (no-op if it is open already)."""
-    spec = _spec(spec_json) if spec_json else None
-    status = _client(ctx).open(traj, spec, reuse=reuse)
+    spec = spec_of(spec_json) if spec_json else None
+    status = client_of(ctx).open(traj, spec, reuse=reuse)
     click.echo(json.dumps({"traj": traj, "status": status}))
 
 
@@ -140,10 +102,10 @@ def call_cmd(
     130 on Ctrl-C (the call runs on: the line printed says how to get its result
     or cancel it).
     """
-    parsed = _json_arg(args, "ARGS")
+    parsed = json_arg(args, "ARGS")
     if not isinstance(parsed, dict):
         raise click.UsageError("ARGS must be a JSON object")
-    client = _client(ctx)
+    client = client_of(ctx)
     call_id = call_id or new_call_id()
     wait = wait_s if wait_s is not None else call_wait_s(timeout_s)
     submitted = False
@@ -180,7 +142,7 @@ def result_cmd(ctx: click.Context, traj: str, call_id: str, wait_s: float) -> No
     came in time.
     """
     try:
-        result = _client(ctx).result(traj, call_id, wait_s)
+        result = client_of(ctx).result(traj, call_id, wait_s)
     except WaitTimeout as exc:
         raise CliError(str(exc), EXIT_TIMEOUT) from None
     click.echo(result.model_dump_json())
@@ -192,7 +154,7 @@ def result_cmd(ctx: click.Context, traj: str, call_id: str, wait_s: float) -> No
 @click.pass_context
 def close_cmd(ctx: click.Context, traj: str) -> None:
     """Close TRAJ after its submitted calls; frees its slot."""
-    entry = _client(ctx).close(traj)
+    entry = client_of(ctx).close(traj)
     click.echo(json.dumps({"traj": traj, "close_entry": entry}))
 
 
@@ -202,7 +164,7 @@ def close_cmd(ctx: click.Context, traj: str) -> None:
 def cancel_cmd(ctx: click.Context, traj: str) -> None:
     """Cancel TRAJ and its open children now: kill what runs, answer pending calls
     with `cancelled`."""
-    entry = _client(ctx).cancel(traj)
+    entry = client_of(ctx).cancel(traj)
     click.echo(json.dumps({"traj": traj, "cancel_entry": entry}))
 
 

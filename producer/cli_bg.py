@@ -15,6 +15,8 @@ import click
 from toolq.schemas import BG_FINAL_STATUSES as FINAL_STATUSES
 from toolq.schemas import BgTask
 
+from .cli_common import client_of
+
 
 def _duration_s(task: BgTask) -> float:
     end_ms = task.ended_ms or int(time.time() * 1000)
@@ -41,9 +43,7 @@ def bg() -> None:
 @click.pass_context
 def list_cmd(ctx: click.Context, traj: str, as_json: bool) -> None:
     """List TRAJ's background tasks with status, duration and output sizes."""
-    from .cli import _client
-
-    tasks: list[BgTask] = _client(ctx).bg_list(traj)
+    tasks: list[BgTask] = client_of(ctx).bg_list(traj)
     if as_json:
         for task in tasks:
             click.echo(task.model_dump_json())
@@ -67,9 +67,7 @@ def output_cmd(ctx: click.Context, traj: str, task_id: str, wait_s: float) -> No
     A status line goes to stderr. Exit status: 0 when the task has ended or is
     running, 1 when it is unknown.
     """
-    from .cli import _client
-
-    task: BgTask | None = _client(ctx).bg_output(traj, task_id, wait_s=wait_s)
+    task: BgTask | None = client_of(ctx).bg_output(traj, task_id, wait_s=wait_s)
     if task is None:
         raise click.ClickException(f"no background task {task_id} in trajectory {traj}")
     click.echo(task.stdout_tail, nl=False)
@@ -93,8 +91,6 @@ def stop_cmd(ctx: click.Context, traj: str, task_id: str, force: bool) -> None:
 
     Prints the bg_stop result as JSON; exit status 1 if the call failed.
     """
-    from .cli import _client
-
-    result = _client(ctx).bg_stop(traj, task_id, force=force)
+    result = client_of(ctx).bg_stop(traj, task_id, force=force)
     click.echo(json.dumps(result.model_dump(mode="json")))
     sys.exit(0 if result.ok else 1)

@@ -20,6 +20,7 @@ import click
 
 from toolq.schemas import Result, SnapshotInfo, TrajectorySpec
 
+from .cli_common import client_of
 from .cli_errors import EXIT_USAGE, CliError
 
 #: The most an upload may unpack to (the ``unpack`` tool's default ``max_bytes``).
@@ -98,10 +99,8 @@ def upload(ctx: click.Context, traj: str, directory: str, dest: str) -> None:
     Prints the result as JSON; exit status 1 when it failed (e.g. the archive
     passes the worker's entry cap: payload_too_large).
     """
-    from .cli import _client
-
     data = base64.b64encode(pack_dir(directory)).decode("ascii")
-    client = _client(ctx)
+    client = client_of(ctx)
     client.open(traj)
     _done(client.call(traj, "unpack", {"path": dest, "data": data}))
 
@@ -118,9 +117,7 @@ def download(ctx: click.Context, traj: str, path: str, dest: str, max_bytes: int
     Entries that could land outside it (absolute or escaping paths and links,
     devices) are left out and named on stderr; the rest is unpacked.
     """
-    from .cli import _client
-
-    result = _client(ctx).call(traj, "archive", {"path": path, "max_bytes": max_bytes})
+    result = client_of(ctx).call(traj, "archive", {"path": path, "max_bytes": max_bytes})
     if not result.ok:
         _done(result)
     entries, refused = unpack_here(base64.b64decode(result.output), dest)
@@ -143,9 +140,7 @@ def snapshot() -> None:
 @click.pass_context
 def take(ctx: click.Context, traj: str, name: str, ttl_s: float | None) -> None:
     """Save TRAJ's workspace and spec as NAME, after its submitted calls."""
-    from .cli import _client
-
-    _done(_client(ctx).snapshot(traj, name, ttl_s=ttl_s))
+    _done(client_of(ctx).snapshot(traj, name, ttl_s=ttl_s))
 
 
 def _when(ms: int) -> str:
@@ -164,9 +159,7 @@ def _row(info: SnapshotInfo) -> str:
 @click.pass_context
 def ls(ctx: click.Context, as_json: bool) -> None:
     """List the snapshots kept: size (compressed bytes), entries, created, expires."""
-    from .cli import _client
-
-    found = _client(ctx).snapshots()
+    found = client_of(ctx).snapshots()
     if as_json:
         for info in found:
             click.echo(info.model_dump_json())
@@ -182,9 +175,7 @@ def ls(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def rm(ctx: click.Context, names: tuple[str, ...]) -> None:
     """Delete snapshots; exit status 1 when one of them did not exist."""
-    from .cli import _client
-
-    client = _client(ctx)
+    client = client_of(ctx)
     missing = [name for name in names if not client.delete_snapshot(name)]
     if missing:
         raise CliError(f"no snapshot named {', '.join(missing)}")
@@ -204,8 +195,6 @@ def fork(
     ttl_s: float | None,
 ) -> None:
     """Open NEW_IDS as copies of TRAJ's workspace and spec (a snapshot, then opens)."""
-    from .cli import _client
-
     spec = TrajectorySpec.model_validate_json(spec_json) if spec_json else None
-    taken = _client(ctx).fork(traj, list(new_ids), spec, ttl_s=ttl_s)
+    taken = client_of(ctx).fork(traj, list(new_ids), spec, ttl_s=ttl_s)
     click.echo(json.dumps({"snapshot": (taken.data or {}).get("name"), "opened": list(new_ids)}))

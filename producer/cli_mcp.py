@@ -12,6 +12,7 @@ from click.core import ParameterSource
 
 from toolq.schemas import TrajectorySpec, check_traj_id
 
+from .cli_common import client_of, spec_of, workers_alive
 from .cli_errors import CliError
 
 INSTALL_HINT = "pip install 'toolq[mcp]'"
@@ -82,9 +83,7 @@ def mcp_cmd(
     the spec's idle_timeout_s, or the server stops). Tools the spec's policy
     blocks are not listed. Needs `pip install 'toolq[mcp]'`.
     """
-    from .cli import _client, _spec, _workers_alive
-
-    spec = _spec(spec_json) if spec_json else TrajectorySpec()
+    spec = spec_of(spec_json) if spec_json else TrajectorySpec()
     if image:
         spec = spec.model_copy(update={"image": image})
     if traj_id is not None:
@@ -97,8 +96,8 @@ def mcp_cmd(
         from toolq.integrations import mcp_server
     except ImportError as exc:
         raise CliError(f"toolq mcp needs the MCP SDK ({exc}): {INSTALL_HINT}") from None
-    with _client(ctx) as client:  # fails now, not at the first call, when Redis is unreachable
-        if not _workers_alive(client):
+    with client_of(ctx) as client:  # fails now, not at the first call, when Redis is unreachable
+        if not workers_alive(client):
             click.echo(
                 f"toolq mcp: no worker is alive in namespace {client.keys.ns!r}: tool calls "
                 "wait until one starts (`toolq worker`)",

@@ -11,6 +11,7 @@ import click
 from toolq.schemas import Result, TrajectoryRecord
 
 from . import ops
+from .cli_common import client_of
 from .client import Client
 from .drive import count_by_status
 from .status import format_age
@@ -70,9 +71,7 @@ def runs(
     --parent P lists P's children: its open ones, and ended ones until a
     later child's open frees their places.
     """
-    from .cli import _client
-
-    client: Client = _client(ctx)
+    client: Client = client_of(ctx)
     if count_only:
         counts = (
             count_by_status(client.runs(label=list(labels), limit=10**9, parent=parent))
@@ -121,9 +120,7 @@ def last_results(client: Client, traj_id: str, count: int) -> list[Result]:
 @click.pass_context
 def show(ctx: click.Context, traj: str, n_calls: int) -> None:
     """Show TRAJ: spec, state, counts and its last calls, as JSON."""
-    from .cli import _client
-
-    client: Client = _client(ctx)
+    client: Client = client_of(ctx)
     rec = client.record(traj)
     if rec is None:
         raise click.ClickException(f"no trajectory {traj!r} (never opened, or expired)")

@@ -15,6 +15,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console, Group
 from rich.live import Live
 
+from .cli_common import client_of
 from .status import DEAD_AFTER_S, RUNS_SAMPLE, WINDOW_MIN, Status, collect
 from .status_render import down_reason, render, to_text, unreachable, view
 
@@ -128,9 +129,7 @@ def status(
     Reads Redis only. Exit status 0 whenever Redis answers; without --watch an
     unreachable Redis is exit 3, with --watch it is shown and retried.
     """
-    from .cli import _client
-
-    client = _client(ctx)
+    client = client_of(ctx)
     read = partial(
         collect,
         client.redis,

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from .cli_common import client_of
 from .tools import SPEC_FORMATS, select, tools_json
 
 
@@ -23,9 +24,7 @@ from .tools import SPEC_FORMATS, select, tools_json
 @click.pass_context
 def tools_cmd(ctx: click.Context, fmt: str, names: tuple[str, ...]) -> None:
     """List the tools workers published (run a worker first)."""
-    from .cli import _client
-
-    client = _client(ctx)
+    client = client_of(ctx)
     published = client.tools()
     if not published:  # say why the list is empty: the list itself stays valid output
         click.echo(
