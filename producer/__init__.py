@@ -5,9 +5,8 @@ Needs only redis, pydantic and click: no docker, rq or prometheus-client.
 
 from toolq.schemas import Result, TrajectoryRecord, TrajectorySpec
 
+from .aclient import AsyncClient
 from .client import (
-    AsyncClient,
-    AsyncTrajectory,
     Client,
     LimitExceeded,
     ToolCall,
@@ -19,6 +18,7 @@ from .client import (
 )
 from .config import NoRedisError, resolve_redis_url
 from .drive import spec_wait_s
+from .session import AsyncTrajectory
 from .snapshots import SnapshotFailed
 
 __all__ = [

@@ -144,7 +144,7 @@ class AsyncClient:
         *,
         reuse: bool = False,
     ) -> str:
-        return await self._drive(ops.open_traj(self.keys, traj_id, as_spec(spec), reuse))
+        return await self._drive(children.open_traj(self.keys, traj_id, as_spec(spec), reuse))
 
     async def submit(
         self,
@@ -179,7 +179,7 @@ class AsyncClient:
         return await self._drive(ops.close(self.keys, traj_id))
 
     async def cancel(self, traj_id: str) -> str:
-        return await self._drive(ops.cancel(self.keys, traj_id))
+        return await self._drive(children.cancel(self.keys, traj_id))
 
     # -------------------------------------------------------------- calls
     async def call(

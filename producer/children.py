@@ -1,4 +1,7 @@
-"""Child trajectories: a spec that names a parent (sans-IO ops, like ``ops``).
+"""Child trajectories: a spec that names a parent (sans-IO ops, like ``ops``), and
+the two operations every trajectory goes through that may reach its family:
+``open_traj`` (a child when its spec names a parent) and ``cancel`` (its open
+children too). This module builds on ``ops``, which never imports it.
 
 On a Redis Cluster a parent and its child live on different hash slots, so no
 script can touch both. The parent's slot holds the atomic check: its children
@@ -20,14 +23,54 @@ from __future__ import annotations
 
 from typing import Any
 
-from toolq.schemas import FINAL_STATUSES, Keys, TrajectoryRecord, TrajectorySpec, lua
+from toolq.schemas import (
+    FINAL_STATUSES,
+    Keys,
+    TrajectoryRecord,
+    TrajectorySpec,
+    check_traj_id,
+    lua,
+)
 
-from .ops import Cmd, LimitExceeded, Op, cancel_each, lineage, now_ms, one, open_record, s, script
+from .ops import (
+    Cmd,
+    LimitExceeded,
+    Op,
+    UnknownTrajectory,
+    cancel_each,
+    lineage,
+    now_ms,
+    one,
+    open_record,
+    s,
+    script,
+)
 from .ops import select_runs as _select_runs
 
 #: A place reserved this long ago for a child that has no record yet is a
 #: crashed opener's: the next open frees it.
 ORPHAN_AFTER_MS = 60_000
+
+
+def open_traj(
+    keys: Keys,
+    traj_id: str,
+    spec: TrajectorySpec | None,
+    reuse: bool,
+    prefer: tuple[str, int] | None = None,
+) -> Op[str]:
+    """Create the record and enqueue the open request (again, if an earlier
+    open died in between). Returns the status (``new`` when just created).
+
+    ``prefer`` (worker id, ms): a fork's copy, for that worker first (see
+    ``OpenRequest.prefer``). A spec that names a parent opens a child
+    (``open_child``): raises ``LimitExceeded`` when the parent refuses it."""
+    check_traj_id(traj_id)
+    spec = spec or TrajectorySpec()
+    if spec.parent is not None:
+        return (yield from open_child(keys, traj_id, spec, reuse))
+    extra = lineage(spec, 0, None)
+    return (yield from open_record(keys, traj_id, spec, reuse, extra, prefer))
 
 
 def open_child(keys: Keys, traj_id: str, spec: TrajectorySpec, reuse: bool) -> Op[str]:
@@ -83,6 +126,19 @@ def recheck_parent(keys: Keys, parent: str, child: str) -> Op[None]:
     yield from cancel_tree(keys, [child])
     why = "is being cancelled" if not ended else f"has ended ({s(status) if status else 'expired'})"
     raise LimitExceeded(f"parent {parent} {why} while {child} was opening; {child} is cancelled")
+
+
+def cancel(keys: Keys, traj_id: str) -> Op[str]:
+    """The cancel script, then the same for its open children (and theirs);
+    returns 'requested', 'cancelled' or 'ended'."""
+    check_traj_id(traj_id)
+    (outcome,) = yield from cancel_each(keys, [traj_id])
+    if outcome == "unknown":
+        raise UnknownTrajectory(f"no trajectory {traj_id}")
+    if outcome == "cancelled":
+        yield [Cmd("zrem", (keys.pending, traj_id))]
+    yield from cancel_children(keys, traj_id)
+    return outcome
 
 
 def cancel_children(keys: Keys, traj_id: str) -> Op[None]:

@@ -18,7 +18,7 @@ import click
 
 from toolq.schemas import DEFAULT_IMAGE, Result
 
-from .client import AsyncClient
+from .aclient import AsyncClient
 
 SCRIPT = """\
 import json, sys

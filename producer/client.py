@@ -1,9 +1,9 @@
 """toolq clients: open a trajectory, submit calls, wait for results, close.
 
-``Client`` is synchronous, ``AsyncClient`` (``aclient.py``) its asyncio twin:
-both are thin drivers over the same protocol logic (``ops``, ``waits``,
-``drive``), with the same methods and docstrings. They need only Redis (no
-docker, rq or prometheus).
+``Client`` is synchronous, ``AsyncClient`` (``aclient.py``, which builds on
+this module) its asyncio twin: both are thin drivers over the same protocol
+logic (``ops``, ``waits``, ``drive``), with the same methods and docstrings.
+They need only Redis (no docker, rq or prometheus).
 
     with Client("redis://localhost:6379") as c:
         with c.trajectory("t1") as t:
@@ -72,12 +72,10 @@ from .ops import (
     UnknownTrajectory,
     WaitTimeout,
 )
-from .session import AsyncTrajectory, Trajectory
+from .session import Trajectory
 from .waits import Call, wait_some_op, xread_args, xread_route
 
 __all__ = [
-    "AsyncClient",
-    "AsyncTrajectory",
     "CallLike",
     "Client",
     "LimitExceeded",
@@ -189,7 +187,7 @@ class Client:
         ``limits.max_depth``, or when the parent has ``limits.max_children`` open
         children. Cancelling the parent cancels its open children.
         """
-        return self._drive(ops.open_traj(self.keys, traj_id, as_spec(spec), reuse))
+        return self._drive(children.open_traj(self.keys, traj_id, as_spec(spec), reuse))
 
     def submit(
         self,
@@ -249,7 +247,7 @@ class Client:
         (no worker owned it: done here) or ``ended`` (it had ended already);
         raises ``UnknownTrajectory`` for a trajectory never opened.
         """
-        return self._drive(ops.cancel(self.keys, traj_id))
+        return self._drive(children.cancel(self.keys, traj_id))
 
     # -------------------------------------------------------------- calls
     def call(
@@ -436,6 +434,3 @@ class Client:
     def bg_stop(self, traj_id: str, task_id: str, *, force: bool = False) -> Result:
         """Stop a task (a ``bg_stop`` tool call): SIGTERM, SIGKILL after a grace period."""
         return self.call(traj_id, "bg_stop", {"task_id": task_id, "force": force})
-
-
-from .aclient import AsyncClient  # noqa: E402  (re-exported: one import for both clients)

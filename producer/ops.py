@@ -123,29 +123,6 @@ def new_call_id() -> str:
 
 
 # ------------------------------------------------------------- lifecycle
-def open_traj(
-    keys: Keys,
-    traj_id: str,
-    spec: TrajectorySpec | None,
-    reuse: bool,
-    prefer: tuple[str, int] | None = None,
-) -> Op[str]:
-    """Create the record and enqueue the open request (again, if an earlier
-    open died in between). Returns the status (``new`` when just created).
-
-    ``prefer`` (worker id, ms): a fork's copy, for that worker first (see
-    ``OpenRequest.prefer``). A spec that names a parent opens a child
-    (``children.open_child``): raises ``LimitExceeded`` when the parent refuses it."""
-    check_traj_id(traj_id)
-    spec = spec or TrajectorySpec()
-    if spec.parent is not None:
-        from . import children  # it builds on this module
-
-        return (yield from children.open_child(keys, traj_id, spec, reuse))
-    extra = lineage(spec, 0, None)
-    return (yield from open_record(keys, traj_id, spec, reuse, extra, prefer))
-
-
 def lineage(spec: TrajectorySpec, depth: int, parent_max_depth: int | None) -> dict[str, str]:
     """The record's parent, depth and effective limits (what RESERVE_CHILD reads
     when this trajectory opens children of its own)."""
@@ -168,7 +145,7 @@ def open_record(
     prefer: tuple[str, int] | None = None,
 ) -> Op[str]:
     """The open script (with ``extra`` fields in a new record), then the open request
-    (``prefer``: also in that worker's inbox, see ``open_traj``)."""
+    (``prefer``: also in that worker's inbox, see ``children.open_traj``)."""
     # Only the fields the caller set: a trajectory opened from a snapshot keeps the
     # snapshot's spec where the opener's says nothing (a default is not a choice).
     spec_json = spec.model_dump_json(exclude_unset=True, exclude_none=True)
@@ -342,21 +319,6 @@ def close(keys: Keys, traj_id: str) -> Op[str]:
             return ""
         yield from _raise_ended(keys, traj_id)
     return done.entry_id
-
-
-def cancel(keys: Keys, traj_id: str) -> Op[str]:
-    """The cancel script, then the same for its open children (and theirs);
-    returns 'requested', 'cancelled' or 'ended'."""
-    check_traj_id(traj_id)
-    (outcome,) = yield from cancel_each(keys, [traj_id])
-    if outcome == "unknown":
-        raise UnknownTrajectory(f"no trajectory {traj_id}")
-    if outcome == "cancelled":
-        yield [Cmd("zrem", (keys.pending, traj_id))]
-    from . import children  # it builds on this module
-
-    yield from children.cancel_children(keys, traj_id)
-    return outcome
 
 
 # Rounds of the cancel script that may meet calls submitted after the stream was

@@ -12,28 +12,83 @@
 Entering opens the trajectory (``reuse`` starts an ended one over); leaving
 closes it after its calls, or cancels it at once when the block raised, so a
 crashed loop frees its sandbox. ``Trajectory`` drives a ``Client``,
-``AsyncTrajectory`` an ``AsyncClient``; both only forward to them.
+``AsyncTrajectory`` an ``AsyncClient``; both only forward to them. The clients
+make the handles, so this module knows a client only by what a handle asks of
+it (``SyncDriver``, ``AsyncDriver``): it never imports ``client`` or ``aclient``.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from toolq.schemas import Result, TrajectoryRecord, TrajectorySpec
+from toolq.schemas import Keys, Result, ToolInfo, TrajectoryRecord, TrajectorySpec
 
 from . import model_calls, tools
+from .drive import CallLike
 from .ops import ToolCall, TrajectoryEnded
+from .waits import Call
 
-if TYPE_CHECKING:
-    from .client import AsyncClient, CallLike, Client
+SpecLike = TrajectorySpec | dict[str, Any] | None
+
+
+class SyncDriver(Protocol):
+    """What a ``Trajectory`` asks of its client (``client.Client``)."""
+
+    keys: Keys  # the client's namespace
+
+    def open(
+        self, traj_id: str, spec: TrajectorySpec | None = None, *, reuse: bool = False
+    ) -> str: ...
+    def close(self, traj_id: str) -> str: ...
+    def cancel(self, traj_id: str) -> str: ...
+    def record(self, traj_id: str) -> TrajectoryRecord | None: ...
+    def call(self, *args: Any, **kw: Any) -> Result: ...
+    def submit(self, *args: Any, **kw: Any) -> str: ...
+    def set_policy(self, *args: Any, **kw: Any) -> str: ...
+    def snapshot(self, traj_id: str, name: str, *, ttl_s: float | None = None) -> Result: ...
+    def fork(self, traj_id: str, new_ids: Iterable[str], spec: SpecLike = None) -> Result: ...
+    def trajectory(self, traj_id: str) -> Trajectory: ...
+    def call_many(
+        self, traj_id: str, calls: Iterable[CallLike], *, wait_s: float | None = None
+    ) -> list[Result]: ...
+    def as_completed(
+        self, calls: Iterable[Call], *, wait_s: float | None = 60.0
+    ) -> Iterator[Result]: ...
+    def tools(self, names: Iterable[str] | None = None) -> list[ToolInfo]: ...
+
+
+class AsyncDriver(Protocol):
+    """What an ``AsyncTrajectory`` asks of its client (``aclient.AsyncClient``)."""
+
+    keys: Keys  # the client's namespace
+
+    async def open(
+        self, traj_id: str, spec: TrajectorySpec | None = None, *, reuse: bool = False
+    ) -> str: ...
+    async def close(self, traj_id: str) -> str: ...
+    async def cancel(self, traj_id: str) -> str: ...
+    async def record(self, traj_id: str) -> TrajectoryRecord | None: ...
+    async def call(self, *args: Any, **kw: Any) -> Result: ...
+    async def submit(self, *args: Any, **kw: Any) -> str: ...
+    async def set_policy(self, *args: Any, **kw: Any) -> str: ...
+    async def snapshot(self, traj_id: str, name: str, *, ttl_s: float | None = None) -> Result: ...
+    async def fork(self, traj_id: str, new_ids: Iterable[str], spec: SpecLike = None) -> Result: ...
+    def trajectory(self, traj_id: str) -> AsyncTrajectory: ...
+    async def call_many(
+        self, traj_id: str, calls: Iterable[CallLike], *, wait_s: float | None = None
+    ) -> list[Result]: ...
+    def as_completed(
+        self, calls: Iterable[Call], *, wait_s: float | None = 60.0
+    ) -> AsyncIterator[Result]: ...
+    async def tools(self, names: Iterable[str] | None = None) -> list[ToolInfo]: ...
 
 
 class Trajectory:
     """A trajectory of a ``Client``: its calls, without repeating its id."""
 
     def __init__(
-        self, client: Client, traj_id: str, spec: TrajectorySpec | None, reuse: bool
+        self, client: SyncDriver, traj_id: str, spec: TrajectorySpec | None, reuse: bool
     ) -> None:
         self.client, self.traj_id, self.spec, self.reuse = client, traj_id, spec, reuse
 
@@ -128,7 +183,7 @@ class AsyncTrajectory:
     """A trajectory of an ``AsyncClient``: the methods of ``Trajectory``, awaitable."""
 
     def __init__(
-        self, client: AsyncClient, traj_id: str, spec: TrajectorySpec | None, reuse: bool
+        self, client: AsyncDriver, traj_id: str, spec: TrajectorySpec | None, reuse: bool
     ) -> None:
         self.client, self.traj_id, self.spec, self.reuse = client, traj_id, spec, reuse
 

@@ -20,7 +20,7 @@ from toolq.schemas import (
     check_traj_id,
 )
 
-from . import ops
+from . import children, ops
 from .drive import await_op
 from .ops import Cmd, Op, ToolqError
 
@@ -98,7 +98,7 @@ def fork_op(
     start = (spec or TrajectorySpec()).model_copy(update={"snapshot": name})
     prefer = (holder, PREFER_SOURCE_MS) if holder else None
     for new_id in new_ids:
-        if (yield from ops.open_traj(keys, new_id, start, False, prefer)) != "new":
+        if (yield from children.open_traj(keys, new_id, start, False, prefer)) != "new":
             raise ToolqError(f"{new_id} was opened by someone else while the fork ran")
     return taken
 

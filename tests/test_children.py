@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import TOOLQ, redis_client, unique_sleep, wait_for
-from toolq.producer import AsyncClient, Client, LimitExceeded, ops
+from toolq.producer import AsyncClient, Client, LimitExceeded, children, ops
 from toolq.schemas import Keys, TrajectorySpec, lua
 
 pytestmark = pytest.mark.redis_kinds("single", "cluster")
@@ -219,7 +219,7 @@ def test_a_cancel_between_an_opens_steps_leaves_no_child_open(
     with pytest.raises(LimitExceeded, match="while c was opening"):
         drive_interleaved(
             client,
-            ops.open_traj(client.keys, "c", spec, False),
+            children.open_traj(client.keys, "c", spec, False),
             before[step],
             lambda: client.cancel("p"),
         )
