@@ -1,21 +1,28 @@
 """Counting a worker's Redis traffic: round trips and errors of every connection.
 
 ``instrument_redis`` swaps the connection class of a redis-py asyncio client
-(a plain one or a cluster's) for one that counts on ``WorkerMetrics``.
+(a plain one or a cluster's) for one that counts on two counters of
+``metrics.WorkerMetrics`` (which calls it: this module knows only the counters).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter
     from redis.asyncio.connection import AbstractConnection
 
-    from .metrics import WorkerMetrics
+
+class RedisCounters(Protocol):
+    """Where the counts go (``WorkerMetrics`` has both)."""
+
+    redis_round_trips: Counter  # one per command or pipeline sent
+    redis_errors: Counter  # by ``kind``: timeout, connection, reply
 
 
 def _error_kind(exc: BaseException) -> str | None:
@@ -31,7 +38,7 @@ def _error_kind(exc: BaseException) -> str | None:
     return None
 
 
-def instrument_redis(redis: Any, metrics: WorkerMetrics) -> None:
+def instrument_redis(redis: Any, metrics: RedisCounters) -> None:
     """Count round trips and errors of every connection ``redis`` opens from now on.
 
     One ``send_packed_command`` is one round trip (a pipeline sends once per
@@ -50,7 +57,7 @@ def instrument_redis(redis: Any, metrics: WorkerMetrics) -> None:
         node.connection_class = observed
 
 
-def _observed(base: type[AbstractConnection], metrics: WorkerMetrics) -> Any:
+def _observed(base: type[AbstractConnection], metrics: RedisCounters) -> Any:
     """``base`` with its sends and reads counted (once: an observed class is kept)."""
     if getattr(base, "_toolq_metrics", None) is not None:
         return base  # already instrumented
@@ -87,7 +94,7 @@ def _observed(base: type[AbstractConnection], metrics: WorkerMetrics) -> Any:
     return ObservedConnection
 
 
-def _count_error(metrics: WorkerMetrics, exc: BaseException) -> None:
+def _count_error(metrics: RedisCounters, exc: BaseException) -> None:
     kind = _error_kind(exc)
     if kind is not None:
         metrics.redis_errors.labels(kind).inc()
