@@ -14,10 +14,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from toolq.schemas import DEFAULT_IMAGE
 from toolq.schemas.local import ClusterNodeError, redis_target
 
 from .backends.base import Backend
+from .backends.docker_box import image_fix as image_fix  # (toolq demo imports it here)
 from .backends.local import LocalBackend
 from .embedded import EmbeddedRedis
 from .settings import WorkerSettings
@@ -43,13 +43,6 @@ def docker_unavailable(docker_host: str | None = None) -> str | None:
 def docker_available(docker_host: str | None = None) -> bool:
     """True when a Docker engine answers a ping."""
     return docker_unavailable(docker_host) is None
-
-
-def image_fix(image: str) -> str:
-    """The command that puts ``image`` on the engine."""
-    if image == DEFAULT_IMAGE:
-        return f"docker build -t {image} deploy/sandbox  (in a toolq checkout)"
-    return f"docker pull {image}  (or build it)"
 
 
 def image_missing(image: str, docker_host: str | None = None) -> bool:

@@ -86,7 +86,7 @@ class DockerBackend(HandOver, Prestart, Staging):
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.ns = settings.namespace
-        self.engine = Engine(settings)
+        self.engine: Engine = Engine(settings)
         self.api: Any = self.engine.api
         self._start_sem = asyncio.Semaphore(max(1, settings.start_concurrency))
         self._boxes: list[Box] = []

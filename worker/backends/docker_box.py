@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from toolq.schemas import FINAL_STATUSES, TrajectorySpec
+from toolq.schemas import DEFAULT_IMAGE, FINAL_STATUSES, TrajectorySpec
 
 from ..channel import AgentChannel
 from ..settings import WorkerSettings
@@ -188,6 +188,13 @@ def payload_tar(user: SandboxUser, workspace: bool = True) -> bytes:
 
 def no_python_message(image: str, detail: str) -> str:
     return f"image {image} has no python3 on PATH: the toolq agent needs Python >= 3.8 ({detail})"
+
+
+def image_fix(image: str) -> str:
+    """The command that puts ``image`` on the engine."""
+    if image == DEFAULT_IMAGE:
+        return f"docker build -t {image} deploy/sandbox  (in a toolq checkout)"
+    return f"docker pull {image}  (or build it)"
 
 
 def safe_name(text: str) -> str:

@@ -33,6 +33,7 @@ from .docker_box import (
     Started,
     api_message,
     home_mount,
+    image_fix,
     no_python_message,
     payload_tar,
     pick_user,
@@ -269,8 +270,6 @@ class Engine:
         try:
             self.api.pull(image)  # docker-py splits "repo:tag" itself
         except APIError as exc:
-            from ..service import image_fix  # (service imports the backends)
-
             raise SandboxError(
                 f"image {image} not found and pull failed: {api_message(exc)}; "
                 f"on the worker's host: {image_fix(image)}"

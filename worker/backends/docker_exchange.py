@@ -26,14 +26,13 @@ import shutil
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .base import Backend, Slot
 
 if TYPE_CHECKING:
     from ..settings import WorkerSettings
     from .docker_box import Box
-    from .docker_engine import Engine
 
 log = logging.getLogger("toolq.worker.docker")
 
@@ -150,10 +149,17 @@ def detect(api: Any, wanted: str | None, tag: str) -> Exchange | None:
         return None
 
 
+class HoldsExchange(Protocol):
+    """What staging needs of the engine (``docker_engine.Engine``, which imports this
+    module): the exchange it mounts into the containers it creates, if any."""
+
+    exchange: Exchange | None
+
+
 class Staging(Backend):
     """The part of ``DockerBackend`` that stages files for its slots' agents."""
 
-    engine: Engine
+    engine: HoldsExchange
     settings: WorkerSettings
     ns: str
     _by_slot: dict[str, Box]
