@@ -9,10 +9,12 @@ import io
 import subprocess
 import sys
 import zipfile
+import zipimport
 from pathlib import Path
 
 from tests.conftest import require_docker
 from toolq.producer import Client
+from toolq.worker.agent.start import CompileOnce
 from toolq.worker.backends import agent_app
 from toolq.worker.backends.agent_app import agent_file, agent_zipapp
 
@@ -31,7 +33,7 @@ def test_the_zipapp_is_the_package_sources_and_a_main():
     assert archive.namelist() == expected
     for name, data in sources.items():
         assert archive.read(f"toolq_agent/{name}") == data, name
-    assert archive.read("__main__.py") == b"from toolq_agent.loop import main\n\nmain()\n"
+    assert archive.read("__main__.py") == b"from toolq_agent.start import run\n\nrun()\n"
 
 
 def test_the_same_sources_give_the_same_bytes():
@@ -39,6 +41,18 @@ def test_the_same_sources_give_the_same_bytes():
     assert again == agent_zipapp()
     for info in zipfile.ZipFile(io.BytesIO(again)).infolist():
         assert info.date_time == (1980, 1, 1, 0, 0, 0), info.filename
+
+
+def test_the_zipapp_names_module_files_as_zipimport_does(tmp_path):
+    """``start.CompileOnce`` names a module's file without compiling it: the same
+    names as zipimport's (which compiles the module to find it)."""
+    path = tmp_path / "agent.pyz"
+    path.write_bytes(agent_zipapp())
+    modules = [f"toolq_agent.{n[:-3]}" for n in package_sources() if n != "__init__.py"]
+    for where, names in ((str(path), ["toolq_agent"]), (f"{path}/toolq_agent", modules)):
+        stock, ours = zipimport.zipimporter(where), CompileOnce(where)
+        for name in names:
+            assert ours.get_filename(name) == stock.get_filename(name), name
 
 
 def test_the_package_is_python_3_8_and_stdlib_only():

@@ -26,4 +26,5 @@ The modules, from the bottom up:
 - ``keys``, ``terminals``: programs on a pseudo-terminal, driven by keystrokes
 - ``tools``: every tool by name
 - ``loop``: the main loop: dispatch, init / cancel / drop, the calls' replies
+- ``start``: how the zipapp starts it (``__main__.py``: ``python -m`` on the package)
 """

@@ -2,9 +2,10 @@
 
 A container gets one file (``put_archive``), and the local backend runs the
 same one: ``python3 -u agent.pyz`` runs the archive's ``__main__.py``, which
-starts the package's main loop. The archive is built in memory once per
-process from the package's sources as they are on disk, with fixed timestamps
-and modes, so the same sources always give the same bytes.
+starts the package's main loop (``start.run``: each module compiled once, as
+a plain script would be). The archive is built in memory once per process from
+the package's sources as they are on disk, with fixed timestamps and modes, so
+the same sources always give the same bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import zipfile
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "agent")
 #: The package's name inside the archive (on its own there: no ``toolq`` around it).
 PACKAGE = "toolq_agent"
-MAIN = b"from toolq_agent.loop import main\n\nmain()\n"
+MAIN = b"from toolq_agent.start import run\n\nrun()\n"  # the archive's __main__.py
 # Zip's earliest date: a build's bytes depend on the sources only.
 FIXED_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
