@@ -40,6 +40,7 @@ from redis.exceptions import RedisError
 
 from toolq.schemas import Keys, OpenRequest
 
+from .backends.docker_images import image_ref
 from .image_budget import victims
 from .lease import RedisHealth, wait_event
 from .metrics import Observer
@@ -60,21 +61,6 @@ INBOX_TTL_S = 60
 PREFETCH_WINDOW = 256
 #: How often the prefetch pass and the free-slot count run, at most this far apart.
 TICK_S = 1.0
-
-
-def image_ref(name: str) -> str:
-    """An image name as the engine lists it: ``ubuntu`` -> ``ubuntu:latest``,
-    ``docker.io/library/ubuntu:22.04`` -> ``ubuntu:22.04``; digests kept as given."""
-    ref = name.strip()
-    for prefix in ("docker.io/", "index.docker.io/"):
-        if ref.startswith(prefix):
-            ref = ref[len(prefix) :]
-            break
-    if ref.startswith("library/") and ref.count("/") == 1:
-        ref = ref[len("library/") :]
-    if "@" not in ref and ":" not in ref.rsplit("/", 1)[-1]:
-        ref += ":latest"
-    return ref
 
 
 def _s(value: Any) -> str:

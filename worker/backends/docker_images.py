@@ -19,16 +19,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..images import image_ref
 from ..metrics import Observer
 from ..settings import WorkerSettings
 from .base import SandboxError
-from .docker_box import api_message
+from .docker_box import api_message, image_fix
 
 log = logging.getLogger("toolq.worker.docker")
 
 #: A prefetch does not try an image again within this long of its failed pull.
 PREFETCH_RETRY_S = 60.0
+
+
+def image_ref(name: str) -> str:
+    """An image name as the engine lists it: ``ubuntu`` -> ``ubuntu:latest``,
+    ``docker.io/library/ubuntu:22.04`` -> ``ubuntu:22.04``; digests kept as given."""
+    ref = name.strip()
+    for prefix in ("docker.io/", "index.docker.io/"):
+        if ref.startswith(prefix):
+            ref = ref[len(prefix) :]
+            break
+    if ref.startswith("library/") and ref.count("/") == 1:
+        ref = ref[len("library/") :]
+    if "@" not in ref and ":" not in ref.rsplit("/", 1)[-1]:
+        ref += ":latest"
+    return ref
 
 
 @dataclass(frozen=True)
@@ -150,8 +164,6 @@ class EngineImages:
 
     def _pull_now(self, image: str) -> None:
         from docker.errors import APIError, ImageNotFound
-
-        from ..service import image_fix  # (service imports the backends)
 
         said = ""
         try:
