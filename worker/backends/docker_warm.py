@@ -24,10 +24,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..images import image_ref
 from ..lease import wait_event
 from .base import SandboxError
 from .docker_box import Box, BoxConfig
+from .docker_images import image_ref
 
 log = logging.getLogger("toolq.worker.docker")
 
