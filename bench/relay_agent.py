@@ -40,6 +40,10 @@ async def _serve(url: str, prefix: str, size: int, ready: multiprocessing.Event)
     from toolq.worker.backends.docker import DockerBackend
     from toolq.worker.settings import WorkerSettings
 
+    task = asyncio.current_task()
+    assert task is not None
+    # terminate(): stop serving and remove the sandboxes (the finally below).
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     settings = WorkerSettings(backend="docker", default_image=IMAGE, namespace=prefix)
     backend = DockerBackend(settings)
     slots, _ = await acquire_all(backend, size)
@@ -121,4 +125,4 @@ class RelayAgent:
             await r.aclose()
         if self.proc is not None:
             self.proc.terminate()
-            self.proc.join(30)
+            self.proc.join(120)
