@@ -78,6 +78,8 @@ def test_a_host_lost_with_its_worker_is_taken_over_on_another_host(
                 ),
                 what="the calls to run on the host to be lost",
             )
+            # At once, as a host dies: the worker must not see its sandboxes go first.
+            lost_host.send_signal(signal.SIGSTOP)
             engine2.lose()
             lost_host.send_signal(signal.SIGKILL)
             lost_host.wait()

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from toolq.schemas import (
     GROUP,
@@ -117,9 +117,11 @@ class Fleet:
                 self._trimmer.freed_bytes(self.writer.trim_journal())
                 try:
                     await self._beat_and_confirm()
-                except (RedisError, OSError) as exc:
+                except (RedisError, RedisClusterException, OSError) as exc:
                     self.health.failed()
                     log.warning("heartbeat failed: %s", exc)
+                except Exception:  # a bug must not end the beats (the lease with them)
+                    log.exception("heartbeat failed")
         finally:
             upkeep.cancel()
 
@@ -148,9 +150,11 @@ class Fleet:
                     await self.prune_pending()
                     await self.prune_runs()
                     await self.reclaim()
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 self.health.failed()
                 log.warning("heartbeat upkeep failed: %s", exc)
+            except Exception:  # a bug here must not end takeovers and look-ups for good
+                log.exception("heartbeat upkeep failed")
 
     async def _beat_and_confirm(self) -> None:
         """Beat; after our lease lapsed, confirm what we own before acting again."""

@@ -144,8 +144,11 @@ class ImageAware:
                 await wait_event(self.images.changed, tick_s)
         finally:
             # A stopped worker holds nothing any more: claims stop coming its way.
-            with contextlib.suppress(RedisError, OSError, asyncio.CancelledError):
-                await asyncio.shield(self.redis.delete(self.key))
+            # (bounded: a frozen node must not hold the worker's shutdown)
+            with contextlib.suppress(
+                RedisError, OSError, asyncio.CancelledError, asyncio.TimeoutError
+            ):
+                await asyncio.wait_for(asyncio.shield(self.redis.delete(self.key)), 2.0)
 
     async def publish(self, force: bool = False) -> None:
         """Rewrite this worker's images hash when it changed (``force``: in any case,

@@ -29,6 +29,7 @@ from redis.exceptions import (
     ClusterError,
     MasterDownError,
     NoScriptError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     TryAgainError,
@@ -133,6 +134,7 @@ class Writer:
         self._cluster = not isinstance(redis, aioredis.Redis)
         self._lanes = Lanes(self._lane_of)  # on a cluster (see worker/lanes.py)
         self._lane_tasks: set[asyncio.Task[None]] = set()
+        self._replays_out = 0  # replayed copies not yet written (see _run_lanes)
 
     # ------------------------------------------------------------ sending
     def send(self, op: Op) -> asyncio.Future[Any]:
@@ -360,9 +362,13 @@ class Writer:
                         self._queue.task_done()
                     else:
                         self._lanes.add(op)
-                if self._catch_up.due():  # first, the journal again (see _replay)
+                # First, the journal again (see _replay): one replay at a time (errors
+                # come many a second while a node is down; its copies wait in its lane).
+                if self._catch_up.due() and not self._replays_out:
                     generation = self.health.generation
-                    self._lanes.add_first(self._replay_ops())
+                    replay = self._lane_replay_ops()
+                    self._replays_out = len(replay)
+                    self._lanes.add_first(replay)
                     self._catch_up.done(generation)
                 for lane, ops in self._lanes.take().items():
                     task = asyncio.create_task(self._write_lane(lane, ops))  # type: ignore[arg-type]
@@ -388,6 +394,7 @@ class Writer:
             self._remember([op for op in ops if not op.replayed])
             for op, reply in zip(ops, replies, strict=True):
                 if op.replayed:
+                    self._replays_out -= 1
                     continue
                 try:
                     await self._settle(op, reply)
@@ -505,7 +512,8 @@ class Writer:
         if isinstance(reply, Exception) and op.fallback is not None:
             log.error("write for %s failed (%s): writing its fallback", op.traj_id, reply)
             retry = op.fallback(reply)
-            reply = (await self._flush_with_retry([retry]))[0]
+            # (on a cluster the replay goes through the lanes, not from inside one)
+            reply = (await self._flush_with_retry([retry], replay=not self._cluster))[0]
             op = retry if op.done is None else op
         if isinstance(reply, Exception):
             log.error("write for %s failed: %s", op.traj_id, reply)
@@ -542,6 +550,17 @@ class Writer:
         ):
             self._journal_bytes -= journal.popleft()[2]
         return before - self._journal_bytes
+
+    def _lane_replay_ops(self) -> list[Op]:
+        """The replay on a cluster. A trajectory with an op in flight or waiting has
+        newer writes than the journal holds, and the copies would land after them:
+        its fields and task states (the writes a later one supersedes) are left out."""
+        busy = set(self._lanes.in_flight) | {op.traj_id for op in self._lanes.pending}
+        return [
+            op
+            for op in self._replay_ops()
+            if op.traj_id not in busy or op.script not in (SET_FIELDS, BG_WRITE)
+        ]
 
     def _replay_ops(self) -> list[Op]:
         """Copies of the last seconds' ops, to write again (see ``_replay``)."""
@@ -584,6 +603,7 @@ def _is_outage(value: Any) -> bool:
             RedisConnectionError,
             RedisTimeoutError,
             ClusterError,  # CLUSTERDOWN, and redirections that went on (TTL exhausted)
+            RedisClusterException,  # no node reachable, a slot not covered (not RedisError)
             TryAgainError,
             MasterDownError,
             BusyLoadingError,

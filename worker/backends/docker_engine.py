@@ -50,7 +50,10 @@ log = logging.getLogger("toolq.worker.docker")
 # user, so its files become that user's: tarfile sets owners only as root).
 HOME_TAR = "/opt/toolq/home.tar"
 EXTRACT_HOME = (
-    "import sys, tarfile\nwith tarfile.open(sys.argv[1]) as tar:\n    tar.extractall(sys.argv[2])\n"
+    "import sys, tarfile\n"
+    "kw = {'filter': 'fully_trusted'} if hasattr(tarfile, 'fully_trusted_filter') else {}\n"
+    "with tarfile.open(sys.argv[1]) as tar:\n"
+    "    tar.extractall(sys.argv[2], **kw)\n"
 )
 
 

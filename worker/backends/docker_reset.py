@@ -37,7 +37,10 @@ SCRATCH_MOUNTS = ("/tmp", "/var/tmp")
 
 def mounts():
     # The user's home too, when it is a tmpfs (the worker copies the image's back in).
-    home = pwd.getpwuid(os.getuid()).pw_dir
+    try:
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:  # a numeric USER with no /etc/passwd entry: no home of its own
+        home = ""
     scratch = (*SCRATCH_MOUNTS, home) if home not in ("", "/") else SCRATCH_MOUNTS
     return (*SHARED_MOUNTS, *(m for m in scratch if os.path.ismount(m)))
 
