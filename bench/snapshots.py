@@ -119,10 +119,12 @@ async def opened(client: AsyncClient, traj: str, spec: dict[str, str] | None) ->
     return time.monotonic() - started
 
 
-async def settle(ns: str, containers: int, timeout_s: float = 180.0) -> None:
+async def settle(
+    ns: str, containers: int, worker: WorkerProc, warm: int, timeout_s: float = 180.0
+) -> None:
     """Wait until the worker has exactly ``containers`` containers (the open
-    trajectories' and its warm pool's): removals and refills of the last step do
-    not run into the next one."""
+    trajectories' and its warm pool's) and ``warm`` of them booted and free:
+    removals and refills of the last step do not run into the next one."""
     import docker
 
     api = docker.from_env().api
@@ -133,10 +135,22 @@ async def settle(ns: str, containers: int, timeout_s: float = 180.0) -> None:
 
     while time.monotonic() < deadline and await asyncio.to_thread(count) != containers:
         await asyncio.sleep(0.2)
+    while time.monotonic() < deadline:
+        if (await asyncio.to_thread(worker.stats))["warm_ready"] >= warm:
+            return
+        await asyncio.sleep(0.2)
 
 
 async def measure(
-    url: str, ns: str, mb: int, forks: int, more: int, rounds: int, install: bool, warm: int
+    url: str,
+    ns: str,
+    worker: WorkerProc,
+    mb: int,
+    forks: int,
+    more: int,
+    rounds: int,
+    install: bool,
+    warm: int,
 ) -> dict[str, list[float]]:
     client = AsyncClient(url, ns)
     times: dict[str, list[float]] = {}
@@ -144,7 +158,7 @@ async def measure(
     async def closed(trajs: list[str]) -> None:
         for traj in trajs:
             await client.close(traj)
-        await settle(ns, 1 + warm)  # the source's and the warm pool
+        await settle(ns, 1 + warm, worker, warm)  # the source's and the warm pool
 
     def add(name: str, seconds: float) -> None:
         times.setdefault(name, []).append(seconds)
@@ -156,7 +170,7 @@ async def measure(
     assert r.ok, r
     usage = await client.call("source", "bash", {"command": "du -sm . | cut -f1"})
     print(f"source workspace: {usage.output.strip()} MB", file=sys.stderr)
-    await settle(ns, 1 + warm)
+    await settle(ns, 1 + warm, worker, warm)
     for n in range(rounds):
         started = time.monotonic()
         taken = await client.snapshot("source", f"bench-{n}", wait_s=WAIT_S)
@@ -223,7 +237,15 @@ def main() -> None:
         )
         try:
             run = measure(
-                server.url, ns, args.mb, args.forks, args.more, args.rounds, args.install, args.warm
+                server.url,
+                ns,
+                worker,
+                args.mb,
+                args.forks,
+                args.more,
+                args.rounds,
+                args.install,
+                args.warm,
             )
             times = asyncio.run(run)
         finally:

@@ -3,7 +3,7 @@
     python bench/worker_main.py SETTINGS_JSON STATS_FILE
 
 Runs like ``toolq worker`` (SIGTERM stops it gracefully). On SIGUSR1 it writes
-its Redis round trips, commands and RSS to STATS_FILE as one JSON object; on
+its Redis round trips, commands, RSS and booted warm containers to STATS_FILE as one JSON object; on
 SIGUSR2 every asyncio task's stack to stderr.
 """
 
@@ -23,8 +23,11 @@ from toolq.worker.settings import WorkerSettings
 from toolq.worker.worker import Worker
 
 
-def dump(path: str) -> None:
-    data = {**RedisCounter.snapshot(), "rss_kb": rss_kb(os.getpid())}
+def dump(path: str, worker: Worker) -> None:
+    boxes = getattr(worker.backend, "_boxes", [])
+    # Warm containers booted and free (a benchmark step waits for its pool to refill).
+    warm = sum(1 for b in boxes if b.ready and not b.used and not b.closing and not b.dead)
+    data = {**RedisCounter.snapshot(), "rss_kb": rss_kb(os.getpid()), "warm_ready": warm}
     with open(path + ".tmp", "w") as fh:
         json.dump(data, fh)
     os.replace(path + ".tmp", path)
@@ -43,7 +46,7 @@ async def main(settings: WorkerSettings, stats_path: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
-    loop.add_signal_handler(signal.SIGUSR1, dump, stats_path)
+    loop.add_signal_handler(signal.SIGUSR1, dump, stats_path, worker)
     loop.add_signal_handler(signal.SIGUSR2, dump_tasks)
     try:
         await worker.run()

@@ -167,6 +167,11 @@ class Keys:
         """String with TTL: a snapshot's workspace files, a tar.gz."""
         return f"{self.ns}:snap:{{{name}}}"
 
+    def snapshot_writing(self, name: str) -> str:
+        """String with TTL, while a fork's snapshot is written after its result: its
+        copies on other workers wait for the index entry while this exists."""
+        return f"{self.ns}:snapwriting:{{{name}}}"
+
     # -- per-trajectory keys (hash-tagged) ---------------------------------
     def traj(self, traj_id: str) -> str:
         """Hash: the trajectory record (status, owner, slot, times, counts, spec)."""

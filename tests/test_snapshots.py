@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from tests.helpers import redis_client, wait_for
-from toolq.producer import Client, SnapshotFailed
+from toolq.producer import Client, SnapshotFailed, WaitTimeout
 from toolq.schemas import Keys
 
 
@@ -109,6 +109,38 @@ def test_open_from_a_missing_snapshot_fails_with_its_code(start_worker, client: 
     assert record.status.value == "failed" and "never-taken" in (record.reason or "")
 
 
+def test_an_open_waits_for_a_snapshot_still_being_written(
+    start_worker, client: Client, redis_url: str, ns: str
+):
+    """A fork's snapshot reaches Redis after its result; while its worker writes it
+    (the marker), an open elsewhere waits for it, and fails once the marker lapses
+    without it (its worker died)."""
+    start_worker("local")
+    client.open("src")
+    sh(client, "src", "echo late > note")
+    ok(client.snapshot("src", "base"))
+    raw, keys = redis_client(redis_url), Keys(ns)
+    raw.set(keys.snapshot_writing("late"), 1, px=120_000)  # a worker writing "late"
+    client.open("copy", {"snapshot": "late"})
+    waiting = client.submit("copy", "bash", {"command": "cat note"})
+    wait_for(lambda: (r := client.record("copy")) and r.owner, what="the copy claimed")
+    with pytest.raises(WaitTimeout):  # no answer while it waits
+        client.result("copy", waiting, wait_s=0.5)
+    # Written as a worker writes it: the files, the index entry, then no marker.
+    raw.set(keys.snapshot_data("late"), raw.get(keys.snapshot_data("base")))
+    index = raw.hget(keys.snapshots, "base").replace(b'"name":"base"', b'"name":"late"')
+    raw.hset(keys.snapshots, "late", index)
+    raw.delete(keys.snapshot_writing("late"))
+    assert ok(client.result("copy", waiting, wait_s=60)).output == "late\n"
+    raw.set(keys.snapshot_writing("never"), 1, px=1500)  # its worker died mid-write
+    client.open("orphan", {"snapshot": "never"})
+    failed = client.call("orphan", "bash", {"command": "true"}, wait_s=60)
+    assert not failed.ok and failed.error_code in ("snapshot_not_found", "trajectory_ended")
+    assert "snapshot 'never' not found" in (failed.error or ""), failed
+    for traj in ("src", "copy"):
+        client.close(traj)
+
+
 def test_cap_bad_names_and_the_trajectory_goes_on(
     start_worker, client: Client, redis_url: str, ns: str
 ):
@@ -199,7 +231,12 @@ def test_async_fork_on_one_redis_and_a_cluster(start_worker, aclient_factory, re
             async with client.trajectory("src") as src:
                 await src.call("write_file", {"path": "seed.txt", "content": redis_kind})
                 copies = await src.fork([f"copy-{i}" for i in range(4)])
-            names = [info.name for info in await client.snapshots()]
+            # A fork's snapshot is written to Redis after its result (off the copies' path)
+            for _ in range(600):
+                names = [info.name for info in await client.snapshots()]
+                if names:
+                    break
+                await asyncio.sleep(0.05)
             assert len(names) == 1 and names[0].startswith("src.fork-")
             outputs = []
             for copy in copies:

@@ -203,8 +203,9 @@ class Runner:
             self.answer(traj, item, planned.code, planned.message)
             return
         wanted, plan = planned
-        if wanted.copies:  # a fork's: its copies' sandboxes start while this packs
-            self.slots.prestart(traj, min(wanted.copies, self.settings.slots - len(self.owned)))
+        here = min(wanted.copies or 0, self.settings.slots - len(self.owned))
+        if here > 0:  # a fork's: its copies' sandboxes start while this packs
+            self.slots.prestart(traj, here)
         if not await self._may_start(traj, item, in_slot=True):
             return
         assert traj.slot is not None
@@ -216,7 +217,7 @@ class Runner:
             if packed is None:
                 return
             packed = self._final_reply(traj, packed)  # cancelled meanwhile: not stored
-            reply = await self.snapshots.store(traj.traj_id, traj.spec, wanted, packed)
+            reply = await self.snapshots.store(traj.traj_id, traj.spec, wanted, packed, here)
         self.emit(traj, item, reply, "snapshot", started_ms, traj.behind_ms(item, started_ms))
 
     async def _hold_lease(self) -> None:

@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -25,7 +26,7 @@ from toolq.schemas import ErrorCode, Keys, SnapshotArgs, SnapshotInfo, Trajector
 
 from .backends.base import SandboxError, Slot
 from .channel import AGENT_GRACE_S, ChannelClosedError
-from .lease import RedisHealth, retrying
+from .lease import RedisHealth, retrying, wait_event
 from .metrics import Observer
 from .plan import Plan, Refusal
 from .settings import WorkerSettings
@@ -40,6 +41,39 @@ SAMPLE_EVERY_BEATS = 5
 #: the worker gunzips once for all of them (the agents' ``tar`` unpacks it several
 #: times faster than a tar.gz); larger ones get the tar.gz (the worker's memory).
 PLAIN_MAX_BYTES = 512 * 1024 * 1024
+#: How often a copy whose fork's snapshot is still being written looks for it.
+WRITE_POLL_S = 0.05
+#: A fork's snapshot is written to Redis this long after its copies here got their
+#: files (their first calls slowed down 0.1-0.5 s beside a 50 MB write: bench/notes.md),
+#: and at the latest ``WRITE_DELAY_S`` after its result (copies elsewhere claim after
+#: ``PREFER_SOURCE_MS``, 2 s: they seldom wait for it).
+WRITE_GRACE_S = 0.5
+WRITE_DELAY_S = 1.5
+#: The marker of a fork's snapshot being written lapses this long after its worker died.
+MARK_TTL_S = 10.0
+
+
+@dataclass
+class Pending:
+    """A fork's snapshot taken here whose files are not in Redis yet."""
+
+    info: SnapshotInfo
+    left: int  # copies expected on this worker that have not got their files yet
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def copied(self) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            self.done.set()
+
+    async def settled(self) -> None:
+        """Return once the copies here got their files and had ``WRITE_GRACE_S`` for
+        their first calls, or ``WRITE_DELAY_S`` after the result at the latest."""
+        started = time.monotonic()
+        await wait_event(self.done, WRITE_DELAY_S)
+        await asyncio.sleep(
+            max(0.0, min(WRITE_GRACE_S, started + WRITE_DELAY_S - time.monotonic()))
+        )
 
 
 class SnapshotMissing(SandboxError):
@@ -89,6 +123,9 @@ class Snapshots:
         self._recent: dict[tuple[str, str], bytes] = {}  # (name, sha256) -> files: see _keep
         self._plain: dict[tuple[str, str], asyncio.Task[bytes]] = {}  # the same, gunzipped
         self._packed_here: set[tuple[str, str]] = set()  # of those, the ones taken here
+        # A fork's snapshots whose files are still being written to Redis (see store)
+        self._writing: dict[str, Pending] = {}
+        self._writes: set[asyncio.Task[None]] = set()
         self.keys = Keys(settings.namespace)
         self.observer = observer
 
@@ -107,9 +144,16 @@ class Snapshots:
         return wanted, Plan(PACK_TOOL, args, self.settings.snapshot_timeout_s, 0)
 
     async def store(
-        self, traj_id: str, spec: TrajectorySpec, wanted: SnapshotArgs, reply: dict[str, Any]
+        self,
+        traj_id: str,
+        spec: TrajectorySpec,
+        wanted: SnapshotArgs,
+        reply: dict[str, Any],
+        copies_here: int = 0,
     ) -> dict[str, Any]:
-        """Keep what the agent packed; the reply the snapshot entry gets."""
+        """Keep what the agent packed; the reply the snapshot entry gets. A fork's
+        (``wanted.copies``) goes to Redis after the reply, once ``copies_here`` of its
+        copies got their files here from memory, or after ``WRITE_DELAY_S``."""
         if not reply.get("ok", True):
             return reply
         data = reply.get("blob") or b""
@@ -128,15 +172,21 @@ class Snapshots:
             sha256=await digest(data),  # ours: what restores check against
             spec=saved_spec(spec),
         )
-        # The files first: an index entry never names files that were not written.
-        data_key, ttl_ms = self.keys.snapshot_data(wanted.name), max(1, int(ttl_s * 1000))
-        await retrying(self.health, lambda: self.redis.set(data_key, data, px=ttl_ms), "snapshot")
-        index = (self.keys.snapshots, wanted.name, info.model_dump_json())
-        await retrying(self.health, lambda: self.redis.hset(*index), "snapshot index")
-        self.observer.snapshot_taken(len(data))
         self._keep(wanted.name, info.sha256, data)
         self._packed_here = {(wanted.name, info.sha256)}
-        await self.sample_safely()
+        if wanted.copies and copies_here > 0:
+            # A fork's copies open next, mostly here, from these files in memory:
+            # the Redis copy (for copies elsewhere, which claim after PREFER_SOURCE_MS)
+            # is written after them, off their path (the 50 MB SET took Redis from the
+            # result's flush and the copies' opens: bench/notes.md); the marker makes
+            # a copy elsewhere that comes earlier wait for it (``info``).
+            await self._mark(wanted.name)
+            self._writing[wanted.name] = Pending(info, copies_here)
+            write = asyncio.create_task(self._write(info, data, ttl_s), name="snapshot-write")
+            self._writes.add(write)
+            write.add_done_callback(self._writes.discard)
+        else:
+            await self._write(info, data, ttl_s)
         skipped, vanished = int(counts.get("skipped", 0)), int(counts.get("vanished", 0))
         note = f"; {skipped} special files left out" if skipped else ""
         note += f"; {vanished} files deleted while packing left out" if vanished else ""
@@ -149,20 +199,79 @@ class Snapshots:
         data_out = {**shown, "skipped": skipped, "vanished": vanished}
         return {"ok": True, "output": output, "data": data_out}
 
+    async def _write(self, info: SnapshotInfo, data: bytes, ttl_s: float) -> None:
+        """The snapshot's files, then its index entry (an index entry never names
+        files that were not written), then, for a fork's, no more marker."""
+        name = info.name
+        data_key, ttl_ms = self.keys.snapshot_data(name), max(1, int(ttl_s * 1000))
+        pending = self._writing.get(name)
+        renew = asyncio.create_task(self._renew_mark(name)) if pending is not None else None
+        try:
+            if pending is not None:  # the copies here first: the write would slow them down
+                await pending.settled()
+            store = lambda: self.redis.set(data_key, data, px=ttl_ms)  # noqa: E731
+            await retrying(self.health, store, "snapshot")
+            index = (self.keys.snapshots, name, info.model_dump_json())
+            await retrying(self.health, lambda: self.redis.hset(*index), "snapshot index")
+        finally:
+            self._writing.pop(name, None)
+            if renew is not None:
+                renew.cancel()
+        if renew is not None:  # its last SET has run before this DEL
+            await asyncio.wait([renew])
+            marker = self.keys.snapshot_writing(name)
+            await retrying(self.health, lambda: self.redis.delete(marker), "marker")
+        self.observer.snapshot_taken(len(data))
+        await self.sample_safely()
+
+    async def _mark(self, name: str) -> None:
+        marker, ttl_ms = self.keys.snapshot_writing(name), int(MARK_TTL_S * 1000)
+        await retrying(self.health, lambda: self.redis.set(marker, 1, px=ttl_ms), "marker")
+
+    async def _renew_mark(self, name: str) -> None:
+        """Keep the marker while the files are written: if this worker dies, it lapses
+        within ``MARK_TTL_S`` and the copies waiting elsewhere fail (snapshot_not_found)."""
+        while True:
+            await asyncio.sleep(MARK_TTL_S / 3)
+            await self._mark(name)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Let the fork snapshots being written finish (a worker shutting down)."""
+        if self._writes:
+            await asyncio.wait(list(self._writes), timeout=timeout_s)
+
     # ------------------------------------------------------------- restore
     async def info(self, name: str) -> SnapshotInfo | None:
-        """The snapshot's index entry, unless it is missing or expired."""
-        raw = await retrying(
-            self.health, lambda: self.redis.hget(self.keys.snapshots, name), "snapshot lookup"
-        )
-        if raw is None:
-            return None
-        try:
-            info = SnapshotInfo.model_validate_json(raw)
-        except ValidationError:  # not written by a worker: as good as missing
-            log.warning("snapshot %s has an unreadable index entry", name)
-            return None
-        return info if info.expires_ms > now_ms() else None
+        """The snapshot's index entry, unless it is missing or expired. A fork's
+        snapshot taken here is known before its index entry is written; one taken
+        elsewhere and still being written (its marker) is waited for."""
+        raw = await self._index_entry(name)
+        if raw is None or isinstance(raw, SnapshotInfo):
+            info = raw
+        else:
+            try:
+                info = SnapshotInfo.model_validate_json(raw)
+            except ValidationError:  # not written by a worker: as good as missing
+                log.warning("snapshot %s has an unreadable index entry", name)
+                return None
+        return info if info is not None and info.expires_ms > now_ms() else None
+
+    async def _index_entry(self, name: str) -> SnapshotInfo | bytes | None:
+        deadline = time.monotonic() + self.settings.snapshot_timeout_s
+        marker = self.keys.snapshot_writing(name)
+        while True:
+            here = self._writing.get(name)
+            if here is not None:
+                return here.info
+            raw, writing = await retrying(self.health, lambda: self._lookup(name, marker), "lookup")
+            if raw is not None or not writing or time.monotonic() > deadline:
+                return bytes(raw) if raw is not None else None
+            await asyncio.sleep(WRITE_POLL_S)
+
+    async def _lookup(self, name: str, marker: str) -> tuple[Any, Any]:
+        # Two keys, two slots on a cluster: not one pipeline.
+        raw = await self.redis.hget(self.keys.snapshots, name)
+        return raw, raw is None and await self.redis.exists(marker)
 
     async def resolve(self, spec: TrajectorySpec) -> TrajectorySpec:
         """The spec a trajectory opened from ``spec.snapshot`` runs with."""
@@ -204,6 +313,8 @@ class Snapshots:
         finally:
             if staged:
                 backend.unstage(slot, key)
+            if (pending := self._writing.get(name)) is not None:
+                pending.copied()
         if not reply.get("ok", True):
             raise SandboxError(f"restoring snapshot {name} failed: {reply.get('error')}")
         self.observer.snapshot_restored()

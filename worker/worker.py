@@ -154,6 +154,7 @@ class Worker:
                 except Exception:  # one failure must not keep the others' sandboxes alive
                     log.exception("handing back %s failed", traj.traj_id)
             await self.writer.drain(10)
+            await self.snapshots.drain(self.settings.snapshot_timeout_s)
         finally:
             await _cancel(self._tasks + list(self._drops))
             await self.external.close()
