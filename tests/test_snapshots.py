@@ -109,6 +109,31 @@ def test_open_from_a_missing_snapshot_fails_with_its_code(start_worker, client: 
     assert record.status.value == "failed" and "never-taken" in (record.reason or "")
 
 
+def test_forks_at_once_on_one_worker(start_worker, aclient_factory):
+    """Forks of several sources at once on one worker: each fork's copies get their
+    own source's files (from the worker's memory before they are in Redis)."""
+    start_worker("local", slots=24)
+    sources = [f"src{i}" for i in range(4)]
+
+    async def run() -> dict[str, str]:
+        async with aclient_factory() as client:
+            for src in sources:
+                await client.open(src)
+                wrote = await client.call(src, "write_file", {"path": "who", "content": src})
+                assert wrote.ok, wrote
+            copies = {src: [f"{src}-c{i}" for i in range(3)] for src in sources}
+            await asyncio.gather(*(client.fork(src, copies[src]) for src in sources))
+            found = {}
+            for src, mine in copies.items():
+                for copy in mine:
+                    read = await client.call(copy, "read_file", {"path": "who"})
+                    found[copy] = read.output if read.ok else f"{read.error_code}: {read.error}"
+            return found
+
+    found = asyncio.run(run())
+    assert found == {copy: copy.split("-")[0] for copy in found} and len(found) == 12, found
+
+
 def test_an_open_waits_for_a_snapshot_still_being_written(
     start_worker, client: Client, redis_url: str, ns: str
 ):

@@ -58,6 +58,7 @@ class Pending:
     """A fork's snapshot taken here whose files are not in Redis yet."""
 
     info: SnapshotInfo
+    data: bytes  # its files (another fork's may have taken the place in ``_recent``)
     left: int  # copies expected on this worker that have not got their files yet
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -181,7 +182,7 @@ class Snapshots:
             # result's flush and the copies' opens: bench/notes.md); the marker makes
             # a copy elsewhere that comes earlier wait for it (``info``).
             await self._mark(wanted.name)
-            self._writing[wanted.name] = Pending(info, copies_here)
+            self._writing[wanted.name] = Pending(info, data, copies_here)
             write = asyncio.create_task(self._write(info, data, ttl_s), name="snapshot-write")
             self._writes.add(write)
             write.add_done_callback(self._writes.discard)
@@ -294,12 +295,17 @@ class Snapshots:
         info = await self.info(name)
         if info is None:
             raise SnapshotMissing(_missing(name))
+        pending = self._writing.get(name)
+        if pending is not None and pending.info.sha256 != info.sha256:
+            pending = None
         via, data = "host", self._recent.get((name, info.sha256))
+        if data is None and pending is not None:  # not in Redis yet
+            data = pending.data
         if data is None:
             via, data = "redis", await self._read(name, info.sha256)
         # Packed here: our own agent's archive of a workspace, never one crafted in
         # Redis, so the copy's agent may unpack it with the image's tar.
-        native = (name, info.sha256) in self._packed_here
+        native = (name, info.sha256) in self._packed_here or pending is not None
         staged, key = None, f"{info.sha256[:32]}.tar"
         if native and info.uncompressed_bytes <= PLAIN_MAX_BYTES:
             data = await self._plain_tar(name, info.sha256, data)
