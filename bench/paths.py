@@ -225,9 +225,11 @@ class RelayAgentPath(Path):
 
     name = "relay_agent"
 
-    def __init__(self, size: int, url: str) -> None:
+    def __init__(self, size: int, url: str, runtime: str = "") -> None:
         super().__init__(size)
-        self.relay = RelayAgent(url, size)
+        if runtime:  # the --runtimes rows: relay_agent_runc, relay_agent_runsc
+            self.name = f"relay_agent_{runtime}"
+        self.relay = RelayAgent(url, size, runtime)
 
     async def start(self) -> None:
         await self.relay.start()

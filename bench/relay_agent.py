@@ -28,13 +28,25 @@ from harness import CallFn, acquire_all, release_all
 GROUP = "g"
 
 
-def relay_agent(url: str, prefix: str, size: int, ready: multiprocessing.Event) -> None:  # type: ignore[valid-type]
+def relay_agent(
+    url: str,
+    prefix: str,
+    size: int,
+    ready: multiprocessing.Event,  # type: ignore[valid-type]
+    runtime: str = "",
+) -> None:
     """The relay process: ``size`` sandboxes, then the loop, until terminated."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    asyncio.run(_serve(url, prefix, size, ready))
+    asyncio.run(_serve(url, prefix, size, ready, runtime))
 
 
-async def _serve(url: str, prefix: str, size: int, ready: multiprocessing.Event) -> None:  # type: ignore[valid-type]
+async def _serve(
+    url: str,
+    prefix: str,
+    size: int,
+    ready: multiprocessing.Event,  # type: ignore[valid-type]
+    runtime: str,
+) -> None:
     from common import IMAGE
 
     from toolq.worker.backends.docker import DockerBackend
@@ -44,8 +56,11 @@ async def _serve(url: str, prefix: str, size: int, ready: multiprocessing.Event)
     assert task is not None
     # terminate(): stop serving and remove the sandboxes (the finally below).
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    settings = WorkerSettings(backend="docker", default_image=IMAGE, namespace=prefix)
+    settings = WorkerSettings(
+        backend="docker", default_image=IMAGE, namespace=prefix, runtime=runtime or "runc"
+    )
     backend = DockerBackend(settings)
+    await asyncio.to_thread(backend.engine.load_runtimes)  # as a worker's start
     slots, _ = await acquire_all(backend, size)
     r = aioredis.Redis.from_url(url)
     calls = f"{prefix}:calls"
@@ -85,8 +100,8 @@ async def _serve(url: str, prefix: str, size: int, ready: multiprocessing.Event)
 class RelayAgent:
     """The client side: start the relay process, then one ``CallFn`` per call kind."""
 
-    def __init__(self, url: str, size: int) -> None:
-        self.url, self.size = url, size
+    def __init__(self, url: str, size: int, runtime: str = "") -> None:
+        self.url, self.size, self.runtime = url, size, runtime
         self.prefix = f"relayagent{uuid.uuid4().hex[:6]}"
         self.proc: multiprocessing.Process | None = None
         self.conns: list[aioredis.Redis] = []
@@ -95,7 +110,9 @@ class RelayAgent:
     async def start(self) -> None:
         ready = multiprocessing.Event()
         self.proc = multiprocessing.Process(
-            target=relay_agent, args=(self.url, self.prefix, self.size, ready), daemon=True
+            target=relay_agent,
+            args=(self.url, self.prefix, self.size, ready, self.runtime),
+            daemon=True,
         )
         self.proc.start()
         if not await asyncio.to_thread(ready.wait, 600):

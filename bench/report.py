@@ -53,7 +53,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Ratios to the limit and to the RQ baseline at the same tool and concurrency
     (a ``--runtimes`` row, ``toolq_runsc``, to the limit of its own runtime)."""
     for row in rows:
-        own = "limit_" + row["path"].split("_", 1)[1] if row.get("runtime") else "limit"
+        own = f"limit_{row['runtime']}" if row.get("runtime") else "limit"
         limit = _find(rows, own, row["tool"], row["concurrency"])
         rq = _find(rows, "rq", row["tool"], row["concurrency"])
         row["p50_x_limit"] = _ratio(row["p50_ms"], limit and limit["p50_ms"])
@@ -457,6 +457,7 @@ def _runtime_section(report: dict[str, Any]) -> list[str]:
     head = ["tool", "trajectories"]
     for rt in runtimes:
         head += [f"limit {rt} p50 ms", f"toolq {rt} p50 ms", f"toolq adds ({rt}) ms"]
+        head += [f"relay_agent adds ({rt}) ms"]
     head += [f"{rt} limit ÷ {base}" for rt in runtimes[1:]]
     head += [f"toolq calls/s {rt}" for rt in runtimes]
     head += [f"worker CPU ms/call {rt}" for rt in runtimes]
@@ -466,8 +467,10 @@ def _runtime_section(report: dict[str, Any]) -> list[str]:
         "",
         f"The same calls under each runtime, interleaved in one stage. `÷ {base}`: what "
         "the runtime costs the agent stream (the limit); `toolq adds`: toolq's p50 minus "
-        "the limit's p50 under the same runtime (noisy on a loaded host); worker CPU per "
-        "call: toolq's own work, which wall-clock noise does not inflate.",
+        "the limit's p50 under the same runtime (noisy on a loaded host); `relay_agent "
+        "adds`: the same for the simplest program doing toolq's hops (`bench/relay_agent.py`) "
+        "under that runtime; worker CPU per call: toolq's own work, which wall-clock noise "
+        "does not inflate.",
         "",
         "| " + " | ".join(head) + " |",
         "|---|" + "--:|" * (len(head) - 1),
@@ -484,7 +487,10 @@ def _runtime_section(report: dict[str, Any]) -> list[str]:
             mine = _find(rows, f"toolq_{rt}", tool, conc)
             limits[rt] = lim and lim["p50_ms"]
             adds = mine["p50_ms"] - lim["p50_ms"] if mine and lim else None
+            relay = _find(rows, f"relay_agent_{rt}", tool, conc)
+            relay_adds = relay["p50_ms"] - lim["p50_ms"] if relay and lim else None
             cells += [_fmt(limits[rt]), _fmt(mine and mine["p50_ms"]), _fmt(adds)]
+            cells += [_fmt(relay_adds)]
             tputs.append(_fmt(mine and mine["calls_per_s"]))
             cpus.append(_fmt(mine and mine.get("worker_cpu_ms_per_call")))
         cells += [_fmt(_ratio(limits[rt], limits[base])) for rt in runtimes[1:]]

@@ -299,13 +299,18 @@ async def warm_pool_opens(cfg: Config, res: Results, url: str, runtime: str = ""
 
 async def runtime_rows(cfg: Config, res: Results, url: str, runtimes: list[str]) -> None:
     """The same calls under each Docker runtime (runc, runsc: gVisor), interleaved in
-    one stage: the limit and toolq per runtime, cold and warm opens per runtime."""
+    one stage: the limit, toolq and relay_agent per runtime, cold and warm opens per
+    runtime."""
     paths: list[Path] = []
     for runtime in runtimes:
         paths.append(LimitPath(cfg.runtime_level, runtime=runtime))
         paths.append(ToolqPath(cfg.runtime_level, url, cold=cfg.cold, runtime=runtime))
+        # The simplest program doing toolq's work under the same runtime (issue 37):
+        # does the runtime make toolq's own work cost more, or any program's on it?
+        paths.append(RelayAgentPath(cfg.runtime_level, url, runtime=runtime))
     await compare(cfg, res, paths, [1, cfg.runtime_level], "", False)
-    names = {f"{kind}_{runtime}": runtime for runtime in runtimes for kind in ("limit", "toolq")}
+    kinds = ("limit", "toolq", "relay_agent")
+    names = {f"{kind}_{runtime}": runtime for runtime in runtimes for kind in kinds}
     for run in res.rows:
         if run.path in names:
             run.extra["runtime"] = names[run.path]
