@@ -124,7 +124,7 @@ def test_forks_at_once_on_one_worker(start_worker, aclient_factory):
             copies = {src: [f"{src}-c{i}" for i in range(3)] for src in sources}
             await asyncio.gather(*(client.fork(src, copies[src]) for src in sources))
             found = {}
-            for src, mine in copies.items():
+            for mine in copies.values():
                 for copy in mine:
                     read = await client.call(copy, "read_file", {"path": "who"})
                     found[copy] = read.output if read.ok else f"{read.error_code}: {read.error}"
