@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.connection import PythonRespSerializer
 from redis.crc import key_slot
 from redis.exceptions import (
     BusyLoadingError,
@@ -56,8 +55,6 @@ REPLAY_MAX_BYTES = 64 * 1024 * 1024
 # Results up to this size (as UTF-8 JSON) are copied into their result event, so
 # that a waiting client needs no HGETALL; larger ones are only in the result hash.
 INLINE_RESULT_MAX_BYTES = 4096
-#: A batch with an argument larger than this is packed without copying it (``_pack``).
-PACK_COPY_MAX_BYTES = 64 * 1024
 # Entries END answers per run (it runs again until the stream is empty).
 END_BATCH = 500
 
@@ -493,7 +490,7 @@ class Writer:
             self._conn = pool.make_connection()
         conn = self._conn
         try:
-            await conn.send_packed_command(_pack(conn, commands))
+            await conn.send_packed_command(conn.pack_commands(commands))
             replies: list[Any] = []
             for _ in commands:
                 try:
@@ -613,18 +610,3 @@ def _is_outage(value: Any) -> bool:
             OSError,
         ),
     )
-
-
-def _pack(conn: Any, commands: list[tuple[Any, ...]]) -> Any:
-    """The batch as RESP: hiredis's packer (the faster for small arguments), unless an
-    argument is large (a tool's output of a MiB): hiredis copies every argument into
-    one buffer (0.2-1 ms a MiB), redis-py's Python packer sends a large one as it is."""
-    big = any(
-        isinstance(arg, (bytes, str)) and len(arg) > PACK_COPY_MAX_BYTES
-        for command in commands
-        for arg in command
-    )
-    if not big:
-        return conn.pack_commands(commands)
-    packer: Any = PythonRespSerializer(conn._buffer_cutoff, conn.encoder.encode)
-    return [chunk for command in commands for chunk in packer.pack(*command)]
