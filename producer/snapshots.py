@@ -126,5 +126,7 @@ def delete_op(keys: Keys, name: str) -> Op[bool]:
     replies = yield [
         Cmd("delete", (keys.snapshot_data(name),)),
         Cmd("hdel", (keys.snapshots, name)),
+        # a fork's still being written: not kept once written (lua.SNAPSHOT_KEPT)
+        Cmd("delete", (keys.snapshot_writing(name),)),
     ]
-    return bool(replies[0] or replies[1])
+    return bool(replies[0] or replies[1] or replies[2])

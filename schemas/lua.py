@@ -412,6 +412,16 @@ return written
 """
 )
 
+# KEYS: a fork's snapshot-writing marker, the snapshot's files (one slot: {name})
+# Written after the fork was answered, the files stay only while the marker does:
+# without it the snapshot was deleted meanwhile, or the marker lapsed and copies
+# that waited for it elsewhere failed. Returns 1 (kept) or 0 (the files deleted).
+SNAPSHOT_KEPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+redis.call('DEL', KEYS[2])
+return 0
+"""
+
 # KEYS: traj, calls   ARGV: worker, epoch, group, entry_id
 # Fenced. Acknowledges and deletes one entry that needs no result (a control entry).
 ACK = (

@@ -134,6 +134,25 @@ def test_forks_at_once_on_one_worker(start_worker, aclient_factory):
     assert found == {copy: copy.split("-")[0] for copy in found} and len(found) == 12, found
 
 
+def test_a_fork_snapshot_deleted_while_written_stays_deleted(
+    start_worker, client: Client, redis_url: str, ns: str
+):
+    """A fork's snapshot is written to Redis after the fork returns: deleted before
+    that, it is not written back (its marker goes with the delete)."""
+    start_worker("local")
+    client.open("src")
+    sh(client, "src", "echo x > f")
+    name = str((ok(client.fork("src", ["d0", "d1"])).data or {})["name"])
+    assert client.delete_snapshot(name)  # the marker at least: the write is pending
+    raw, keys = redis_client(redis_url), Keys(ns)
+    wait_for(lambda: not raw.exists(keys.snapshot_writing(name)), what="the write over")
+    assert client.snapshots() == [] and not raw.exists(keys.snapshot_data(name))
+    assert raw.hget(keys.snapshots, name) is None
+    assert sh(client, "d1", "cat f") == "x\n"  # the copies have their files all the same
+    for traj in ("src", "d0", "d1"):
+        client.close(traj)
+
+
 def test_an_open_waits_for_a_snapshot_still_being_written(
     start_worker, client: Client, redis_url: str, ns: str
 ):

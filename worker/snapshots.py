@@ -22,7 +22,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
 
-from toolq.schemas import ErrorCode, Keys, SnapshotArgs, SnapshotInfo, TrajectorySpec
+from toolq.schemas import ErrorCode, Keys, SnapshotArgs, SnapshotInfo, TrajectorySpec, lua
 
 from .backends.base import SandboxError, Slot
 from .channel import AGENT_GRACE_S, ChannelClosedError
@@ -182,8 +182,9 @@ class Snapshots:
             # result's flush and the copies' opens: bench/notes.md); the marker makes
             # a copy elsewhere that comes earlier wait for it (``info``).
             await self._mark(wanted.name)
-            self._writing[wanted.name] = Pending(info, data, copies_here)
-            write = asyncio.create_task(self._write(info, data, ttl_s), name="snapshot-write")
+            pending = self._writing[wanted.name] = Pending(info, data, copies_here)
+            writing = self._write(info, data, ttl_s, pending)
+            write = asyncio.create_task(writing, name="snapshot-write")
             self._writes.add(write)
             write.add_done_callback(self._writes.discard)
         else:
@@ -200,41 +201,56 @@ class Snapshots:
         data_out = {**shown, "skipped": skipped, "vanished": vanished}
         return {"ok": True, "output": output, "data": data_out}
 
-    async def _write(self, info: SnapshotInfo, data: bytes, ttl_s: float) -> None:
+    async def _write(
+        self, info: SnapshotInfo, data: bytes, ttl_s: float, pending: Pending | None = None
+    ) -> None:
         """The snapshot's files, then its index entry (an index entry never names
-        files that were not written), then, for a fork's, no more marker."""
+        files that were not written); a fork's (``pending``) only while its marker
+        is there, which goes once written."""
         name = info.name
         data_key, ttl_ms = self.keys.snapshot_data(name), max(1, int(ttl_s * 1000))
-        pending = self._writing.get(name)
+        marker = self.keys.snapshot_writing(name)
         renew = asyncio.create_task(self._renew_mark(name)) if pending is not None else None
+        kept = True
         try:
             if pending is not None:  # the copies here first: the write would slow them down
                 await pending.settled()
             store = lambda: self.redis.set(data_key, data, px=ttl_ms)  # noqa: E731
             await retrying(self.health, store, "snapshot")
-            index = (self.keys.snapshots, name, info.model_dump_json())
-            await retrying(self.health, lambda: self.redis.hset(*index), "snapshot index")
+            if pending is not None:
+                # Its marker gone: the snapshot was deleted meanwhile, or the marker
+                # lapsed (Redis away): copies waiting elsewhere failed. Not kept then.
+                check = lambda: self.redis.eval(lua.SNAPSHOT_KEPT, 2, marker, data_key)  # noqa: E731
+                kept = bool(await retrying(self.health, check, "snapshot kept"))
+            if kept:
+                index = (self.keys.snapshots, name, info.model_dump_json())
+                await retrying(self.health, lambda: self.redis.hset(*index), "snapshot index")
         finally:
-            self._writing.pop(name, None)
+            if pending is not None and self._writing.get(name) is pending:
+                del self._writing[name]
             if renew is not None:
                 renew.cancel()
         if renew is not None:  # its last SET has run before this DEL
             await asyncio.wait([renew])
-            marker = self.keys.snapshot_writing(name)
             await retrying(self.health, lambda: self.redis.delete(marker), "marker")
+        if not kept:
+            log.warning("snapshot %s was deleted (or its marker lapsed) while written", name)
+            return
         self.observer.snapshot_taken(len(data))
         await self.sample_safely()
 
-    async def _mark(self, name: str) -> None:
+    async def _mark(self, name: str, renew: bool = False) -> None:
+        """Set the marker (``renew``: only while it exists: a deleted one stays gone)."""
         marker, ttl_ms = self.keys.snapshot_writing(name), int(MARK_TTL_S * 1000)
-        await retrying(self.health, lambda: self.redis.set(marker, 1, px=ttl_ms), "marker")
+        mark = lambda: self.redis.set(marker, 1, px=ttl_ms, xx=renew)  # noqa: E731
+        await retrying(self.health, mark, "marker")
 
     async def _renew_mark(self, name: str) -> None:
         """Keep the marker while the files are written: if this worker dies, it lapses
         within ``MARK_TTL_S`` and the copies waiting elsewhere fail (snapshot_not_found)."""
         while True:
             await asyncio.sleep(MARK_TTL_S / 3)
-            await self._mark(name)
+            await self._mark(name, renew=True)
 
     async def drain(self, timeout_s: float) -> None:
         """Let the fork snapshots being written finish (a worker shutting down)."""
@@ -269,10 +285,16 @@ class Snapshots:
                 return bytes(raw) if raw is not None else None
             await asyncio.sleep(WRITE_POLL_S)
 
-    async def _lookup(self, name: str, marker: str) -> tuple[Any, Any]:
-        # Two keys, two slots on a cluster: not one pipeline.
+    async def _lookup(self, name: str, marker: str) -> tuple[Any, bool]:
+        """The index entry, and whether the snapshot is still being written. Two keys,
+        two slots on a cluster: two reads, the index again when the marker is gone
+        (it goes after the entry is written, maybe between the first two reads)."""
         raw = await self.redis.hget(self.keys.snapshots, name)
-        return raw, raw is None and await self.redis.exists(marker)
+        if raw is not None:
+            return raw, False
+        if await self.redis.exists(marker):
+            return None, True
+        return await self.redis.hget(self.keys.snapshots, name), False
 
     async def resolve(self, spec: TrajectorySpec) -> TrajectorySpec:
         """The spec a trajectory opened from ``spec.snapshot`` runs with."""
