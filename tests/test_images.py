@@ -181,6 +181,34 @@ def test_an_open_left_to_a_holder_that_does_not_claim_it_is_claimed_after_the_de
     client.close("left")
 
 
+def test_a_holder_gets_no_more_opens_than_it_has_room_for(
+    start_worker, client, redis_url, ns, dc, docker_namespaces, untagged
+):
+    """A wave of opens read before the holder claims any: as many are left to it as it
+    has free slots (its inbox counts against them), the rest claimed at once."""
+    require_docker()
+    docker_namespaces.add(ns)
+    keys = Keys(ns)
+    r = redis_client(redis_url)
+    worker = start_worker(
+        "docker", image_claim_delay_s=3600.0, prefetch=False, image_refresh_s=3600.0, slots=4
+    )
+    wait_for(lambda: holds(worker, TEST_IMAGE), 60, "the worker's first listing")
+    dc.images.get(TEST_IMAGE).tag(*untagged.split(":"))  # there, but not known to be
+    r.zadd(keys.workers, {"fake": int(time.time() * 1000)})  # a holder that never claims
+    r.hset(keys.worker_images("fake"), mapping={IMAGE_FIELD + untagged: "held", FREE_FIELD: "2"})
+    trajs = [f"w{i}" for i in range(5)]
+    for traj in trajs:
+        client.open(traj, {"image": untagged})
+    mine = worker.settings.worker_id
+    wait_for(
+        lambda: sum(owner(client, t) == mine for t in trajs) == 3, 120, "three claimed at once"
+    )
+    assert r.llen(keys.worker_inbox("fake")) == 2 and left_to_holder(worker) == 2
+    for traj in trajs:
+        client.close(traj)
+
+
 def test_status_shows_the_images_each_worker_holds(
     start_worker, client, redis_url, ns, docker_namespaces, task_image
 ):

@@ -6,9 +6,10 @@ slots; it rewrites the hash when that changes and at least every
 ``image_refresh_s`` (the hash expires when the worker stops doing so).
 
 - **Claims.** A worker that reads an open whose image its engine neither holds
-  nor pulls looks for a live worker that does and has a free slot. If there is
-  one, it puts the request in that worker's inbox (``Keys.worker_inbox``, which
-  the holder reads at once) and leaves the entry pending for
+  nor pulls looks for a live worker that does and has a free slot (its free
+  slots less the opens in its inbox). If there is one, it puts the request in
+  that worker's inbox (``Keys.worker_inbox``, which the holder reads at once)
+  and leaves the entry pending for
   ``image_claim_delay_s``; then it claims it itself, and the claim script
   refuses if the holder was first. With no holder, or only full ones, it
   claims at once, so load still spreads. Either way one claim wins
@@ -201,19 +202,25 @@ class ImageAware:
         return [w for w in alive if w != self.worker_id]
 
     async def _holder_with_room(self, ref: str) -> str | None:
-        """A live worker that holds ``ref`` (else pulls it) and has a free slot."""
+        """A live worker that holds ``ref`` (else pulls it) and has a free slot for one
+        more open: its published free slots less the opens waiting in its inbox (a wave
+        of opens all read before it claims any must not all be left to it: those it
+        has no room for would wait out ``image_claim_delay_s``)."""
         workers = await self.live_workers()
         if not workers:
             return None
         pipe = self.redis.pipeline(transaction=False)
         for worker in workers:
             pipe.hmget(self.keys.worker_images(worker), IMAGE_FIELD + ref, FREE_FIELD)
-        rows = await pipe.execute()
+            pipe.llen(self.keys.worker_inbox(worker))
+        replies = await pipe.execute()
+        rows = zip(replies[::2], replies[1::2], strict=True)
         best: tuple[int, int, str] | None = None
-        for worker, (state, free) in zip(workers, rows, strict=True):
-            if state is None or free is None or int(_s(free)) <= 0:
+        for worker, ((state, free), waiting) in zip(workers, rows, strict=True):
+            room = int(_s(free)) - int(waiting or 0) if free is not None else 0
+            if state is None or room <= 0:
                 continue
-            key = (1 if _s(state) == "held" else 0, int(_s(free)), worker)
+            key = (1 if _s(state) == "held" else 0, room, worker)
             best = key if best is None or key > best else best
         return best[2] if best else None
 
