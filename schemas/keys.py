@@ -189,6 +189,12 @@ class Keys:
         """Hash with TTL: one call's final result."""
         return f"{self.ns}:{{{traj_id}}}:result:{call_id}"
 
+    def staged_output(self, traj_id: str, call_id: str, worker_id: str) -> str:
+        """Hash with TTL: a large output on its way into its result hash, which the
+        worker's FINISH script renames it to (named per worker: a worker fenced
+        off mid-write must not stage over its successor's)."""
+        return f"{self.ns}:{{{traj_id}}}:staged:{call_id}:{worker_id}"
+
     def bg(self, traj_id: str, task_id: str) -> str:
         """Hash: one background task's state and output tails."""
         return f"{self.ns}:{{{traj_id}}}:bg:{task_id}"

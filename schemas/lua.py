@@ -363,46 +363,51 @@ return {'ok', tostring(epoch), claimed_ms, redis.call('HGET', KEYS[1], 'policy')
 """
 )
 
-# KEYS: traj, result, events, calls
+# KEYS: traj, result, events, calls[, staged output]
 # ARGV: worker, epoch, group, entry_id, result_ttl_ms, events_maxlen, ok, error_code,
-#       call_id, now_ms, the result's fields as one JSON object of strings, inline ('1':
-#       the event carries that JSON too, so a waiting client needs no HGETALL)
-#       [, output: the result's `output` field, raw, when the JSON leaves it out (a
-#       large result: decoding megabytes of JSON in the script cost more than the
-#       call)]
+#       call_id, now_ms, infra ('1': counted in calls_infra), the result as one JSON
+#       object of strings for its event ('': the event carries none; the client reads
+#       the hash), then the result hash's fields as name/value pairs
 # Fenced. Writes the result only if none exists (exactly one final result per
 # call), then acknowledges and deletes the entry: an answered call leaves the
-# stream. Returns 1 (written), 0 (it had a result already) or FENCED.
+# stream. A large output is not an argument: every byte given to a script costs
+# Redis about 1.3 ms a MiB (bench/notes.md), so the writer stores it in the staged
+# output key (a hash holding `output`, with a TTL) in the same pipeline, just
+# before; the script renames that key to the result (no copy) or deletes it.
+# Returns 1 (written), 0 (it had a result already) or FENCED, or an error when the
+# staged output is missing (nothing written: the writer writes an error result).
 FINISH = (
     _FENCE_LUA
     + """
-if not owns() then return -1 end
+local staged = KEYS[5]
+if not owns() then
+  if staged then redis.call('DEL', staged) end
+  return -1
+end
 local written = 0
 if redis.call('EXISTS', KEYS[2]) == 0 then
-  local fields, infra = {}, false
-  for name, value in pairs(cjson.decode(ARGV[11])) do
-    fields[#fields + 1] = name
-    fields[#fields + 1] = value
-    if name == 'infra' and value == '1' then infra = true end
+  if staged then
+    if redis.call('EXISTS', staged) == 0 then
+      return redis.error_reply('the staged output of ' .. ARGV[9] .. ' is missing')
+    end
+    redis.call('RENAME', staged, KEYS[2])
   end
-  if #ARGV >= 13 then
-    fields[#fields + 1] = 'output'
-    fields[#fields + 1] = ARGV[13]
-  end
-  redis.call('HSET', KEYS[2], unpack(fields))
+  redis.call('HSET', KEYS[2], unpack(ARGV, 13))
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
   local event = {'v', '1', 'type', 'result', 'call_id', ARGV[9], 'ok', ARGV[7],
                  'error_code', ARGV[8]}
-  if ARGV[12] == '1' then
+  if ARGV[12] ~= '' then
     event[#event + 1] = 'result'
-    event[#event + 1] = ARGV[11]
+    event[#event + 1] = ARGV[12]
   end
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(event))
   redis.call('HINCRBY', KEYS[1], 'calls_total', 1)
   if ARGV[7] == '0' then redis.call('HINCRBY', KEYS[1], 'calls_failed', 1) end
-  if infra then redis.call('HINCRBY', KEYS[1], 'calls_infra', 1) end
+  if ARGV[11] == '1' then redis.call('HINCRBY', KEYS[1], 'calls_infra', 1) end
   redis.call('HSET', KEYS[1], 'last_activity_ms', ARGV[10], 'last_call_id', ARGV[9])
   written = 1
+elseif staged then
+  redis.call('DEL', staged)
 end
 if ARGV[4] ~= '' then
   redis.call('XACK', KEYS[4], ARGV[3], ARGV[4])

@@ -5,10 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from redis.exceptions import ResponseError
 
 from toolq.producer import AsyncClient, Client
-from toolq.schemas import Result
-from toolq.worker.writer import INLINE_RESULT_MAX_BYTES
+from toolq.schemas import Keys, Result, lua
+from toolq.worker.lease import RedisHealth
+from toolq.worker.service import connect
+from toolq.worker.settings import WorkerSettings
+from toolq.worker.writer import INLINE_RESULT_MAX_BYTES, Writer
 
 
 def _last_result_event(client: Client, traj: str) -> dict[bytes, bytes]:
@@ -70,3 +78,72 @@ def test_one_async_client_waits_for_many_trajectories(
 
     results = asyncio.run(main())
     assert [r.output for r in results] == [f"{i}\n" for i in range(n)]
+
+
+def _staged_keys(client: Client) -> list[bytes]:
+    return [k for k in client.redis.keys(f"{client.keys.ns}:*") if b":staged:" in k]
+
+
+def test_a_large_output_leaves_no_staged_copy(start_worker, client: Client):
+    """Outputs over the inline size are staged beside the result script and renamed
+    into the result (see lua.FINISH): the result holds them, nothing else does."""
+    start_worker("local")
+    client.open("t")
+    size = INLINE_RESULT_MAX_BYTES * 8  # under the default max_output_bytes (64 KiB)
+    cmd = f"head -c {size} /dev/zero | tr '\\0' y"
+    results = [client.call("t", "bash", {"command": cmd}) for _ in range(3)]
+    assert [len(r.output) for r in results] == [size] * 3 and results[0].output == "y" * size
+    for r in results:
+        stored = client.redis.hgetall(client.keys.result("t", r.call_id))
+        assert (
+            stored[b"output"] == b"y" * size
+            and client.redis.pttl(client.keys.result("t", r.call_id)) > 0
+        )
+    assert _staged_keys(client) == []
+
+
+def _writer(url: str, ns: str, worker_id: str) -> Writer:
+    settings = WorkerSettings(redis_url=url, namespace=ns, worker_id=worker_id)
+    return Writer(settings, connect(url), RedisHealth(), lambda _t: None, lambda _r: None)
+
+
+@pytest.mark.redis_kinds("single", "cluster")
+def test_a_staged_output_is_renamed_once_or_deleted(redis_url: str, ns: str):
+    """The writer's FINISH with a staged output, through Redis: the owner's result
+    takes it; a second result for the call, a fenced-off worker's, and a FINISH
+    whose staged output is gone write nothing, and no staged key is left."""
+    keys = Keys(ns)
+    big = "z" * (INLINE_RESULT_MAX_BYTES + 1)
+
+    def result(call_id: str, output: str) -> Result:
+        return Result(call_id=call_id, traj="t", ok=True, output=output, finished_ms=1)
+
+    async def main() -> None:
+        owner, other = _writer(redis_url, ns, "w1"), _writer(redis_url, ns, "w2")
+        redis: Any = owner.redis
+        await redis.hset(keys.traj("t"), mapping={"traj": "t", "owner": "w1", "epoch": "3"})
+        traj, item = SimpleNamespace(traj_id="t", epoch="3"), SimpleNamespace(entry_id="")
+        try:
+            op = owner._finish_op(traj, item, result("c1", big))  # type: ignore[arg-type]
+            assert op.before and op.keys[-1] == keys.staged_output("t", "c1", "w1")
+            assert await owner._flush([op]) == [1]
+            again = owner._finish_op(traj, item, result("c1", "y" * len(big)))  # type: ignore[arg-type]
+            fenced = other._finish_op(traj, item, result("c2", big))  # type: ignore[arg-type]
+            assert await owner._flush([again]) == [0]
+            assert await other._flush([fenced]) == [lua.FENCED]
+            lost = owner._finish_op(traj, item, result("c3", big))  # type: ignore[arg-type]
+            lost.before = ()  # the staging never happened
+            (reply,) = await owner._flush([lost])
+            assert isinstance(reply, ResponseError) and "staged output" in str(reply)
+            stored = await redis.hgetall(keys.result("t", "c1"))
+            assert stored[b"output"] == big.encode() and stored[b"call_id"] == b"c1"
+            assert not await redis.exists(keys.result("t", "c2"), keys.result("t", "c3"))
+            for call, worker in (("c1", "w1"), ("c2", "w2"), ("c3", "w1")):
+                assert not await redis.exists(keys.staged_output("t", call, worker))
+            assert await redis.hget(keys.traj("t"), "calls_total") == b"1"
+        finally:
+            for writer in (owner, other):
+                await writer.aclose()
+                await writer.redis.aclose()
+
+    asyncio.run(main())

@@ -19,7 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -54,7 +54,13 @@ REPLAY_WINDOW_S = 10.0
 REPLAY_MAX_BYTES = 64 * 1024 * 1024
 # Results up to this size (as UTF-8 JSON) are copied into their result event, so
 # that a waiting client needs no HGETALL; larger ones are only in the result hash.
+# An output larger than this is staged beside the script, not given to it (see
+# lua.FINISH: a script's arguments cost Redis ~1.3 ms a MiB).
 INLINE_RESULT_MAX_BYTES = 4096
+# How long a staged output outlives a FINISH that never ran (the worker died
+# between the two commands of one pipeline): long enough for a replay after a
+# Redis outage (REPLAY_WINDOW_S) to find it.
+STAGED_OUTPUT_TTL_MS = 600_000
 # Entries END answers per run (it runs again until the stream is empty).
 END_BATCH = 500
 
@@ -104,6 +110,9 @@ class Op:
     done: Callable[[Any], None] | None = None  # called with the reply, once written
     fallback: Callable[[Exception], Op] | None = None  # what to write if Redis refuses it
     ours: bool = True  # False: written for another owner (a dead worker's hand-back)
+    # Plain commands sent just before the script, in the same batch (a large output
+    # staged for FINISH); an error reply of one is the op's reply.
+    before: tuple[tuple[Any, ...], ...] = ()
     replayed: bool = False  # a journal copy sent again after Redis errors: no callbacks
     future: asyncio.Future[Any] | None = field(default=None, repr=False)
 
@@ -181,43 +190,48 @@ class Writer:
         self.send(op)
 
     def _finish_op(self, traj: Traj, item: Item, result: Result) -> Op:
-        # Encoded once, for the hash and the event alike; bytes, not str: a lone
-        # surrogate in a tool's output must not fail the write. An output too large
-        # for the event travels raw beside the JSON: escaping it here and decoding it
-        # in the script cost 5x and 30x the bytes' own trip (bench/notes.md).
-        fields = result.compact_fields()
-        raw_output: list[bytes] = []
-        if len(result.output) > INLINE_RESULT_MAX_BYTES:
-            raw_output.append(fields.pop("output", "").encode("utf-8", "replace"))
-        as_json = json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
-        blob = as_json.encode("utf-8", "replace")
-        inline = not raw_output and len(blob) <= INLINE_RESULT_MAX_BYTES
+        # Bytes, not str: a lone surrogate in a tool's output must not fail the write.
+        # A small result also goes as one JSON object, for its event (the client
+        # needs no HGETALL); the script stores the fields as given (no JSON decode).
+        compact = result.compact_fields()
+        fields = {k: v.encode("utf-8", "replace") for k, v in compact.items()}
         t = traj.traj_id
-        return Op(
-            FINISH,
-            [
-                self.keys.traj(t),
-                self.keys.result(t, result.call_id),
-                self.keys.events(t),
-                self.keys.calls(t),
-            ],
-            [
-                self.worker_id,
-                traj.epoch,
-                GROUP,
-                item.entry_id,
-                self.settings.result_ttl_s * 1000,
-                self.settings.events_maxlen,
-                "1" if result.ok else "0",
-                result.error_code or "",
-                result.call_id,
-                result.finished_ms,
-                blob,
-                "1" if inline else "0",
-                *raw_output,
-            ],
-            t,
-        )
+        keys = [
+            self.keys.traj(t),
+            self.keys.result(t, result.call_id),
+            self.keys.events(t),
+            self.keys.calls(t),
+        ]
+        before: tuple[tuple[Any, ...], ...] = ()
+        blob = b""
+        if len(result.output) > INLINE_RESULT_MAX_BYTES:  # staged: see lua.FINISH
+            staged = self.keys.staged_output(t, result.call_id, self.worker_id)
+            keys.append(staged)
+            before = (
+                ("HSET", staged, "output", fields.pop("output")),
+                ("PEXPIRE", staged, STAGED_OUTPUT_TTL_MS),
+            )
+        else:
+            as_json = json.dumps(compact, separators=(",", ":"), ensure_ascii=False)
+            blob = as_json.encode("utf-8", "replace")
+            if len(blob) > INLINE_RESULT_MAX_BYTES:
+                blob = b""
+        args = [
+            self.worker_id,
+            traj.epoch,
+            GROUP,
+            item.entry_id,
+            self.settings.result_ttl_s * 1000,
+            self.settings.events_maxlen,
+            "1" if result.ok else "0",
+            result.error_code or "",
+            result.call_id,
+            result.finished_ms,
+            "1" if result.infra else "0",
+            blob,
+            *(x for kv in fields.items() for x in kv),
+        ]
+        return Op(FINISH, keys, args, t, before=before)
 
     def ack(self, traj: Traj, entry_id: str) -> None:
         """Release an entry that gets no result (a control entry)."""
@@ -461,21 +475,19 @@ class Writer:
         # EVAL with the source caches the script on the node that ran it (on a
         # cluster, the one that holds the keys); EVALSHA as a plain command,
         # which a cluster pipeline routes by its keys.
-        commands = [
-            (
-                *(("EVAL", op.script.source) if source else ("EVALSHA", op.script.sha)),
-                len(op.keys),
-                *op.keys,
-                *op.args,
-            )
-            for op in ops
-        ]
+        commands: list[tuple[Any, ...]] = []
+        for op in ops:
+            commands += op.before
+            script = ("EVAL", op.script.source) if source else ("EVALSHA", op.script.sha)
+            commands.append((*script, len(op.keys), *op.keys, *op.args))
         if isinstance(self.redis, aioredis.Redis):
-            return await self._send(commands)
-        pipe = self.redis.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        return list(await pipe.execute(raise_on_error=False))
+            replies = await self._send(commands)
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            replies = list(await pipe.execute(raise_on_error=False))
+        return _op_replies(ops, replies)
 
     async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """One Redis: the batch on the writer's own connection, one send and its replies.
@@ -533,8 +545,9 @@ class Writer:
         for op in batch:
             # The op alone: its callbacks hold the call's item and result, which
             # must not live on for the replay's sake.
-            kept = Op(op.script, op.keys, op.args, op.traj_id, ours=op.ours)
-            size = sum(len(a) for a in op.args if isinstance(a, (bytes, str)))
+            kept = replace(op, done=None, fallback=None, future=None)
+            args = [*op.args, *(a for command in op.before for a in command)]
+            size = sum(len(a) for a in args if isinstance(a, (bytes, str)))
             self._journal.append((now, kept, size))
             self._journal_bytes += size
         self.trim_journal(now)
@@ -566,7 +579,7 @@ class Writer:
         """Copies of the last seconds' ops, to write again (see ``_replay``)."""
         since = time.monotonic() - REPLAY_WINDOW_S
         return [
-            Op(op.script, op.keys, op.args, op.traj_id, ours=op.ours, replayed=True)
+            replace(op, replayed=True, done=None, fallback=None, future=None)
             for at, op, _size in self._journal
             if at >= since
         ]
@@ -579,6 +592,18 @@ class Writer:
             log.warning("replaying %d recent writes after Redis errors", len(ops))
             await self._flush(ops)  # raises on a connection error: the caller retries
         self._catch_up.done(generation)
+
+
+def _op_replies(ops: list[Op], replies: list[Any]) -> list[Any]:
+    """Each op's reply from a batch's replies: its script's, or the first error
+    of the commands sent before it (a script that did not run as asked)."""
+    out, at = [], 0
+    for op in ops:
+        mine = replies[at : at + len(op.before) + 1]
+        at += len(mine)
+        errors = [r for r in mine[:-1] if isinstance(r, Exception)]
+        out.append(errors[0] if errors else mine[-1])
+    return out
 
 
 def internal_error(result: Result, why: str) -> Result:
