@@ -26,6 +26,7 @@ from toolq.schemas import Keys, Result
 
 from .ops import UnknownTrajectory, WaitTimeout, result_of, s
 from .waits import (
+    LINGER_S,
     LOOK_EVERY_MS,
     WAKE_TTL_MS,
     Call,
@@ -66,6 +67,8 @@ class EventHub:
         self._seen: OrderedDict[str, str] = OrderedDict()
         # Results whose event was read before their wait joined (None: in the hash).
         self._early: OrderedDict[Call, Result | None] = OrderedDict()
+        #: Blocked reads this hub ended to cover a new wait (a command and a read each).
+        self.wakes = 0
 
     async def wait(self, traj_id: str, call_id: str, cursor: str, timeout_s: float) -> Result:
         """The call's result, once its event (or its hash) shows it.
@@ -92,7 +95,7 @@ class EventHub:
         timer = loop.call_later(timeout_s, _time_out, waiter, call)
         group = self._group_of(traj_id)
         group.waits.add(traj_id, call_id, cursor)
-        group.joined()
+        group.joined(traj_id)
         try:
             return await waiter
         finally:
@@ -167,20 +170,24 @@ class _HubGroup:
         pool = None if hub.cluster else getattr(hub.redis, "connection_pool", None)
         self._conn: Any = pool.make_connection() if pool is not None else None
         self.wake_key = wake_key
-        self.waits = WaitSet(hub.keys)
+        self.waits = WaitSet(hub.keys, linger_s=LINGER_S)
         self.wake_cursor = "$"
         self.blocked = False
+        self._reading: set[str] = set()  # the trajectories the blocked read covers
         self._waking = False
         self._has_waits = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def joined(self) -> None:
-        """A wait joined: start the reader, or end its blocked read to cover the wait."""
+    def joined(self, traj_id: str) -> None:
+        """A wait joined: start the reader, or end its blocked read to cover the wait
+        (unless that read covers its trajectory: any event of it after the read's
+        cursor ends the read, and one before it was read and kept, ``_early``)."""
         self._has_waits.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._read_loop(), name="toolq-events")
-        elif self.blocked and not self._waking:
+        elif self.blocked and not self._waking and traj_id not in self._reading:
             self._waking = True
+            self.hub.wakes += 1
             asyncio.get_running_loop().create_task(self._wake())
 
     async def _wake(self) -> None:
@@ -222,6 +229,7 @@ class _HubGroup:
 
     async def _read_once(self, look_at: float) -> float:
         streams = {**self.waits.streams(), self.wake_key: self.wake_cursor}
+        self._reading = {traj_of_stream(st) for st in streams if st != self.wake_key}
         self.blocked = True
         try:
             if self._conn is not None:

@@ -9,7 +9,9 @@ client: one background reader serves every concurrent wait of the client. A
 read may not span hash slots on Redis Cluster, so there the streams are read
 in groups, one per slot. A wait that joins a blocked read ends it by adding
 to the reader's *wake stream* (``Keys.wake``, in the group's slot), which the
-read includes.
+read includes, unless the read covers its trajectory already: the asyncio
+client keeps a trajectory in its reads for ``LINGER_S`` after its last wait
+ended, so an agent loop's next call needs no wake.
 
 Streams are read from the submit's entry id onwards, so no event of the call
 can be missed; and every ``LOOK_EVERY_MS`` the result hashes of what is still
@@ -34,6 +36,11 @@ Call = tuple[str, str]  # (trajectory id, call id)
 LOOK_EVERY_MS = 2000
 MAX_U64 = 2**64 - 1
 WAKE_TTL_MS = 3600 * 1000  # a gone client's wake streams expire
+#: How long the asyncio client reads a trajectory's events after its last wait
+#: ended, and at most how many such trajectories: waking a blocked read for each
+#: new call cost 3 commands and a read more per call at 16 trajectories.
+LINGER_S = 5.0
+LINGER_MAX = 1024
 
 
 def cursor_before(entry_id: str) -> str:
@@ -71,11 +78,16 @@ class WaitSet:
     cluster: bool = False
     cursors: dict[str, str] = field(default_factory=dict)  # trajectory -> events cursor
     pending: dict[Call, bool] = field(default_factory=dict)
+    # Seconds a trajectory stays read after its last wait ended (0: not at all),
+    # and those that do, oldest first: trajectory -> until (monotonic).
+    linger_s: float = 0.0
+    lingering: dict[str, float] = field(default_factory=dict)
     # When to look at the result hashes of what is still awaited (monotonic).
     look_at: float = field(default_factory=lambda: time.monotonic() + LOOK_EVERY_MS / 1000)
 
     def add(self, traj_id: str, call_id: str, cursor: str) -> None:
         self.pending[(traj_id, call_id)] = True
+        self.lingering.pop(traj_id, None)
         known = self.cursors.get(traj_id)
         if known is None or entry_key(cursor) < entry_key(known):
             self.cursors[traj_id] = cursor
@@ -83,10 +95,23 @@ class WaitSet:
     def discard(self, call: Call) -> None:
         self.pending.pop(call, None)
         if not any(t == call[0] for t, _ in self.pending):
-            self.cursors.pop(call[0], None)
+            if self.linger_s > 0 and call[0] in self.cursors:
+                self.lingering[call[0]] = time.monotonic() + self.linger_s
+            else:
+                self.cursors.pop(call[0], None)
 
     def streams(self) -> dict[str, str]:
+        self._expire()
         return {self.keys.events(t): c for t, c in self.cursors.items()}
+
+    def _expire(self) -> None:
+        """Stop reading the trajectories that lingered long enough (or too many)."""
+        now = time.monotonic()
+        for traj_id, until in list(self.lingering.items()):
+            if until > now and len(self.lingering) <= LINGER_MAX:
+                break
+            del self.lingering[traj_id]
+            self.cursors.pop(traj_id, None)
 
     def groups(self) -> list[dict[str, str]]:
         """The streams, in reads that never span a hash slot (one read off a cluster)."""

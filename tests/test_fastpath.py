@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from redis.exceptions import ResponseError
 
 from toolq.producer import AsyncClient, Client
+from toolq.producer.waits import LINGER_MAX, WaitSet
 from toolq.schemas import Keys, Result, lua
 from toolq.worker.lease import RedisHealth
 from toolq.worker.service import connect
@@ -147,3 +149,56 @@ def test_a_staged_output_is_renamed_once_or_deleted(redis_url: str, ns: str):
                 await writer.redis.aclose()
 
     asyncio.run(main())
+
+
+def test_a_trajectory_lingers_in_the_reads_after_its_wait():
+    """WaitSet with linger_s: a trajectory whose last wait ended stays read from its
+    cursor, until linger_s passed or LINGER_MAX others lingered after it."""
+    keys = Keys("ns")
+    plain, lingering = WaitSet(keys), WaitSet(keys, linger_s=60.0)
+    for waits in (plain, lingering):
+        waits.add("a", "c1", "5-0")
+        waits.add("b", "c2", "6-0")
+        waits.discard(("a", "c1"))
+    assert list(plain.streams()) == [keys.events("b")]
+    assert lingering.streams() == {keys.events("a"): "5-0", keys.events("b"): "6-0"}
+    lingering.add("a", "c3", "7-0")  # a new wait: a cursor later than the read's is kept
+    assert lingering.streams()[keys.events("a")] == "5-0" and "a" not in lingering.lingering
+    for i in range(LINGER_MAX + 1):
+        lingering.add(f"t{i}", "c", "1-0")
+        lingering.discard((f"t{i}", "c"))
+    assert keys.events("t0") not in lingering.streams()  # the oldest went first
+    assert keys.events(f"t{LINGER_MAX}") in lingering.streams()
+    lingering.linger_s = -1.0  # (what time does: a stale until expires)
+    lingering.discard(("a", "c3"))
+    lingering.lingering["a"] = time.monotonic() - 1
+    lingering.streams()
+    assert "a" not in lingering.cursors and "b" in lingering.cursors  # b is still awaited
+
+
+def test_an_agent_loop_does_not_wake_the_read_for_each_call(
+    start_worker, client: Client, aclient_factory: Callable[[], AsyncClient]
+):
+    """Several trajectories calling in loops through one asyncio client: a blocked
+    read is ended (woken) for a trajectory's first wait at most, not for every call,
+    and every call still gets its own result, in order."""
+    start_worker("local", slots=4)
+    trajs = [f"t{i}" for i in range(4)]
+    for traj in trajs:
+        client.open(traj)
+
+    async def main() -> tuple[dict[str, list[str]], int]:
+        async with aclient_factory() as aclient:
+
+            async def loop(traj: str) -> list[str]:
+                return [
+                    (await aclient.call(traj, "bash", {"command": f"echo {traj}-{i}"})).output
+                    for i in range(25)
+                ]
+
+            outputs = await asyncio.gather(*(loop(t) for t in trajs))
+            return dict(zip(trajs, outputs, strict=True)), aclient._hub.wakes
+
+    outputs, wakes = asyncio.run(main())
+    assert outputs == {t: [f"{t}-{i}\n" for i in range(25)] for t in trajs}
+    assert wakes <= len(trajs), f"{wakes} wakes for 100 calls on {len(trajs)} trajectories"
