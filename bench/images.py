@@ -75,21 +75,47 @@ def plan_waves(images: list[str], opts: argparse.Namespace) -> list[list[str]]:
 
 async def trajectory(
     client: AsyncClient, traj: str, image: str, calls: int, blob_bytes: int
-) -> float:
-    """Open, ``calls`` calls one after another, close; seconds from open to the first result."""
-    started = time.perf_counter()
+) -> tuple[float, dict[str, float]]:
+    """Open, ``calls`` calls one after another, close; seconds from open to the first
+    result, and that time's parts (``timeline``)."""
+    started, opened_ms = time.perf_counter(), time.time() * 1000
     await client.open(traj, {"image": image})
     first = await client.call(traj, "bash", {"command": "true"}, wait_s=WAIT_S)
-    took = time.perf_counter() - started
+    took, woken_ms = time.perf_counter() - started, time.time() * 1000
     if not first.ok:
         raise RuntimeError(f"{traj} ({image}): {first.error}")
+    record = await client.record(traj)
+    parts = timeline(opened_ms, record.claimed_ms if record else None, first.stages, woken_ms)
     for i in range(1, calls):
         # The task's own layer is there: the trajectory runs in its image.
         result = await client.call(traj, "bash", {"command": f"wc -c < /opt/task_blob; echo {i}"})
         if not result.ok or str(blob_bytes) not in result.output:
             raise RuntimeError(f"{traj} ({image}) call {i}: {result.error or result.output}")
     await client.close(traj)
-    return took
+    return took, parts
+
+
+#: The parts of open → first result, in order (seconds; one host's clock).
+PARTS = {
+    "open_to_claim": "open → claimed by a worker",
+    "claim_to_sent": "claimed → first call sent to its sandbox (container start)",
+    "sent_to_result": "first call sent → its result at the client",
+}
+
+
+def timeline(
+    opened_ms: float, claimed_ms: int | None, stages: dict[str, float] | None, woken_ms: float
+) -> dict[str, float]:
+    """Open → first result in parts: the claim (the record's ``claimed_ms``), the
+    container start (up to the first call's ``sent`` stage), the call itself."""
+    sent = (stages or {}).get("sent")
+    if claimed_ms is None or sent is None:
+        return {}
+    return {
+        "open_to_claim": (claimed_ms - opened_ms) / 1000,
+        "claim_to_sent": (sent - claimed_ms) / 1000,
+        "sent_to_result": (woken_ms - sent) / 1000,
+    }
 
 
 async def run_mode(
@@ -114,6 +140,7 @@ async def run_mode(
             workers.append(await asyncio.to_thread(WorkerProc, url, ns, **settings))
         # (seconds, was the image on some engine when the wave began)
         first_s: list[tuple[float, bool]] = []
+        first_parts: list[tuple[dict[str, float], bool]] = []
         wave_s: list[float] = []
         async with AsyncClient(url, ns) as client:
             for w, wave in enumerate(waves):
@@ -128,7 +155,9 @@ async def run_mode(
                     )
                 )
                 wave_s.append(time.perf_counter() - began)
-                first_s += [(s, image in on_some) for s, image in zip(took, wave, strict=True)]
+                known = [image in on_some for image in wave]
+                first_s += [(s, k) for (s, _), k in zip(took, known, strict=True)]
+                first_parts += [(p, k) for (_, p), k in zip(took, known, strict=True)]
                 print(f"[images] {mode} wave {w + 1}/{len(waves)}: {wave_s[-1]:.1f} s", flush=True)
     finally:
         for worker in workers:
@@ -152,6 +181,7 @@ async def run_mode(
         "per_min": round(trajectories / sum(wave_s) * 60, 1),
         "wave_s": [round(s, 2) for s in wave_s],
         "first_s": first_s,
+        "first_parts": first_parts,
         "pulls": {host: dict(c) for host, c in per_engine.items()},
         "disk_bytes": disk,
     }
@@ -173,10 +203,17 @@ def summarise(run: dict[str, Any], images: int) -> dict[str, Any]:
         "first_n_on_some_engine": len(on_some),
         "first_p50_s_new_image": round(pct(fresh, 50), 3) if fresh else None,
         "first_n_new_image": len(fresh),
+        **{f"first_p50_s_{part}": _part_p50(run.get("first_parts", []), part) for part in PARTS},
         "per_min": run["per_min"],
         "wall_s": run["wall_s"],
         "images": images,
     }
+
+
+def _part_p50(parts: list[tuple[dict[str, float], bool]], part: str) -> float | None:
+    """The p50 of one part of open → first result, over opens whose image some engine held."""
+    values = sorted(p[part] for p, known in parts if known and part in p)
+    return round(pct(values, 50), 3) if values else None
 
 
 async def run(opts: argparse.Namespace) -> dict[str, Any]:
@@ -236,6 +273,7 @@ def report(result: dict[str, Any]) -> str:
         ("images pulled by both engines", "", "images_pulled_by_both"),
         ("open → first result p50 s, image on some engine", "≤ 0.1", "first_p50_s_on_some_engine"),
         ("(opens of that kind)", "", "first_n_on_some_engine"),
+        *((f"… {label}, p50 s", "", f"first_p50_s_{part}") for part, label in PARTS.items()),
         ("open → first result p50 s, image on no engine", "", "first_p50_s_new_image"),
         ("trajectories/min", "", "per_min"),
     ]

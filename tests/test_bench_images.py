@@ -42,6 +42,13 @@ def test_quick_mode_runs_both_modes_and_cleans_up(tmp_path: Path) -> None:
         run = result[mode]
         assert run["raw"]["trajectories"] == waves
         assert len(run["raw"]["first_s"]) == waves
+        # Each open's time to its first result, in parts that add up to it.
+        for (took, _), (parts, _) in zip(
+            run["raw"]["first_s"], run["raw"]["first_parts"], strict=True
+        ):
+            assert set(parts) == {"open_to_claim", "claim_to_sent", "sent_to_result"}
+            assert all(v > -0.05 for v in parts.values()), parts
+            assert abs(sum(parts.values()) - took) < 0.1, (parts, took)
         # Every image a wave named was pulled by some engine (none held it before).
         named = {image for wave in run["raw"]["waves"] for image in wave}
         pulled = {image for counts in run["raw"]["pulls"].values() for image in counts}
