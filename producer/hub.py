@@ -95,7 +95,7 @@ class EventHub:
         timer = loop.call_later(timeout_s, _time_out, waiter, call)
         group = self._group_of(traj_id)
         group.waits.add(traj_id, call_id, cursor)
-        group.joined(traj_id)
+        group.joined(traj_id, cursor)
         try:
             return await waiter
         finally:
@@ -173,22 +173,28 @@ class _HubGroup:
         self.waits = WaitSet(hub.keys, linger_s=LINGER_S)
         self.wake_cursor = "$"
         self.blocked = False
-        self._reading: set[str] = set()  # the trajectories the blocked read covers
+        self._reading: dict[str, str] = {}  # trajectory -> cursor, of the blocked read
         self._waking = False
         self._has_waits = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def joined(self, traj_id: str) -> None:
-        """A wait joined: start the reader, or end its blocked read to cover the wait
-        (unless that read covers its trajectory: any event of it after the read's
-        cursor ends the read, and one before it was read and kept, ``_early``)."""
+    def joined(self, traj_id: str, cursor: str) -> None:
+        """A wait joined: start the reader, or end its blocked read to cover the wait,
+        unless that read covers it already: it reads the wait's trajectory from a
+        cursor no later than the wait's (an agent loop's next call). A wait from an
+        earlier cursor (its event was read before it joined, without its result)
+        needs a read from there."""
         self._has_waits.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._read_loop(), name="toolq-events")
-        elif self.blocked and not self._waking and traj_id not in self._reading:
+        elif self.blocked and not self._waking and not self._covers(traj_id, cursor):
             self._waking = True
             self.hub.wakes += 1
             asyncio.get_running_loop().create_task(self._wake())
+
+    def _covers(self, traj_id: str, cursor: str) -> bool:
+        reading = self._reading.get(traj_id)
+        return reading is not None and entry_key(reading) <= entry_key(cursor)
 
     async def _wake(self) -> None:
         try:
@@ -229,7 +235,7 @@ class _HubGroup:
 
     async def _read_once(self, look_at: float) -> float:
         streams = {**self.waits.streams(), self.wake_key: self.wake_cursor}
-        self._reading = {traj_of_stream(st) for st in streams if st != self.wake_key}
+        self._reading = {traj_of_stream(st): c for st, c in streams.items() if st != self.wake_key}
         self.blocked = True
         try:
             if self._conn is not None:

@@ -96,6 +96,7 @@ class WaitSet:
         self.pending.pop(call, None)
         if not any(t == call[0] for t, _ in self.pending):
             if self.linger_s > 0 and call[0] in self.cursors:
+                self.lingering.pop(call[0], None)  # (to the end: the dict is oldest first)
                 self.lingering[call[0]] = time.monotonic() + self.linger_s
             else:
                 self.cursors.pop(call[0], None)

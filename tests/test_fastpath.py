@@ -128,7 +128,8 @@ def test_a_staged_output_is_renamed_once_or_deleted(redis_url: str, ns: str):
         try:
             op = owner._finish_op(traj, item, result("c1", big))  # type: ignore[arg-type]
             assert op.before and op.keys[-1] == keys.staged_output("t", "c1", "w1")
-            assert await owner._flush([op]) == [1]
+            small = owner._finish_op(traj, item, result("c0", "small"))  # type: ignore[arg-type]
+            assert await owner._flush([small, op, small]) == [1, 1, 0]  # a reply per op
             again = owner._finish_op(traj, item, result("c1", "y" * len(big)))  # type: ignore[arg-type]
             fenced = other._finish_op(traj, item, result("c2", big))  # type: ignore[arg-type]
             assert await owner._flush([again]) == [0]
@@ -142,7 +143,7 @@ def test_a_staged_output_is_renamed_once_or_deleted(redis_url: str, ns: str):
             assert not await redis.exists(keys.result("t", "c2"), keys.result("t", "c3"))
             for call, worker in (("c1", "w1"), ("c2", "w2"), ("c3", "w1")):
                 assert not await redis.exists(keys.staged_output("t", call, worker))
-            assert await redis.hget(keys.traj("t"), "calls_total") == b"1"
+            assert await redis.hget(keys.traj("t"), "calls_total") == b"2"
         finally:
             for writer in (owner, other):
                 await writer.aclose()
@@ -169,11 +170,13 @@ def test_a_trajectory_lingers_in_the_reads_after_its_wait():
         lingering.discard((f"t{i}", "c"))
     assert keys.events("t0") not in lingering.streams()  # the oldest went first
     assert keys.events(f"t{LINGER_MAX}") in lingering.streams()
-    lingering.linger_s = -1.0  # (what time does: a stale until expires)
-    lingering.discard(("a", "c3"))
-    lingering.lingering["a"] = time.monotonic() - 1
-    lingering.streams()
-    assert "a" not in lingering.cursors and "b" in lingering.cursors  # b is still awaited
+    timed = WaitSet(keys, linger_s=60.0)
+    timed.add("a", "c1", "5-0")
+    timed.add("b", "c2", "6-0")
+    timed.discard(("a", "c1"))
+    assert keys.events("a") in timed.streams()
+    timed.lingering["a"] = time.monotonic() - 1  # (what time does: its until passed)
+    assert list(timed.streams()) == [keys.events("b")]  # b is still awaited
 
 
 def test_an_agent_loop_does_not_wake_the_read_for_each_call(
@@ -202,3 +205,40 @@ def test_an_agent_loop_does_not_wake_the_read_for_each_call(
     outputs, wakes = asyncio.run(main())
     assert outputs == {t: [f"{t}-{i}\n" for i in range(25)] for t in trajs}
     assert wakes <= len(trajs), f"{wakes} wakes for 100 calls on {len(trajs)} trajectories"
+
+
+def test_a_wait_whose_event_was_read_early_wakes_the_read(redis_url: str, ns: str):
+    """A large result's event read before its wait joined (kept without the result)
+    needs a read from before that event: the blocked read that covers the same
+    trajectory from a later cursor is woken, and the wait gets its result."""
+    keys = Keys(ns)
+
+    async def main() -> None:
+        async with AsyncClient(redis_url, ns) as aclient:
+            hub, redis = aclient._hub, aclient.redis
+            await redis.hset(keys.traj("t"), mapping={"traj": "t", "status": "running"})
+            first = await redis.xadd(keys.events("t"), {"v": "1", "type": "state"})
+            cursor = first.decode()
+            blocked = asyncio.ensure_future(hub.wait("t", "never", cursor, 60.0))
+            group = hub._group_of("t")
+            await _until(lambda: group.blocked and "t" in group._reading)
+            # A worker's result, written while the read is blocked; its event has no result.
+            big = "o" * (INLINE_RESULT_MAX_BYTES + 1)
+            await redis.hset(keys.result("t", "c1"), mapping={"call_id": "c1", "traj": "t",
+                             "ok": "1", "output": big})  # fmt: skip
+            await redis.xadd(keys.events("t"), {"v": "1", "type": "result", "call_id": "c1"})
+            await _until(lambda: ("t", "c1") in hub._early)
+            await _until(lambda: group.blocked)  # again, from after c1's event
+            wakes = hub.wakes
+            got = await hub.wait("t", "c1", cursor, 60.0)  # from the call's own cursor
+            assert got.output == big and hub.wakes == wakes + 1
+            blocked.cancel()
+
+    asyncio.run(main())
+
+
+async def _until(ready: Callable[[], bool], deadline_s: float = 60.0) -> None:
+    end = time.monotonic() + deadline_s
+    while not ready():
+        assert time.monotonic() < end, "the state did not come"
+        await asyncio.sleep(0.01)
