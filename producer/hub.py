@@ -235,7 +235,7 @@ class _HubGroup:
 
     async def _read_once(self, look_at: float) -> float:
         streams = {**self.waits.streams(), self.wake_key: self.wake_cursor}
-        self._reading = {traj_of_stream(st): c for st, c in streams.items() if st != self.wake_key}
+        self._reading = dict(self.waits.cursors)  # what streams() just read from
         self.blocked = True
         try:
             if self._conn is not None:
