@@ -46,6 +46,7 @@ def test_copies_are_identical_isolated_and_copied_in_host(start_worker, client: 
     copies = [f"c{i}" for i in range(4)]
     taken = ok(client.fork("src", copies))
     assert taken.data and taken.data["worker"] == worker.settings.worker_id
+    assert taken.data["sent_via"] == "pipe"  # the pack came past the engine
     for copy in copies:
         assert sh(client, copy, DIGEST) == digest  # identical, every file
         assert sh(client, copy, "readlink repo/link") == "a/f1.bin\n"
@@ -63,7 +64,62 @@ def test_copies_are_identical_isolated_and_copied_in_host(start_worker, client: 
     seen = "ls -A /opt/toolq/in | wc -l; touch /opt/toolq/in/x 2>/dev/null || echo read-only"
     assert sh(client, copies[0], seen) == "0\nread-only\n"
     assert worker.worker and worker.worker.backend.engine.exchange is not None  # not given up
+    assert sh(client, "src", "ls -A /opt/toolq/in | wc -l") == "0\n"  # the pipe is gone
+    base = worker.worker.backend.engine.exchange.base
+    assert not [n for n in os.listdir(base) if n.endswith(".part")], os.listdir(base)
     for traj in ["src", *copies]:
+        client.close(traj)
+
+
+# In the source: wait for the pack's pipe, write into it and hold it open (a
+# non-blocking open: a pipe gone meanwhile must not block the holder for good).
+HOLD_THE_PIPE = """python3 - <<'EOF'
+import os, time
+while True:
+    for name in os.listdir("/opt/toolq/in"):
+        try:
+            fd = os.open("/opt/toolq/in/" + name, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        os.write(fd, b"junk")
+        open("held", "w").close()
+        time.sleep(600)
+    time.sleep(0.001)
+EOF"""
+
+
+def test_a_process_holding_the_pack_pipe_fails_only_its_own_fork(start_worker, client: Client):
+    require_docker()
+    start_worker("docker", slots=6)
+    client.open("src")
+    sh(client, "src", "head -c 30000000 /dev/urandom > big.bin && " + SEED)
+    digest = sh(client, "src", DIGEST)
+    ok(client.call("src", "bg_start", {"command": HOLD_THE_PIPE, "name": "holder"}))
+    for attempt in range(5):  # the holder must open the pipe while tar writes
+        copies = [f"h{attempt}-{i}" for i in range(2)]
+        try:
+            taken = client.fork("src", copies)
+        except SnapshotFailed as exc:
+            result = exc.result
+            assert result.error_code == "internal_error", result
+            assert "still open" in (result.error or ""), result
+            assert all(client.record(c) is None for c in copies)  # no copy opened
+            break
+        for copy in copies:  # it missed: an ordinary fork
+            assert sh(client, copy, "rm -f held; " + DIGEST) == digest
+            client.close(copy)
+    else:
+        out = client.call("src", "bg_list", {}).output
+        pytest.fail(f"the holder never caught the pipe: {out}")
+    assert sh(client, "src", "cat big.bin | wc -c") == "30000000\n"  # the source goes on
+    tasks = ok(client.call("src", "bg_list", {})).data or {}
+    for task in tasks.get("tasks", []):
+        ok(client.call("src", "bg_stop", {"task_id": task["task_id"], "force": True}))
+    sh(client, "src", "rm -f held")
+    taken = ok(client.fork("src", ["after"]))  # the next fork is whole
+    assert taken.data and taken.data["sent_via"] == "pipe"
+    assert sh(client, "after", DIGEST) == digest
+    for traj in ["src", "after"]:
         client.close(traj)
 
 

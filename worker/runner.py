@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -213,11 +214,22 @@ class Runner:
             lost = "the workspace was lost with its sandbox or worker: nothing to snapshot"
             reply = error_reply(ErrorCode.SANDBOX_LOST, lost)
         else:
-            packed = await self._call_agent(traj, traj.slot, plan)
-            if packed is None:
-                return
+            # A fork's pack reaches us through a pipe on this host, where there is one.
+            outbox = await self.snapshots.outbox(self.backend, traj.slot, wanted)
+            try:
+                if outbox is not None:
+                    plan = dataclasses.replace(plan, args={**plan.args, "fifo": outbox.path})
+                packed = await self._call_agent(traj, traj.slot, plan)
+                if packed is None:
+                    return
+                packed, sha256 = await self.snapshots.received(packed, outbox)
+            finally:
+                if outbox is not None:
+                    outbox.close()
             packed = self._final_reply(traj, packed)  # cancelled meanwhile: not stored
-            reply = await self.snapshots.store(traj.traj_id, traj.spec, wanted, packed, here)
+            reply = await self.snapshots.store(
+                traj.traj_id, traj.spec, wanted, packed, here, sha256
+            )
         self.emit(traj, item, reply, "snapshot", started_ms, traj.behind_ms(item, started_ms))
 
     async def _hold_lease(self) -> None:

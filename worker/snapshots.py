@@ -17,7 +17,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
@@ -31,6 +31,9 @@ from .metrics import Observer
 from .plan import Plan, Refusal
 from .settings import WorkerSettings
 from .tools import Tool, ToolArgs
+
+if TYPE_CHECKING:
+    from .backends.docker_outbox import Outbox
 
 log = logging.getLogger("toolq.worker.snapshots")
 
@@ -49,6 +52,9 @@ WRITE_POLL_S = 0.05
 #: ``PREFER_SOURCE_MS``, 2 s: they seldom wait for it).
 WRITE_GRACE_S = 0.5
 WRITE_DELAY_S = 1.5
+#: A fork's pack sent through a pipe (``docker_outbox``) must reach its end this long
+#: after the agent's tar did: all of it but the pipe's 1 MiB is read by then.
+PIPE_END_S = 10.0
 #: The marker of a fork's snapshot being written lapses this long after its worker died.
 MARK_TTL_S = 10.0
 
@@ -144,6 +150,27 @@ class Snapshots:
         args = {"max_bytes": cap, **({"compress": "auto"} if wanted.copies else {})}
         return wanted, Plan(PACK_TOOL, args, self.settings.snapshot_timeout_s, 0)
 
+    async def outbox(self, backend: Any, slot: Slot, wanted: SnapshotArgs) -> Outbox | None:
+        """For a fork's pack: a pipe from the slot's container to us (no bytes through
+        the engine: bench/notes.md), where the backend has one."""
+        if not wanted.copies or getattr(backend, "outbox", None) is None:
+            return None
+        box: Outbox | None = await backend.outbox(slot, self.settings.snapshot_max_bytes)
+        return box
+
+    async def received(
+        self, reply: dict[str, Any], outbox: Outbox | None
+    ) -> tuple[dict[str, Any], str | None]:
+        """The pack's reply with its bytes, and their sha256 when the pipe brought them
+        (summed as they came). An agent that could not use the pipe sent them itself."""
+        if outbox is None or not reply.get("fifo"):
+            return {**reply, "sent_via": "stream"}, None
+        got = await outbox.collect(PIPE_END_S)
+        if isinstance(got, str):
+            code = ErrorCode.LIMIT_EXCEEDED if outbox.over_cap else ErrorCode.INTERNAL_ERROR
+            return {"ok": False, "error_code": code.value, "error": f"the pack: {got}"}, None
+        return {**reply, "blob": got[0], "sent_via": "pipe"}, got[1]
+
     async def store(
         self,
         traj_id: str,
@@ -151,10 +178,12 @@ class Snapshots:
         wanted: SnapshotArgs,
         reply: dict[str, Any],
         copies_here: int = 0,
+        sha256: str | None = None,
     ) -> dict[str, Any]:
         """Keep what the agent packed; the reply the snapshot entry gets. A fork's
         (``wanted.copies``) goes to Redis after the reply, once ``copies_here`` of its
-        copies got their files here from memory, or after ``WRITE_DELAY_S``."""
+        copies got their files here from memory, or after ``WRITE_DELAY_S``.
+        ``sha256``: the bytes' own, when already summed."""
         if not reply.get("ok", True):
             return reply
         data = reply.get("blob") or b""
@@ -170,7 +199,7 @@ class Snapshots:
             created_ms=created,
             expires_ms=created + int(ttl_s * 1000),
             worker=self.settings.worker_id,
-            sha256=await digest(data),  # ours: what restores check against
+            sha256=sha256 or await digest(data),  # ours: what restores check against
             spec=saved_spec(spec),
         )
         self._keep(wanted.name, info.sha256, data)
@@ -199,6 +228,7 @@ class Snapshots:
         )
         shown = info.model_dump(exclude={"spec"})
         data_out = {**shown, "skipped": skipped, "vanished": vanished}
+        data_out["sent_via"] = reply.get("sent_via", "stream")  # how the pack reached us
         return {"ok": True, "output": output, "data": data_out}
 
     async def _write(
@@ -328,7 +358,7 @@ class Snapshots:
         # Packed here: our own agent's archive of a workspace, never one crafted in
         # Redis, so the copy's agent may unpack it with the image's tar.
         native = (name, info.sha256) in self._packed_here or pending is not None
-        staged, key = None, f"{info.sha256[:32]}.tar"
+        staged, key = None, info.sha256
         if native and info.uncompressed_bytes <= PLAIN_MAX_BYTES:
             data = await self._plain_tar(name, info.sha256, data)
             if getattr(backend, "stage", None) is not None:

@@ -57,7 +57,8 @@ def tool_snapshot_pack(slot, args, req):
     left out. ``"compress": "auto"`` (a fork's) makes it a plain tar, packed two to
     three times faster, unless that passes the cap: then a tar.gz after all."""
     if args.get("compress") == "auto":
-        plain = native_tar(slot, int(args["max_bytes"]))
+        fifo = args.get("fifo")
+        plain = (fifo and tar_to_fifo(slot, fifo)) or native_tar(slot, int(args["max_bytes"]))
         if plain is None:
             plain = pack_workspace(slot, dict(args, compress=False), req)
         if plain.get("error_code") != "limit_exceeded":
@@ -65,10 +66,28 @@ def tool_snapshot_pack(slot, args, req):
     return pack_workspace(slot, args, req)
 
 
-def native_tar(slot, cap):
+def tar_to_fifo(slot, fifo):
+    """The workspace's plain tar written by ``tar`` straight into ``fifo``, a named
+    pipe the worker reads on the host (``docker_exchange.Outbox``): no bytes through
+    this agent's stream. The reply says ``fifo`` and carries no blob; None when the
+    pipe is not there or has no reader (another engine, gVisor), or tar failed (the
+    worker stopped reading at the cap): the caller packs into memory then."""
+    try:  # non-blocking: a pipe nobody reads on the other side fails here, never hangs
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        os.set_blocking(fd, True)
+        return native_tar(slot, None, out=fd)
+    finally:
+        os.close(fd)  # with tar's own gone, the worker reads its end to EOF
+
+
+def native_tar(slot, cap, out=None):
     """The workspace as a plain tar made by the image's ``tar`` (C: several times
     faster than tarfile), from the same list of entries ``pack_workspace`` takes
-    (special files left out, links kept); None when there is no tar or it failed."""
+    (special files left out, links kept); None when there is no tar or it failed.
+    ``out``: a file descriptor tar writes to instead (then the reply has no blob)."""
     tar = shutil.which("tar")
     if tar is None:
         return None
@@ -92,13 +111,15 @@ def native_tar(slot, cap):
         done = subprocess.run(
             [*command, "-C", slot.root, "-T", "-"],
             input=b"\0".join(names) + b"\0",
-            stdout=subprocess.PIPE,
+            stdout=subprocess.PIPE if out is None else out,
             stderr=subprocess.DEVNULL,
         )
     except OSError:
         return None
     if done.returncode != 0:  # a file gone meanwhile, a busybox tar: tarfile does it
         return None
+    if out is not None:
+        return {"data": counts, "fifo": True}
     if len(done.stdout) > cap:
         message = "the workspace is more than %d bytes uncompressed (the snapshot cap)" % cap
         return {"ok": False, "error_code": "limit_exceeded", "error": message}

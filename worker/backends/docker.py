@@ -23,7 +23,8 @@ attached: every tool call is a JSON line over that stream (~2 ms), never a new
   ``memory_mb``. Without it the workspace lives in the container's writable
   layer, bounded only by the host's disk (overlay2 has no per-container quota
   unless its backing filesystem is xfs with pquota).
-- ``warm_pool`` containers of the default image and limits are kept started;
+- ``warm_pool`` containers of the default image and limits are kept started
+  (topped up ``REFILL_DELAY_S`` after an open takes one);
   a fork's copies get containers started while its snapshot is packed
   (``docker_prestart.py``) and their files through a read-only directory of
   their own (``docker_exchange.py``).
@@ -57,6 +58,7 @@ from .docker_box import (
     FAILED_REFILL_PAUSE_S,
     INIT_TIMEOUT_S,
     READY_TIMEOUT_S,
+    REFILL_DELAY_S,
     WORKSPACE,
     Box,
     BoxConfig,
@@ -196,7 +198,7 @@ class DockerBackend(HandOver, Prestart, Staging):
         name = f"s{next(self._seq)}"
         box.slots.add(name)
         box.used = True
-        self._refill_soon()
+        self._refill_soon(REFILL_DELAY_S)
         try:
             channel = await self._wait_booted(box)
             root = WORKSPACE if self.settings.slots_per_container == 1 else f"{WORKSPACE}/{name}"
@@ -265,17 +267,21 @@ class DockerBackend(HandOver, Prestart, Staging):
         return candidates[0] if candidates else None
 
     # ----------------------------------------------------------- warm pool
-    def _refill_soon(self) -> None:
-        """Top the warm pool up in the background (one refill at a time)."""
+    def _refill_soon(self, delay_s: float = 0.0) -> None:
+        """Top the warm pool up in the background, ``delay_s`` from now (one refill
+        at a time: opens meanwhile join the one waiting)."""
         if self.settings.warm_pool <= 0 or self._closing:
             return
         if self._refill_task is not None and not self._refill_task.done():
             return
         if time.monotonic() - self._refill_failed_at < FAILED_REFILL_PAUSE_S:
             return
-        self._refill_task = asyncio.create_task(self._refill(), name="docker-warm-pool")
+        refill = self._refill(delay_s)
+        self._refill_task = asyncio.create_task(refill, name="docker-warm-pool")
 
-    async def _refill(self) -> None:
+    async def _refill(self, delay_s: float) -> None:
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
         while not self._closing:
             idle = [
                 b

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .base import Backend, Slot
+from .docker_outbox import Outbox
 
 if TYPE_CHECKING:
     from ..settings import WorkerSettings
@@ -72,9 +74,7 @@ class Exchange:
         cached = os.path.join(self.base, "cache", key)
         with self._lock:  # the copies of a fork stage at once: one writes it
             if not os.path.exists(cached):
-                for old in os.listdir(os.path.dirname(cached)):  # one archive at a time
-                    with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(os.path.dirname(cached), old))
+                self._clear_cache()
                 partial = f"{cached}.part"
                 with open(partial, "wb") as fh:
                     fh.write(data)
@@ -85,6 +85,39 @@ class Exchange:
             os.unlink(target)
         os.link(cached, target)
         return f"{IN_DIR}/{name}"
+
+    def outbox(self, cid: str, name: str, cap_bytes: int) -> Outbox | None:
+        """A named pipe ``name`` in the container's directory, open for reading:
+        what the container's agent writes to it reaches the worker with no engine in
+        between (a bind mount's read-only flag does not stop writes to a pipe)."""
+        directory = self._dirs.get(cid)
+        if directory is None:
+            return None
+        path = os.path.join(directory, name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.mkfifo(path, 0o600)
+        os.chmod(path, 0o622)  # the sandbox's user writes it; only we read it
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with contextlib.suppress(OSError):  # 1 MiB, the unprivileged limit: fewer reads
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+        part = os.path.join(self.base, f"{name}.part")  # not in cache/: stage empties it
+        return Outbox(fd, path, f"{IN_DIR}/{name}", cap_bytes, part, self._cache)
+
+    def _cache(self, part: str, sha256: str) -> None:
+        """An outbox's file, written as it was read: the archive ``stage`` would write."""
+        cached = os.path.join(self.base, "cache", staged_key(sha256))
+        with self._lock:
+            self._clear_cache()
+            os.chmod(part, 0o444)
+            os.replace(part, cached)
+
+    def _clear_cache(self) -> None:
+        """One archive at a time in the cache (the last snapshot's)."""
+        cache = os.path.join(self.base, "cache")
+        for old in os.listdir(cache):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(cache, old))
 
     def unstage(self, cid: str, name: str) -> None:
         directory = self._dirs.get(cid)
@@ -123,6 +156,11 @@ class Exchange:
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
         return removed
+
+
+def staged_key(sha256: str) -> str:
+    """The name an archive of this sha256 is cached and staged under."""
+    return f"{sha256[:32]}.tar"
 
 
 def detect(api: Any, wanted: str | None, tag: str) -> Exchange | None:
@@ -179,13 +217,14 @@ class Staging(Backend):
             alive.add(self.settings.worker_id)
             await asyncio.to_thread(exchange.prune, self.ns, alive)
 
-    async def stage(self, slot: Slot, key: str, data: bytes) -> str | None:
-        """Put ``data`` in the slot's container as a file (``docker_exchange``); the
-        path it sees it at, or None where there is no exchange (adopted ones too)."""
+    async def stage(self, slot: Slot, sha256: str, data: bytes) -> str | None:
+        """Put ``data`` (of this sha256) in the slot's container as a file; the path it
+        sees it at, or None where there is no exchange (adopted ones too)."""
         exchange = self.engine.exchange
         box = self._by_slot.get(slot.slot_id)
         if exchange is None or box is None or box.adopted:
             return None
+        key = staged_key(sha256)
         name = f"{slot.name}-{key}"  # packed slots of one container stage apart
         try:
             return await asyncio.to_thread(exchange.stage, slot.sandbox_id, key, data, name)
@@ -193,12 +232,25 @@ class Staging(Backend):
             log.warning("staging a snapshot in %s failed: %s", exchange.base, exc)
             return None
 
-    def unstage(self, slot: Slot, key: str, broken: bool = False) -> None:
+    async def outbox(self, slot: Slot, cap_bytes: int) -> Outbox | None:
+        """A pipe the slot's agent can write a pack into (``Exchange.outbox``), or
+        None where there is no exchange (adopted containers too)."""
+        exchange = self.engine.exchange
+        box = self._by_slot.get(slot.slot_id)
+        if exchange is None or box is None or box.adopted:
+            return None
+        try:
+            return exchange.outbox(slot.sandbox_id, f"{slot.name}-pack.fifo", cap_bytes)
+        except OSError as exc:  # the stream still works
+            log.warning("no pipe in %s: %s", exchange.base, exc)
+            return None
+
+    def unstage(self, slot: Slot, sha256: str, broken: bool = False) -> None:
         """Take a staged file away again; ``broken``: the container did not see it
         (the directory is not what the engine mounts): no more staging."""
         exchange = self.engine.exchange
         if exchange is not None:
-            exchange.unstage(slot.sandbox_id, f"{slot.name}-{key}")
+            exchange.unstage(slot.sandbox_id, f"{slot.name}-{staged_key(sha256)}")
             if broken:
                 log.warning("the engine does not mount %s: copies use their streams", exchange.base)
                 self.engine.exchange = None
