@@ -45,8 +45,7 @@ class Outbox:
         self._stop = threading.Event()
         self.over_cap = False
         self._end = asyncio.Event()  # the reads stopped (the writer's end, cap, stop)
-        loop = asyncio.get_running_loop()
-        self._ended = lambda: loop.call_soon_threadsafe(self._end.set)
+        self._loop = asyncio.get_running_loop()
         self._read = asyncio.ensure_future(asyncio.to_thread(self._drain))
 
     def _drain(self) -> tuple[bytes, str] | str:
@@ -65,7 +64,7 @@ class Outbox:
             try:
                 why = self._read_all(chunks, pending)
             finally:
-                self._ended()
+                self._loop.call_soon_threadsafe(self._end.set)
                 pending.put(None)
                 consumer.join()
                 os.close(self._fd)  # the writer gets EPIPE, if it is still writing
