@@ -19,8 +19,27 @@ class CompileOnce(zipimport.zipimporter):
         return "%s/%s%s%s" % (self.archive, self.prefix, name, tail)
 
 
+def seed_home(argv):
+    """``--seed-home TAR DIR``: the image's home directory (a tar the worker put
+    beside the agent) into its empty tmpfs, as the sandbox user, before the agent
+    says it is ready: one exec and one Python start fewer per container start."""
+    if len(argv) < 4 or argv[1] != "--seed-home":
+        return
+    import tarfile
+
+    kw = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+    try:
+        with tarfile.open(argv[2]) as tar:  # the image's own files, read by the worker
+            tar.extractall(argv[3], **kw)
+    except Exception as exc:  # the worker reports this with the start's failure
+        sys.stderr.write("toolq agent: copying the image's home into %s: %s\n" % (argv[3], exc))
+        sys.exit(1)
+
+
 def run():
-    """Import the agent's modules through ``CompileOnce``, then run its main loop."""
+    """Seed the home if asked; import the agent's modules through ``CompileOnce``,
+    then run its main loop."""
+    seed_home(sys.argv)
     sys.path_hooks.insert(0, CompileOnce)
     sys.path_importer_cache.clear()  # the archive's own importer was made already
     from .loop import main

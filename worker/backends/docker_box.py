@@ -38,7 +38,7 @@ SCRATCH = ("/tmp", "/var/tmp")
 def home_mount(user: SandboxUser) -> str:
     """The sandbox user's home when ``disk_mb`` makes it a tmpfs too ('' when not:
     root's, none, or already inside a bounded mount). The tmpfs would hide what
-    the image keeps there, so the engine copies that in at start (``seed_home``)."""
+    the image keeps there, so the agent copies that in as it starts (``--seed-home``)."""
     home = os.path.normpath(user.home) if user.home.startswith("/") else ""
     covered = (WORKSPACE, *SCRATCH)
     if (
@@ -170,8 +170,11 @@ def pick_user(passwd: str, image_user: str = "") -> SandboxUser:
     return SandboxUser(0, 0)
 
 
-def payload_tar(user: SandboxUser, workspace: bool = True) -> bytes:
-    """The agent (its zipapp) plus (``workspace``) a ``/workspace`` of the sandbox user, one tar.
+def payload_tar(
+    user: SandboxUser, workspace: bool = True, files: dict[str, bytes] | None = None
+) -> bytes:
+    """The agent (its zipapp) plus (``workspace``) a ``/workspace`` of the sandbox user
+    and ``files`` (path -> bytes, readable by all), one tar.
 
     An adopted container gets the agent only (a newer worker may bring a newer
     one): its workspace is there already.
@@ -183,6 +186,10 @@ def payload_tar(user: SandboxUser, workspace: bool = True) -> bytes:
         info = tarfile.TarInfo(AGENT_PATH.lstrip("/"))
         info.size, info.mode, info.mtime = len(agent), 0o644, now_s
         tar.addfile(info, io.BytesIO(agent))  # parents are created by the engine
+        for path, data in (files or {}).items():
+            extra = tarfile.TarInfo(path.lstrip("/"))
+            extra.size, extra.mode, extra.mtime = len(data), 0o644, now_s
+            tar.addfile(extra, io.BytesIO(data))
         if workspace:
             ws = tarfile.TarInfo(WORKSPACE.lstrip("/"))
             ws.type, ws.mode, ws.mtime = tarfile.DIRTYPE, 0o755, now_s

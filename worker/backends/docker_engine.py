@@ -45,26 +45,10 @@ from .docker_stream import hijacked_socket
 log = logging.getLogger("toolq.worker.docker")
 
 
-# The image's home, kept in the container's layer beside the agent, and the
-# stdlib-only program that unpacks it into the home's tmpfs (run as the sandbox
-# user, so its files become that user's: tarfile sets owners only as root).
+# The image's home, kept in the container's layer beside the agent, which unpacks
+# it into the home's tmpfs as it starts (as the sandbox user, so its files become
+# that user's: tarfile sets owners only as root).
 HOME_TAR = "/opt/toolq/home.tar"
-EXTRACT_HOME = (
-    "import sys, tarfile\n"
-    "kw = {'filter': 'fully_trusted'} if hasattr(tarfile, 'fully_trusted_filter') else {}\n"
-    "with tarfile.open(sys.argv[1]) as tar:\n"
-    "    tar.extractall(sys.argv[2], **kw)\n"
-)
-
-
-def file_tar(path: str, data: bytes) -> bytes:
-    """A tar holding one file: ``path``'s base name with ``data``, readable by all."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo(os.path.basename(path))
-        info.size, info.mode = len(data), 0o644
-        tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 class Engine:
@@ -108,14 +92,14 @@ class Engine:
             box.cid = cid  # so that a failure below still removes it
             try:
                 user = self._user(box.config.image, cid)
-                self.api.put_archive(cid, "/", payload_tar(user))
-                self._read_home(box)
+                home = self._read_home(box)  # the agent copies it in as it starts
+                files = {HOME_TAR: home} if home else None
+                self.api.put_archive(cid, "/", payload_tar(user, files=files))
                 self.api.start(cid)
-                self.seed_home(box)
                 # No baseline, no recycling: gVisor's insides are not the engine's to see.
                 if self.settings.recycle_containers and not self.gvisor(box):
                     box.baseline = self._baseline(box, command)
-                exec_id = self._agent_exec(cid, user)
+                exec_id = self._agent_exec(cid, user, self._seed_args(box))
             except APIError as exc:
                 retry = self._fallback(command, api_message(exc))
                 if retry is None:
@@ -161,19 +145,29 @@ class Engine:
         """Who runs the agent and the tools in ``box`` (known since it started)."""
         return self._user(box.config.image, box.cid)
 
-    def attach_agent(self, box: Box) -> Started:
-        """Start a fresh agent in a running container (adopted, or recycled)."""
+    def attach_agent(self, box: Box, seed_home: bool = False) -> Started:
+        """Start a fresh agent in a running container (adopted, or recycled:
+        ``seed_home``, its home tmpfs emptied with the rest)."""
         user = self._user(box.config.image, box.cid)
         self.api.put_archive(box.cid, "/", payload_tar(user, workspace=False))
-        exec_id = self._agent_exec(box.cid, user)
+        exec_id = self._agent_exec(box.cid, user, self._seed_args(box) if seed_home else None)
         sock, leftover = hijacked_socket(self.api.exec_start(exec_id, socket=True))
         return Started(box.cid, exec_id, sock, leftover)
 
-    def _agent_exec(self, cid: str, user: SandboxUser) -> str:
-        """Create (not start) the agent's exec, stdin attached."""
+    def _seed_args(self, box: Box) -> list[str]:
+        """The agent's ``--seed-home`` arguments: the image's home tar (``HOME_TAR``,
+        put beside it) and where it goes; none when there is nothing to seed."""
+        home = self.home_of(box)
+        if not home or not self._homes.get(box.config.image):
+            return []
+        return ["--seed-home", HOME_TAR, os.path.dirname(home)]
+
+    def _agent_exec(self, cid: str, user: SandboxUser, seed: list[str] | None = None) -> str:
+        """Create (not start) the agent's exec, stdin attached; ``seed``: its
+        ``--seed-home`` arguments (it copies the home in before it says ready)."""
         created = self.api.exec_create(
             cid,
-            ["python3", "-u", AGENT_PATH],
+            ["python3", "-u", AGENT_PATH, *(seed or [])],
             stdin=True,
             stdout=True,
             stderr=True,
@@ -224,7 +218,7 @@ class Engine:
             # The other places any user may write: bounded too, not the engine's disk.
             tmpfs.update({path: f"rw,exec,nosuid,nodev,{size},mode=1777" for path in SCRATCH})
             home = self.home_of(box)
-            if home:  # seeded with the image's at start (seed_home)
+            if home:  # seeded with the image's at start (the agent's --seed-home)
                 tmpfs[home] = f"rw,exec,nosuid,nodev,{size},mode=0755,uid={user.uid},gid={user.gid}"
         exchange = self.exchange.binds(box.name) if self.exchange else None
         host_config = self.api.create_host_config(
@@ -292,38 +286,22 @@ class Engine:
             return ""
         return home_mount(self._image_user(box.config.image))
 
-    def _read_home(self, box: Box) -> None:
-        """Read the image's home from a created container, before its tmpfs hides it
-        (once per image), and leave it as a tar beside the agent for ``seed_home``."""
+    def _read_home(self, box: Box) -> bytes | None:
+        """The image's home as a tar, read from a created container before its tmpfs
+        hides it (once per image); None when there is nothing to seed. It goes beside
+        the agent (``HOME_TAR``), which copies it in as it starts (``_seed_args``)."""
         from docker.errors import NotFound
 
         home = self.home_of(box)
         if not home:
-            return
+            return None
         if box.config.image not in self._homes:
             try:
                 chunks, _ = self.api.get_archive(box.cid, home)
                 self._homes[box.config.image] = b"".join(chunks)
             except NotFound:  # the image has no such directory: an empty home
                 self._homes[box.config.image] = None
-        data = self._homes[box.config.image]
-        if data:
-            self.api.put_archive(box.cid, os.path.dirname(HOME_TAR), file_tar(HOME_TAR, data))
-
-    def seed_home(self, box: Box) -> None:
-        """Copy the image's home into the (empty) tmpfs over it: at start, and after
-        a recycle emptied it. As the sandbox user, from inside: the engine's
-        ``put_archive`` writes under a tmpfs, not into it."""
-        home = self.home_of(box)
-        if not home or not self._homes.get(box.config.image):
-            return
-        user = self._user(box.config.image, box.cid)
-        argv = ["python3", "-I", "-S", "-c", EXTRACT_HOME, HOME_TAR, os.path.dirname(home)]
-        exec_id = self.api.exec_create(box.cid, argv, user=user.spec, workdir="/")["Id"]
-        out = bytes(self.api.exec_start(exec_id))
-        if self.api.exec_inspect(exec_id).get("ExitCode") != 0:
-            said = out[-300:].decode("utf-8", "replace")
-            raise SandboxError(self._start_error(box, f"copying the image's {home} in: {said}"))
+        return self._homes[box.config.image]
 
     def _image_user(self, image: str) -> SandboxUser:
         """The agent's user for an image before any container of it exists (a probe one)."""

@@ -114,7 +114,8 @@ class Recycler:
             except Exception as exc:  # the engine failed or timed out: no verdict, no reuse
                 raise Rejected("error", describe(exc)) from exc
         try:
-            got = await asyncio.to_thread(self.engine.attach_agent, box)
+            # A home tmpfs was emptied with the rest: the new agent fills it as new again.
+            got = await asyncio.to_thread(self.engine.attach_agent, box, True)
             await self._connect(box, got)
         except Exception as exc:
             raise Rejected("agent", describe(exc)) from exc
@@ -137,7 +138,6 @@ class Recycler:
             raise Rejected("filesystem", describe_changes(box.baseline, now))
         if report.get("left") or report.get("ipc") or report.get("errors"):
             raise Rejected("leftovers", json.dumps(report)[:SHOWN_CHARS])
-        self.engine.seed_home(box)  # a home tmpfs was emptied with the rest: as new again
 
     def _rename(self, box: Box) -> None:
         if not box.name.endswith(RECYCLED_SUFFIX):
