@@ -63,7 +63,8 @@ def test_copies_are_identical_isolated_and_copied_in_host(start_worker, client: 
     sandboxes = {r.sandbox for r in (client.record(c) for c in copies) if r}
     assert len(sandboxes) == len(copies)  # a container each (one slot per container)
     # The files came through the copy's own read-only directory, emptied since.
-    seen = "find /opt/toolq/in -mindepth 1 | wc -l; touch /opt/toolq/in/x 2>/dev/null || echo read-only"
+    seen = "find /opt/toolq/in -mindepth 1 | wc -l; "
+    seen += "touch /opt/toolq/in/x 2>/dev/null || echo read-only"
     assert sh(client, copies[0], seen) == "0\nread-only\n"
     assert worker.worker and worker.worker.backend.engine.exchange is not None  # not given up
     assert sh(client, "src", "find /opt/toolq/in -mindepth 1 | wc -l") == "0\n"  # pipe gone
@@ -73,48 +74,77 @@ def test_copies_are_identical_isolated_and_copied_in_host(start_worker, client: 
         client.close(traj)
 
 
-# In the source: wait for the pack's pipe, write into it and hold it open (a
-# non-blocking open: a pipe gone meanwhile must not block the holder for good).
-HOLD_THE_PIPE = """python3 - <<'EOF'
-import os, time
+# In the source: wait for a fork's pack pipe and write into it first (a
+# non-blocking open: a pipe gone meanwhile must not block the writer for good).
+# "hold": keep it open; "first": a gzip bomb, let go once the agent's tar runs.
+INTO_THE_PIPE = """python3 - <<'EOF'
+import gzip, os, sys, time
+bomb = gzip.compress(bytes(64 << 20))
+def tar_runs():
+    for pid in os.listdir("/proc"):
+        try:
+            if open("/proc/%s/comm" % pid).read().strip() == "tar":
+                return True
+        except OSError:
+            pass
 while True:
     for name in os.listdir("/opt/toolq/in"):
         try:
             fd = os.open("/opt/toolq/in/" + name, os.O_WRONLY | os.O_NONBLOCK)
         except OSError:
             continue
-        os.write(fd, b"junk")
+        os.set_blocking(fd, True)
+        os.write(fd, bomb if MODE == "first" else b"junk")
+        while MODE == "first" and not tar_runs():
+            time.sleep(0.001)
+        if MODE == "first":
+            os.close(fd)
         open("held", "w").close()
         time.sleep(600)
     time.sleep(0.001)
 EOF"""
+SPOILED = {"hold": "still open", "first": "not a plain tar"}
 
 
-def test_a_process_holding_the_pack_pipe_fails_only_its_own_fork(start_worker, client: Client):
+@pytest.mark.parametrize("mode", ["hold", "first"])
+def test_sandbox_code_writing_into_the_pack_pipe_fails_its_fork_cleanly(
+    start_worker, client: Client, mode
+):
+    """A process in the source that holds the pipe, or writes a gzip bomb ahead of
+    tar's archive: the fork fails with internal_error (nothing gunzipped, no copy
+    opened), another trajectory's fork meanwhile is whole, the worker goes on."""
     require_docker()
     if TEST_RUNTIME == "runsc":
         pytest.skip("gVisor does not pass a host pipe through: its forks use the stream")
-    start_worker("docker", slots=6)
-    client.open("src")
-    sh(client, "src", "head -c 30000000 /dev/urandom > big.bin && " + SEED)
-    digest = sh(client, "src", DIGEST)
-    ok(client.call("src", "bg_start", {"command": HOLD_THE_PIPE, "name": "holder"}))
-    for attempt in range(5):  # the holder must open the pipe while tar writes
+    start_worker("docker", slots=8)
+    for traj in ("src", "bystander"):
+        client.open(traj)
+        sh(client, traj, "head -c 30000000 /dev/urandom > big.bin && " + SEED)
+    digest, theirs = sh(client, "src", DIGEST), sh(client, "bystander", DIGEST)
+    writer = INTO_THE_PIPE.replace("MODE", repr(mode))
+    ok(client.call("src", "bg_start", {"command": writer, "name": "writer"}))
+    for attempt in range(5):  # the writer must open the pipe before tar ends
         copies = [f"h{attempt}-{i}" for i in range(2)]
         try:
-            taken = client.fork("src", copies)
+            client.fork("src", copies)
         except SnapshotFailed as exc:
             result = exc.result
             assert result.error_code == "internal_error", result
-            assert "still open" in (result.error or ""), result
+            assert SPOILED[mode] in (result.error or ""), result
             assert all(client.record(c) is None for c in copies)  # no copy opened
             break
-        for copy in copies:  # it missed: an ordinary fork
-            assert sh(client, copy, "rm -f held; " + DIGEST) == digest
+        for copy in copies:  # it missed (an ordinary fork), or wrote midway through tar's
+            try:
+                got = client.call(copy, "bash", {"command": "rm -f held; " + DIGEST})
+            except TrajectoryEnded:  # a spoiled archive: the copy's start failed, once
+                continue
+            assert got.output == digest if got.ok else got.error_code != "internal_error", got
             client.close(copy)
     else:
         out = client.call("src", "bg_list", {}).output
-        pytest.fail(f"the holder never caught the pipe: {out}")
+        pytest.fail(f"the writer never caught the pipe: {out}")
+    ok(client.fork("bystander", ["b1"]))  # not the source's: untouched
+    assert sh(client, "b1", DIGEST) == theirs
     assert sh(client, "src", "cat big.bin | wc -c") == "30000000\n"  # the source goes on
     tasks = ok(client.call("src", "bg_list", {})).data or {}
     for task in tasks.get("tasks", []):
@@ -123,7 +153,23 @@ def test_a_process_holding_the_pack_pipe_fails_only_its_own_fork(start_worker, c
     taken = ok(client.fork("src", ["after"]))  # the next fork is whole
     assert taken.data and taken.data["sent_via"] == "pipe"
     assert sh(client, "after", DIGEST) == digest
-    for traj in ["src", "after"]:
+    for traj in ["src", "after", "bystander", "b1"]:
+        client.close(traj)
+
+
+def test_a_fork_whose_plain_tar_passes_the_cap_takes_a_tar_gz(start_worker, client: Client):
+    """Over the cap as a plain tar, within it gzipped: packed into memory and
+    compressed (not through the pipe), the copies whole."""
+    require_docker()
+    start_worker("docker", snapshot_max_bytes=1_000_000)
+    client.open("zeros")
+    sh(client, "zeros", "head -c 1500000 /dev/zero > zeros.bin && " + SEED)
+    digest = sh(client, "zeros", DIGEST)
+    taken = ok(client.fork("zeros", ["z1"]))
+    assert taken.data and taken.data["sent_via"] == "stream", taken.data
+    assert taken.data["bytes"] < 1_000_000 < taken.data["uncompressed_bytes"]
+    assert sh(client, "z1", DIGEST) == digest
+    for traj in ("zeros", "z1"):
         client.close(traj)
 
 

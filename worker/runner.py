@@ -215,7 +215,7 @@ class Runner:
             reply = error_reply(ErrorCode.SANDBOX_LOST, lost)
         else:
             # A fork's pack reaches us through a pipe on this host, where there is one.
-            outbox = await self.snapshots.outbox(self.backend, traj.slot, wanted)
+            outbox = self.snapshots.outbox(self.backend, traj.slot, wanted)
             try:
                 if outbox is not None:
                     plan = dataclasses.replace(plan, args={**plan.args, "fifo": outbox.path})

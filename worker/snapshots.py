@@ -12,10 +12,10 @@ the fleet, since the files are in Redis.
 from __future__ import annotations
 
 import asyncio
-import gzip
 import hashlib
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -150,12 +150,13 @@ class Snapshots:
         args = {"max_bytes": cap, **({"compress": "auto"} if wanted.copies else {})}
         return wanted, Plan(PACK_TOOL, args, self.settings.snapshot_timeout_s, 0)
 
-    async def outbox(self, backend: Any, slot: Slot, wanted: SnapshotArgs) -> Outbox | None:
+    def outbox(self, backend: Any, slot: Slot, wanted: SnapshotArgs) -> Outbox | None:
         """For a fork's pack: a pipe from the slot's container to us (no bytes through
-        the engine: bench/notes.md), where the backend has one."""
+        the engine: bench/notes.md), where the backend has one. (No await: the
+        runner starts the pack right after its lease check.)"""
         if not wanted.copies or getattr(backend, "outbox", None) is None:
             return None
-        box: Outbox | None = await backend.outbox(slot, self.settings.snapshot_max_bytes)
+        box: Outbox | None = backend.outbox(slot, self.settings.snapshot_max_bytes)
         return box
 
     async def received(
@@ -166,6 +167,9 @@ class Snapshots:
         if outbox is None or not reply.get("fifo"):
             return {**reply, "sent_via": "stream"}, None
         got = await outbox.collect(PIPE_END_S)
+        if isinstance(got, tuple) and not is_plain_tar(got[0]):
+            # Sandbox code wrote into the pipe too: never gunzipped or kept as ours.
+            got = "what came through the pipe is not a plain tar (written into by the sandbox?)"
         if isinstance(got, str):
             code = ErrorCode.LIMIT_EXCEEDED if outbox.over_cap else ErrorCode.INTERNAL_ERROR
             return {"ok": False, "error_code": code.value, "error": f"the pack: {got}"}, None
@@ -356,7 +360,8 @@ class Snapshots:
         if data is None:
             via, data = "redis", await self._read(name, info.sha256)
         # Packed here: our own agent's archive of a workspace, never one crafted in
-        # Redis, so the copy's agent may unpack it with the image's tar.
+        # Redis, so the copy's agent may unpack it with the image's tar (a pipe's may
+        # hold bytes the source's own sandbox wrote: only its copies unpack them).
         native = (name, info.sha256) in self._packed_here or pending is not None
         staged, key = None, info.sha256
         if native and info.uncompressed_bytes <= PLAIN_MAX_BYTES:
@@ -422,7 +427,7 @@ class Snapshots:
         key = (name, sha256)
         task = self._plain.get(key)
         if task is None:
-            task = asyncio.ensure_future(asyncio.to_thread(gzip.decompress, data))
+            task = asyncio.ensure_future(asyncio.to_thread(gunzip_at_most, data, PLAIN_MAX_BYTES))
             if key in self._recent:
                 self._plain[key] = task
         return await asyncio.shield(task)
@@ -457,6 +462,18 @@ class Snapshots:
         return count, size
 
 
+def gunzip_at_most(data: bytes, max_bytes: int) -> bytes:
+    """``data`` gunzipped, refused past ``max_bytes`` (a crafted archive's bomb
+    must not take the worker's memory; a copy fails instead)."""
+    unzip = zlib.decompressobj(31)
+    plain = unzip.decompress(data, max_bytes + 1)
+    if len(plain) > max_bytes or unzip.unconsumed_tail:
+        raise SandboxError(f"the snapshot unpacks to more than {max_bytes} bytes")
+    if not unzip.eof:
+        raise SandboxError("the snapshot's archive is cut short")
+    return plain
+
+
 async def digest(data: bytes) -> str:
     """sha256 in a thread: a workspace's tens of MB would hold up the event loop."""
     return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
@@ -464,6 +481,11 @@ async def digest(data: bytes) -> str:
 
 def is_gzip(data: bytes) -> bool:
     return data[:2] == b"\x1f\x8b"
+
+
+def is_plain_tar(data: bytes) -> bool:
+    """A tar's first header (ustar or GNU magic at offset 257), never a gzip."""
+    return len(data) >= 512 and data[257:262] == b"ustar"
 
 
 def _missing(name: str) -> str:

@@ -57,8 +57,8 @@ def tool_snapshot_pack(slot, args, req):
     left out. ``"compress": "auto"`` (a fork's) makes it a plain tar, packed two to
     three times faster, unless that passes the cap: then a tar.gz after all."""
     if args.get("compress") == "auto":
-        fifo = args.get("fifo")
-        plain = (fifo and tar_to_fifo(slot, fifo)) or native_tar(slot, int(args["max_bytes"]))
+        fifo, cap = args.get("fifo"), int(args["max_bytes"])
+        plain = (fifo and tar_to_fifo(slot, fifo, cap)) or native_tar(slot, cap)
         if plain is None:
             plain = pack_workspace(slot, dict(args, compress=False), req)
         if plain.get("error_code") != "limit_exceeded":
@@ -66,28 +66,36 @@ def tool_snapshot_pack(slot, args, req):
     return pack_workspace(slot, args, req)
 
 
-def tar_to_fifo(slot, fifo):
+def tar_to_fifo(slot, fifo, cap):
     """The workspace's plain tar written by ``tar`` straight into ``fifo``, a named
-    pipe the worker reads on the host (``docker_exchange.Outbox``): no bytes through
+    pipe the worker reads on the host (``docker_outbox.Outbox``): no bytes through
     this agent's stream. The reply says ``fifo`` and carries no blob; None when the
-    pipe is not there or has no reader (another engine, gVisor), or tar failed (the
-    worker stopped reading at the cap): the caller packs into memory then."""
+    pipe is not there or has no reader (another engine), the tar could pass ``cap``
+    (the memory path then falls back to a tar.gz), or tar failed: the caller packs
+    into memory then."""
     try:  # non-blocking: a pipe nobody reads on the other side fails here, never hangs
         fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
     except OSError:
         return None
     try:
         os.set_blocking(fd, True)
-        return native_tar(slot, None, out=fd)
+        return native_tar(slot, cap, out=fd)
     finally:
         os.close(fd)  # with tar's own gone, the worker reads its end to EOF
+
+
+def tar_size_bound(counts):
+    """At least the size of a plain tar of these entries: each file's bytes, a header
+    and padding per entry, room for a long name, the end blocks."""
+    return counts["bytes"] + (counts["entries"] + 1) * 1536 + 10240
 
 
 def native_tar(slot, cap, out=None):
     """The workspace as a plain tar made by the image's ``tar`` (C: several times
     faster than tarfile), from the same list of entries ``pack_workspace`` takes
     (special files left out, links kept); None when there is no tar or it failed.
-    ``out``: a file descriptor tar writes to instead (then the reply has no blob)."""
+    ``out``: a file descriptor tar writes to instead (then the reply has no blob),
+    only when the tar surely fits ``cap``."""
     tar = shutil.which("tar")
     if tar is None:
         return None
@@ -106,6 +114,8 @@ def native_tar(slot, cap, out=None):
         counts["entries"] += 1
         counts["bytes"] += mode.st_size if kind == stat.S_IFREG else 0
         names.append(os.fsencode(name))
+    if out is not None and tar_size_bound(counts) > cap:
+        return None
     command = [tar, "-c", "-f", "-", "--null", "--no-recursion", "--numeric-owner"]
     try:
         done = subprocess.run(

@@ -67,7 +67,8 @@ FAILED_REFILL_PAUSE_S = 5.0
 #: An open that takes a warm container has the pool topped up this much later, not
 #: at once: a burst of opens (a fork's copies unpacking their files, a wave of
 #: trajectories' first calls) does not share the two cores with the containers that
-#: refill it (a fork into 8: 0.74-0.83 s at once, 0.59-0.64 s after 1.5 s; bench/notes.md).
+#: refill it (a fork into 8: 0.74-0.83 s with the refill at once, 0.59-0.64 s with it
+#: 1.5 s later; bench/notes.md).
 REFILL_DELAY_S = 1.0
 
 SLEEP_COMMAND = ["sleep", "infinity"]

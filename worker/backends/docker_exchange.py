@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import threading
@@ -52,8 +54,10 @@ class Exchange:
         self.base = os.path.join(root, tag)
         os.makedirs(os.path.join(self.base, "cache"), mode=0o700, exist_ok=True)
         os.chmod(root, 0o711)  # nobody lists it; each container mounts its own part
+        os.chmod(self.base, 0o711)  # nobody lists it either: a pipe's name is not found
         self._dirs: dict[str, str] = {}  # container id -> its directory
         self._lock = threading.Lock()
+        self._outboxes = itertools.count(1)
 
     def binds(self, name: str) -> tuple[str, dict[str, dict[str, str]]]:
         """A new container's directory, and the bind that mounts it read-only."""
@@ -80,22 +84,22 @@ class Exchange:
                     fh.write(data)
                 os.chmod(partial, 0o444)
                 os.replace(partial, cached)
-        target = os.path.join(directory, name)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(target)
-        os.link(cached, target)
+            target = os.path.join(directory, name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+            os.link(cached, target)  # under the lock: no other archive evicts it first
         return f"{IN_DIR}/{name}"
 
-    def outbox(self, cid: str, name: str, cap_bytes: int) -> Outbox | None:
-        """A named pipe ``name`` in the container's directory, open for reading:
-        what the container's agent writes to it reaches the worker with no engine in
-        between (a bind mount's read-only flag does not stop writes to a pipe)."""
+    def outbox(self, cid: str, prefix: str, cap_bytes: int) -> Outbox | None:
+        """A named pipe in the container's directory, open for reading: what the
+        container's agent writes to it reaches the worker with no engine in between
+        (a bind mount's read-only flag does not stop writes to a pipe). Named anew
+        each time: a pipe given up is never mistaken for the next one."""
         directory = self._dirs.get(cid)
         if directory is None:
             return None
+        name = f"{prefix}-{next(self._outboxes)}-{secrets.token_hex(4)}-pack.fifo"
         path = os.path.join(directory, name)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
         os.mkfifo(path, 0o600)
         os.chmod(path, 0o622)  # the sandbox's user writes it; only we read it
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -193,6 +197,8 @@ class HoldsExchange(Protocol):
 
     exchange: Exchange | None
 
+    def gvisor(self, box: Box) -> bool: ...
+
 
 class Staging(Backend):
     """The part of ``DockerBackend`` that stages files for its slots' agents."""
@@ -232,15 +238,16 @@ class Staging(Backend):
             log.warning("staging a snapshot in %s failed: %s", exchange.base, exc)
             return None
 
-    async def outbox(self, slot: Slot, cap_bytes: int) -> Outbox | None:
+    def outbox(self, slot: Slot, cap_bytes: int) -> Outbox | None:
         """A pipe the slot's agent can write a pack into (``Exchange.outbox``), or
-        None where there is no exchange (adopted containers too)."""
+        None where there is no exchange (adopted containers too), or under gVisor
+        (which keeps a host pipe to itself: the agent would find nobody reading)."""
         exchange = self.engine.exchange
         box = self._by_slot.get(slot.slot_id)
-        if exchange is None or box is None or box.adopted:
+        if exchange is None or box is None or box.adopted or self.engine.gvisor(box):
             return None
         try:
-            return exchange.outbox(slot.sandbox_id, f"{slot.name}-pack.fifo", cap_bytes)
+            return exchange.outbox(slot.sandbox_id, slot.name, cap_bytes)
         except OSError as exc:  # the stream still works
             log.warning("no pipe in %s: %s", exchange.base, exc)
             return None

@@ -2,9 +2,15 @@
 
 Over the agent's stream the engine relays every byte (80 MB: 0.35 s of a fork
 of 8, bench/notes.md); through a pipe in the container's exchange directory
-(``docker_exchange``) the agent's ``tar`` writes straight to the worker. The
-worker reads it in one thread; another sums its sha256 and writes the cache file
-the copies here unpack from, as it comes, so neither waits for the end.
+(``docker_exchange``) the agent's ``tar`` writes straight to the worker. A
+thread of the outbox's own reads it (not the event loop's executor, which runs
+the engine's calls: a sandbox that stops its ``tar`` holds only this thread);
+another sums its sha256 and writes the cache file the copies here unpack from,
+as it comes, so neither waits for the end.
+
+Sandbox code can write into the pipe too (its uid is the agent's): what comes
+through it is checked to be a plain tar (``received`` in ``worker/snapshots``)
+and never decompressed by the worker.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import queue
 import select
 import threading
 from collections.abc import Callable
+from typing import IO, Any
 
 #: How soon the reading thread sees that it was given up.
 STOP_POLL_MS = 100
@@ -44,47 +51,69 @@ class Outbox:
         self._part, self._cache = part, cache
         self._stop = threading.Event()
         self.over_cap = False
-        self._end = asyncio.Event()  # the reads stopped (the writer's end, cap, stop)
         self._loop = asyncio.get_running_loop()
-        self._read = asyncio.ensure_future(asyncio.to_thread(self._drain))
+        self._end = asyncio.Event()  # the reads stopped (the writer's end, cap, stop)
+        self._done: asyncio.Future[tuple[bytes, str] | str] = self._loop.create_future()
+        thread = threading.Thread(target=self._run, name="outbox-read", daemon=True)
+        thread.start()
+
+    def _run(self) -> None:
+        """The thread: read, then hand the outcome to the loop (whatever happened)."""
+        outcome: tuple[bytes, str] | str = "the pipe's reader failed"
+        try:
+            outcome = self._drain()
+        except Exception as exc:  # no file for the part, no thread: the snapshot fails
+            outcome = f"the pipe's reader failed: {exc}"
+        finally:
+            os.close(self._fd)  # a writer still writing gets EPIPE
+            for path in (self._host_path, self._part):  # the part is the cache's, if whole
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                self._loop.call_soon_threadsafe(self._settle, outcome)
+
+    def _settle(self, outcome: tuple[bytes, str] | str) -> None:
+        self._end.set()
+        if not self._done.done():
+            self._done.set_result(outcome)
 
     def _drain(self) -> tuple[bytes, str] | str:
         """The bytes up to the writer's end and their sha256, or why not."""
         chunks: list[bytes] = []
         digest, pending = hashlib.sha256(), Pending()
-        with open(self._part, "wb") as part:
-
-            def consume() -> None:  # beside the reads: sha256 and the file cost as much
-                while (chunk := pending.get()) is not None:
-                    digest.update(chunk)
-                    part.write(chunk)
-
-            consumer = threading.Thread(target=consume, name="outbox-sum", daemon=True)
+        failed: list[OSError] = []
+        fd = os.open(self._part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "wb") as part:
+            consumer = threading.Thread(
+                target=self._consume, args=(pending, digest, part, failed), daemon=True
+            )
             consumer.start()
             try:
                 why = self._read_all(chunks, pending)
             finally:
-                self._loop.call_soon_threadsafe(self._end.set)
                 pending.put(None)
                 consumer.join()
-                os.close(self._fd)  # the writer gets EPIPE, if it is still writing
-                with contextlib.suppress(OSError):
-                    os.unlink(self._host_path)
         if why is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self._part)
             return why
         sha256 = digest.hexdigest()
-        try:
-            self._cache(self._part, sha256)
-        except OSError:  # the copies' staging writes it then
+        if not failed:  # a full /dev/shm: the copies' staging writes it, or the stream
             with contextlib.suppress(OSError):
-                os.unlink(self._part)
+                self._cache(self._part, sha256)
         return b"".join(chunks), sha256
 
-    def _read_all(
-        self, chunks: list[bytes], pending: queue.SimpleQueue[bytes | None]
-    ) -> str | None:
+    @staticmethod
+    def _consume(pending: Pending, digest: Any, part: IO[bytes], failed: list[OSError]) -> None:
+        """Beside the reads (sha256 and the file cost as much): every chunk summed,
+        written until a write fails (then the file is not used)."""
+        while (chunk := pending.get()) is not None:
+            digest.update(chunk)
+            if not failed:
+                try:
+                    part.write(chunk)
+                except OSError as exc:
+                    failed.append(exc)
+
+    def _read_all(self, chunks: list[bytes], pending: Pending) -> str | None:
         """Read until the writer's end (None), the cap or a stop (why not)."""
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
@@ -109,17 +138,17 @@ class Outbox:
         return "given up"
 
     async def collect(self, timeout_s: float) -> tuple[bytes, str] | str:
-        """What the writer wrote (its bytes, their sha256), once every writer closed
-        the pipe; or why not (over the cap, the pipe still open ``timeout_s`` on: a
+        """What came through the pipe (its bytes, their sha256) once every writer
+        closed it; or why not (over the cap, the pipe still open ``timeout_s`` on: a
         process in the sandbox holds it)."""
         try:
             await asyncio.wait_for(self._end.wait(), timeout_s)
         except asyncio.TimeoutError:
             self.close()
-            await asyncio.wait([self._read])
+            await self._done
             return f"the pipe was still open {timeout_s:g}s after the pack ended"
-        return await self._read  # the sums of what was read: no wait on the writer
+        return await self._done
 
     def close(self) -> None:
-        """Stop reading (the agent sent its reply another way); the thread ends soon."""
+        """Stop reading, on every path (its thread ends within ``STOP_POLL_MS``)."""
         self._stop.set()
