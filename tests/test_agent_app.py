@@ -96,5 +96,8 @@ def test_a_container_runs_the_zipapp(start_worker, client: Client, ns, docker_na
     assert r.ok, r
     digest, command = r.output.splitlines()
     assert digest.split()[0] == hashlib.sha256(agent_zipapp()).hexdigest()
-    assert command.split() == ["python3", "-u", "/opt/toolq/agent.pyz"]
+    argv = command.split()
+    assert argv[:3] == ["python3", "-u", "/opt/toolq/agent.pyz"]
+    # With a home tmpfs (runc, disk_mb) the agent copied the image's home in first.
+    assert argv[3:] in ([], ["--seed-home", "/opt/toolq/home.tar", "/home"]), argv
     client.close("t")
