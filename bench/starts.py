@@ -3,12 +3,14 @@
     python bench/starts.py [--count 8] [--rounds 3]
 
 ``toolq``: ``count`` slots acquired at once through the worker's Docker backend
-(the test image, no warm pool), until each agent answered a first call; the
-seconds of each engine request it made are summed per kind. ``plain``: the same
-number of ``docker run -d`` of the image (its default limits and a tmpfs
-workspace) plus a ``docker exec python3 -c pass`` in each, at once, through the
-same engine: the least any executor does to get Python running in a new
-container. Rounds alternate the two; prints the medians and toolq ÷ plain.
+(the test image, no warm pool, ``start_concurrency`` = ``count``), until each
+agent answered a first call; its engine requests are counted and timed per
+kind. ``plain``: the same number of ``docker run -d`` of the image (one tmpfs,
+no limits, no init: less than toolq's containers get) plus a ``docker exec
+python3 -c pass`` in each, at once, through the same engine: the least any
+executor does to get Python running in a new container. Each is warmed up once;
+rounds alternate the two, each waiting until the last one's containers are gone.
+Prints the medians and toolq ÷ plain.
 """
 
 from __future__ import annotations
@@ -30,7 +32,16 @@ from harness import acquire_all, release_all
 from toolq.worker.backends.docker import DockerBackend
 from toolq.worker.settings import WorkerSettings
 
-STEPS = ("create_container", "put_archive", "get_archive", "start", "exec_create", "exec_start")
+STEPS = (
+    "create_container",
+    "put_archive",
+    "get_archive",
+    "start",
+    "exec_create",
+    "exec_start",
+    "exec_inspect",
+)
+GONE_TIMEOUT_S = 120.0
 
 
 def count_requests(api: Any, spent: dict[str, list[float]]) -> None:
@@ -49,9 +60,14 @@ def count_requests(api: Any, spent: dict[str, list[float]]) -> None:
         setattr(api, name, timed)
 
 
-async def toolq_starts(backend: DockerBackend, count: int) -> float:
+async def toolq_starts(backend: DockerBackend, count: int, api: Any, ns: str) -> float:
     slots, ready_s = await acquire_all(backend, count)
     await release_all(backend, slots)
+    deadline = time.monotonic() + GONE_TIMEOUT_S  # removed: not beside the next round
+    while api.containers(all=True, filters={"label": f"toolq.ns={ns}"}):
+        if time.monotonic() > deadline:
+            raise RuntimeError("toolq's containers were not removed")
+        await asyncio.sleep(0.2)
     return max(ready_s)
 
 
@@ -59,7 +75,9 @@ def plain_starts(api: Any, count: int) -> float:
     """``count`` containers started and a Python run in each, at once (threads)."""
     import concurrent.futures
 
-    def one(_: int) -> str:
+    cids: list[str] = []
+
+    def one(_: int) -> None:
         cid = api.create_container(
             IMAGE,
             ["sleep", "infinity"],
@@ -68,22 +86,24 @@ def plain_starts(api: Any, count: int) -> float:
             ),
             labels={"toolq.bench": "starts"},
         )["Id"]
+        cids.append(cid)
         api.start(cid)
         api.exec_start(api.exec_create(cid, ["python3", "-c", "pass"])["Id"])
-        return str(cid)
 
     started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(count) as pool:
-        cids = list(pool.map(one, range(count)))
-    took = time.perf_counter() - started
-    for cid in cids:
-        api.remove_container(cid, force=True)
-    return took
+    try:
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            list(pool.map(one, range(count)))
+        return time.perf_counter() - started
+    finally:
+        for cid in cids:
+            api.remove_container(cid, force=True)
 
 
 async def measure(count: int, rounds: int) -> None:
+    ns = f"starts{uuid.uuid4().hex[:6]}"
     settings = WorkerSettings(
-        backend="docker", default_image=IMAGE, namespace=f"starts{uuid.uuid4().hex[:6]}"
+        backend="docker", default_image=IMAGE, namespace=ns, start_concurrency=count
     )
     backend = DockerBackend(settings)
     await asyncio.to_thread(backend.engine.load_runtimes)
@@ -92,12 +112,12 @@ async def measure(count: int, rounds: int) -> None:
     toolq: list[float] = []
     plain: list[float] = []
     try:
-        await toolq_starts(backend, 1)  # the image's user and home, read once per image
+        await toolq_starts(backend, 1, own_api, ns)  # the image's user and home, read once
+        await asyncio.to_thread(plain_starts, own_api, 1)
         count_requests(backend.engine.api, spent)
         for n in range(rounds):
             plain.append(await asyncio.to_thread(plain_starts, own_api, count))
-            toolq.append(await toolq_starts(backend, count))
-            await asyncio.sleep(2)  # the removals of the last round
+            toolq.append(await toolq_starts(backend, count, own_api, ns))
             print(f"round {n + 1}/{rounds} done", file=sys.stderr)
     finally:
         await backend.shutdown()
@@ -107,8 +127,11 @@ async def measure(count: int, rounds: int) -> None:
     print(f"| toolq: slots acquired, a first call answered | {t:.2f} |")
     print(f"| plain: `docker run -d` + `docker exec python3 -c pass` | {p:.2f} |")
     print(f"| toolq ÷ plain | **{t / p:.2f}x** |")
-    per_start = {k: len(v) / (rounds * count) for k, v in spent.items()}
-    counts = ", ".join(f"{k} {n:.1f}" for k, n in sorted(per_start.items()))
+    starts = rounds * count
+    counts = ", ".join(
+        f"{k} {len(v) / starts:.1f} ({sum(v) / starts * 1000:.0f} ms)"
+        for k, v in sorted(spent.items())
+    )
     plain_counts = "create_container 1, start 1, exec_create 1, exec_start 1"
     print(f"toolq's engine requests per start: {counts} (plain: {plain_counts})")
 

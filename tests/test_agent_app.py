@@ -8,14 +8,15 @@ import hashlib
 import io
 import subprocess
 import sys
+import tarfile
 import zipfile
 import zipimport
 from pathlib import Path
 
-from tests.conftest import require_docker
+from tests.conftest import TEST_RUNTIME, require_docker
 from toolq.producer import Client
-from toolq.worker.agent.start import CompileOnce
-from toolq.worker.backends import agent_app
+from toolq.worker.agent.start import SEED_FAILED, CompileOnce
+from toolq.worker.backends import agent_app, docker
 from toolq.worker.backends.agent_app import agent_file, agent_zipapp
 
 AGENT_DIR = Path(__file__).resolve().parent.parent / "worker" / "agent"
@@ -85,6 +86,40 @@ def test_the_local_agent_file_is_the_zipapp_and_answers():
     assert '"event":"ready"' in lines[0] and '"id":1,"ok":true' in lines[1]
 
 
+def test_the_agent_copies_a_home_in_before_it_says_ready(tmp_path):
+    """``--seed-home TAR DIR``: the tar unpacked first, then the ready line; a tar it
+    cannot unpack: exit 3 and the line the worker reports (``SEED_FAILED``)."""
+    home = io.BytesIO()
+    with tarfile.open(fileobj=home, mode="w") as tar:
+        info = tarfile.TarInfo("sandbox/.bashrc")
+        info.size = 6
+        tar.addfile(info, io.BytesIO(b"PS1=x\n"))
+    (tmp_path / "home.tar").write_bytes(home.getvalue())
+    (tmp_path / "broken.tar").write_bytes(b"not a tar")
+    frame = b'[{"id": 1, "op": "ping"}]\n'
+    for tar_name, dest in (("home.tar", tmp_path / "home"), ("broken.tar", tmp_path / "x")):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-u",
+                agent_file(),
+                "--seed-home",
+                str(tmp_path / tar_name),
+                str(dest),
+            ],
+            input=frame,
+            capture_output=True,
+            timeout=60,
+        )
+        if tar_name == "home.tar":
+            assert done.returncode == 0, done.stderr
+            assert (dest / "sandbox" / ".bashrc").read_bytes() == b"PS1=x\n"
+            assert '"event":"ready"' in done.stdout.decode().splitlines()[0]
+        else:
+            assert done.returncode == 3 and done.stdout == b"", done
+            assert SEED_FAILED.encode() in done.stderr and docker.SEED_FAILED == SEED_FAILED
+
+
 def test_a_container_runs_the_zipapp(start_worker, client: Client, ns, docker_namespaces):
     require_docker()
     docker_namespaces.add(ns)
@@ -96,8 +131,7 @@ def test_a_container_runs_the_zipapp(start_worker, client: Client, ns, docker_na
     assert r.ok, r
     digest, command = r.output.splitlines()
     assert digest.split()[0] == hashlib.sha256(agent_zipapp()).hexdigest()
-    argv = command.split()
-    assert argv[:3] == ["python3", "-u", "/opt/toolq/agent.pyz"]
-    # With a home tmpfs (runc, disk_mb) the agent copied the image's home in first.
-    assert argv[3:] in ([], ["--seed-home", "/opt/toolq/home.tar", "/home"]), argv
+    # With a home tmpfs (disk_mb, runc: under gVisor none) it copied the image's in first.
+    seeded = ["--seed-home", "/opt/toolq/home.tar", "/home"] if TEST_RUNTIME == "runc" else []
+    assert command.split() == ["python3", "-u", "/opt/toolq/agent.pyz", *seeded]
     client.close("t")

@@ -296,7 +296,7 @@ def test_disk_mb_bounds_tmp_var_tmp_and_home_too(docker_only, start_worker, clie
     owners = "import os, pwd; [print(pwd.getpwuid(os.stat(p).st_uid)[0]) for p in ('.', '.bashrc')]"
     home = client.call("t", "bash", {"command": f'cd ~ && pwd && python3 -c "{owners}"'})
     assert home.ok and home.output == "/home/sandbox\nsandbox\nsandbox\n", home
-    # (under gVisor the home is not a tmpfs: the engine cannot fill one there; README)
+    # (under gVisor toolq makes no home tmpfs; README)
     homes = ("/home/sandbox",) if TEST_RUNTIME == "runc" else ()
     for place in ("/tmp", "/var/tmp", *homes):  # 1 GiB asked: 16 MiB land, in memory
         fill = client.call(

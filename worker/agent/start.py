@@ -19,6 +19,10 @@ class CompileOnce(zipimport.zipimporter):
         return "%s/%s%s%s" % (self.archive, self.prefix, name, tail)
 
 
+#: How a failed ``--seed-home`` starts its line on stderr (the worker looks for it).
+SEED_FAILED = "toolq agent: copying the image's home in failed"
+
+
 def seed_home(argv):
     """``--seed-home TAR DIR``: the image's home directory (a tar the worker put
     beside the agent) into its empty tmpfs, as the sandbox user, before the agent
@@ -32,8 +36,8 @@ def seed_home(argv):
         with tarfile.open(argv[2]) as tar:  # the image's own files, read by the worker
             tar.extractall(argv[3], **kw)
     except Exception as exc:  # the worker reports this with the start's failure
-        sys.stderr.write("toolq agent: copying the image's home into %s: %s\n" % (argv[3], exc))
-        sys.exit(1)
+        sys.stderr.write("%s into %s: %s\n" % (SEED_FAILED, argv[3], exc))
+        sys.exit(3)
 
 
 def run():

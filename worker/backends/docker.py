@@ -59,6 +59,7 @@ from .docker_box import (
     INIT_TIMEOUT_S,
     READY_TIMEOUT_S,
     REFILL_DELAY_S,
+    SEED_BYTES_PER_S,
     WORKSPACE,
     Box,
     BoxConfig,
@@ -76,6 +77,10 @@ from .docker_recycle import Recycler, Rejected
 from .docker_runtime import NO_RECYCLING, check_network, is_gvisor, unregistered
 from .docker_stream import ExecStream
 from .docker_warm import ImageWarm
+
+#: What a failed --seed-home says first (``toolq.worker.agent.start.SEED_FAILED``,
+#: which the agent's stdlib-only package keeps to itself).
+SEED_FAILED = "toolq agent: copying the image's home in failed"
 
 log = logging.getLogger("toolq.worker.docker")
 
@@ -415,22 +420,35 @@ class DockerBackend(HandOver, Prestart, Staging):
         box.cid = got.cid
         box.stream = await ExecStream.open(got.sock, got.leftover, box.name)
         box.channel = AgentChannel(box.stream.reader, box.stream.write, self.on_event, box.name)
+        # The agent copies the image's home in first (--seed-home): time for that too.
+        ready_s = READY_TIMEOUT_S + got.seed_bytes / SEED_BYTES_PER_S
         try:
-            await asyncio.wait_for(asyncio.shield(box.channel.ready), READY_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.shield(box.channel.ready), ready_s)
         except (ChannelClosedError, asyncio.TimeoutError) as exc:
-            raise SandboxError(await self._explain_agent_failure(box, got.exec_id, exc)) from exc
+            explained = await self._explain_agent_failure(box, got, exc, ready_s)
+            raise SandboxError(explained) from exc
 
-    async def _explain_agent_failure(self, box: Box, exec_id: str, exc: BaseException) -> str:
+    async def _explain_agent_failure(
+        self, box: Box, got: Started, exc: BaseException, ready_s: float
+    ) -> str:
         assert box.stream is not None
         said = box.stream.diagnostics()
         image = box.config.image
+        if SEED_FAILED in said:  # Python ran: the home did not fit, or could not be written
+            return (
+                f"the toolq agent could not copy the image's home into its tmpfs in image "
+                f"{image} (a home larger than disk_mb?): {said}"
+            )
         if "executable file not found" in said or "no such file" in said.lower():
             return no_python_message(image, said)
         exit_code = None
         with contextlib.suppress(Exception):
-            exit_code = (await asyncio.to_thread(self.api.exec_inspect, exec_id)).get("ExitCode")
+            exit_code = (await asyncio.to_thread(self.api.exec_inspect, got.exec_id)).get(
+                "ExitCode"
+            )
         if isinstance(exc, asyncio.TimeoutError):
-            return f"the toolq agent in image {image} did not start within {READY_TIMEOUT_S:g}s"
+            seeded = " (copying the image's home in first)" if got.seed_bytes else ""
+            return f"the toolq agent in image {image} did not start within {ready_s:.0f}s{seeded}"
         return f"the toolq agent failed to start in image {image} (exit code {exit_code}): {said}"
 
     # ------------------------------------------------------------- removal

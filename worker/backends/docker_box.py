@@ -61,6 +61,9 @@ LABEL_RUNTIME = "toolq.runtime"  # a trajectory adopts only a container of its r
 RECYCLED_SUFFIX = "-recycled"
 
 READY_TIMEOUT_S = 60.0  # agent start (python3 import time on a loaded host)
+#: An agent that copies the image's home in first (--seed-home) gets this much more
+#: time to say ready per byte of the home's tar (a slow unpack on a loaded host).
+SEED_BYTES_PER_S = 5_000_000
 INIT_TIMEOUT_S = 30.0
 DROP_TIMEOUT_S = 10.0
 FAILED_REFILL_PAUSE_S = 5.0
@@ -299,3 +302,4 @@ class Started:
     exec_id: str
     sock: socket.socket
     leftover: bytes
+    seed_bytes: int = 0  # the home tar its agent copies in before it says ready

@@ -99,7 +99,8 @@ class Engine:
                 # No baseline, no recycling: gVisor's insides are not the engine's to see.
                 if self.settings.recycle_containers and not self.gvisor(box):
                     box.baseline = self._baseline(box, command)
-                exec_id = self._agent_exec(cid, user, self._seed_args(box))
+                seed = self._seed_args(box)
+                exec_id = self._agent_exec(cid, user, seed)
             except APIError as exc:
                 retry = self._fallback(command, api_message(exc))
                 if retry is None:
@@ -108,7 +109,7 @@ class Engine:
                 command = retry
                 continue
             sock, leftover = hijacked_socket(self.api.exec_start(exec_id, socket=True))
-            return Started(cid, exec_id, sock, leftover)
+            return Started(cid, exec_id, sock, leftover, self._seed_size(seed, box))
         raise SandboxError(f"cannot start a container of {box.config.image}")
 
     def _baseline(self, box: Box, command: list[str]) -> frozenset[tuple[str, int]] | None:
@@ -150,9 +151,14 @@ class Engine:
         ``seed_home``, its home tmpfs emptied with the rest)."""
         user = self._user(box.config.image, box.cid)
         self.api.put_archive(box.cid, "/", payload_tar(user, workspace=False))
-        exec_id = self._agent_exec(box.cid, user, self._seed_args(box) if seed_home else None)
+        seed = self._seed_args(box) if seed_home else []
+        exec_id = self._agent_exec(box.cid, user, seed)
         sock, leftover = hijacked_socket(self.api.exec_start(exec_id, socket=True))
-        return Started(box.cid, exec_id, sock, leftover)
+        return Started(box.cid, exec_id, sock, leftover, self._seed_size(seed, box))
+
+    def _seed_size(self, seed: list[str], box: Box) -> int:
+        """The size of the home tar an agent started with ``seed`` copies in."""
+        return len(self._homes.get(box.config.image) or b"") if seed else 0
 
     def _seed_args(self, box: Box) -> list[str]:
         """The agent's ``--seed-home`` arguments: the image's home tar (``HOME_TAR``,
@@ -281,7 +287,8 @@ class Engine:
 
     def home_of(self, box: Box) -> str:
         """The home tmpfs of ``box`` ('' when none): with ``disk_mb``, under runc (under
-        gVisor a tmpfs lives inside the sandbox, where ``put_archive`` cannot seed it)."""
+        gVisor a tmpfs lives inside the sandbox: the agent's ``--seed-home`` into one
+        is not tried there)."""
         if not box.config.disk_mb or self.gvisor(box):
             return ""
         return home_mount(self._image_user(box.config.image))

@@ -24,7 +24,8 @@ execs of files the sandbox user cannot have changed:
 5. the diff again must equal the baseline exactly: a changed, chmod-ed or
    deleted image file (``~/.bashrc``), or anything ``clean`` could not delete,
    rejects the container;
-6. a fresh agent (its file copied in again, a new exec) must say ready: its
+6. a fresh agent (its file copied in again, a new exec) must say ready, after
+   it copied the image's home back into the home tmpfs (``--seed-home``): its
    environment is the container's, as on the first day.
 
 A rejected container is removed. Outcomes are counted by the backend's

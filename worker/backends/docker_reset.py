@@ -36,7 +36,7 @@ SCRATCH_MOUNTS = ("/tmp", "/var/tmp")
 
 
 def mounts():
-    # The user's home too, when it is a tmpfs (the worker copies the image's back in).
+    # The user's home too, when it is a tmpfs (the next agent copies the image's back in).
     try:
         home = pwd.getpwuid(os.getuid()).pw_dir
     except KeyError:  # a numeric USER with no /etc/passwd entry: no home of its own
